@@ -1,0 +1,3 @@
+from modellink_ckpt.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,254 @@
+"""`convert_ckpt.py`: the command line MindSpeed-LLM users already know, and the conversion plan.
+
+Everything that can be checked before a byte is written (flags, the source's config or stored
+args, the target layout, the target folder) is checked here, in the parent process; errors are
+one line and exit with code 2. The loader and saver then run as two processes (`pipeline`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from modellink_ckpt import pipeline
+from modellink_ckpt.errors import ConvertError, UsageError
+from modellink_ckpt.layout import ParallelLayout
+from modellink_ckpt.megatron_args import DTYPE_FLAGS
+from modellink_ckpt.model_cfg import ModelDims, ModelFamily, dims_from_hf_config, load_family
+from modellink_ckpt.staging import check_target
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit code 2, not a usage dump
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="convert_ckpt.py",
+        description="Convert checkpoints between Hugging Face and Megatron-Core layouts (TP/PP/VPP/noop).")
+    p.add_argument("--model-type", default="GPT", choices=["GPT"], help="only decoder-only GPT models")
+    p.add_argument("--load-model-type", required=True, choices=["hf", "mg", "optim"])
+    p.add_argument("--save-model-type", required=True, choices=["hf", "mg"])
+    p.add_argument("--model-type-hf", default="llama2", help="entry of configs/checkpoint/model_cfg.json")
+    p.add_argument("--model-cfg", dest="model_cfg", default=None,
+                   help="another model_cfg.json (default: configs/checkpoint/model_cfg.json)")
+    p.add_argument("--load-dir", required=True, type=Path)
+    p.add_argument("--save-dir", required=True, type=Path,
+                   help="target folder; for --save-model-type hf the original HF folder, output goes to <save-dir>/mg2hf")
+    p.add_argument("--target-tensor-parallel-size", type=int, default=1)
+    p.add_argument("--target-pipeline-parallel-size", type=int, default=1)
+    p.add_argument("--target-expert-parallel-size", "--target-expert-model-parallel-size",
+                   dest="target_expert_parallel_size", type=int, default=1)
+    p.add_argument("--expert-tensor-parallel-size", type=int, default=None)
+    p.add_argument("--num-layer-list", default=None, help="layers per pipeline stage, e.g. 8,8,8,8")
+    p.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
+    p.add_argument("--noop-layers", default=None, help="comma list of empty Megatron layer slots")
+    p.add_argument("--use-mcore-models", action="store_true", help="accepted; mcore is the only format")
+    p.add_argument("--params-dtype", choices=sorted(DTYPE_FLAGS), default=None,
+                   help="cast floating weights (default: keep the source dtype)")
+    p.add_argument("--tokenizer-model", default=None, help="tokenizer file carried over to HF output")
+    p.add_argument("--make-vocab-size-divisible-by", type=int, default=1)
+    p.add_argument("--add-qkv-bias", action="store_true", default=None)
+    p.add_argument("--add-dense-bias", action="store_true", default=None)
+    p.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default="local")
+    p.add_argument("--max-queue-size", type=int, default=50, help="loader->saver queue capacity in messages")
+    p.add_argument("--max-queue-gb", type=float, default=1.0, help="at most this many GB in flight")
+    p.add_argument("--max-shard-size", default="5GB", help="largest HF output shard (e.g. 5GB, 500MB)")
+    p.add_argument("--hf-cfg-dir", type=Path, default=None, help="folder with the HF config.json for HF output")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing target")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    # accepted for compatibility with existing scripts; they change nothing here
+    for flag in ("--spec", "--load-hf-from-config", "--mtp-num-layers", "--lora-load", "--lora-r", "--lora-alpha",
+                 "--lora-target-modules", "--save-lora-to-hf", "--load-checkpoint-loosely", "--moe-grouped-gemm"):
+        kwargs = {"nargs": "*"} if flag in ("--spec", "--lora-target-modules") else {}
+        if flag in ("--load-hf-from-config", "--save-lora-to-hf", "--load-checkpoint-loosely", "--moe-grouped-gemm"):
+            kwargs = {"action": "store_true"}
+        p.add_argument(flag, help=argparse.SUPPRESS, **kwargs)
+    return p
+
+
+def parse_size(text: str, flag: str) -> int:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", str(text), re.IGNORECASE)
+    if not match:
+        raise UsageError(f"{flag} {text!r}: expected a size like 5GB or 500MB")
+    unit = match[2].upper().replace("I", "").rstrip("B")
+    scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}[unit]
+    return int(float(match[1]) * scale)
+
+
+@dataclasses.dataclass
+class Plan:
+    """What will be read and written, fully validated before anything is written."""
+
+    load_type: str
+    save_type: str
+    load_dir: Path
+    save_dir: Path
+    family: ModelFamily
+    dims: ModelDims
+    source_layout: ParallelLayout | None
+    target_layout: ParallelLayout | None
+    padded_vocab: int | None
+    divisible_by: int
+    params_dtype: torch.dtype | None
+    transformer_impl: str
+    tokenizer_model: str | None
+    hf_config_dir: Path | None
+    max_queue_size: int
+    max_queue_gb: float
+    max_shard_bytes: int
+    overwrite: bool
+    quiet: bool
+
+    def tokenizer_dir(self) -> Path | None:
+        return self.load_dir if self.load_type == "hf" else None
+
+
+def _unsupported(args) -> None:
+    if args.load_model_type == "optim":
+        raise UsageError("--load-model-type optim: distributed-optimizer checkpoints are not supported yet")
+    if args.lora_load or args.save_lora_to_hf:
+        raise UsageError("--lora-load / --save-lora-to-hf: LoRA conversion is not supported yet")
+    if args.moe_grouped_gemm or args.target_expert_parallel_size != 1:
+        raise UsageError("--moe-grouped-gemm / --target-expert-parallel-size: MoE models are not supported yet")
+    if args.load_model_type == "hf" and args.save_model_type == "hf":
+        raise UsageError("--load-model-type hf --save-model-type hf: nothing to convert")
+
+
+def _check_hf_config_matches(plan_dims: ModelDims, family: ModelFamily, folder: Path | None) -> None:
+    """An original config.json used for HF output must describe the model being written."""
+    if folder is None or not (folder / "config.json").is_file():
+        return
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        other = dims_from_hf_config(family, config, source=str(folder / "config.json"))
+    except (ValueError, ConvertError):
+        return  # not an HF config for this family; the saver builds one
+    for field in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "vocab_size"):
+        if getattr(other, field) != getattr(plan_dims, field):
+            raise UsageError(f"{folder / 'config.json'}: describes a different model ({field} "
+                             f"{getattr(other, field)}, the checkpoint has {getattr(plan_dims, field)})")
+
+
+def build_plan(args) -> Plan:
+    _unsupported(args)
+    family = load_family(args.model_type_hf, args.model_cfg)
+    overrides = {"add_qkv_bias": args.add_qkv_bias, "add_dense_bias": args.add_dense_bias}
+    source_layout = None
+    if args.load_model_type == "hf":
+        from modellink_ckpt.loaders.hf import HfSource
+
+        source = HfSource(args.load_dir)
+        dims = source.dims(family, overrides)
+    else:
+        from modellink_ckpt.loaders.mg import MegatronSource
+
+        source = MegatronSource(args.load_dir)
+        vocab = None
+        if not hasattr(source.args, "vocab_size") or source.args.vocab_size is None:
+            for folder in (args.hf_cfg_dir, args.save_dir):  # the true vocabulary is the HF one
+                if folder is not None and (folder / "config.json").is_file():
+                    vocab = json.loads((folder / "config.json").read_text()).get("vocab_size")
+                    break
+        dims = source.dims(vocab, overrides)
+        source_layout = source.layout(dims)
+
+    target_layout = padded = None
+    if args.save_model_type == "mg":
+        target_layout = ParallelLayout.build(
+            dims.num_layers, tp=args.target_tensor_parallel_size, pp=args.target_pipeline_parallel_size,
+            ep=args.target_expert_parallel_size, vpp_layers=args.num_layers_per_virtual_pipeline_stage,
+            num_layer_list=args.num_layer_list, noop_layers=args.noop_layers,
+            num_heads=dims.num_attention_heads, num_query_groups=dims.num_query_groups)
+        if args.make_vocab_size_divisible_by < 1:
+            raise UsageError("--make-vocab-size-divisible-by must be at least 1")
+        padded = target_layout.padded_vocab(dims.vocab_size, args.make_vocab_size_divisible_by)
+        if args.save_dir.resolve() == args.load_dir.resolve():
+            raise UsageError("--save-dir must differ from --load-dir")
+        if (args.save_dir / "latest_checkpointed_iteration.txt").exists():
+            check_target(args.save_dir / "latest_checkpointed_iteration.txt", args.overwrite)
+    else:
+        from modellink_ckpt.savers.hf import HF_SUBDIR
+
+        check_target(args.save_dir / HF_SUBDIR, args.overwrite)
+        _check_hf_config_matches(dims, family, args.hf_cfg_dir or args.save_dir)
+    if args.tokenizer_model and not Path(args.tokenizer_model).is_file():
+        raise UsageError(f"--tokenizer-model {args.tokenizer_model}: file not found")
+
+    return Plan(
+        load_type=args.load_model_type, save_type=args.save_model_type, load_dir=args.load_dir,
+        save_dir=args.save_dir, family=family, dims=dims, source_layout=source_layout,
+        target_layout=target_layout, padded_vocab=padded, divisible_by=args.make_vocab_size_divisible_by,
+        params_dtype=DTYPE_FLAGS[args.params_dtype] if args.params_dtype else None,
+        transformer_impl=args.transformer_impl, tokenizer_model=args.tokenizer_model,
+        hf_config_dir=args.hf_cfg_dir, max_queue_size=args.max_queue_size, max_queue_gb=args.max_queue_gb,
+        max_shard_bytes=parse_size(args.max_shard_size, "--max-shard-size"), overwrite=args.overwrite,
+        quiet=args.quiet)
+
+
+def _describe(plan: Plan) -> str:
+    if plan.target_layout is None:
+        return f"{plan.save_dir / 'mg2hf'}"
+    lay = plan.target_layout
+    extra = "".join([f" VPP{lay.vpp}" if lay.vpp_layers else "",
+                     f" layers {','.join(map(str, lay.num_layer_list))}" if lay.num_layer_list else "",
+                     f" noop {','.join(map(str, lay.noop_layers))}" if lay.noop_layers else ""])
+    return f"{plan.save_dir} (TP{lay.tp} PP{lay.pp}{extra})"
+
+
+def convert(argv: list[str] | None = None) -> dict:
+    """Run one conversion; raises ConvertError/UsageError. Returns the saver's summary."""
+    args = build_parser().parse_args(argv)
+    plan = build_plan(args)
+    from modellink_ckpt.loaders import hf as hf_loader, mg as mg_loader
+    from modellink_ckpt.savers import hf as hf_saver, mg as mg_saver
+
+    load = {"hf": hf_loader.load, "mg": mg_loader.load}[plan.load_type]
+    save = {"hf": hf_saver.save, "mg": mg_saver.save}[plan.save_type]
+    started = time.monotonic()
+    result = pipeline.run(plan, load, save)
+    result["wall_seconds"] = time.monotonic() - started
+    result["describe"] = _describe(plan)
+    return result
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        result = convert(argv)
+    except ConvertError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug of ours: still one line unless asked for the traceback
+        if os.environ.get("CONVERT_CKPT_DEBUG"):
+            raise
+        print(f"error: internal error: {type(exc).__name__}: {exc} (set CONVERT_CKPT_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return 1
+    seconds = result["wall_seconds"]
+    peak = max(result.get("peak_rss_loader", 0), result.get("peak_rss_saver", 0))
+    print(f"done: wrote {_gb(result['bytes'])} in {result['files']} file(s) to {result['describe']} "
+          f"in {seconds:.1f} s ({result['bytes'] / 1e9 / max(seconds, 1e-9):.2f} GB/s), "
+          f"peak memory loader {_gb(result.get('peak_rss_loader', 0))} / saver {_gb(result.get('peak_rss_saver', 0))}"
+          f" (max {_gb(peak)})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,22 @@
+"""Errors the converter reports as one line, without a traceback.
+
+`UsageError` is a problem with the command line or the requested layout (exit code 2, raised
+before anything is written); `ConvertError` is a problem found in the input or while writing
+(exit code 1). Both carry a message that names the file, tensor or flag involved.
+"""
+
+
+class ConvertError(Exception):
+    """A conversion failed for a reason the user can act on."""
+
+    exit_code = 1
+
+
+class UsageError(ConvertError):
+    """The command line asks for something impossible; nothing has been written."""
+
+    exit_code = 2
+
+
+class UnsafeCheckpointError(ConvertError):
+    """A pickle inside a checkpoint tried to reach code that loading must never run."""

@@ -1,0 +1,172 @@
+"""Loader for Megatron-Core checkpoints in the legacy torch layout, at any TP/PP/VPP layout.
+
+The layout is read from the stored `args`; rank files are memory-mapped through the restricted
+unpickler and merged one layer at a time. Both the local and the Transformer Engine names are
+accepted; `_extra_state` entries carry no weights and are skipped. Any other tensor the model
+config does not explain is an error, so nothing is silently dropped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from modellink_ckpt import mapping
+from modellink_ckpt import transforms as T
+from modellink_ckpt.errors import ConvertError, UsageError
+from modellink_ckpt.layout import ParallelLayout
+from modellink_ckpt.megatron_args import dims_from_args, layout_from_args
+from modellink_ckpt.safe_pickle import load_torch
+
+TRACKER = "latest_checkpointed_iteration.txt"
+RANK_FILE = "model_optim_rng.pt"
+
+
+def iteration_dir_name(iteration: int | str) -> str:
+    return "release" if iteration == "release" else f"iter_{int(iteration):07d}"
+
+
+class MegatronSource:
+    """A Megatron checkpoint directory: its tracker, stored args and rank files."""
+
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+        if not self.dir.is_dir():
+            raise UsageError(f"--load-dir {self.dir}: not a directory")
+        tracker = self.dir / TRACKER
+        if tracker.is_file():
+            text = tracker.read_text().strip()
+            if text != "release" and not text.isdigit():
+                raise ConvertError(f"{tracker}: expected an iteration number or 'release', found {text[:40]!r}")
+            self.iter_dir = self.dir / iteration_dir_name(text)
+            if not self.iter_dir.is_dir():
+                raise ConvertError(f"{tracker}: points to {self.iter_dir.name}, which does not exist")
+        elif any(self.dir.glob(f"mp_rank_*/{RANK_FILE}")):
+            self.iter_dir = self.dir  # pointed at the iteration folder itself
+        else:
+            raise UsageError(f"--load-dir {self.dir}: no {TRACKER} (not a complete Megatron checkpoint)")
+        rank_files = sorted(self.iter_dir.glob(f"mp_rank_*/{RANK_FILE}"))
+        if not rank_files:
+            raise ConvertError(f"{self.iter_dir}: no mp_rank_*/{RANK_FILE} files")
+        first = load_torch(rank_files[0])
+        if not isinstance(first, dict) or "args" not in first:
+            raise ConvertError(f"{rank_files[0]}: no 'args' stored; cannot tell its layout")
+        self.args = first["args"]
+        self._cache: dict[tuple[int, int, int], dict] = {}
+
+    def dims(self, vocab_size: int | None = None, overrides: dict | None = None):
+        dims = dims_from_args(self.args, source=str(self.iter_dir), vocab_size=vocab_size)
+        if overrides:
+            dims = type(dims).from_dict({**dims.to_dict(), **{k: v for k, v in overrides.items() if v is not None}})
+        return dims
+
+    def layout(self, dims) -> ParallelLayout:
+        return layout_from_args(self.args, dims, source=str(self.iter_dir))
+
+    def padded_vocab(self) -> int | None:
+        return getattr(self.args, "padded_vocab_size", None)
+
+    def rank_state(self, layout: ParallelLayout, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> dict:
+        key = (tp_rank, pp_rank, ep_rank)
+        if key not in self._cache:
+            path = self.iter_dir / layout.rank_dir(tp_rank, pp_rank, ep_rank) / RANK_FILE
+            if not path.is_file():
+                raise ConvertError(f"{path}: missing rank file (the stored args say TP={layout.tp}, PP={layout.pp})")
+            state = load_torch(path)
+            models = {k: v for k, v in state.items() if k == "model" or (k.startswith("model") and k[5:].isdigit())}
+            if not models:
+                raise ConvertError(f"{path}: no 'model' entry")
+            self._cache[key] = {"path": path, "models": models,
+                                "unused": {(mk, name) for mk, sd in models.items() for name in sd
+                                           if not name.endswith("_extra_state")}}
+        return self._cache[key]
+
+    def release(self, layout: ParallelLayout, pp_rank: int) -> None:
+        """Forget stage `pp_rank`'s files after checking every tensor in them was used."""
+        for key in [k for k in self._cache if k[1] == pp_rank]:
+            entry = self._cache.pop(key)
+            if entry["unused"]:
+                model_key, name = sorted(entry["unused"])[0]
+                raise ConvertError(f"{entry['path']}: unexpected tensor '{name}' in '{model_key}' "
+                                   f"({len(entry['unused'])} in all) that the model config does not explain")
+
+    def take(self, layout: ParallelLayout, pp_rank: int, vchunk: int, name: str, tp_kind: str,
+             ep_rank: int = 0, required: bool = True) -> torch.Tensor | None:
+        """The whole tensor `name` (any spelling) merged over the TP ranks of one stage/chunk."""
+        model_key = layout.model_key(vchunk)
+        shards = []
+        for tp_rank in range(layout.tp):
+            entry = self.rank_state(layout, tp_rank, pp_rank, ep_rank)
+            state = entry["models"].get(model_key)
+            if state is None:
+                raise ConvertError(f"{entry['path']}: no '{model_key}' entry (VPP chunk {vchunk})")
+            candidates = [name]
+            if name.startswith("decoder.layers."):  # accept the Transformer Engine spelling too
+                index, _, rest = name[len("decoder.layers."):].partition(".")
+                if rest in mapping.TE_NAMES:
+                    candidates.append(f"decoder.layers.{index}.{mapping.TE_NAMES[rest]}")
+            found = next((c for c in candidates if c in state), None)
+            if found is None:
+                if not required:
+                    return None
+                raise ConvertError(f"{entry['path']}: missing tensor '{name}' in '{model_key}'")
+            entry["unused"].discard((model_key, found))
+            shards.append(state[found])
+        split_kind = "column" if tp_kind == "vocab" else tp_kind
+        try:
+            return T.TP_SPLIT[split_kind][1](shards)
+        except RuntimeError as exc:
+            raise ConvertError(f"{self.iter_dir}: cannot merge '{name}' over TP ({exc})") from None
+
+
+def _layer_tensors(source, layout, family, dims, hf_layer, slot) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for rule in mapping.layer_rules(family, dims, hf_layer):
+        name = f"decoder.layers.{slot.local_layer}.{rule.mcore}"
+        tensor = source.take(layout, slot.pp_rank, slot.vchunk, name, rule.tp)
+        mapping.check_shape(rule.mcore, tensor, dims, where=f"{source.iter_dir}: layer {slot.mg_layer}")
+        tensors[rule.mcore] = tensor
+    return tensors
+
+
+def load(plan, sender) -> dict:
+    """Stream a Megatron checkpoint as whole (TP-merged, unpadded) Megatron tensors."""
+    source = MegatronSource(plan.load_dir)
+    family, dims, layout = plan.family, plan.dims, plan.source_layout
+    sender.send("meta", dims=dims.to_dict(), source="mg")
+
+    first_pp, first_chunk = layout.first_stage
+    embedding = source.take(layout, first_pp, first_chunk, mapping.EMBEDDING, "vocab")
+    sender.send("embeddings", {mapping.EMBEDDING: _unpad(embedding, dims, source, mapping.EMBEDDING)})
+
+    last_pp, last_chunk = layout.last_stage
+    for slot in layout.slots():
+        if slot.hf_layer is None:
+            continue
+        tensors = _layer_tensors(source, layout, family, dims, slot.hf_layer, slot)
+        sender.send("layer", tensors, layer=slot.hf_layer)
+        if layout.vpp_layers is None and slot.hf_layer == layout.last_hf_layer_of_stage(slot.pp_rank) \
+                and slot.pp_rank != last_pp:
+            source.release(layout, slot.pp_rank)
+
+    final_norm = source.take(layout, last_pp, last_chunk, mapping.FINAL_NORM, "replicated")
+    mapping.check_shape(mapping.FINAL_NORM, final_norm, dims, where=str(source.iter_dir))
+    sender.send("final_norm", {mapping.FINAL_NORM: final_norm})
+    output = source.take(layout, last_pp, last_chunk, mapping.OUTPUT_LAYER, "vocab",
+                         required=not dims.tie_word_embeddings)
+    if not dims.tie_word_embeddings:
+        sender.send("output_layer", {mapping.OUTPUT_LAYER: _unpad(output, dims, source, mapping.OUTPUT_LAYER)})
+    for pp_rank in range(layout.pp):
+        source.release(layout, pp_rank)
+    sender.send("done")
+    return {}
+
+
+def _unpad(table: torch.Tensor, dims, source: MegatronSource, name: str) -> torch.Tensor:
+    if table.shape[0] < dims.vocab_size:
+        raise ConvertError(f"{source.iter_dir}: {name} has {table.shape[0]} rows, fewer than the vocabulary "
+                           f"size {dims.vocab_size}")
+    table = T.unpad_vocab(table, dims.vocab_size)
+    mapping.check_shape(name, table, dims, where=str(source.iter_dir))
+    return table

@@ -1,0 +1,185 @@
+"""Model families as data: `configs/checkpoint/model_cfg.json` and the sizes of one model.
+
+A family entry says which parts a model is made of (`config_set_value`), where its sizes sit in
+the HF `config.json` (`config_hf_key_mapping`) and what its HF modules are called
+(`model_hf_key_mapping`). The code knows parts, never family names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from modellink_ckpt.errors import ConvertError, UsageError
+
+DEFAULT_MODEL_CFG = Path(__file__).resolve().parent.parent / "configs" / "checkpoint" / "model_cfg.json"
+
+QKV_TYPES = ("unpack", "pack_gqa", "pack_self")
+FC_TYPES = ("gate_up_down", "gate_up", "h_to_4h")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFamily:
+    """One resolved `model_mappings` entry (with its `__base__` chain applied)."""
+
+    name: str
+    settings: dict[str, Any]
+    config_keys: dict[str, str]
+    hf_modules: dict[str, str]
+
+    @property
+    def qkv_type(self) -> str:
+        return self.settings.get("qkv_type", "unpack")
+
+    @property
+    def fc_type(self) -> str:
+        return self.settings.get("fc_type", "gate_up_down")
+
+    def hf_name(self, module: str, param: str = "weight", layer: int | None = None) -> str:
+        """HF tensor name of `param` of the logical `module` (e.g. layers_mlp_gate_proj) at `layer`."""
+        try:
+            template = self.hf_modules[module]
+        except KeyError:
+            raise ConvertError(f"model_cfg entry '{self.name}' has no mapping for '{module}'") from None
+        if layer is not None:
+            template = template.replace("[layer_idx]", f".{layer}")
+        return f"{template}.{param}"
+
+
+def load_family(name: str, cfg_path: str | Path | None = None) -> ModelFamily:
+    path = Path(cfg_path) if cfg_path else DEFAULT_MODEL_CFG
+    try:
+        mappings = json.loads(path.read_text())["model_mappings"]
+    except FileNotFoundError:
+        raise UsageError(f"model config file not found: {path}") from None
+    except (ValueError, KeyError) as exc:
+        raise UsageError(f"{path}: not a model_cfg.json with 'model_mappings' ({exc})") from None
+    if name not in mappings:
+        known = ", ".join(sorted(k for k in mappings if k != "base"))
+        raise UsageError(f"--model-type-hf {name}: unknown model family (known: {known})")
+
+    chain, entry = [], name
+    while entry is not None:
+        if entry in chain:
+            raise UsageError(f"{path}: '__base__' cycle through '{entry}'")
+        if entry not in mappings:
+            raise UsageError(f"{path}: entry '{chain[-1]}' has unknown __base__ '{entry}'")
+        chain.append(entry)
+        entry = mappings[entry].get("__base__")
+
+    merged: dict[str, dict] = {"config_set_value": {}, "config_hf_key_mapping": {}, "model_hf_key_mapping": {}}
+    for entry in reversed(chain):  # base first, so the named entry overrides
+        for section, values in merged.items():
+            values.update(mappings[entry].get(section, {}))
+    settings = merged["config_set_value"]
+    if settings.get("qkv_type", "unpack") not in QKV_TYPES:
+        raise UsageError(f"{path}: '{name}' has qkv_type {settings['qkv_type']!r}; supported: {', '.join(QKV_TYPES)}")
+    if settings.get("fc_type", "gate_up_down") not in FC_TYPES:
+        raise UsageError(f"{path}: '{name}' has fc_type {settings['fc_type']!r}; supported: {', '.join(FC_TYPES)}")
+    return ModelFamily(name, settings, merged["config_hf_key_mapping"], merged["model_hf_key_mapping"])
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDims:
+    """Sizes and part choices of one model, independent of any parallel layout.
+
+    `num_layers` counts real (HF) layers; noop slots belong to the layout, not the model.
+    """
+
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    kv_channels: int
+    vocab_size: int
+    max_position_embeddings: int
+    norm_epsilon: float
+    rotary_base: float
+    tie_word_embeddings: bool
+    add_qkv_bias: bool
+    add_dense_bias: bool
+    qk_layernorm: bool
+    swiglu: bool
+    normalization: str = "RMSNorm"
+
+    @property
+    def qkv_rows(self) -> int:
+        return (self.num_attention_heads + 2 * self.num_query_groups) * self.kv_channels
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ModelDims":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+
+def _hf_value(config: dict, key: str):
+    """A value of an HF config, in either the transformers 4 or 5 spelling.
+
+    transformers 5 moved `rope_theta` (and the rope scaling keys) into `rope_parameters`.
+    """
+    if key in config and config[key] is not None:
+        return config[key]
+    for nested in ("rope_parameters", "rope_scaling"):
+        if isinstance(config.get(nested), dict) and key in config[nested]:
+            return config[nested][key]
+    return None
+
+
+def dims_from_hf_config(family: ModelFamily, config: dict, *, source: str = "config.json",
+                        overrides: dict | None = None) -> ModelDims:
+    """Read a model's sizes from its HF `config.json` through the family's key mapping."""
+    values: dict[str, Any] = {}
+    for arg, key in family.config_keys.items():
+        value = _hf_value(config, key)
+        if value is not None:
+            values[arg] = value
+    for required in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size"):
+        if required not in values:
+            raise ConvertError(f"{source}: missing '{family.config_keys.get(required, required)}' "
+                               f"(needed for --model-type-hf {family.name})")
+    settings = dict(family.settings)
+    settings.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    heads = int(values["num_attention_heads"])
+    return ModelDims(
+        num_layers=int(values["num_layers"]),
+        hidden_size=int(values["hidden_size"]),
+        ffn_hidden_size=int(values.get("ffn_hidden_size", 4 * values["hidden_size"])),
+        num_attention_heads=heads,
+        num_query_groups=int(values.get("num_query_groups", heads)),
+        kv_channels=int(values.get("kv_channels", values["hidden_size"] // heads)),
+        vocab_size=int(values["vocab_size"]),
+        max_position_embeddings=int(values.get("max_position_embeddings", 4096)),
+        norm_epsilon=float(values.get("norm_epsilon", 1e-6)),
+        rotary_base=float(values.get("rotary_base", 10000.0)),
+        tie_word_embeddings=bool(values.get("tie_word_embeddings", settings.get("tie_word_embeddings", False))),
+        add_qkv_bias=bool(settings.get("add_qkv_bias", False)),
+        add_dense_bias=bool(settings.get("add_dense_bias", False)),
+        qk_layernorm=bool(settings.get("qk_layernorm", False)),
+        swiglu=bool(settings.get("swiglu", True)),
+        normalization=str(settings.get("normalization", "RMSNorm")),
+    )
+
+
+def hf_config_from_dims(family: ModelFamily, dims: ModelDims, dtype_name: str) -> dict:
+    """A `config.json` for HF output when no original one is at hand, built through the same mapping."""
+    by_arg = dims.to_dict()
+    config: dict[str, Any] = {
+        "architectures": list(family.settings.get("hf_architectures", ["LlamaForCausalLM"])),
+        "model_type": family.settings.get("hf_model_type", "llama"),
+        "hidden_act": "silu",
+        "dtype": dtype_name,
+    }
+    for arg, key in family.config_keys.items():
+        if arg in by_arg:
+            config[key] = by_arg[arg]
+    if "rope_theta" in config:  # transformers 5 spelling; it also reads the 4.x one
+        config["rope_parameters"] = {"rope_type": "default", "rope_theta": config.pop("rope_theta")}
+    if dims.add_qkv_bias and family.settings.get("hf_model_type") in (None, "llama", "mistral"):
+        config["attention_bias"] = True
+    return config

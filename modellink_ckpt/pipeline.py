@@ -1,0 +1,205 @@
+"""The loader and saver processes and the queue between them.
+
+The loader streams `meta`, `embeddings`, one `layer` message per model layer, `final_norm`,
+`output_layer` and `done`. Tensors travel through shared memory; the loader keeps at most
+`max_queue_size` messages and `max_queue_bytes` bytes in flight (the saver acknowledges each
+message), so memory stays bounded whatever the model size. If either process fails, the parent
+stops the other at once and reports the first error as one line.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import resource
+import signal
+import sys
+import time
+import traceback
+from multiprocessing.connection import wait
+from typing import Callable, Iterator
+
+import torch
+import torch.multiprocessing as mp
+
+from modellink_ckpt.errors import ConvertError
+from modellink_ckpt.safetensors_io import shared_empty
+
+MESSAGE_KINDS = ("meta", "embeddings", "layer", "final_norm", "output_layer", "done")
+
+
+class Message(dict):
+    """One queue message: `kind`, optional `layer` (HF index) and `tensors` (whole Megatron tensors)."""
+
+    @property
+    def kind(self) -> str:
+        return self["kind"]
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return self.get("tensors", {})
+
+
+def _nbytes(message: Message) -> int:
+    return sum(t.nbytes for t in message.tensors.values())
+
+
+def _shared(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` in shared memory: as it is when read straight there, else one copy of its own bytes.
+
+    (`share_memory_()` would move the whole storage, which for a view into a large buffer or a
+    memory-mapped file is far more than the tensor.)
+    """
+    if tensor.is_shared() and tensor.untyped_storage().nbytes() == tensor.nbytes:
+        return tensor
+    return shared_empty(tensor.nbytes).view(tensor.dtype).reshape(tensor.shape).copy_(tensor)
+
+
+class Sender:
+    """The loader's end: blocks while too many bytes are in flight."""
+
+    def __init__(self, queue, acks, max_bytes: int):
+        self._queue, self._acks, self._max_bytes = queue, acks, max_bytes
+        self._in_flight = 0
+
+    def send(self, kind: str, tensors: dict[str, torch.Tensor] | None = None, **info) -> None:
+        assert kind in MESSAGE_KINDS, kind
+        message = Message(kind=kind, tensors=tensors or {}, **info)
+        size = _nbytes(message)
+        while self._in_flight and self._in_flight + size > self._max_bytes:
+            self._in_flight -= self._acks.get()
+        message["tensors"] = {name: _shared(t) for name, t in message.tensors.items()}
+        self._queue.put(message)
+        self._in_flight += size
+        if kind == "done":
+            # Shared tensors travel as file descriptors that this process hands out on request:
+            # stay alive until the saver has taken every message.
+            while self._in_flight:
+                self._in_flight -= self._acks.get()
+
+
+class Receiver:
+    """The saver's end: yields messages in order and acknowledges each once handled."""
+
+    def __init__(self, queue, acks):
+        self._queue, self._acks = queue, acks
+
+    def __iter__(self) -> Iterator[Message]:
+        while True:
+            message = self._queue.get()
+            yield message
+            self._acks.put(_nbytes(message))
+            if message.kind == "done":
+                return
+
+
+def _die_with_parent() -> None:
+    """Linux: get SIGKILL when the parent dies, so no orphan keeps writing."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:  # pragma: no cover - not Linux
+        pass
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _run_child(role: str, work: Callable, args, channel, errors, results) -> None:
+    _die_with_parent()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; Ctrl-C reaches it too
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    try:
+        outcome = work(args, channel) or {}
+        outcome["peak_rss"] = _peak_rss_bytes()
+        results.put((role, outcome))
+    except ConvertError as exc:
+        errors.put((role, str(exc)))
+        sys.exit(1)
+    except MemoryError:
+        errors.put((role, f"{role} ran out of memory"))
+        sys.exit(1)
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        errors.put((role, f"{where}{exc.strerror or exc}"))
+        sys.exit(1)
+    except BaseException as exc:  # an internal error: one line, the traceback only on request
+        if os.environ.get("CONVERT_CKPT_DEBUG"):
+            traceback.print_exc()
+        errors.put((role, f"internal error in the {role}: {type(exc).__name__}: {exc} "
+                          f"(set CONVERT_CKPT_DEBUG=1 for the traceback)"))
+        sys.exit(1)
+
+
+def _stop(processes) -> None:
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    deadline = time.monotonic() + 3
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.kill()
+            process.join()
+
+
+def run(args, load: Callable, save: Callable) -> dict:
+    """Run `load(args, sender)` and `save(args, receiver)` in two processes; returns the saver's result.
+
+    Raises ConvertError with the first failure's message.
+    """
+    ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
+    queue = ctx.Queue(maxsize=max(1, args.max_queue_size))
+    acks, errors, results = ctx.Queue(), ctx.SimpleQueue(), ctx.SimpleQueue()
+    max_bytes = int(args.max_queue_gb * (1 << 30))
+    loader = ctx.Process(target=_run_child, name="loader",
+                         args=("loader", load, args, Sender(queue, acks, max_bytes), errors, results))
+    saver = ctx.Process(target=_run_child, name="saver",
+                        args=("saver", save, args, Receiver(queue, acks), errors, results))
+    processes = [loader, saver]
+    outcomes: dict[str, dict] = {}
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        for process in processes:
+            process.start()
+        signal.signal(signal.SIGTERM, lambda *_: (_stop(processes), sys.exit(143)))
+        pending = {p.sentinel: p for p in processes}
+        while pending:
+            ready = wait(list(pending) + [errors._reader, results._reader], timeout=1.0)
+            while not results.empty():
+                role, outcome = results.get()
+                outcomes[role] = outcome
+            if not errors.empty():
+                role, message = errors.get()
+                _stop(processes)
+                raise ConvertError(message)
+            for sentinel in ready:
+                process = pending.pop(sentinel, None)
+                if process is None:
+                    continue
+                process.join()
+                if process.exitcode != 0:
+                    time.sleep(0.2)  # the error report may be a moment behind the exit
+                    if not errors.empty():
+                        _, message = errors.get()
+                        _stop(processes)
+                        raise ConvertError(message)
+                    _stop(processes)
+                    how = (f"was killed by signal {-process.exitcode}" if process.exitcode < 0
+                           else f"exited with code {process.exitcode}")
+                    raise ConvertError(f"the {process.name} process {how}; nothing was completed")
+        while not results.empty():
+            role, outcome = results.get()
+            outcomes[role] = outcome
+    except KeyboardInterrupt:
+        _stop(processes)
+        raise ConvertError("interrupted; nothing was completed") from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _stop(processes)
+    result = dict(outcomes.get("saver", {}))
+    result["peak_rss_loader"] = outcomes.get("loader", {}).get("peak_rss", 0)
+    result["peak_rss_saver"] = result.pop("peak_rss", 0)
+    return result
+

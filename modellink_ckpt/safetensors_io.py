@@ -1,0 +1,128 @@
+"""Reading and writing safetensors files without holding more than the tensors at hand.
+
+The format is an 8-byte little-endian header length, a JSON header of
+`{name: {dtype, shape, data_offsets: [begin, end]}}` and the data. Reading parses the header
+once, checks every offset against the file size (a truncated download fails here with the
+file's name, not later with a bus error), and reads one tensor at a time straight into the
+memory that will cross to the saver process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import torch
+
+from modellink_ckpt.errors import ConvertError
+
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+_MAX_HEADER = 100 << 20
+_WRITE_CHUNK = 64 << 20
+
+
+def shared_empty(nbytes: int) -> torch.Tensor:
+    """A uint8 tensor in shared memory, so passing it to another process copies nothing."""
+    return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(max(nbytes, 1)))[:nbytes]
+
+
+class SafetensorsFile:
+    """One `.safetensors` file, its header parsed and validated, tensors read on demand."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    raise ConvertError(f"{self.path}: truncated safetensors file ({size} bytes)")
+                (header_len,) = struct.unpack("<Q", head)
+                if header_len > min(_MAX_HEADER, size - 8):
+                    raise ConvertError(f"{self.path}: corrupt safetensors header (length {header_len}, "
+                                       f"file {size} bytes)")
+                header = json.loads(f.read(header_len))
+        except OSError as exc:
+            raise ConvertError(f"{self.path}: cannot read ({exc.strerror})") from None
+        except (ValueError, UnicodeDecodeError):
+            raise ConvertError(f"{self.path}: corrupt safetensors header (not JSON)") from None
+        if not isinstance(header, dict):
+            raise ConvertError(f"{self.path}: corrupt safetensors header")
+        self.metadata = header.pop("__metadata__", None) or {}
+        self._data_start = 8 + header_len
+        data_size = size - self._data_start
+        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        for name, info in header.items():
+            try:
+                dtype = DTYPES[info["dtype"]]
+                shape = tuple(int(x) for x in info["shape"])
+                begin, end = (int(x) for x in info["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise ConvertError(f"{self.path}: corrupt safetensors entry for '{name}'") from None
+            numel = 1
+            for dim in shape:
+                numel *= dim
+            if end - begin != numel * dtype.itemsize or begin < 0:
+                raise ConvertError(f"{self.path}: '{name}' has {end - begin} bytes for shape {list(shape)} "
+                                   f"{info['dtype']}")
+            if end > data_size:
+                raise ConvertError(f"{self.path}: truncated: '{name}' ends at byte {self._data_start + end} "
+                                   f"but the file has {size} bytes")
+            self.entries[name] = (dtype, shape, begin, end)
+
+    def keys(self):
+        return self.entries.keys()
+
+    def read(self, name: str, shared: bool = True) -> torch.Tensor:
+        dtype, shape, begin, end = self.entries[name]
+        nbytes = end - begin
+        raw = shared_empty(nbytes) if shared else torch.empty(nbytes, dtype=torch.uint8)
+        view = memoryview(raw.numpy())
+        done = 0
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self._data_start + begin)
+            while done < nbytes:
+                count = f.readinto(view[done:])
+                if not count:
+                    raise ConvertError(f"{self.path}: truncated while reading '{name}'")
+                done += count
+        return raw.view(dtype).reshape(shape)
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> int:
+    """Write `tensors` (in the given order) to `path`; returns the bytes of tensor data."""
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    prepared = []
+    for name, tensor in tensors.items():
+        tensor = tensor.detach().contiguous()
+        header[name] = {"dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + tensor.nbytes]}
+        offset += tensor.nbytes
+        prepared.append(tensor)
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes += b" " * (-len(header_bytes) % 8)  # the format allows space padding; keeps data aligned
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        _write_all(fd, struct.pack("<Q", len(header_bytes)) + header_bytes)
+        for tensor in prepared:
+            if tensor.numel():
+                _write_all(fd, tensor.reshape(-1).view(torch.uint8).numpy())
+    finally:
+        os.close(fd)
+    return offset
+
+
+def _write_all(fd: int, data) -> None:
+    view = memoryview(data).cast("B")
+    for start in range(0, len(view), _WRITE_CHUNK):
+        chunk = view[start:start + _WRITE_CHUNK]
+        while len(chunk):
+            chunk = chunk[os.write(fd, chunk):]

@@ -1,0 +1,83 @@
+"""Crash-safe output: write into a hidden folder beside the target, move it into place when complete.
+
+A target that exists is therefore complete; an interrupted run leaves only a `.<name>.partial-<pid>`
+folder, which the next run removes (when its process is gone) and mentions.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+from modellink_ckpt.errors import ConvertError, UsageError
+
+_PARTIAL = re.compile(r"^\.(?P<name>.+)\.(partial|old)-(?P<pid>\d+)$")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_partials(parent: Path) -> None:
+    """Remove leftovers of killed runs (their pid is gone) in `parent`."""
+    if not parent.is_dir():
+        return
+    for entry in parent.iterdir():
+        match = _PARTIAL.match(entry.name)
+        if match and entry.is_dir() and not _pid_alive(int(match["pid"])):
+            print(f"note: removing {entry}, left by an interrupted conversion", file=sys.stderr)
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def check_target(target: Path, overwrite: bool, flag: str = "--save-dir") -> None:
+    """Refuse to clobber an existing target unless asked (before anything is written)."""
+    if target.exists() and not overwrite:
+        raise UsageError(f"{flag}: {target} already exists; pass --overwrite to replace it")
+
+
+class StagedDir:
+    """A folder written under a temporary name and published by an atomic rename."""
+
+    def __init__(self, target: str | Path, overwrite: bool = False):
+        self.target = Path(target)
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_partials(self.target.parent)
+        check_target(self.target, overwrite)
+        self.overwrite = overwrite
+        self.path = self.target.parent / f".{self.target.name}.partial-{os.getpid()}"
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        try:
+            self.path.mkdir()
+        except OSError as exc:
+            raise ConvertError(f"{self.path}: cannot create ({exc.strerror})") from None
+
+    def publish(self) -> Path:
+        """Move the finished folder into place (replacing the old one only when overwriting)."""
+        old = None
+        if self.target.exists():
+            check_target(self.target, self.overwrite)
+            old = self.target.parent / f".{self.target.name}.old-{os.getpid()}"
+            os.replace(self.target, old)
+        os.replace(self.path, self.target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return self.target
+
+    def discard(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.parent / f".{path.name}.partial-{os.getpid()}"
+    tmp.write_text(text)
+    os.replace(tmp, path)
