@@ -110,8 +110,13 @@ class Plan:
     overwrite: bool
     quiet: bool
 
+    source_tokenizer: Path | None = None
+
     def tokenizer_dir(self) -> Path | None:
-        return self.load_dir if self.load_type == "hf" else None
+        """Where the source's tokenizer files are: the HF folder, or the one the mg args recorded."""
+        if self.load_type == "hf":
+            return self.load_dir
+        return self.source_tokenizer.parent if self.source_tokenizer else None
 
 
 def _unsupported(args) -> None:
@@ -144,7 +149,7 @@ def build_plan(args) -> Plan:
     _unsupported(args)
     family = load_family(args.model_type_hf, args.model_cfg)
     overrides = {"add_qkv_bias": args.add_qkv_bias, "add_dense_bias": args.add_dense_bias}
-    source_layout = None
+    source_layout = source_tokenizer = None
     if args.load_model_type == "hf":
         from modellink_ckpt.loaders.hf import HfSource
 
@@ -162,6 +167,8 @@ def build_plan(args) -> Plan:
                     break
         dims = source.dims(vocab, overrides)
         source_layout = source.layout(dims)
+        recorded = getattr(source.args, "tokenizer_model", None)
+        source_tokenizer = Path(recorded) if isinstance(recorded, str) and Path(recorded).is_file() else None
 
     target_layout = padded = None
     if args.save_model_type == "mg":
@@ -193,7 +200,7 @@ def build_plan(args) -> Plan:
         transformer_impl=args.transformer_impl, tokenizer_model=args.tokenizer_model,
         hf_config_dir=args.hf_cfg_dir, max_queue_size=args.max_queue_size, max_queue_gb=args.max_queue_gb,
         max_shard_bytes=parse_size(args.max_shard_size, "--max-shard-size"), overwrite=args.overwrite,
-        quiet=args.quiet)
+        quiet=args.quiet, source_tokenizer=source_tokenizer)
 
 
 def _describe(plan: Plan) -> str:
@@ -206,7 +213,7 @@ def _describe(plan: Plan) -> str:
     return f"{plan.save_dir} (TP{lay.tp} PP{lay.pp}{extra})"
 
 
-def convert(argv: list[str] | None = None) -> dict:
+def convert(argv: list[str] | None = None, start_method: str = "forkserver") -> dict:
     """Run one conversion; raises ConvertError/UsageError. Returns the saver's summary."""
     args = build_parser().parse_args(argv)
     plan = build_plan(args)
@@ -216,19 +223,19 @@ def convert(argv: list[str] | None = None) -> dict:
     load = {"hf": hf_loader.load, "mg": mg_loader.load}[plan.load_type]
     save = {"hf": hf_saver.save, "mg": mg_saver.save}[plan.save_type]
     started = time.monotonic()
-    result = pipeline.run(plan, load, save)
+    result = pipeline.run(plan, load, save, start_method)
     result["wall_seconds"] = time.monotonic() - started
     result["describe"] = _describe(plan)
     return result
 
 
 def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB"
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        result = convert(argv)
+        result = convert(argv, start_method="fork")
     except ConvertError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -18,7 +18,8 @@ DTYPE_FLAGS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.floa
 
 
 def make_args(dims: ModelDims, layout: ParallelLayout, *, padded_vocab: int, divisible_by: int,
-              dtype: torch.dtype, transformer_impl: str, model_type_hf: str, iteration: int = 1) -> argparse.Namespace:
+              dtype: torch.dtype, transformer_impl: str, model_type_hf: str, iteration: int = 1,
+              tokenizer_model: str | None = None) -> argparse.Namespace:
     return argparse.Namespace(
         num_layers=layout.num_layers,
         hidden_size=dims.hidden_size,
@@ -54,6 +55,7 @@ def make_args(dims: ModelDims, layout: ParallelLayout, *, padded_vocab: int, div
         transformer_impl=transformer_impl,
         use_mcore_models=True,
         model_type_hf=model_type_hf,
+        tokenizer_model=tokenizer_model,
         num_experts=None,
         moe_grouped_gemm=False,
         iteration=iteration,

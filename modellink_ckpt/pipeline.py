@@ -144,12 +144,27 @@ def _stop(processes) -> None:
             process.join()
 
 
-def run(args, load: Callable, save: Callable) -> dict:
+def _context(start_method: str):
+    """`fork` for the command line, whose parent has run no parallel torch work and so is safe
+    to fork (and starts children at once); `forkserver` for callers that may hold OpenMP threads
+    (fork after OpenMP is unsafe): children come from a clean process that imports torch once."""
+    available = mp.get_all_start_methods()
+    if start_method not in available:
+        return mp.get_context("spawn")
+    ctx = mp.get_context(start_method)
+    if start_method != "forkserver":
+        return ctx
+    ctx.set_forkserver_preload(["torch", "modellink_ckpt.pipeline", "modellink_ckpt.loaders.hf",
+                                "modellink_ckpt.loaders.mg", "modellink_ckpt.savers.hf", "modellink_ckpt.savers.mg"])
+    return ctx
+
+
+def run(args, load: Callable, save: Callable, start_method: str = "forkserver") -> dict:
     """Run `load(args, sender)` and `save(args, receiver)` in two processes; returns the saver's result.
 
     Raises ConvertError with the first failure's message.
     """
-    ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
+    ctx = _context(start_method)
     queue = ctx.Queue(maxsize=max(1, args.max_queue_size))
     acks, errors, results = ctx.Queue(), ctx.SimpleQueue(), ctx.SimpleQueue()
     max_bytes = int(args.max_queue_gb * (1 << 30))

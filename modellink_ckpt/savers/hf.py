@@ -82,10 +82,11 @@ def _copy_tokenizer(plan, folder: Path) -> list[str]:
     from modellink_ckpt.loaders.hf import TOKENIZER_FILES
 
     copied = []
-    candidates = [Path(d) / n for d in (plan.tokenizer_dir(), plan.hf_config_dir, plan.save_dir) if d
+    candidates = [Path(d) / n for d in (plan.hf_config_dir, plan.save_dir, plan.tokenizer_dir()) if d
                   for n in TOKENIZER_FILES]
-    if plan.tokenizer_model:
-        candidates.insert(0, Path(plan.tokenizer_model))
+    for explicit in (plan.source_tokenizer, plan.tokenizer_model):
+        if explicit:
+            candidates.insert(0, Path(explicit))
     for path in candidates:
         if path.is_file() and path.name not in copied:
             shutil.copy2(path, folder / path.name)

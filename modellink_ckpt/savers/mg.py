@@ -9,6 +9,7 @@ file written, only when every file is complete.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -77,7 +78,8 @@ def save(plan, receiver) -> dict:
     def rank_args(rank):
         return make_args(dims, layout, padded_vocab=plan.padded_vocab, divisible_by=plan.divisible_by,
                          dtype=dtype_holder.get("dtype", torch.float32), transformer_impl=plan.transformer_impl,
-                         model_type_hf=plan.family.name, iteration=ITERATION)
+                         model_type_hf=plan.family.name, iteration=ITERATION,
+                         tokenizer_model=str(Path(plan.tokenizer_model).resolve()) if plan.tokenizer_model else None)
 
     staging = StagedDir(plan.save_dir / iteration_dir_name(ITERATION), overwrite=plan.overwrite)
     files = RankFiles(staging, layout, rank_args)

@@ -1,0 +1,56 @@
+"""Every tensor transform against its inverse and against the layout it must produce."""
+
+import pytest
+import torch
+
+from modellink_ckpt import transforms as T
+
+
+@pytest.mark.parametrize("nh, ng, d", [(8, 8, 4), (8, 2, 4), (8, 1, 16)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_qkv_merge_groups_heads_and_splits_back(nh, ng, d, bias):
+    tail = () if bias else (6,)
+    q, k, v = torch.randn(nh * d, *tail), torch.randn(ng * d, *tail), torch.randn(ng * d, *tail)
+    fused = T.merge_qkv(q, k, v, ng)
+    per_group = nh // ng * d
+    rows = fused.reshape(ng, per_group + 2 * d, *tail)
+    for g in range(ng):  # megatron-format.md §5: [q heads of group g; k_g; v_g]
+        assert torch.equal(rows[g, :per_group], q[g * per_group:(g + 1) * per_group])
+        assert torch.equal(rows[g, per_group:per_group + d], k[g * d:(g + 1) * d])
+        assert torch.equal(rows[g, per_group + d:], v[g * d:(g + 1) * d])
+    for got, want in zip(T.split_qkv(fused, nh, ng, d), (q, k, v)):
+        assert torch.equal(got, want)
+
+
+def test_hf_packed_qkv_round_trip():
+    q, k, v = torch.randn(32, 5), torch.randn(8, 5), torch.randn(8, 5)
+    packed = T.pack_hf_qkv(q, k, v)
+    assert all(torch.equal(a, b) for a, b in zip(T.unpack_hf_qkv(packed, 8, 2, 4), (q, k, v)))
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_gated_column_split_puts_gate_and_up_chunks_on_each_rank(tp):
+    gate, up = torch.randn(8, 3), torch.randn(8, 3)
+    fc1 = T.merge_gate_up(gate, up)
+    shards = T.split_gated_column(fc1, tp)
+    for r, shard in enumerate(shards):
+        g, u = torch.chunk(shard, 2)
+        assert torch.equal(g, gate.chunk(tp)[r]) and torch.equal(u, up.chunk(tp)[r])
+    assert torch.equal(T.merge_gated_column(shards), fc1)
+
+
+@pytest.mark.parametrize("kind", ["column", "row", "replicated", "gated_column"])
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_tp_split_and_merge_are_inverse(kind, tp):
+    split, merge = T.TP_SPLIT[kind]
+    full = torch.randn(8, 8).to(torch.bfloat16)
+    shards = split(full, tp)
+    assert len(shards) == tp and all(s.dtype == torch.bfloat16 for s in shards)
+    assert torch.equal(merge(shards), full)
+
+
+def test_vocab_padding_round_trip():
+    table = torch.randn(503, 4)
+    padded = T.pad_vocab(table, T.padded_vocab_size(503, 128, 2))
+    assert padded.shape == (512, 4) and torch.all(padded[503:] == 0)
+    assert torch.equal(T.unpad_vocab(padded, 503), table)

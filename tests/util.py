@@ -1,0 +1,71 @@
+"""Shared helpers for the tests: run conversions, read checkpoints back."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from modellink_ckpt.cli import convert
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_convert(*argv) -> dict:
+    """One conversion in-process (loader and saver still run as their own processes)."""
+    return convert([str(a) for a in argv] + ["--quiet"])
+
+
+def run_cli(*argv, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`python convert_ckpt.py ...` exactly as a user runs it."""
+    return subprocess.run([sys.executable, str(ROOT / "convert_ckpt.py"), *map(str, argv), "--quiet"],
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def hf_to_mg(hf_dir, mg_dir, family="llama2", *layout_flags) -> Path:
+    run_convert("--model-type", "GPT", "--load-model-type", "hf", "--save-model-type", "mg",
+                "--model-type-hf", family, "--use-mcore-models", "--load-dir", hf_dir, "--save-dir", mg_dir,
+                *layout_flags)
+    return Path(mg_dir)
+
+
+def mg_to_hf(mg_dir, save_dir, family="llama2", *flags) -> Path:
+    run_convert("--model-type", "GPT", "--load-model-type", "mg", "--save-model-type", "hf",
+                "--model-type-hf", family, "--use-mcore-models", "--load-dir", mg_dir, "--save-dir", save_dir,
+                "--target-tensor-parallel-size", "1", "--target-pipeline-parallel-size", "1", *flags)
+    return Path(save_dir) / "mg2hf"
+
+
+def load_hf_state(folder) -> dict[str, torch.Tensor]:
+    folder = Path(folder)
+    state = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(path))
+    if not state:
+        for path in sorted(folder.glob("pytorch_model*.bin")):
+            state.update(torch.load(path, weights_only=True))
+    return state
+
+
+def load_mg_state(folder) -> dict[str, dict]:
+    """{rank folder: whole rank file dict} of a Megatron checkpoint written by us."""
+    folder = Path(folder)
+    iteration = (folder / "latest_checkpointed_iteration.txt").read_text().strip()
+    iter_dir = folder / ("release" if iteration == "release" else f"iter_{int(iteration):07d}")
+    return {p.parent.name: torch.load(p, weights_only=False) for p in sorted(iter_dir.glob("mp_rank_*/model_optim_rng.pt"))}
+
+
+def assert_same_tensors(a: dict, b: dict, what: str = "") -> None:
+    assert sorted(a) == sorted(b), f"{what}: keys differ: {sorted(set(a) ^ set(b))[:5]}"
+    for name in a:
+        assert a[name].dtype == b[name].dtype, f"{what}: {name} dtype {a[name].dtype} vs {b[name].dtype}"
+        assert a[name].shape == b[name].shape, f"{what}: {name} shape {a[name].shape} vs {b[name].shape}"
+        assert torch.equal(a[name], b[name]), f"{what}: {name} differs"
+
+
+def read_json(path) -> dict:
+    return json.loads(Path(path).read_text())
