@@ -23,7 +23,7 @@ from modellink_ckpt.errors import ConvertError, UsageError
 from modellink_ckpt.layout import ParallelLayout
 from modellink_ckpt.megatron_args import DTYPE_FLAGS
 from modellink_ckpt.model_cfg import ModelDims, ModelFamily, dims_from_hf_config, load_family
-from modellink_ckpt.staging import check_target
+from modellink_ckpt.staging import check_target, remove_stale_partials
 
 
 class _Parser(argparse.ArgumentParser):
@@ -223,7 +223,11 @@ def convert(argv: list[str] | None = None, start_method: str = "forkserver") -> 
     load = {"hf": hf_loader.load, "mg": mg_loader.load}[plan.load_type]
     save = {"hf": hf_saver.save, "mg": mg_saver.save}[plan.save_type]
     started = time.monotonic()
-    result = pipeline.run(plan, load, save, start_method)
+    try:
+        result = pipeline.run(plan, load, save, start_method)
+    except ConvertError:
+        remove_stale_partials(plan.save_dir, quiet=True)  # what a killed saver could not remove
+        raise
     result["wall_seconds"] = time.monotonic() - started
     result["describe"] = _describe(plan)
     return result

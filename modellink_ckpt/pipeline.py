@@ -107,7 +107,8 @@ def _peak_rss_bytes() -> int:
 
 def _run_child(role: str, work: Callable, args, channel, errors, results) -> None:
     _die_with_parent()
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # Being stopped by the parent raises SystemExit here, so the saver's cleanup still runs.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; Ctrl-C reaches it too
     torch.set_num_threads(max(1, torch.get_num_threads()))
     try:
@@ -124,6 +125,8 @@ def _run_child(role: str, work: Callable, args, channel, errors, results) -> Non
         where = f"{exc.filename}: " if exc.filename else ""
         errors.put((role, f"{where}{exc.strerror or exc}"))
         sys.exit(1)
+    except SystemExit:
+        raise
     except BaseException as exc:  # an internal error: one line, the traceback only on request
         if os.environ.get("CONVERT_CKPT_DEBUG"):
             traceback.print_exc()

@@ -27,15 +27,19 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_partials(parent: Path) -> None:
+def remove_stale_partials(parent: Path, quiet: bool = False) -> None:
     """Remove leftovers of killed runs (their pid is gone) in `parent`."""
     if not parent.is_dir():
         return
     for entry in parent.iterdir():
         match = _PARTIAL.match(entry.name)
-        if match and entry.is_dir() and not _pid_alive(int(match["pid"])):
-            print(f"note: removing {entry}, left by an interrupted conversion", file=sys.stderr)
-            shutil.rmtree(entry, ignore_errors=True)
+        if match and not _pid_alive(int(match["pid"])):
+            if not quiet:
+                print(f"note: removing {entry}, left by an interrupted conversion", file=sys.stderr)
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
 
 
 def check_target(target: Path, overwrite: bool, flag: str = "--save-dir") -> None:
