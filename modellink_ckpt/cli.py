@@ -165,6 +165,8 @@ def build_plan(args) -> Plan:
                 if folder is not None and (folder / "config.json").is_file():
                     vocab = json.loads((folder / "config.json").read_text()).get("vocab_size")
                     break
+        if args.save_model_type == "hf" and args.noop_layers and not getattr(source.args, "noop_layers", None):
+            source.args.noop_layers = args.noop_layers  # a checkpoint whose args do not record them
         dims = source.dims(vocab, overrides)
         source_layout = source.layout(dims)
         recorded = getattr(source.args, "tokenizer_model", None)

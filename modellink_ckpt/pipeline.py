@@ -110,7 +110,6 @@ def _run_child(role: str, work: Callable, args, channel, errors, results) -> Non
     # Being stopped by the parent raises SystemExit here, so the saver's cleanup still runs.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; Ctrl-C reaches it too
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     try:
         outcome = work(args, channel) or {}
         outcome["peak_rss"] = _peak_rss_bytes()

@@ -147,3 +147,53 @@ def test_old_scripts_qwen_with_llama2_and_add_qkv_bias(hf_models, tmp_path):
     (out / "config.json").write_text((hf_dir / "config.json").read_text())
     back = mg_to_hf(mg, out, "llama2", "--add-qkv-bias")
     assert_same_tensors(load_hf_state(hf_dir), load_hf_state(back))
+
+
+def test_extra_state_is_ignored_and_unknown_tensors_are_errors(hf_models, tmp_path):
+    from modellink_ckpt.errors import ConvertError
+    from util import run_convert
+
+    hf_dir = hf_models("llama2")
+    mg = hf_to_mg(hf_dir, tmp_path / "mg", "llama2", "--target-tensor-parallel-size", "2")
+    for rank in ("mp_rank_00", "mp_rank_01"):
+        path = mg / "iter_0000001" / rank / "model_optim_rng.pt"
+        state = torch.load(path, weights_only=False)
+        state["model"]["decoder.layers.0.self_attention.linear_qkv._extra_state"] = None
+        state["model"]["decoder.layers.1.mlp.linear_fc1._extra_state"] = torch.zeros(3, dtype=torch.uint8)
+        torch.save(state, path)
+    back = mg_to_hf(mg, tmp_path / "out", "llama2")
+    assert_same_tensors(load_hf_state(hf_dir), load_hf_state(back))
+
+    path = mg / "iter_0000001" / "mp_rank_01" / "model_optim_rng.pt"
+    state = torch.load(path, weights_only=False)
+    state["model"]["decoder.layers.0.mlp.router.weight"] = torch.zeros(4, 64)
+    torch.save(state, path)
+    with pytest.raises(ConvertError, match="unexpected tensor 'decoder.layers.0.mlp.router.weight'"):
+        run_convert("--load-model-type", "mg", "--save-model-type", "hf", "--load-dir", mg,
+                    "--save-dir", tmp_path / "out2")
+    assert not (tmp_path / "out2" / "mg2hf").exists()
+
+
+def test_hf_output_is_sharded_with_an_index(hf_models, tmp_path):
+    hf_dir = hf_models("llama2")
+    mg = hf_to_mg(hf_dir, tmp_path / "mg", "llama2")
+    back = mg_to_hf(mg, tmp_path / "out", "llama2", "--max-shard-size", "200KB")
+    shards = sorted(p.name for p in back.glob("*.safetensors"))
+    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    index = read_json(back / "model.safetensors.index.json")
+    assert set(index["weight_map"].values()) == set(shards)
+    assert index["metadata"]["total_size"] == sum(t.nbytes for t in load_hf_state(hf_dir).values())
+    model, info = AutoModelForCausalLM.from_pretrained(back, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert_same_tensors(load_hf_state(hf_dir), load_hf_state(back))
+
+
+def test_noop_layers_given_on_the_command_line_for_a_checkpoint_that_does_not_record_them(hf_models, tmp_path):
+    hf_dir = hf_models("llama2")
+    mg = hf_to_mg(hf_dir, tmp_path / "mg", "llama2", "--target-pipeline-parallel-size", "2", "--noop-layers", "2,5")
+    for path in (mg / "iter_0000001").glob("*/model_optim_rng.pt"):  # as another tool would have written it
+        state = torch.load(path, weights_only=False)
+        state["args"].noop_layers = None
+        torch.save(state, path)
+    back = mg_to_hf(mg, tmp_path / "out", "llama2", "--noop-layers", "2,5")
+    assert_same_tensors(load_hf_state(hf_dir), load_hf_state(back))
