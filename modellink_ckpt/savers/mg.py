@@ -66,62 +66,84 @@ class RankFiles:
         del self._models[rank]
 
 
+class ShardPlacer:
+    """Where each piece of a message goes in the target layout: pure, also used on meta tensors
+    (for `--dry-run` and `--verify`) to know every rank file's keys and shapes without data."""
+
+    def __init__(self, plan):
+        self.plan, self.layout, self.dims = plan, plan.target_layout, plan.dims
+        self._slot_of = self.layout.slot_of_hf_layer()
+        self._tp_kinds = mapping.tp_kind(mapping.layer_rules(plan.family, self.dims, 0)) if self.dims.num_layers else {}
+
+    def cast(self, tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.is_floating_point() and self.plan.params_dtype is not None:
+            return tensor.to(self.plan.params_dtype)
+        return tensor
+
+    def _split(self, pp_rank, vchunk, name, tensor, kind):
+        if kind == "vocab":
+            tensor, kind = T.pad_vocab(tensor, self.plan.padded_vocab), "column"
+        for tp_rank, shard in enumerate(T.TP_SPLIT[kind][0](self.cast(tensor), self.layout.tp)):
+            for ep_rank in range(self.layout.ep):
+                yield (tp_rank, pp_rank, ep_rank), vchunk, name, shard
+
+    def place(self, kind: str, tensors: dict[str, torch.Tensor], layer: int | None = None):
+        """Yield (rank, vchunk, name in the rank file, shard) for one message."""
+        first_pp, first_chunk = self.layout.first_stage
+        last_pp, last_chunk = self.layout.last_stage
+        if kind == "embeddings":
+            embedding = tensors[mapping.EMBEDDING]
+            yield from self._split(first_pp, first_chunk, mapping.EMBEDDING, embedding, "vocab")
+            if self.dims.tie_word_embeddings and self.layout.pp > 1:  # the last stage keeps its own copy
+                yield from self._split(last_pp, last_chunk, mapping.OUTPUT_LAYER, embedding, "vocab")
+        elif kind == "layer":
+            slot = self._slot_of[layer]
+            for name, tensor in tensors.items():
+                full_name = f"decoder.layers.{slot.local_layer}.{mapping.to_impl_name(name, self.plan.transformer_impl)}"
+                yield from self._split(slot.pp_rank, slot.vchunk, full_name, tensor, self._tp_kinds[name])
+        elif kind == "final_norm":
+            yield from self._split(last_pp, last_chunk, mapping.FINAL_NORM, tensors[mapping.FINAL_NORM], "replicated")
+        elif kind == "output_layer":
+            yield from self._split(last_pp, last_chunk, mapping.OUTPUT_LAYER, tensors[mapping.OUTPUT_LAYER], "vocab")
+
+    def stage_done(self, layer: int) -> int | None:
+        """The stage whose files are complete once HF layer `layer` is placed (None if none)."""
+        slot = self._slot_of[layer]
+        if layer == self.layout.last_hf_layer_of_stage(slot.pp_rank) and slot.pp_rank != self.layout.last_stage[0]:
+            return slot.pp_rank
+        return None
+
+    def rank_args(self, rank, dtype: torch.dtype):
+        plan = self.plan
+        return make_args(self.dims, self.layout, padded_vocab=plan.padded_vocab, divisible_by=plan.divisible_by,
+                         dtype=dtype, transformer_impl=plan.transformer_impl, model_type_hf=plan.family.name,
+                         iteration=ITERATION,
+                         tokenizer_model=str(Path(plan.tokenizer_model).resolve()) if plan.tokenizer_model else None)
+
+
 def save(plan, receiver) -> dict:
     started = time.monotonic()
-    layout, dims = plan.target_layout, plan.dims
     messages = iter(receiver)
     meta = next(messages)
     assert meta.kind == "meta", meta.kind
-
-    dtype_holder: dict[str, torch.dtype] = {}
-
-    def rank_args(rank):
-        return make_args(dims, layout, padded_vocab=plan.padded_vocab, divisible_by=plan.divisible_by,
-                         dtype=dtype_holder.get("dtype", torch.float32), transformer_impl=plan.transformer_impl,
-                         model_type_hf=plan.family.name, iteration=ITERATION,
-                         tokenizer_model=str(Path(plan.tokenizer_model).resolve()) if plan.tokenizer_model else None)
+    placer = ShardPlacer(plan)
+    written_dtype: list[torch.dtype] = []
 
     staging = StagedDir(plan.save_dir / iteration_dir_name(ITERATION), overwrite=plan.overwrite)
-    files = RankFiles(staging, layout, rank_args)
-    slot_of = layout.slot_of_hf_layer()
-    tp_kinds = mapping.tp_kind(mapping.layer_rules(plan.family, dims, 0)) if dims.num_layers else {}
-    first_pp, first_chunk = layout.first_stage
-    last_pp, last_chunk = layout.last_stage
-
-    def cast(tensor: torch.Tensor) -> torch.Tensor:
-        if tensor.is_floating_point():
-            if plan.params_dtype is not None:
-                tensor = tensor.to(plan.params_dtype)
-            dtype_holder.setdefault("dtype", tensor.dtype)
-        return tensor
-
-    def put_split(pp_rank: int, vchunk: int, name: str, tensor: torch.Tensor, kind: str) -> None:
-        if kind == "vocab":
-            tensor, kind = T.pad_vocab(tensor, plan.padded_vocab), "column"
-        for tp_rank, shard in enumerate(T.TP_SPLIT[kind][0](cast(tensor), layout.tp)):
-            for ep_rank in range(layout.ep):
-                files.put((tp_rank, pp_rank, ep_rank), vchunk, name, shard)
-
-    progress = tqdm(total=dims.num_layers, desc="saving layers", unit="layer", disable=plan.quiet)
+    files = RankFiles(staging, placer.layout,
+                      lambda rank: placer.rank_args(rank, written_dtype[0] if written_dtype else torch.float32))
+    progress = tqdm(total=plan.dims.num_layers, desc="saving layers", unit="layer", disable=plan.quiet)
     try:
         for message in messages:
-            if message.kind == "embeddings":
-                embedding = message.tensors[mapping.EMBEDDING]
-                put_split(first_pp, first_chunk, mapping.EMBEDDING, embedding, "vocab")
-                if dims.tie_word_embeddings and layout.pp > 1:  # the last stage keeps its own copy
-                    put_split(last_pp, last_chunk, mapping.OUTPUT_LAYER, embedding, "vocab")
-            elif message.kind == "layer":
-                slot = slot_of[message["layer"]]
-                for name, tensor in message.tensors.items():
-                    full_name = f"decoder.layers.{slot.local_layer}.{mapping.to_impl_name(name, plan.transformer_impl)}"
-                    put_split(slot.pp_rank, slot.vchunk, full_name, tensor, tp_kinds[name])
-                if message["layer"] == layout.last_hf_layer_of_stage(slot.pp_rank) and slot.pp_rank != last_pp:
-                    files.close_stage(slot.pp_rank)
+            for rank, vchunk, name, shard in placer.place(message.kind, message.tensors, message.get("layer")):
+                if not written_dtype and shard.is_floating_point():
+                    written_dtype.append(shard.dtype)
+                files.put(rank, vchunk, name, shard)
+            if message.kind == "layer":
+                finished_stage = placer.stage_done(message["layer"])
+                if finished_stage is not None:
+                    files.close_stage(finished_stage)
                 progress.update(1)
-            elif message.kind == "final_norm":
-                put_split(last_pp, last_chunk, mapping.FINAL_NORM, message.tensors[mapping.FINAL_NORM], "replicated")
-            elif message.kind == "output_layer":
-                put_split(last_pp, last_chunk, mapping.OUTPUT_LAYER, message.tensors[mapping.OUTPUT_LAYER], "vocab")
             elif message.kind == "done":
                 files.close_all()
         progress.close()
@@ -132,4 +154,4 @@ def save(plan, receiver) -> dict:
         staging.discard()
         raise
     return {"bytes": files.bytes_written, "seconds": time.monotonic() - started, "target": str(target),
-            "files": layout.tp * layout.pp * layout.ep}
+            "files": placer.layout.tp * placer.layout.pp * placer.layout.ep}
