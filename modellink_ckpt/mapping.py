@@ -166,3 +166,35 @@ def check_shape(name: str, tensor: torch.Tensor, dims: ModelDims, *, where: str)
     if expected is not None and tuple(tensor.shape) != expected:
         raise ConvertError(f"{where}: {name} has shape {list(tensor.shape)}, expected {list(expected)} "
                            f"from the model config")
+
+
+def model_messages(family: ModelFamily, dims: ModelDims, dtype: torch.dtype):
+    """The messages a loader sends for this model, as meta tensors: (kind, hf layer, tensors).
+
+    Lets the plan, `--dry-run` and `--verify` know every output tensor's shape without data.
+    """
+
+    def meta(rules):
+        return {rule.mcore: torch.empty(expected_shape(rule.mcore, dims), dtype=dtype, device="meta")
+                for rule in rules}
+
+    yield "embeddings", None, meta(embedding_rules(family))
+    for layer in range(dims.num_layers):
+        yield "layer", layer, meta(layer_rules(family, dims, layer))
+    yield "final_norm", None, meta(final_norm_rules(family))
+    output = output_rules(family, dims)
+    if output:
+        yield "output_layer", None, meta(output)
+
+
+def message_rules(kind: str, family: ModelFamily, dims: ModelDims, layer: int | None = None) -> list[TensorRule]:
+    """The rules behind one message kind."""
+    if kind == "embeddings":
+        return embedding_rules(family)
+    if kind == "layer":
+        return layer_rules(family, dims, layer)
+    if kind == "final_norm":
+        return final_norm_rules(family)
+    if kind == "output_layer":
+        return output_rules(family, dims)
+    return []

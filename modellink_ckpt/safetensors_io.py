@@ -10,13 +10,13 @@ memory that will cross to the saver process.
 from __future__ import annotations
 
 import json
-import os
 import struct
 from pathlib import Path
 
 import torch
 
 from modellink_ckpt.errors import ConvertError
+from modellink_ckpt.hashed_file import HashedFile
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -25,7 +25,6 @@ DTYPES = {
 }
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 _MAX_HEADER = 100 << 20
-_WRITE_CHUNK = 64 << 20
 
 
 def shared_empty(nbytes: int) -> torch.Tensor:
@@ -96,8 +95,9 @@ class SafetensorsFile:
         return raw.view(dtype).reshape(shape)
 
 
-def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> int:
-    """Write `tensors` (in the given order) to `path`; returns the bytes of tensor data."""
+def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor],
+                      metadata: dict | None = None) -> tuple[int, int, str]:
+    """Write `tensors` (in the given order) to `path`; returns (tensor bytes, file bytes, sha256)."""
     header: dict = {"__metadata__": metadata} if metadata else {}
     offset = 0
     prepared = []
@@ -109,20 +109,14 @@ def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metada
         prepared.append(tensor)
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)  # the format allows space padding; keeps data aligned
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    out = HashedFile(path)
     try:
-        _write_all(fd, struct.pack("<Q", len(header_bytes)) + header_bytes)
+        out.write(struct.pack("<Q", len(header_bytes)) + header_bytes)
         for tensor in prepared:
             if tensor.numel():
-                _write_all(fd, tensor.reshape(-1).view(torch.uint8).numpy())
-    finally:
-        os.close(fd)
-    return offset
-
-
-def _write_all(fd: int, data) -> None:
-    view = memoryview(data).cast("B")
-    for start in range(0, len(view), _WRITE_CHUNK):
-        chunk = view[start:start + _WRITE_CHUNK]
-        while len(chunk):
-            chunk = chunk[os.write(fd, chunk):]
+                out.write(tensor.reshape(-1).view(torch.uint8).numpy())
+    except BaseException:
+        out.abort()
+        raise
+    size, sha = out.close()
+    return offset, size, sha

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import io
-import os
 import pickle
 import struct
 import sys
@@ -20,8 +19,9 @@ from pathlib import Path
 
 import torch
 
+from modellink_ckpt.hashed_file import HashedFile
+
 ALIGNMENT = 64
-_WRITE_CHUNK = 64 << 20
 _ZIP64_EXTRA_ID = 0x0001
 _PAD_EXTRA_ID = 0x4246  # the id torch's own writer uses for its alignment padding ("FB")
 _VERSION = 45           # zip64
@@ -83,7 +83,7 @@ class StreamingTorchWriter:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._archive = self.path.stem  # torch names the top folder of the zip after the file
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._file = HashedFile(self.path)
         self._offset = 0
         self._entries: list[tuple[bytes, int, int]] = []  # (name, local header offset, size)
         self._count = 0
@@ -92,13 +92,8 @@ class StreamingTorchWriter:
     # ---- zip records -------------------------------------------------------------------------
 
     def _write(self, data) -> None:
-        view = memoryview(data).cast("B")
-        for start in range(0, len(view), _WRITE_CHUNK):
-            chunk = view[start:start + _WRITE_CHUNK]
-            while len(chunk):
-                written = os.write(self._fd, chunk)
-                chunk = chunk[written:]
-        self._offset += len(view)
+        self._file.write(data)
+        self._offset = self._file.size
 
     def _record(self, name: str, data) -> None:
         name_bytes = f"{self._archive}/{name}".encode()
@@ -155,14 +150,7 @@ class StreamingTorchWriter:
         self._record("version", b"3\n")
         self._record(".data/serialization_id", uuid.uuid4().hex.encode())
         self._central_directory()
-        os.close(self._fd)
-        self._fd = None
+        self.size, self.sha256 = self._file.close()
 
     def abort(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        self._file.abort()

@@ -44,7 +44,7 @@ class ShardWriter:
 
     def _flush(self) -> None:
         path = self.folder / f".shard-{len(self._shards) + 1:05d}.safetensors"
-        self.total_bytes += write_safetensors(path, self._pending, metadata={"format": "pt"})
+        self.total_bytes += write_safetensors(path, self._pending, metadata={"format": "pt"})[0]
         self._shards.append((path, list(self._pending)))
         self._pending, self._pending_bytes = {}, 0
 
@@ -104,7 +104,7 @@ def save(plan, receiver) -> dict:
     written_dtype: list[torch.dtype] = []
 
     def add(rules, tensors: dict[str, torch.Tensor]) -> None:
-        for rule in rules:
+        for rule in rules:  # rules and tensors both follow mapping.message_rules
             full = tensors[rule.mcore]
             if plan.params_dtype is not None and full.is_floating_point():
                 full = full.to(plan.params_dtype)
@@ -116,15 +116,9 @@ def save(plan, receiver) -> dict:
     progress = tqdm(total=dims.num_layers, desc="saving layers", unit="layer", disable=plan.quiet)
     try:
         for message in messages:
-            if message.kind == "embeddings":
-                add(mapping.embedding_rules(family), message.tensors)
-            elif message.kind == "layer":
-                add(mapping.layer_rules(family, dims, message["layer"]), message.tensors)
+            add(mapping.message_rules(message.kind, family, dims, message.get("layer")), message.tensors)
+            if message.kind == "layer":
                 progress.update(1)
-            elif message.kind == "final_norm":
-                add(mapping.final_norm_rules(family), message.tensors)
-            elif message.kind == "output_layer":
-                add(mapping.output_rules(family, dims), message.tensors)
         progress.close()
         files = shards.finish()
         config = _hf_config(plan, meta, written_dtype[0] if written_dtype else torch.float32)

@@ -1,0 +1,691 @@
+#!/usr/bin/env python
+"""Benchmark the checkpoint converter against a plain `cp -r`, on a random Llama-shaped checkpoint.
+
+    python bench/bench_convert.py                       # TinyLlama-1.1B shape (~2.2 GB), every step once
+    python bench/bench_convert.py --shape llama2-7b --repeat 3 --json bench-7b.json
+    python bench/bench_convert.py --only hf2mg --layout TP4PP1
+    python bench/bench_convert.py --quick               # tiny model, a few seconds: a smoke test for CI
+
+Steps (all selected ones run in one invocation, after the page cache has been warmed):
+  copy   `cp -r HF COPY`, the floor: what moving the bytes costs with no conversion at all
+  hf2mg  HF -> Megatron-Core at --layout (default TP2PP2)
+  mg2hf  the TP2PP2 checkpoint -> HF, into a fresh folder holding a copy of config.json
+  mg2mg  the TP2PP2 checkpoint -> --mg2mg-layout (default TP1PP4)
+
+For every run the whole process tree (the command and all its descendants) is sampled from /proc
+every --interval seconds; the table reports the peak of the summed RSS and of the summed PSS.
+A run counts only if it exited 0 and its output is complete. Exit code: 0 when every selected
+step succeeded, 1 otherwise. This is a benchmark, not a test: the outputs' contents are not checked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+GENERATOR_VERSION = 1
+MAX_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size="5GB"
+
+# Sizes as the published config.json of each model has them (dtype: bfloat16 here).
+SHAPES = {
+    "tinyllama": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                      num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-05,
+                      rope_theta=10000.0),
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-05,
+                      rope_theta=10000.0),
+    # --quick: 4 layers so that PP4 works without --num-layer-list; divisible by TP2
+    "quick": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=8,
+                  num_key_value_heads=4, vocab_size=1024, max_position_embeddings=512, rms_norm_eps=1e-05,
+                  rope_theta=10000.0),
+}
+STEPS = ("copy", "hf2mg", "mg2hf", "mg2mg")
+SOURCE_LAYOUT = (2, 2)  # the Megatron checkpoint mg2hf and mg2mg start from
+
+
+# ---------------------------------------------------------------------------------------------
+# the random HF checkpoint
+# ---------------------------------------------------------------------------------------------
+
+def hf_config(shape: dict) -> dict:
+    """config.json as transformers writes it for LlamaForCausalLM (the hub's 4.x spelling, which
+    transformers 5 also reads; `dtype` is the 4.56+/5 name of `torch_dtype`, both are written)."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "head_dim": shape["hidden_size"] // shape["num_attention_heads"],
+        "hidden_act": "silu",
+        "hidden_size": shape["hidden_size"],
+        "initializer_range": 0.02,
+        "intermediate_size": shape["intermediate_size"],
+        "max_position_embeddings": shape["max_position_embeddings"],
+        "mlp_bias": False,
+        "model_type": "llama",
+        "num_attention_heads": shape["num_attention_heads"],
+        "num_hidden_layers": shape["num_hidden_layers"],
+        "num_key_value_heads": shape["num_key_value_heads"],
+        "pretraining_tp": 1,
+        "rms_norm_eps": shape["rms_norm_eps"],
+        "rope_scaling": None,
+        "rope_theta": shape["rope_theta"],
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "dtype": "bfloat16",
+        "use_cache": True,
+        "vocab_size": shape["vocab_size"],
+    }
+
+
+def hf_tensors(shape: dict) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every weight, in the order transformers' state_dict has them."""
+    h, i, v = shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"]
+    kv = shape["num_key_value_heads"] * (h // shape["num_attention_heads"])
+    out = [("model.embed_tokens.weight", (v, h))]
+    for n in range(shape["num_hidden_layers"]):
+        p = f"model.layers.{n}."
+        out += [(p + "self_attn.q_proj.weight", (h, h)), (p + "self_attn.k_proj.weight", (kv, h)),
+                (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.o_proj.weight", (h, h)),
+                (p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)),
+                (p + "mlp.down_proj.weight", (h, i)),
+                (p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,))]
+    out += [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
+    return out
+
+
+def nbytes_bf16(dims: tuple[int, ...]) -> int:
+    n = 2
+    for d in dims:
+        n *= d
+    return n
+
+
+def plan_shards(tensors, max_bytes: int = MAX_SHARD_BYTES) -> list[tuple[str, list]]:
+    """Split like transformers/huggingface_hub: a new shard when the next tensor would overflow."""
+    shards: list[list] = [[]]
+    size = 0
+    for name, dims in tensors:
+        n = nbytes_bf16(dims)
+        if shards[-1] and size + n > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, dims))
+        size += n
+    if len(shards) == 1:
+        return [("model.safetensors", shards[0])]
+    count = len(shards)
+    return [(f"model-{k:05d}-of-{count:05d}.safetensors", s) for k, s in enumerate(shards, start=1)]
+
+
+class Filler:
+    """Writes finite bf16 values fast: slices of one small randn block at moving (even) offsets.
+
+    The block is also kept in a small file so the bytes can be copied in the kernel
+    (`copy_file_range`, several times faster than `write` from user space); `write` where that fails.
+    """
+
+    BLOCK = 8 << 20  # bytes
+
+    def __init__(self, folder: Path, seed: int = 0):
+        values = np.random.default_rng(seed).standard_normal(self.BLOCK // 2, dtype=np.float32) * 0.02
+        bf16 = (values.view(np.uint32) >> 16).astype(np.uint16)  # truncation to bf16: always finite
+        doubled = np.concatenate([bf16, bf16]).view(np.uint8)  # any window of BLOCK bytes is contiguous
+        self._buf = memoryview(doubled)
+        self._pos = 0
+        self._template = folder / ".bench-fill-block"
+        self._template.write_bytes(doubled.tobytes())
+        self._src = os.open(self._template, os.O_RDONLY)
+        self._in_kernel = hasattr(os, "copy_file_range")
+
+    def close(self) -> None:
+        os.close(self._src)
+        self._template.unlink(missing_ok=True)
+
+    def _copy(self, f, n: int) -> None:
+        if self._in_kernel:
+            done = 0
+            try:
+                while done < n:
+                    got = os.copy_file_range(self._src, f.fileno(), n - done, self._pos + done)
+                    if not got:
+                        break
+                    done += got
+            except OSError:
+                pass
+            if done == n:
+                return
+            self._in_kernel = False
+            n -= done
+            start = self._pos + done
+        else:
+            start = self._pos
+        view = self._buf[start:start + n]
+        while view:
+            view = view[f.write(view):]
+
+    def write(self, f, nbytes: int) -> None:
+        while nbytes:
+            n = min(nbytes, self.BLOCK)
+            self._copy(f, n)
+            nbytes -= n
+            self._pos = (self._pos + n + 2 * 7919) % self.BLOCK  # n and the step are even: bf16 stays aligned
+
+
+def write_safetensors(path: Path, tensors, filler: Filler) -> int:
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, dims in tensors:
+        n = nbytes_bf16(dims)
+        header[name] = {"dtype": "BF16", "shape": list(dims), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb", buffering=0) as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for _, dims in tensors:
+            filler.write(f, nbytes_bf16(dims))
+    os.replace(tmp, path)
+    return path.stat().st_size
+
+
+def ensure_hf_checkpoint(folder: Path, shape_name: str, shape: dict) -> tuple[int, bool]:
+    """Generate (or reuse) the checkpoint; returns (bytes of weights, reused)."""
+    config = hf_config(shape)
+    tensors = hf_tensors(shape)
+    shards = plan_shards(tensors)
+    marker = folder / "bench_meta.json"
+    want = {"generator": GENERATOR_VERSION, "shape": shape_name, "config": config,
+            "files": {}}  # sizes filled in after writing
+    if marker.is_file():
+        try:
+            have = json.loads(marker.read_text())
+            if (have.get("generator") == GENERATOR_VERSION and have.get("config") == config
+                    and set(have.get("files", {})) == {name for name, _ in shards}
+                    and all((folder / n).is_file() and (folder / n).stat().st_size == s
+                            for n, s in have["files"].items())
+                    and json.loads((folder / "config.json").read_text()) == config):
+                return sum(have["files"].values()), True
+        except (ValueError, OSError, KeyError, AttributeError):
+            pass
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    sizes = {}
+    weight_map = {}
+    total = sum(nbytes_bf16(d) for _, d in tensors)
+    started = time.perf_counter()
+    filler = Filler(folder)
+    try:
+        for file_name, members in shards:
+            sizes[file_name] = write_safetensors(folder / file_name, members, filler)
+            weight_map.update({name: file_name for name, _ in members})
+    finally:
+        filler.close()
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (folder / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": 1, "eos_token_id": 2, "max_length": shape["max_position_embeddings"]}, indent=2) + "\n")
+    want["files"] = sizes
+    marker.write_text(json.dumps(want, indent=2) + "\n")  # last: a folder without it is regenerated
+    seconds = time.perf_counter() - started
+    log(f"generated {folder} ({fmt_bytes(sum(sizes.values()))} in {len(shards)} file(s)) in {seconds:.1f} s "
+        f"({sum(sizes.values()) / 1e9 / max(seconds, 1e-9):.2f} GB/s)")
+    return sum(sizes.values()), False
+
+
+# ---------------------------------------------------------------------------------------------
+# measuring a process tree
+# ---------------------------------------------------------------------------------------------
+
+def _ppid(pid: str) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(b")") + 2:].split(b" ", 2)[1])  # after "pid (comm) state "
+
+
+def descendants(root: int) -> list[int]:
+    """The root and every process below it (one pass over /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            parent = _ppid(entry)
+            if parent is not None:
+                children.setdefault(parent, []).append(int(entry))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, ()))
+    return tree
+
+
+HAVE_ROLLUP = os.path.exists("/proc/self/smaps_rollup")  # Linux 4.14+
+PSS_PARTS = (b"Pss_Anon:", b"Pss_File:", b"Pss_Shmem:")  # Linux 5.13+
+
+
+def memory_of(pid: int) -> dict | None:
+    """{"rss", "pss", "pss_anon", "pss_file", "pss_shmem"} in bytes (what the kernel tells; statm's RSS
+    alone on kernels without smaps_rollup); None for a process that is gone or a zombie."""
+    try:
+        if HAVE_ROLLUP:
+            with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+                text = f.read()
+            found = {}
+            for line in text.splitlines():
+                key = line.split(b":", 1)[0] + b":"
+                if key in (b"Rss:", b"Pss:") + PSS_PARTS:
+                    found[key[:-1].decode().lower()] = int(line.split()[1]) * 1024
+            return found if "rss" in found and "pss" in found else None
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return {"rss": int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")}
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def shm_used() -> int:
+    try:
+        st = os.statvfs("/dev/shm")
+        return (st.f_blocks - st.f_bfree) * st.f_frsize
+    except OSError:
+        return 0
+
+
+class TreeSampler(threading.Thread):
+    """Samples the summed memory of a process tree every `interval` s until stopped.
+
+    `peak[k]` is the largest sum of field k over the tree seen in one sample (the fields peak
+    independently, so the parts of PSS need not add up to the PSS peak)."""
+
+    FIELDS = ("rss", "pss", "pss_anon", "pss_file", "pss_shmem")
+
+    def __init__(self, root: int, interval: float):
+        super().__init__(daemon=True)
+        self.root, self.interval = root, interval
+        self.peak = dict.fromkeys(self.FIELDS, 0)
+        self.known = set(self.FIELDS)  # fields every process reported
+        self.peak_shm = self.samples = self.max_procs = 0
+        self._shm0 = shm_used()
+        self._stop_event = threading.Event()
+
+    def sample(self) -> None:
+        total = dict.fromkeys(self.FIELDS, 0)
+        procs = descendants(self.root)
+        for pid in procs:
+            got = memory_of(pid)
+            if got is None:
+                continue
+            self.known &= set(got)
+            for key, value in got.items():
+                total[key] += value
+        for key in self.FIELDS:
+            self.peak[key] = max(self.peak[key], total[key])
+        self.peak_shm = max(self.peak_shm, shm_used() - self._shm0)
+        self.max_procs = max(self.max_procs, len(procs))
+        self.samples += 1
+
+    def result(self) -> dict:
+        return {f"peak_{k}": (self.peak[k] if k in self.known else None) for k in self.FIELDS}
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            self.sample()
+            self._stop_event.wait(self.interval)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+
+
+def measure(cmd: list[str], log_dir: Path, interval: float) -> dict:
+    """Run `cmd`, sampling its process tree; returns rc, wall seconds, peaks and the output tail."""
+    os.sync()  # the previous step's dirty pages are not flushed on this run's time
+    with tempfile.TemporaryFile(dir=log_dir) as out:
+        started = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO)
+        sampler = TreeSampler(proc.pid, interval)
+        sampler.start()
+        try:
+            rc = proc.wait()
+        except KeyboardInterrupt:
+            proc.terminate()  # the converter stops its loader and saver on SIGTERM
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            sampler.stop()
+            raise
+        wall = time.perf_counter() - started
+        sampler.stop()
+        out.seek(0)
+        text = out.read().decode(errors="replace").replace(str(REPO) + os.sep, "")  # repo-relative paths
+    summary = next((line for line in text.splitlines() if line.startswith("done:")), None)
+    return {"rc": rc, "wall_s": wall, **sampler.result(), "peak_shm_delta": sampler.peak_shm,
+            "max_processes": sampler.max_procs, "samples": sampler.samples, "converter_summary": summary,
+            "output_tail": text[-2000:] if rc else ""}
+
+
+# ---------------------------------------------------------------------------------------------
+# outputs and their completeness
+# ---------------------------------------------------------------------------------------------
+
+def dir_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
+
+
+def read_cache(folder: Path) -> None:
+    """Read every file once (untimed) so the timed run starts with a warm page cache."""
+    buf = bytearray(16 << 20)
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        with open(path, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+
+
+def copy_complete(src: Path, dst: Path) -> bool:
+    files = [p for p in src.rglob("*") if p.is_file()]
+    return all((dst / p.relative_to(src)).is_file()
+               and (dst / p.relative_to(src)).stat().st_size == p.stat().st_size for p in files)
+
+
+def mg_complete(folder: Path, tp: int, pp: int) -> bool:
+    tracker = folder / "latest_checkpointed_iteration.txt"
+    if not tracker.is_file():
+        return False
+    text = tracker.read_text().strip()
+    iter_dir = folder / ("release" if text == "release" else f"iter_{int(text):07d}" if text.isdigit() else "?")
+    for t in range(tp):
+        for p in range(pp):
+            name = f"mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else "")
+            if not (iter_dir / name / "model_optim_rng.pt").is_file():
+                return False
+    return True
+
+
+def hf_complete(folder: Path) -> bool:
+    out = folder / "mg2hf"
+    if not (out / "config.json").is_file() or not list(out.glob("model*.safetensors")):
+        return False
+    index = out / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, AttributeError):
+            return False
+        return all((out / s).is_file() for s in shards)
+    return (out / "model.safetensors").is_file()
+
+
+def remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+# ---------------------------------------------------------------------------------------------
+# the benchmark
+# ---------------------------------------------------------------------------------------------
+
+def parse_layout(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"\s*tp(\d+)\s*pp(\d+)\s*", text, re.IGNORECASE)
+    if not match or int(match[1]) < 1 or int(match[2]) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a layout like TP2PP2")
+    return int(match[1]), int(match[2])
+
+
+def layer_list(layers: int, pp: int) -> list[str]:
+    """`--num-layer-list` when PP does not divide the layers (TinyLlama: 22 layers, PP4 -> 6,6,5,5)."""
+    if layers % pp == 0 or pp > layers:
+        return []
+    base, extra = divmod(layers, pp)
+    return ["--num-layer-list", ",".join(str(base + (k < extra)) for k in range(pp))]
+
+
+def fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "n/a"
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def shown(cmd: list) -> str:
+    """The command as a portable string for the record: repo-relative paths, `python` for the interpreter."""
+    words = ["python" if str(c) == sys.executable else str(c) for c in cmd]
+    root = str(REPO) + os.sep
+    return " ".join(w[len(root):] if w.startswith(root) else w for w in words)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class Bench:
+    def __init__(self, args, shape_name: str, shape: dict):
+        self.args, self.shape = args, shape
+        self.work = Path(args.work_dir).resolve()
+        self.hf = self.work / f"hf-{shape_name}"
+        self.runs = self.work / f"runs-{shape_name}"
+        self.mg_src = self.runs / "mg-src-tp{}pp{}".format(*SOURCE_LAYOUT)
+        self.converter = [sys.executable, str(Path(args.converter).resolve())]
+        self.layers = shape["num_hidden_layers"]
+
+    def convert_cmd(self, *flags) -> list[str]:
+        return self.converter + ["--model-type", "GPT", "--model-type-hf", "llama2", "--use-mcore-models",
+                                 *map(str, flags), "--quiet"]
+
+    def hf2mg_cmd(self, out: Path, tp: int, pp: int) -> list[str]:
+        return self.convert_cmd("--load-model-type", "hf", "--save-model-type", "mg", "--load-dir", self.hf,
+                                "--save-dir", out, "--target-tensor-parallel-size", tp,
+                                "--target-pipeline-parallel-size", pp, *layer_list(self.layers, pp))
+
+    def ensure_mg_source(self) -> bool:
+        """The TP2PP2 checkpoint mg2hf and mg2mg read (kept from hf2mg, else made untimed)."""
+        if mg_complete(self.mg_src, *SOURCE_LAYOUT):
+            return True
+        remove(self.mg_src)
+        log("making the TP{}PP{} source checkpoint (untimed)".format(*SOURCE_LAYOUT))
+        run = measure(self.hf2mg_cmd(self.mg_src, *SOURCE_LAYOUT), self.runs, self.args.interval)
+        ok = run["rc"] == 0 and mg_complete(self.mg_src, *SOURCE_LAYOUT)
+        if not ok:
+            log(f"could not make the source checkpoint (rc {run['rc']}):\n{run['output_tail']}")
+        return ok
+
+    def step(self, key: str) -> dict:
+        tp, pp = self.args.layout
+        tp2, pp2 = self.args.mg2mg_layout
+        s_tp, s_pp = SOURCE_LAYOUT
+        if key == "copy":
+            label, source, out = "cp -r HF (floor)", self.hf, self.runs / "copy"
+            cmd = ["cp", "-r", str(self.hf), str(out)]
+            complete = lambda: copy_complete(self.hf, out)  # noqa: E731
+            prepare = None
+        elif key == "hf2mg":
+            label, source, out = f"hf→mg TP{tp}PP{pp}", self.hf, self.runs / f"mg-tp{tp}pp{pp}"
+            cmd = self.hf2mg_cmd(out, tp, pp)
+            complete = lambda: mg_complete(out, tp, pp)  # noqa: E731
+            prepare = None
+        elif key == "mg2hf":
+            label, source, out = f"mg→hf TP{s_tp}PP{s_pp}→HF", self.mg_src, self.runs / "hf-out"
+            cmd = self.convert_cmd("--load-model-type", "mg", "--save-model-type", "hf", "--load-dir", self.mg_src,
+                                   "--save-dir", out)
+            complete = lambda: hf_complete(out)  # noqa: E731
+
+            def prepare():
+                out.mkdir(parents=True)
+                shutil.copy2(self.hf / "config.json", out / "config.json")
+        else:
+            label = f"mg→mg TP{s_tp}PP{s_pp}→TP{tp2}PP{pp2}"
+            source, out = self.mg_src, self.runs / f"mg-tp{tp2}pp{pp2}"
+            cmd = self.convert_cmd("--load-model-type", "mg", "--save-model-type", "mg", "--load-dir", self.mg_src,
+                                   "--save-dir", out, "--target-tensor-parallel-size", tp2,
+                                   "--target-pipeline-parallel-size", pp2, *layer_list(self.layers, pp2))
+            complete = lambda: mg_complete(out, tp2, pp2)  # noqa: E731
+            prepare = None
+        if "--num-layer-list" in cmd:
+            label += " (" + cmd[cmd.index("--num-layer-list") + 1] + ")"
+        result = {"step": key, "label": label, "command": shown(cmd), "runs": []}
+        if source == self.mg_src and not self.ensure_mg_source():
+            result["status"] = "FAILED"
+            result["error"] = "no source checkpoint (hf→mg TP{}PP{} failed)".format(*SOURCE_LAYOUT)
+            return result
+        keep_as_source = key == "hf2mg" and (tp, pp) == SOURCE_LAYOUT
+        for k in range(self.args.repeat):
+            remove(out)
+            if prepare:
+                prepare()
+            read_cache(source)
+            run = measure(cmd, self.runs, self.args.interval)
+            run["complete"] = run["rc"] == 0 and complete()
+            run["bytes"] = dir_bytes(out / "mg2hf" if key == "mg2hf" else out)
+            result["runs"].append(run)
+            state = "ok" if run["complete"] else f"FAILED (rc {run['rc']}{', output incomplete' if run['rc'] == 0 else ''})"
+            log(f"{label} run {k + 1}/{self.args.repeat}: {run['wall_s']:.2f} s, peak RSS {fmt_bytes(run['peak_rss'])},"
+                f" PSS {fmt_bytes(run['peak_pss'])} (peaks of its parts: anon {fmt_bytes(run['peak_pss_anon'])},"
+                f" file {fmt_bytes(run['peak_pss_file'])}, shmem {fmt_bytes(run['peak_pss_shmem'])}), {state}"
+                + (f"\n  {run['converter_summary']}" if run["converter_summary"] else ""))
+            if not run["complete"] and run["output_tail"]:
+                log("  " + run["output_tail"].strip().replace("\n", "\n  "))
+            if keep_as_source and run["complete"] and not self.mg_src.exists():
+                os.replace(out, self.mg_src)
+            else:
+                remove(out)
+        good = [r for r in result["runs"] if r["complete"]]
+        result["status"] = "ok" if len(good) == len(result["runs"]) else "FAILED"
+        if good:
+            best = min(good, key=lambda r: r["wall_s"])
+            result.update(wall_s=best["wall_s"], bytes=best["bytes"])
+            for key in [f"peak_{k}" for k in TreeSampler.FIELDS] + ["peak_shm_delta"]:
+                values = [r[key] for r in good]
+                result[key] = None if None in values else max(values)
+        return result
+
+
+def machine() -> dict:
+    mem = 0
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpus": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)), "cpu": cpu, "ram_bytes": mem,
+            "kernel": platform.release(), "python": platform.python_version()}
+
+
+def table(results: list[dict], copy_wall: float | None) -> str:
+    rows = ["| step | bytes | wall s | × copy | GB/s | peak RSS tree | peak PSS tree |",
+            "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        if "wall_s" not in r:
+            rows.append(f"| {r['label']} | – | FAILED | – | – | – | – |")
+            continue
+        wall = f"{r['wall_s']:.2f}" + ("" if r["status"] == "ok" else " FAILED")
+        ratio = f"{r['wall_s'] / copy_wall:.2f}" if copy_wall else "–"
+        rate = f"{r['bytes'] / 1e9 / max(r['wall_s'], 1e-9):.2f}"
+        rows.append(f"| {r['label']} | {fmt_bytes(r['bytes'])} | {wall} | {ratio} | {rate} | "
+                    f"{fmt_bytes(r['peak_rss'])} | {fmt_bytes(r['peak_pss'])} |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="tinyllama")
+    p.add_argument("--quick", action="store_true", help="tiny model (4 layers, hidden 256), a few seconds: CI smoke")
+    p.add_argument("--work-dir", default=str(REPO / "bench_out"), help="where the checkpoint and outputs go")
+    p.add_argument("--repeat", type=int, default=1, help="runs per step; the fastest good one is reported")
+    p.add_argument("--only", default=None, help=f"comma list of steps to run, from {','.join(STEPS)}")
+    p.add_argument("--layout", type=parse_layout, default=(2, 2), help="hf→mg target layout (default TP2PP2)")
+    p.add_argument("--mg2mg-layout", type=parse_layout, default=(1, 4), help="mg→mg target (default TP1PP4)")
+    p.add_argument("--interval", type=float, default=0.05, help="memory sampling period in seconds")
+    p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--converter", default=str(REPO / "convert_ckpt.py"), help="the convert_ckpt.py to time")
+    p.add_argument("--clean", action="store_true", help="also delete the generated HF checkpoint at the end")
+    p.add_argument("--generate-only", action="store_true", help="make the checkpoint and stop")
+    args = p.parse_args(argv)
+    if args.repeat < 1:
+        p.error("--repeat must be at least 1")
+    steps = STEPS if not args.only else tuple(s.strip() for s in args.only.split(",") if s.strip())
+    bad = [s for s in steps if s not in STEPS]
+    if bad:
+        p.error(f"--only {','.join(bad)}: unknown step (choose from {','.join(STEPS)})")
+    shape_name = "quick" if args.quick else args.shape
+    shape = SHAPES[shape_name]
+    bench = Bench(args, shape_name, shape)
+
+    # disk: the checkpoint, plus at most the TP2PP2 source and one output beside it
+    weights = sum(nbytes_bf16(d) for _, d in hf_tensors(shape))
+    bench.work.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(bench.work).free
+    need = (0 if (bench.hf / "bench_meta.json").is_file() else weights) + (2 * weights if not args.generate_only else 0)
+    if free < need * 1.05:
+        log(f"error: {bench.work}: {fmt_bytes(free)} free, the benchmark needs about {fmt_bytes(int(need * 1.05))}")
+        return 2
+
+    hf_bytes, reused = ensure_hf_checkpoint(bench.hf, shape_name, shape)
+    if reused:
+        log(f"reusing {bench.hf} ({fmt_bytes(hf_bytes)})")
+    if args.generate_only:
+        return 0
+    remove(bench.runs)  # outputs of earlier runs
+    bench.runs.mkdir(parents=True)
+    info = machine()
+    results = []
+    try:
+        for key in steps:
+            results.append(bench.step(key))
+    finally:
+        remove(bench.runs)
+        if args.clean:
+            remove(bench.hf)
+
+    copy = next((r for r in results if r["step"] == "copy" and r["status"] == "ok"), None)
+    dims = (f"hidden {shape['hidden_size']}, ffn {shape['intermediate_size']}, {shape['num_hidden_layers']} layers, "
+            f"{shape['num_attention_heads']} heads / {shape['num_key_value_heads']} kv, vocab {shape['vocab_size']}, "
+            f"bf16, {fmt_bytes(hf_bytes)} on disk")
+    header = (f"shape: {shape_name} ({dims})\n"
+              f"machine: {info['cpus_usable']} cores ({info['cpu']}), {info['ram_bytes'] / 2**30:.1f} GiB RAM, "
+              f"Linux {info['kernel']}, Python {info['python']}\n"
+              f"warm page cache; wall = fastest good run of {args.repeat}; memory = peak over good runs, "
+              f"whole process tree sampled every {args.interval * 1000:.0f} ms")
+    text = header + "\n\n" + table(results, copy["wall_s"] if copy else None)
+    print(text)
+    if args.json:
+        record = {"shape": shape_name, "dims": shape, "hf_bytes": hf_bytes, "machine": info, "repeat": args.repeat,
+                  "interval_s": args.interval, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "steps": results,
+                  "table": text}
+        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
+    return 0 if all(r["status"] == "ok" for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

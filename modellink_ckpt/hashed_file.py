@@ -1,0 +1,90 @@
+"""An output file that hashes what it writes, and names itself in every write error.
+
+The sha256 of each file goes to the checkpoint's manifest. Hashing runs on a second thread while
+the bytes are written (both release the GIL), so it costs little wall time.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from modellink_ckpt.errors import ConvertError
+
+_CHUNK = 64 << 20
+_executors: dict[int, ThreadPoolExecutor] = {}
+
+
+def _hasher_thread() -> ThreadPoolExecutor:
+    """One hashing thread per process (created after fork, never inherited)."""
+    pid = os.getpid()
+    if pid not in _executors:
+        _executors[pid] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
+    return _executors[pid]
+
+
+def write_error(path: Path, exc: OSError) -> ConvertError:
+    if exc.errno == errno.ENOSPC:
+        return ConvertError(f"{path}: no space left on device (the partial output has been removed)")
+    return ConvertError(f"{path}: cannot write ({exc.strerror or exc})")
+
+
+class HashedFile:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        except OSError as exc:
+            raise write_error(self.path, exc) from None
+        self._sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data) -> None:
+        view = memoryview(data).cast("B")
+        if not len(view):
+            return
+        hashed = _hasher_thread().submit(self._sha.update, view) if len(view) >= _CHUNK else None
+        if hashed is None:
+            self._sha.update(view)
+        try:
+            for start in range(0, len(view), _CHUNK):
+                chunk = view[start:start + _CHUNK]
+                while len(chunk):
+                    chunk = chunk[os.write(self._fd, chunk):]
+        except OSError as exc:
+            raise write_error(self.path, exc) from None
+        finally:
+            if hashed is not None:
+                hashed.result()  # the view must outlive the hashing
+        self.size += len(view)
+
+    def close(self) -> tuple[int, str]:
+        """Close the file; returns (bytes, sha256 hex)."""
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            except OSError as exc:
+                raise write_error(self.path, exc) from None
+            self._fd = None
+        return self.size, self._sha.hexdigest()
+
+    def abort(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self.path.unlink(missing_ok=True)
+
+
+def sha256_of(path: str | Path) -> tuple[int, str]:
+    """(bytes, sha256 hex) of an existing file, read in chunks (constant memory)."""
+    sha, size = hashlib.sha256(), 0
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            block = f.read(_CHUNK)
+            if not block:
+                return size, sha.hexdigest()
+            sha.update(block)
+            size += len(block)
