@@ -12,6 +12,8 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import torch
+
 from modellink_ckpt.errors import ConvertError
 
 _CHUNK = 64 << 20
@@ -76,6 +78,24 @@ class HashedFile:
             os.close(self._fd)
             self._fd = None
         self.path.unlink(missing_ok=True)
+
+
+_scratch: dict[int, torch.Tensor] = {}
+
+
+def tensor_bytes(tensor: torch.Tensor):
+    """The bytes of `tensor` in row-major order, for writing. A contiguous tensor gives its own
+    memory; a strided view (a row-parallel TP shard) is gathered into a per-process scratch buffer
+    that is reused, so no fresh memory is faulted in for every shard. Valid until the next call."""
+    if tensor.is_contiguous():
+        return tensor.reshape(-1).view(torch.uint8).numpy() if tensor.numel() else b""
+    pid = os.getpid()
+    buffer = _scratch.get(pid)
+    if buffer is None or buffer.numel() < tensor.nbytes:
+        buffer = _scratch[pid] = torch.empty(tensor.nbytes, dtype=torch.uint8)
+    gathered = buffer[:tensor.nbytes]
+    gathered.view(tensor.dtype).view(tensor.shape).copy_(tensor)
+    return gathered.numpy()
 
 
 def sha256_of(path: str | Path) -> tuple[int, str]:

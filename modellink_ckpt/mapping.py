@@ -47,13 +47,13 @@ def _qkv_rule(mcore: str, param: str, family: ModelFamily, dims: ModelDims, laye
         return TensorRule(
             mcore, (family.hf_name("layers_self_attention_linear_qkv_pack", param, layer),), "column",
             to_mcore=lambda p: T.merge_qkv(*T.unpack_hf_qkv(p[0], nh, ng, d), ng),
-            to_hf=lambda full: [T.pack_hf_qkv(*T.split_qkv(full, nh, ng, d))],
+            to_hf=lambda full: [T.pack_hf_qkv(*T.split_qkv_rows(full, nh, ng, d))],
         )
     names = tuple(family.hf_name(f"layers_self_attention_linear_{x}_proj", param, layer) for x in "qkv")
     return TensorRule(
         mcore, names, "column",
         to_mcore=lambda p: T.merge_qkv(p[0], p[1], p[2], ng),
-        to_hf=lambda full: list(T.split_qkv(full, nh, ng, d)),
+        to_hf=lambda full: list(T.split_qkv_rows(full, nh, ng, d)),
     )
 
 

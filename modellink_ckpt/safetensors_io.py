@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from modellink_ckpt.errors import ConvertError
-from modellink_ckpt.hashed_file import HashedFile
+from modellink_ckpt.hashed_file import HashedFile, tensor_bytes
+from modellink_ckpt.transforms import Rows
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -95,28 +96,43 @@ class SafetensorsFile:
         return raw.view(dtype).reshape(shape)
 
 
-def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor],
-                      metadata: dict | None = None) -> tuple[int, int, str]:
-    """Write `tensors` (in the given order) to `path`; returns (tensor bytes, file bytes, sha256)."""
-    header: dict = {"__metadata__": metadata} if metadata else {}
-    offset = 0
-    prepared = []
-    for name, tensor in tensors.items():
-        tensor = tensor.detach().contiguous()
-        header[name] = {"dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
-                        "data_offsets": [offset, offset + tensor.nbytes]}
-        offset += tensor.nbytes
-        prepared.append(tensor)
-    header_bytes = json.dumps(header, separators=(",", ":")).encode()
-    header_bytes += b" " * (-len(header_bytes) % 8)  # the format allows space padding; keeps data aligned
-    out = HashedFile(path)
-    try:
-        out.write(struct.pack("<Q", len(header_bytes)) + header_bytes)
-        for tensor in prepared:
-            if tensor.numel():
-                out.write(tensor.reshape(-1).view(torch.uint8).numpy())
-    except BaseException:
-        out.abort()
-        raise
-    size, sha = out.close()
-    return offset, size, sha
+class SafetensorsWriter:
+    """One safetensors file whose tensor list is known in advance, written as tensors arrive.
+
+    The header goes first, so the full list (name, shape, dtype) must be planned; tensors (or
+    `Rows`) are then streamed straight from the caller's memory, in the planned order.
+    """
+
+    def __init__(self, path: str | Path, entries: list[tuple[str, tuple[int, ...], torch.dtype]],
+                 metadata: dict | None = None):
+        header: dict = {"__metadata__": metadata} if metadata else {}
+        offset = 0
+        for name, shape, dtype in entries:
+            nbytes = torch.Size(shape).numel() * dtype.itemsize
+            header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        header_bytes = json.dumps(header, separators=(",", ":")).encode()
+        header_bytes += b" " * (-len(header_bytes) % 8)  # the format allows space padding; keeps data aligned
+        self.path, self.tensor_bytes = Path(path), offset
+        self._pending = list(reversed(entries))
+        self._file = HashedFile(self.path)
+        self._file.write(struct.pack("<Q", len(header_bytes)) + header_bytes)
+
+    @property
+    def complete(self) -> bool:
+        return not self._pending
+
+    def add(self, name: str, value) -> None:
+        expected_name, shape, dtype = self._pending.pop()
+        if (name, tuple(value.shape), value.dtype) != (expected_name, tuple(shape), dtype):
+            raise ConvertError(f"{self.path}: got {name} {list(value.shape)} {value.dtype}, planned "
+                               f"{expected_name} {list(shape)} {dtype} (mixed dtypes need --params-dtype)")
+        for piece in (value.pieces if isinstance(value, Rows) else [value]):
+            self._file.write(tensor_bytes(piece))
+
+    def close(self) -> tuple[int, str]:
+        """(file bytes, sha256)."""
+        return self._file.close()
+
+    def abort(self) -> None:
+        self._file.abort()

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from modellink_ckpt.hashed_file import HashedFile
+from modellink_ckpt.hashed_file import HashedFile, tensor_bytes
+from modellink_ckpt.transforms import Rows
 
 ALIGNMENT = 64
 _ZIP64_EXTRA_ID = 0x0001
@@ -95,9 +96,13 @@ class StreamingTorchWriter:
         self._file.write(data)
         self._offset = self._file.size
 
-    def _record(self, name: str, data) -> None:
+    def _record(self, name: str, data: bytes) -> None:
+        self._record_start(name, len(data))
+        self._write(data)
+
+    def _record_start(self, name: str, size: int) -> None:
+        """The local header of a stored zip entry of `size` bytes; its data must follow."""
         name_bytes = f"{self._archive}/{name}".encode()
-        size = memoryview(data).nbytes
         zip64 = struct.pack("<HHQQ", _ZIP64_EXTRA_ID, 16, size, size)
         header_len = 30 + len(name_bytes) + len(zip64) + 4
         padding = (-(self._offset + header_len)) % ALIGNMENT
@@ -106,7 +111,6 @@ class StreamingTorchWriter:
                              len(name_bytes), len(extra))
         self._entries.append((name_bytes, self._offset, size))
         self._write(header + name_bytes + extra)
-        self._write(data)
 
     def _central_directory(self) -> None:
         start = self._offset
@@ -126,19 +130,16 @@ class StreamingTorchWriter:
 
     # ---- public ------------------------------------------------------------------------------
 
-    def add_tensor(self, tensor: torch.Tensor) -> TensorRef:
-        tensor = tensor.detach()
-        if tensor.device.type != "cpu":
-            tensor = tensor.cpu()
-        if not tensor.is_contiguous():
-            tensor = tensor.contiguous()
+    def add_tensor(self, value) -> TensorRef:
+        """Write a tensor (or `Rows`, piece by piece) now; returns what to pickle in its place."""
         key = str(self._count)
         self._count += 1
-        raw = tensor.reshape(-1).view(torch.uint8) if tensor.numel() else torch.empty(0, dtype=torch.uint8)
-        self._record(f"data/{key}", raw.numpy())
-        self.bytes_written += tensor.nbytes
-        return TensorRef(_StorageRef(key, _storage_type(tensor.dtype), tensor.numel()), tuple(tensor.shape),
-                         tensor.dtype)
+        numel = value.shape.numel()
+        self._record_start(f"data/{key}", numel * value.dtype.itemsize)
+        for piece in (value.pieces if isinstance(value, Rows) else [value]):
+            self._write(tensor_bytes(piece))
+        self.bytes_written += numel * value.dtype.itemsize
+        return TensorRef(_StorageRef(key, _storage_type(value.dtype), numel), tuple(value.shape), value.dtype)
 
     def close(self, obj) -> None:
         buffer = io.BytesIO()

@@ -9,93 +9,166 @@ from __future__ import annotations
 import torch
 
 
+class Rows:
+    """A tensor given as pieces stacked along dim 0, so it can be written without being copied
+    together: the TP shard `[G_r; U_r]`, a padded vocabulary, HF q rows gathered from groups.
+    Pieces may be views with strided rows (a dim-1 slice); each row is contiguous."""
+
+    def __init__(self, pieces):
+        self.pieces = [p for p in pieces if p.shape[0]] or list(pieces[:1])
+        first = self.pieces[0]
+        self.shape = torch.Size((sum(p.shape[0] for p in self.pieces), *first.shape[1:]))
+        self.dtype = first.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.pieces)
+
+    def is_floating_point(self) -> bool:
+        return self.dtype.is_floating_point
+
+    def rows(self, start: int, stop: int) -> "Rows":
+        taken, offset = [], 0
+        for piece in self.pieces:
+            lo, hi = max(start - offset, 0), min(stop - offset, piece.shape[0])
+            if lo < hi:
+                taken.append(piece[lo:hi])
+            offset += piece.shape[0]
+        return Rows(taken or [self.pieces[0][:0]])
+
+    def chunk(self, n: int) -> list["Rows"]:
+        step = self.shape[0] // n
+        return [self.rows(i * step, (i + 1) * step) for i in range(n)]
+
+    def to(self, dtype: torch.dtype) -> "Rows":
+        return Rows([p.to(dtype) for p in self.pieces])
+
+    def materialize(self) -> torch.Tensor:
+        return torch.cat(self.pieces, dim=0) if len(self.pieces) > 1 else self.pieces[0]
+
+
+def as_tensor(value) -> torch.Tensor:
+    return value.materialize() if isinstance(value, Rows) else value
+
+
+def _into(out: torch.Tensor | None, tensor: torch.Tensor) -> torch.Tensor:
+    if out is None:
+        return tensor
+    return out.copy_(tensor)
+
+
 # ---- fused QKV: HF q/k/v <-> Megatron's per-group order --------------------------------------
 
-def merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_query_groups: int) -> torch.Tensor:
+def merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_query_groups: int,
+              out: torch.Tensor | None = None) -> torch.Tensor:
     """[q; k; v] (HF, each contiguous) -> rows grouped per query group: [q_g..., k_g, v_g] for each g."""
     ng = num_query_groups
     tail = q.shape[1:]
-    q_g = q.reshape(ng, -1, *tail)
-    k_g = k.reshape(ng, -1, *tail)
-    v_g = v.reshape(ng, -1, *tail)
-    return torch.cat([q_g, k_g, v_g], dim=1).reshape(-1, *tail)
+    parts = [q.reshape(ng, -1, *tail), k.reshape(ng, -1, *tail), v.reshape(ng, -1, *tail)]
+    rows = sum(p.shape[1] for p in parts)
+    if out is not None:
+        torch.cat(parts, dim=1, out=out.view(ng, rows, *tail))
+        return out
+    return torch.cat(parts, dim=1).reshape(-1, *tail)
+
+
+def split_qkv_rows(qkv: torch.Tensor, num_heads: int, num_query_groups: int, head_dim: int):
+    """Inverse of `merge_qkv`, as row pieces of `qkv` (no copy): (q, k, v) in HF order."""
+    ng, d = num_query_groups, head_dim
+    q_rows = num_heads // ng * d
+    step = q_rows + 2 * d
+    starts = [g * step for g in range(ng)]
+    return (Rows([qkv[s:s + q_rows] for s in starts]),
+            Rows([qkv[s + q_rows:s + q_rows + d] for s in starts]),
+            Rows([qkv[s + q_rows + d:s + step] for s in starts]))
 
 
 def split_qkv(qkv: torch.Tensor, num_heads: int, num_query_groups: int, head_dim: int):
     """Inverse of `merge_qkv`: grouped rows -> (q, k, v) in HF order."""
-    ng, d = num_query_groups, head_dim
-    q_rows = num_heads // ng * d
-    tail = qkv.shape[1:]
-    grouped = qkv.reshape(ng, q_rows + 2 * d, *tail)
-    q, k, v = torch.split(grouped, [q_rows, d, d], dim=1)
-    return q.reshape(-1, *tail), k.reshape(-1, *tail), v.reshape(-1, *tail)
+    return tuple(part.materialize() for part in split_qkv_rows(qkv, num_heads, num_query_groups, head_dim))
 
 
 def unpack_hf_qkv(packed: torch.Tensor, num_heads: int, num_query_groups: int, head_dim: int):
-    """An HF-fused `[all Q; all K; all V]` projection (Phi-3 `qkv_proj`) -> (q, k, v)."""
+    """An HF-fused `[all Q; all K; all V]` projection (Phi-3 `qkv_proj`) -> (q, k, v) views."""
     q_rows, kv_rows = num_heads * head_dim, num_query_groups * head_dim
     return torch.split(packed, [q_rows, kv_rows, kv_rows], dim=0)
 
 
-def pack_hf_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Inverse of `unpack_hf_qkv`."""
-    return torch.cat([q, k, v], dim=0)
+def pack_hf_qkv(q, k, v) -> Rows:
+    """Inverse of `unpack_hf_qkv` (q, k, v may be tensors or Rows)."""
+    pieces = []
+    for part in (q, k, v):
+        pieces += part.pieces if isinstance(part, Rows) else [part]
+    return Rows(pieces)
 
 
 # ---- gated MLP: gate/up <-> linear_fc1 ------------------------------------------------------
 
-def merge_gate_up(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return torch.cat([gate, up], dim=0)
+def merge_gate_up(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.cat([gate, up], dim=0, out=out) if out is not None else torch.cat([gate, up], dim=0)
 
 
 def split_gate_up(fc1: torch.Tensor):
-    """Inverse of `merge_gate_up`."""
+    """Inverse of `merge_gate_up` (views, no copy)."""
     gate, up = torch.chunk(fc1, 2, dim=0)
     return gate, up
 
 
 # ---- tensor parallel splits (one pair per parallel kind) ------------------------------------
+# Splits return views or Rows (nothing is copied; writers take both); merges take `out` so the
+# result can land straight in the memory that travels to the saver.
 
-def split_column(full: torch.Tensor, tp: int) -> list[torch.Tensor]:
-    """Column-parallel: equal contiguous chunks of dim 0 (views, no copy)."""
-    return list(torch.chunk(full, tp, dim=0))
+def split_column(full, tp: int) -> list:
+    """Column-parallel: equal contiguous chunks of dim 0."""
+    return full.chunk(tp) if isinstance(full, Rows) else list(torch.chunk(full, tp, dim=0))
 
 
-def merge_column(shards: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat(shards, dim=0) if len(shards) > 1 else shards[0]
+def merge_column(shards, out: torch.Tensor | None = None) -> torch.Tensor:
+    shards = [as_tensor(s) for s in shards]
+    if len(shards) == 1:
+        return _into(out, shards[0])
+    return torch.cat(shards, dim=0, out=out) if out is not None else torch.cat(shards, dim=0)
 
 
 def split_row(full: torch.Tensor, tp: int) -> list[torch.Tensor]:
-    """Row-parallel: equal chunks of dim 1."""
+    """Row-parallel: equal chunks of dim 1 (strided views whose rows are contiguous)."""
     return list(torch.chunk(full, tp, dim=1))
 
 
-def merge_row(shards: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat(shards, dim=1) if len(shards) > 1 else shards[0]
+def merge_row(shards, out: torch.Tensor | None = None) -> torch.Tensor:
+    if len(shards) == 1:
+        return _into(out, shards[0])
+    return torch.cat(shards, dim=1, out=out) if out is not None else torch.cat(shards, dim=1)
 
 
-def split_gated_column(fc1: torch.Tensor, tp: int) -> list[torch.Tensor]:
+def split_gated_column(fc1: torch.Tensor, tp: int) -> list:
     """Gated column-parallel `[G; U]`: rank r holds `[G_r; U_r]`, not the r-th chunk of `[G; U]`."""
     if tp == 1:
         return [fc1]
     gate, up = split_gate_up(fc1)
-    return [torch.cat([g, u], dim=0) for g, u in zip(split_column(gate, tp), split_column(up, tp))]
+    return [Rows([g, u]) for g, u in zip(split_column(gate, tp), split_column(up, tp))]
 
 
-def merge_gated_column(shards: list[torch.Tensor]) -> torch.Tensor:
+def merge_gated_column(shards, out: torch.Tensor | None = None) -> torch.Tensor:
     """Inverse of `split_gated_column`: un-interleave `[G_0; U_0; G_1; U_1; ...]`."""
+    shards = [as_tensor(s) for s in shards]
     if len(shards) == 1:
-        return shards[0]
+        return _into(out, shards[0])
     pairs = [split_gate_up(shard) for shard in shards]
-    return merge_gate_up(torch.cat([g for g, _ in pairs]), torch.cat([u for _, u in pairs]))
+    if out is None:
+        out = torch.empty((sum(s.shape[0] for s in shards), *shards[0].shape[1:]), dtype=shards[0].dtype)
+    gate_out, up_out = split_gate_up(out)
+    torch.cat([g for g, _ in pairs], dim=0, out=gate_out)
+    torch.cat([u for _, u in pairs], dim=0, out=up_out)
+    return out
 
 
-def replicate(full: torch.Tensor, tp: int) -> list[torch.Tensor]:
+def replicate(full, tp: int) -> list:
     return [full] * tp
 
 
-def merge_replicated(shards: list[torch.Tensor]) -> torch.Tensor:
-    return shards[0]
+def merge_replicated(shards, out: torch.Tensor | None = None) -> torch.Tensor:
+    return _into(out, as_tensor(shards[0]))
 
 
 TP_SPLIT = {
@@ -113,14 +186,14 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
-def pad_vocab(table: torch.Tensor, padded_rows: int) -> torch.Tensor:
+def pad_vocab(table: torch.Tensor, padded_rows: int):
     """Append zero rows up to `padded_rows` (only the first `vocab_size` logits are ever used)."""
     extra = padded_rows - table.shape[0]
     if extra < 0:
         raise ValueError(f"cannot pad a {table.shape[0]}-row table down to {padded_rows} rows")
     if extra == 0:
         return table
-    return torch.cat([table, table.new_zeros((extra, *table.shape[1:]))], dim=0)
+    return Rows([table, table.new_zeros((extra, *table.shape[1:]))])
 
 
 def unpad_vocab(table: torch.Tensor, vocab_size: int) -> torch.Tensor:

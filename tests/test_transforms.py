@@ -24,7 +24,7 @@ def test_qkv_merge_groups_heads_and_splits_back(nh, ng, d, bias):
 
 def test_hf_packed_qkv_round_trip():
     q, k, v = torch.randn(32, 5), torch.randn(8, 5), torch.randn(8, 5)
-    packed = T.pack_hf_qkv(q, k, v)
+    packed = T.as_tensor(T.pack_hf_qkv(q, k, v))
     assert all(torch.equal(a, b) for a, b in zip(T.unpack_hf_qkv(packed, 8, 2, 4), (q, k, v)))
 
 
@@ -34,7 +34,7 @@ def test_gated_column_split_puts_gate_and_up_chunks_on_each_rank(tp):
     fc1 = T.merge_gate_up(gate, up)
     shards = T.split_gated_column(fc1, tp)
     for r, shard in enumerate(shards):
-        g, u = torch.chunk(shard, 2)
+        g, u = torch.chunk(T.as_tensor(shard), 2)
         assert torch.equal(g, gate.chunk(tp)[r]) and torch.equal(u, up.chunk(tp)[r])
     assert torch.equal(T.merge_gated_column(shards), fc1)
 
@@ -51,6 +51,26 @@ def test_tp_split_and_merge_are_inverse(kind, tp):
 
 def test_vocab_padding_round_trip():
     table = torch.randn(503, 4)
-    padded = T.pad_vocab(table, T.padded_vocab_size(503, 128, 2))
+    padded = T.as_tensor(T.pad_vocab(table, T.padded_vocab_size(503, 128, 2)))
     assert padded.shape == (512, 4) and torch.all(padded[503:] == 0)
     assert torch.equal(T.unpad_vocab(padded, 503), table)
+
+
+def test_rows_slice_across_pieces_like_the_concatenated_tensor():
+    pieces = [torch.randn(3, 4), torch.randn(5, 4), torch.randn(0, 4), torch.randn(4, 4)]
+    rows, full = T.Rows(pieces), torch.cat(pieces)
+    assert rows.shape == full.shape and rows.nbytes == full.nbytes
+    for start, stop in [(0, 12), (2, 7), (3, 8), (7, 12), (5, 5)]:
+        assert torch.equal(T.as_tensor(rows.rows(start, stop)), full[start:stop])
+    assert all(torch.equal(T.as_tensor(c), f) for c, f in zip(rows.chunk(4), full.chunk(4)))
+
+
+@pytest.mark.parametrize("kind", ["column", "row", "gated_column", "replicated"])
+def test_merges_can_write_into_given_memory(kind):
+    split, merge = T.TP_SPLIT[kind]
+    full = torch.randn(8, 6)
+    out = torch.empty_like(full)
+    assert merge(split(full, 2), out=out) is out and torch.equal(out, full)
+    q, k, v = torch.randn(16, 6), torch.randn(4, 6), torch.randn(4, 6)
+    fused = torch.empty(24, 6)
+    assert T.merge_qkv(q, k, v, 2, out=fused) is fused and torch.equal(fused, T.merge_qkv(q, k, v, 2))

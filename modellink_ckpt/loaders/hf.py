@@ -133,7 +133,7 @@ def load(plan, sender) -> dict:
     """Stream the HF checkpoint in `plan.load_dir` as whole Megatron tensors."""
     source = HfSource(plan.load_dir)
     family, dims = plan.family, plan.dims
-    sender.send("meta", dims=dims.to_dict(), source="hf", hf_config=source.config)
+    sender.send("meta", dims=dims.to_dict(), source="hf", hf_config=source.config, dtype=source.dtype())
     sender.send("embeddings", _gather(source, mapping.embedding_rules(family), dims))
     for layer in range(dims.num_layers):
         sender.send("layer", _gather(source, mapping.layer_rules(family, dims, layer), dims), layer=layer)

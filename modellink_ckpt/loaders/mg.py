@@ -134,10 +134,9 @@ def load(plan, sender) -> dict:
     """Stream a Megatron checkpoint as whole (TP-merged, unpadded) Megatron tensors."""
     source = MegatronSource(plan.load_dir)
     family, dims, layout = plan.family, plan.dims, plan.source_layout
-    sender.send("meta", dims=dims.to_dict(), source="mg")
-
     first_pp, first_chunk = layout.first_stage
     embedding = source.take(layout, first_pp, first_chunk, mapping.EMBEDDING, "vocab")
+    sender.send("meta", dims=dims.to_dict(), source="mg", dtype=embedding.dtype)
     sender.send("embeddings", {mapping.EMBEDDING: _unpad(embedding, dims, source, mapping.EMBEDDING)})
 
     last_pp, last_chunk = layout.last_stage

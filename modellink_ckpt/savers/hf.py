@@ -1,15 +1,14 @@
 """Saver for Hugging Face output: safetensors shards, their index, config.json and tokenizer files.
 
-Written to `<save-dir>/mg2hf/`, where MindSpeed-LLM users look for it. Tensors are gathered
-into shards of at most `--max-shard-size` (a shard is the most memory this saver holds), named
-`model-0000k-of-0000n.safetensors` once the count is known, and the folder is published only
-when complete.
+Written to `<save-dir>/mg2hf/`, where MindSpeed-LLM users look for it. The shards are planned
+before the first tensor arrives (every tensor's name and shape follow from the model sizes), so
+each tensor is written into its shard as soon as it arrives and nothing is held back; the folder
+is published only when complete.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -19,49 +18,76 @@ from tqdm import tqdm
 
 from modellink_ckpt import mapping
 from modellink_ckpt.model_cfg import hf_config_from_dims
-from modellink_ckpt.safetensors_io import write_safetensors
+from modellink_ckpt.safetensors_io import SafetensorsWriter
 from modellink_ckpt.staging import StagedDir
 
 HF_SUBDIR = "mg2hf"
+INDEX = "model.safetensors.index.json"
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
-class ShardWriter:
-    """Collects tensors into shards of at most `max_bytes` and writes each when full."""
+def hf_tensors(plan, dtype: torch.dtype) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """Every HF tensor the saver will write, in arrival order (from the model sizes alone)."""
+    family, dims = plan.family, plan.dims
+    entries = []
+    for kind, layer, tensors in mapping.model_messages(family, dims, dtype):
+        for rule in mapping.message_rules(kind, family, dims, layer):
+            for name, part in zip(rule.hf, rule.to_hf(tensors[rule.mcore])):
+                entries.append((name, tuple(part.shape), dtype))
+    return entries
 
-    def __init__(self, folder: Path, max_bytes: int):
-        self.folder, self.max_bytes = folder, max_bytes
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
-        self._shards: list[tuple[Path, list[str]]] = []
+
+def plan_shards(entries, max_bytes: int) -> list[list[tuple[str, tuple[int, ...], torch.dtype]]]:
+    """Consecutive groups of at most `max_bytes` (a larger tensor gets a shard of its own)."""
+    shards, size = [[]], 0
+    for entry in entries:
+        nbytes = torch.Size(entry[1]).numel() * entry[2].itemsize
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += nbytes
+    return shards
+
+
+def shard_names(count: int) -> list[str]:
+    if count == 1:
+        return ["model.safetensors"]
+    return [f"model-{k:05d}-of-{count:05d}.safetensors" for k in range(1, count + 1)]
+
+
+class ShardedOutput:
+    """The planned shards, opened one after the other as the tensors arrive."""
+
+    def __init__(self, folder: Path, shards):
+        self.folder, self._shards = folder, shards
+        self.names = shard_names(len(shards))
+        self._current: SafetensorsWriter | None = None
+        self._index = 0
+        self.files: dict[str, tuple[int, str]] = {}
         self.total_bytes = 0
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        if self._pending and self._pending_bytes + tensor.nbytes > self.max_bytes:
-            self._flush()
-        self._pending[name] = tensor
-        self._pending_bytes += tensor.nbytes
+    def add(self, name: str, value) -> None:
+        if self._current is None:
+            self._current = SafetensorsWriter(self.folder / self.names[self._index], self._shards[self._index],
+                                              metadata={"format": "pt"})
+        self._current.add(name, value)
+        if self._current.complete:
+            self.files[self.names[self._index]] = self._current.close()
+            self.total_bytes += self._current.tensor_bytes
+            self._current, self._index = None, self._index + 1
 
-    def _flush(self) -> None:
-        path = self.folder / f".shard-{len(self._shards) + 1:05d}.safetensors"
-        self.total_bytes += write_safetensors(path, self._pending, metadata={"format": "pt"})[0]
-        self._shards.append((path, list(self._pending)))
-        self._pending, self._pending_bytes = {}, 0
-
-    def finish(self) -> list[str]:
-        if self._pending or not self._shards:
-            self._flush()
-        count = len(self._shards)
-        weight_map, names = {}, []
-        for index, (path, tensor_names) in enumerate(self._shards, start=1):
-            name = "model.safetensors" if count == 1 else f"model-{index:05d}-of-{count:05d}.safetensors"
-            os.replace(path, self.folder / name)
-            names.append(name)
-            weight_map.update({tensor: name for tensor in tensor_names})
-        if count > 1:
+    def finish(self) -> None:
+        if self._index != len(self._shards):
+            raise RuntimeError(f"only {self._index} of {len(self._shards)} planned shards were completed")
+        if len(self._shards) > 1:
+            weight_map = {entry[0]: name for name, shard in zip(self.names, self._shards) for entry in shard}
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
-            (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        return names
+            (self.folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+    def abort(self) -> None:
+        if self._current is not None:
+            self._current.abort()
 
 
 def _hf_config(plan, meta, dtype: torch.dtype) -> dict:
@@ -99,35 +125,30 @@ def save(plan, receiver) -> dict:
     dims, family = plan.dims, plan.family
     messages = iter(receiver)
     meta = next(messages)
+    dtype = plan.params_dtype or meta["dtype"]
     staging = StagedDir(plan.save_dir / HF_SUBDIR, overwrite=plan.overwrite)
-    shards = ShardWriter(staging.path, plan.max_shard_bytes)
-    written_dtype: list[torch.dtype] = []
-
-    def add(rules, tensors: dict[str, torch.Tensor]) -> None:
-        for rule in rules:  # rules and tensors both follow mapping.message_rules
-            full = tensors[rule.mcore]
-            if plan.params_dtype is not None and full.is_floating_point():
-                full = full.to(plan.params_dtype)
-            if not written_dtype and full.is_floating_point():
-                written_dtype.append(full.dtype)
-            for name, part in zip(rule.hf, rule.to_hf(full)):
-                shards.add(name, part.contiguous())
-
+    output = ShardedOutput(staging.path, plan_shards(hf_tensors(plan, dtype), plan.max_shard_bytes))
     progress = tqdm(total=dims.num_layers, desc="saving layers", unit="layer", disable=plan.quiet)
     try:
         for message in messages:
-            add(mapping.message_rules(message.kind, family, dims, message.get("layer")), message.tensors)
+            for rule in mapping.message_rules(message.kind, family, dims, message.get("layer")):
+                full = message.tensors[rule.mcore]
+                if plan.params_dtype is not None and full.is_floating_point():
+                    full = full.to(plan.params_dtype)
+                for name, part in zip(rule.hf, rule.to_hf(full)):
+                    output.add(name, part)
             if message.kind == "layer":
                 progress.update(1)
         progress.close()
-        files = shards.finish()
-        config = _hf_config(plan, meta, written_dtype[0] if written_dtype else torch.float32)
+        output.finish()
+        config = _hf_config(plan, meta, dtype)
         (staging.path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         tokenizer = _copy_tokenizer(plan, staging.path)
         target = staging.publish()
     except BaseException:
         progress.close()
+        output.abort()
         staging.discard()
         raise
-    return {"bytes": shards.total_bytes, "seconds": time.monotonic() - started, "target": str(target),
-            "files": len(files), "tokenizer_files": tokenizer}
+    return {"bytes": output.total_bytes, "seconds": time.monotonic() - started, "target": str(target),
+            "files": len(output.names), "tokenizer_files": tokenizer}
