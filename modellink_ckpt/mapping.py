@@ -25,13 +25,29 @@ OUTPUT_LAYER = "output_layer.weight"
 
 @dataclasses.dataclass(frozen=True)
 class TensorRule:
-    """One Megatron tensor (`mcore`, layer-relative for layers) and the HF tensors it comes from."""
+    """One Megatron tensor (`mcore`, layer-relative for layers) and the HF tensors it comes from.
+
+    `merge(parts, out)` builds it from the HF parts and `split(full)` gives them back (tensors or
+    `Rows`); a rule without them is a plain rename.
+    """
 
     mcore: str
     hf: tuple[str, ...]
     tp: str  # a key of transforms.TP_SPLIT, or "vocab"
-    to_mcore: Callable[[Tensors], torch.Tensor] = lambda parts: parts[0]
-    to_hf: Callable[[torch.Tensor], Tensors] = lambda full: [full]
+    merge: Callable[..., torch.Tensor] | None = None
+    split: Callable[[torch.Tensor], list] | None = None
+
+    @property
+    def is_rename(self) -> bool:
+        return self.merge is None
+
+    def to_mcore(self, parts: Tensors, out: torch.Tensor | None = None) -> torch.Tensor:
+        if self.merge is None:
+            return T.merge_replicated(parts, out=out)
+        return self.merge(parts, out=out)
+
+    def to_hf(self, full: torch.Tensor) -> list:
+        return [full] if self.split is None else self.split(full)
 
 
 def _rename(mcore: str, hf: str, tp: str) -> TensorRule:
@@ -46,14 +62,14 @@ def _qkv_rule(mcore: str, param: str, family: ModelFamily, dims: ModelDims, laye
     if qkv_type == "pack_gqa":  # HF-fused [Q; K; V]
         return TensorRule(
             mcore, (family.hf_name("layers_self_attention_linear_qkv_pack", param, layer),), "column",
-            to_mcore=lambda p: T.merge_qkv(*T.unpack_hf_qkv(p[0], nh, ng, d), ng),
-            to_hf=lambda full: [T.pack_hf_qkv(*T.split_qkv_rows(full, nh, ng, d))],
+            merge=lambda p, out=None: T.merge_qkv(*T.unpack_hf_qkv(p[0], nh, ng, d), ng, out=out),
+            split=lambda full: [T.pack_hf_qkv(*T.split_qkv_rows(full, nh, ng, d))],
         )
     names = tuple(family.hf_name(f"layers_self_attention_linear_{x}_proj", param, layer) for x in "qkv")
     return TensorRule(
         mcore, names, "column",
-        to_mcore=lambda p: T.merge_qkv(p[0], p[1], p[2], ng),
-        to_hf=lambda full: list(T.split_qkv_rows(full, nh, ng, d)),
+        merge=lambda p, out=None: T.merge_qkv(p[0], p[1], p[2], ng, out=out),
+        split=lambda full: list(T.split_qkv_rows(full, nh, ng, d)),
     )
 
 
@@ -62,8 +78,8 @@ def _fc1_rule(mcore: str, param: str, family: ModelFamily, dims: ModelDims, laye
     if family.fc_type == "gate_up_down":
         names = (family.hf_name("layers_mlp_gate_proj", param, layer), family.hf_name("layers_mlp_up_proj", param, layer))
         return TensorRule(mcore, names, tp_kind,
-                          to_mcore=lambda p: T.merge_gate_up(p[0], p[1]),
-                          to_hf=lambda full: list(T.split_gate_up(full)))
+                          merge=lambda p, out=None: T.merge_gate_up(p[0], p[1], out=out),
+                          split=lambda full: list(T.split_gate_up(full)))
     # "gate_up": HF already fuses [gate; up]; "h_to_4h": a plain (non-gated) up projection
     return _rename(mcore, family.hf_name("layers_mlp_linear_fc1", param, layer), tp_kind)
 

@@ -1,9 +1,9 @@
 """The loader and saver processes and the queue between them.
 
 The loader streams `meta`, `embeddings`, one `layer` message per model layer, `final_norm`,
-`output_layer` and `done`. Tensors travel through shared memory; the loader keeps at most
-`max_queue_size` messages and `max_queue_bytes` bytes in flight (the saver acknowledges each
-message), so memory stays bounded whatever the model size. If either process fails, the parent
+`output_layer` and `done`. Tensors travel in a few shared-memory arenas that the loader reuses
+once the saver acknowledges a message: at most `--max-queue-size` messages and
+`--max-queue-gb` bytes (but always two messages) are in flight, whatever the model size. If either process fails, the parent
 stops the other at once and reports the first error as one line.
 """
 
@@ -40,42 +40,87 @@ class Message(dict):
         return self.get("tensors", {})
 
 
-def _nbytes(message: Message) -> int:
-    return sum(t.nbytes for t in message.tensors.values())
+_ALIGN = 64
 
 
-def _shared(tensor: torch.Tensor) -> torch.Tensor:
-    """`tensor` in shared memory: as it is when read straight there, else one copy of its own bytes.
+class Arena:
+    """The memory of one message: a shared buffer carved into tensors, reused after the saver's ack.
 
-    (`share_memory_()` would move the whole storage, which for a view into a large buffer or a
-    memory-mapped file is far more than the tensor.)
+    Reusing a few buffers instead of allocating every tensor anew matters: freshly faulted-in
+    memory costs more than the copy into it. Both processes map each buffer once.
     """
-    if tensor.is_shared() and tensor.untyped_storage().nbytes() == tensor.nbytes:
-        return tensor
-    return shared_empty(tensor.nbytes).view(tensor.dtype).reshape(tensor.shape).copy_(tensor)
+
+    def __init__(self, index: int, buffer: torch.Tensor):
+        self.index, self.buffer, self.used = index, buffer, 0
+
+    def alloc(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        nbytes = torch.Size(shape).numel() * dtype.itemsize
+        start = -(-self.used // _ALIGN) * _ALIGN
+        if start + nbytes > self.buffer.numel():  # larger than planned (mixed dtypes): a one-off buffer
+            return shared_empty(nbytes).view(dtype).reshape(shape)
+        self.used = start + nbytes
+        return self.buffer[start:start + nbytes].view(dtype).reshape(shape)
+
+    def holds(self, tensor: torch.Tensor) -> bool:
+        return tensor.untyped_storage().data_ptr() == self.buffer.untyped_storage().data_ptr()
+
+
+def message_bytes(tensor_sizes) -> int:
+    """Arena bytes for a message whose tensors have these byte sizes (with alignment)."""
+    return sum(-(-n // _ALIGN) * _ALIGN for n in tensor_sizes)
 
 
 class Sender:
-    """The loader's end: blocks while too many bytes are in flight."""
+    """The loader's end. `arena()` gives the memory for the next message, blocking until the saver
+    has released one: at most `count` messages (and their bytes) are ever in flight."""
 
-    def __init__(self, queue, acks, max_bytes: int):
-        self._queue, self._acks, self._max_bytes = queue, acks, max_bytes
+    def __init__(self, queue, acks, max_messages: int, max_bytes: int):
+        self._queue, self._acks = queue, acks
+        self._max_messages, self._max_bytes = max_messages, max_bytes
+        self._buffers: list[torch.Tensor] = []
+        self._free: list[int] = []
         self._in_flight = 0
+        self._arena_bytes = 0
 
-    def send(self, kind: str, tensors: dict[str, torch.Tensor] | None = None, **info) -> None:
+    def plan(self, largest_message_bytes: int) -> None:
+        """Size the arenas once the loader knows its largest message."""
+        self._arena_bytes = max(largest_message_bytes, _ALIGN)
+        count = max(2, min(self._max_messages, self._max_bytes // self._arena_bytes))
+        self._free = list(range(count))
+        self._buffers = [None] * count
+
+    def arena(self) -> Arena:
+        if not self._buffers:
+            raise RuntimeError("Sender.plan() must be called before the first arena")
+        while not self._free:
+            self._release(self._acks.get())
+        index = self._free.pop(0)
+        if self._buffers[index] is None:
+            self._buffers[index] = shared_empty(self._arena_bytes)
+        return Arena(index, self._buffers[index])
+
+    def _release(self, index) -> None:
+        self._in_flight -= 1
+        if index is not None:
+            self._free.append(index)
+
+    def send(self, kind: str, tensors: dict[str, torch.Tensor] | None = None, arena: Arena | None = None,
+             **info) -> None:
         assert kind in MESSAGE_KINDS, kind
-        message = Message(kind=kind, tensors=tensors or {}, **info)
-        size = _nbytes(message)
-        while self._in_flight and self._in_flight + size > self._max_bytes:
-            self._in_flight -= self._acks.get()
-        message["tensors"] = {name: _shared(t) for name, t in message.tensors.items()}
+        tensors = dict(tensors or {})
+        if tensors:
+            arena = arena or self.arena()
+            for name, tensor in tensors.items():
+                if not arena.holds(tensor):  # a tensor made elsewhere: copy it into the message's memory
+                    tensors[name] = arena.alloc(tensor.shape, tensor.dtype).copy_(tensor)
+        message = Message(kind=kind, tensors=tensors, arena=arena.index if arena else None, **info)
         self._queue.put(message)
-        self._in_flight += size
+        self._in_flight += 1
         if kind == "done":
-            # Shared tensors travel as file descriptors that this process hands out on request:
+            # Shared memory travels as file descriptors that this process hands out on request:
             # stay alive until the saver has taken every message.
             while self._in_flight:
-                self._in_flight -= self._acks.get()
+                self._release(self._acks.get())
 
 
 class Receiver:
@@ -83,12 +128,16 @@ class Receiver:
 
     def __init__(self, queue, acks):
         self._queue, self._acks = queue, acks
+        self._mapped: dict[int, torch.UntypedStorage] = {}
 
     def __iter__(self) -> Iterator[Message]:
         while True:
             message = self._queue.get()
+            if message.get("arena") is not None and message.tensors:
+                # keep each arena mapped: the next message in it then costs no new mapping
+                self._mapped[message["arena"]] = next(iter(message.tensors.values())).untyped_storage()
             yield message
-            self._acks.put(_nbytes(message))
+            self._acks.put(message.get("arena"))
             if message.kind == "done":
                 return
 
@@ -169,9 +218,8 @@ def run(args, load: Callable, save: Callable, start_method: str = "forkserver") 
     ctx = _context(start_method)
     queue = ctx.Queue(maxsize=max(1, args.max_queue_size))
     acks, errors, results = ctx.Queue(), ctx.SimpleQueue(), ctx.SimpleQueue()
-    max_bytes = int(args.max_queue_gb * (1 << 30))
-    loader = ctx.Process(target=_run_child, name="loader",
-                         args=("loader", load, args, Sender(queue, acks, max_bytes), errors, results))
+    sender = Sender(queue, acks, max(1, args.max_queue_size), int(args.max_queue_gb * (1 << 30)))
+    loader = ctx.Process(target=_run_child, name="loader", args=("loader", load, args, sender, errors, results))
     saver = ctx.Process(target=_run_child, name="saver",
                         args=("saver", save, args, Receiver(queue, acks), errors, results))
     processes = [loader, saver]

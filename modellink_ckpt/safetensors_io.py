@@ -80,11 +80,19 @@ class SafetensorsFile:
     def keys(self):
         return self.entries.keys()
 
-    def read(self, name: str, shared: bool = True) -> torch.Tensor:
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.entries[name][1]
+
+    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Tensor `name`, read straight into `out` (contiguous, same dtype and size) if given."""
         dtype, shape, begin, end = self.entries[name]
         nbytes = end - begin
-        raw = shared_empty(nbytes) if shared else torch.empty(nbytes, dtype=torch.uint8)
-        view = memoryview(raw.numpy())
+        if out is None:
+            out = torch.empty(shape, dtype=dtype)
+        elif out.dtype != dtype or out.nbytes != nbytes or not out.is_contiguous():
+            raise ConvertError(f"{self.path}: '{name}' is {DTYPE_NAMES[dtype]} {list(shape)}, expected "
+                               f"{DTYPE_NAMES.get(out.dtype, out.dtype)} {list(out.shape)}")
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy()) if nbytes else memoryview(b"")
         done = 0
         with open(self.path, "rb", buffering=0) as f:
             f.seek(self._data_start + begin)
@@ -93,7 +101,7 @@ class SafetensorsFile:
                 if not count:
                     raise ConvertError(f"{self.path}: truncated while reading '{name}'")
                 done += count
-        return raw.view(dtype).reshape(shape)
+        return out.view(shape)
 
 
 class SafetensorsWriter:

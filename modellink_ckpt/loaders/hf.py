@@ -16,7 +16,7 @@ from modellink_ckpt import mapping
 from modellink_ckpt.errors import ConvertError, UsageError
 from modellink_ckpt.model_cfg import ModelDims, ModelFamily, dims_from_hf_config
 from modellink_ckpt.safe_pickle import load_torch
-from modellink_ckpt.safetensors_io import SafetensorsFile, shared_empty
+from modellink_ckpt.safetensors_io import SafetensorsFile
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "vocab.txt",
@@ -76,21 +76,35 @@ class HfSource:
                 self._open[file_name] = state
         return self._open[file_name]
 
-    def read(self, name: str) -> torch.Tensor:
+    def _locate(self, name: str):
         try:
             file_name = self.weight_map[name]
         except KeyError:
             raise ConvertError(f"{self.dir}: tensor '{name}' not found in the checkpoint") from None
         source = self._file(file_name)
-        if isinstance(source, SafetensorsFile):
-            if name not in source.entries:
-                raise ConvertError(f"{self.dir / file_name}: tensor '{name}' (listed in the index) is missing")
-            return source.read(name)
-        tensor = source.get(name)
-        if not isinstance(tensor, torch.Tensor):
+        present = name in source.entries if isinstance(source, SafetensorsFile) else isinstance(source.get(name), torch.Tensor)
+        if not present:
             raise ConvertError(f"{self.dir / file_name}: tensor '{name}' (listed in the index) is missing")
-        shared = shared_empty(tensor.nbytes).view(tensor.dtype).reshape(tensor.shape)
-        return shared.copy_(tensor)
+        return source
+
+    def shape_dtype(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        source = self._locate(name)
+        if isinstance(source, SafetensorsFile):
+            dtype, shape, _, _ = source.entries[name]
+            return shape, dtype
+        return tuple(source[name].shape), source[name].dtype
+
+    def copies(self, name: str) -> bool:
+        """Whether reading `name` copies bytes (safetensors) rather than viewing a mapped file."""
+        return isinstance(self._locate(name), SafetensorsFile)
+
+    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Tensor `name`; read straight into `out` when given (safetensors), else a view or a new tensor."""
+        source = self._locate(name)
+        if isinstance(source, SafetensorsFile):
+            return source.read(name, out)
+        tensor = source[name]  # memory-mapped from a torch file
+        return tensor if out is None else out.copy_(tensor)
 
     def hf_layer_count(self) -> int:
         indices = {int(m.group(1)) for m in (re.search(r"\.layers\.(\d+)\.", k) for k in self.weight_map) if m}
@@ -104,42 +118,53 @@ class HfSource:
         return dims
 
     def dtype(self) -> torch.dtype:
-        """The dtype the weights are stored in (of the first matrix found)."""
-        first = next(iter(self.weight_map))
-        source = self._file(self.weight_map[first])
-        if isinstance(source, SafetensorsFile):
-            return source.entries[first][0]
-        return source[first].dtype
+        """The dtype the weights are stored in (of the first tensor)."""
+        return self.shape_dtype(next(iter(self.weight_map)))[1]
 
     def tokenizer_files(self) -> list[Path]:
         return [self.dir / name for name in TOKENIZER_FILES if (self.dir / name).is_file()]
 
 
-def _gather(source: HfSource, rules: list[mapping.TensorRule], dims: ModelDims) -> dict[str, torch.Tensor]:
+def _gather(source: HfSource, rules: list[mapping.TensorRule], dims: ModelDims, arena, scratch) -> dict:
+    """The message tensors for `rules`, built in `arena` (parts that need merging go via `scratch`)."""
     tensors = {}
     for rule in rules:
-        parts = [source.read(name) for name in rule.hf]
+        expected = mapping.expected_shape(rule.mcore, dims)
+        shapes = [source.shape_dtype(name) for name in rule.hf]
+        described = ", ".join(f"{n} {list(shape)}" for n, (shape, _) in zip(rule.hf, shapes))
+        out = arena.alloc(expected, shapes[0][1])
+        scratch.used = 0
         try:
-            tensor = rule.to_mcore(parts)
+            if rule.is_rename:
+                if tuple(shapes[0][0]) != tuple(expected):
+                    raise RuntimeError("shape mismatch")
+                source.read(rule.hf[0], out)
+            else:
+                parts = [source.read(name, scratch.alloc(shape, dtype) if source.copies(name) else None)
+                         for name, (shape, dtype) in zip(rule.hf, shapes)]
+                rule.to_mcore(parts, out=out)
         except RuntimeError as exc:
-            shapes = ", ".join(f"{n} {list(p.shape)}" for n, p in zip(rule.hf, parts))
-            raise ConvertError(f"{source.dir}: cannot build {rule.mcore} from {shapes} ({exc})") from None
-        mapping.check_shape(rule.mcore, tensor, dims, where=f"{source.dir}: {', '.join(rule.hf)}")
-        tensors[rule.mcore] = tensor
+            raise ConvertError(f"{source.dir}: cannot build {rule.mcore} {list(expected)} from {described} "
+                               f"({str(exc).splitlines()[0]})") from None
+        tensors[rule.mcore] = out
     return tensors
 
 
 def load(plan, sender) -> dict:
     """Stream the HF checkpoint in `plan.load_dir` as whole Megatron tensors."""
+    from modellink_ckpt.pipeline import Arena, message_bytes
+
     source = HfSource(plan.load_dir)
     family, dims = plan.family, plan.dims
-    sender.send("meta", dims=dims.to_dict(), source="hf", hf_config=source.config, dtype=source.dtype())
-    sender.send("embeddings", _gather(source, mapping.embedding_rules(family), dims))
-    for layer in range(dims.num_layers):
-        sender.send("layer", _gather(source, mapping.layer_rules(family, dims, layer), dims), layer=layer)
-    sender.send("final_norm", _gather(source, mapping.final_norm_rules(family), dims))
-    output = mapping.output_rules(family, dims)
-    if output:
-        sender.send("output_layer", _gather(source, output, dims))
+    dtype = source.dtype()
+    messages = list(mapping.model_messages(family, dims, dtype))
+    largest = max(message_bytes(t.nbytes for t in tensors.values()) for _, _, tensors in messages)
+    sender.plan(largest)
+    scratch = Arena(-1, torch.empty(largest, dtype=torch.uint8))  # private, reused for parts to merge
+    sender.send("meta", dims=dims.to_dict(), source="hf", hf_config=source.config, dtype=dtype)
+    for kind, layer, _ in messages:
+        arena = sender.arena()
+        tensors = _gather(source, mapping.message_rules(kind, family, dims, layer), dims, arena, scratch)
+        sender.send(kind, tensors, arena, layer=layer)
     sender.send("done")
     return {}

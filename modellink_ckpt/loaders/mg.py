@@ -92,7 +92,7 @@ class MegatronSource:
                                    f"({len(entry['unused'])} in all) that the model config does not explain")
 
     def take(self, layout: ParallelLayout, pp_rank: int, vchunk: int, name: str, tp_kind: str,
-             ep_rank: int = 0, required: bool = True) -> torch.Tensor | None:
+             ep_rank: int = 0, required: bool = True, out=None) -> torch.Tensor | None:
         """The whole tensor `name` (any spelling) merged over the TP ranks of one stage/chunk."""
         model_key = layout.model_key(vchunk)
         shards = []
@@ -101,12 +101,7 @@ class MegatronSource:
             state = entry["models"].get(model_key)
             if state is None:
                 raise ConvertError(f"{entry['path']}: no '{model_key}' entry (VPP chunk {vchunk})")
-            candidates = [name]
-            if name.startswith("decoder.layers."):  # accept the Transformer Engine spelling too
-                index, _, rest = name[len("decoder.layers."):].partition(".")
-                if rest in mapping.TE_NAMES:
-                    candidates.append(f"decoder.layers.{index}.{mapping.TE_NAMES[rest]}")
-            found = next((c for c in candidates if c in state), None)
+            found = next((c for c in self._spellings(name) if c in state), None)
             if found is None:
                 if not required:
                     return None
@@ -115,36 +110,74 @@ class MegatronSource:
             shards.append(state[found])
         split_kind = "column" if tp_kind == "vocab" else tp_kind
         try:
-            return T.TP_SPLIT[split_kind][1](shards)
+            if out is not None and out.shape != _merged_shape(shards, split_kind):
+                raise RuntimeError(f"TP shards {[list(s.shape) for s in shards]} do not form {list(out.shape)}")
+            return T.TP_SPLIT[split_kind][1](shards, out=out)
         except RuntimeError as exc:
-            raise ConvertError(f"{self.iter_dir}: cannot merge '{name}' over TP ({exc})") from None
+            raise ConvertError(f"{self.iter_dir}: cannot merge '{name}' over TP ({str(exc).splitlines()[0]})") from None
+
+    def dtype_of(self, layout: ParallelLayout, pp_rank: int, vchunk: int, name: str) -> torch.dtype:
+        """The stored dtype of `name` (either spelling), from TP rank 0's file."""
+        state = self.rank_state(layout, 0, pp_rank)["models"].get(layout.model_key(vchunk), {})
+        for candidate in self._spellings(name):
+            if candidate in state:
+                return state[candidate].dtype
+        return torch.float32  # missing: take() reports it with the file's name
+
+    @staticmethod
+    def _spellings(name: str) -> list[str]:
+        candidates = [name]
+        if name.startswith("decoder.layers."):  # accept the Transformer Engine spelling too
+            index, _, rest = name[len("decoder.layers."):].partition(".")
+            if rest in mapping.TE_NAMES:
+                candidates.append(f"decoder.layers.{index}.{mapping.TE_NAMES[rest]}")
+        return candidates
 
 
-def _layer_tensors(source, layout, family, dims, hf_layer, slot) -> dict[str, torch.Tensor]:
+def _merged_shape(shards, kind: str) -> torch.Size:
+    first = shards[0].shape
+    if kind in ("column", "gated_column"):
+        return torch.Size((sum(s.shape[0] for s in shards), *first[1:]))
+    if kind == "row":
+        return torch.Size((first[0], sum(s.shape[1] for s in shards), *first[2:]))
+    return first
+
+
+def _layer_tensors(source, layout, family, dims, hf_layer, slot, arena) -> dict[str, torch.Tensor]:
     tensors = {}
     for rule in mapping.layer_rules(family, dims, hf_layer):
         name = f"decoder.layers.{slot.local_layer}.{rule.mcore}"
-        tensor = source.take(layout, slot.pp_rank, slot.vchunk, name, rule.tp)
-        mapping.check_shape(rule.mcore, tensor, dims, where=f"{source.iter_dir}: layer {slot.mg_layer}")
-        tensors[rule.mcore] = tensor
+        where = f"{source.iter_dir}: layer {slot.mg_layer} ({name})"
+        dtype = source.dtype_of(layout, slot.pp_rank, slot.vchunk, name)
+        out = arena.alloc(mapping.expected_shape(rule.mcore, dims), dtype)
+        try:
+            tensors[rule.mcore] = source.take(layout, slot.pp_rank, slot.vchunk, name, rule.tp, out=out)
+        except ConvertError as exc:
+            raise ConvertError(f"{where}: {exc}") from None
     return tensors
 
 
 def load(plan, sender) -> dict:
     """Stream a Megatron checkpoint as whole (TP-merged, unpadded) Megatron tensors."""
+    from modellink_ckpt.pipeline import message_bytes
+
     source = MegatronSource(plan.load_dir)
     family, dims, layout = plan.family, plan.dims, plan.source_layout
     first_pp, first_chunk = layout.first_stage
-    embedding = source.take(layout, first_pp, first_chunk, mapping.EMBEDDING, "vocab")
-    sender.send("meta", dims=dims.to_dict(), source="mg", dtype=embedding.dtype)
-    sender.send("embeddings", {mapping.EMBEDDING: _unpad(embedding, dims, source, mapping.EMBEDDING)})
-
     last_pp, last_chunk = layout.last_stage
+    dtype = source.dtype_of(layout, first_pp, first_chunk, mapping.EMBEDDING)
+    sender.plan(max(message_bytes(t.nbytes for t in tensors.values())
+                    for _, _, tensors in mapping.model_messages(family, dims, dtype)))
+    sender.send("meta", dims=dims.to_dict(), source="mg", dtype=dtype)
+
+    embedding = source.take(layout, first_pp, first_chunk, mapping.EMBEDDING, "vocab")
+    sender.send("embeddings", {mapping.EMBEDDING: _unpad(embedding, dims, source, mapping.EMBEDDING)})
     for slot in layout.slots():
         if slot.hf_layer is None:
             continue
-        tensors = _layer_tensors(source, layout, family, dims, slot.hf_layer, slot)
-        sender.send("layer", tensors, layer=slot.hf_layer)
+        arena = sender.arena()
+        tensors = _layer_tensors(source, layout, family, dims, slot.hf_layer, slot, arena)
+        sender.send("layer", tensors, arena, layer=slot.hf_layer)
         if layout.vpp_layers is None and slot.hf_layer == layout.last_hf_layer_of_stage(slot.pp_rank) \
                 and slot.pp_rank != last_pp:
             source.release(layout, slot.pp_rank)
