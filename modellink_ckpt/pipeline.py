@@ -10,6 +10,7 @@ stops the other at once and reports the first error as one line.
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import resource
 import signal
@@ -158,7 +159,12 @@ def _run_child(role: str, work: Callable, args, channel, errors, results) -> Non
     _die_with_parent()
     # Being stopped by the parent raises SystemExit here, so the saver's cleanup still runs.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; Ctrl-C reaches it too
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Two processes share the machine with the saver's hashing thread: torch's own thread pool
+    # would only spin against them (measured: slower, not faster). Tensors are long-lived and
+    # few, so the cyclic garbage collector only costs time.
+    torch.set_num_threads(1)
+    gc.disable()  # the parent decides; Ctrl-C reaches it too
     try:
         outcome = work(args, channel) or {}
         outcome["peak_rss"] = _peak_rss_bytes()
