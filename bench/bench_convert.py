@@ -359,9 +359,14 @@ class TreeSampler(threading.Thread):
         self.join()
 
 
-def measure(cmd: list[str], log_dir: Path, interval: float) -> dict:
+def measure(cmd: list[str], log_dir: Path, interval: float, settle: float = 0.0) -> dict:
     """Run `cmd`, sampling its process tree; returns rc, wall seconds, peaks and the output tail."""
     os.sync()  # the previous step's dirty pages are not flushed on this run's time
+    # On a VM with free-page reporting, memory freed a moment ago (the previous step's deleted
+    # output) is still backed and fast to reuse; after a few seconds it is handed back to the host
+    # and every step pays to fault it in again. Settling puts every step, `cp` included, in the
+    # same state.
+    time.sleep(settle)
     with tempfile.TemporaryFile(dir=log_dir) as out:
         started = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO)
@@ -506,7 +511,7 @@ class Bench:
             return True
         remove(self.mg_src)
         log("making the TP{}PP{} source checkpoint (untimed)".format(*SOURCE_LAYOUT))
-        run = measure(self.hf2mg_cmd(self.mg_src, *SOURCE_LAYOUT), self.runs, self.args.interval)
+        run = measure(self.hf2mg_cmd(self.mg_src, *SOURCE_LAYOUT), self.runs, self.args.interval, self.args.settle)
         ok = run["rc"] == 0 and mg_complete(self.mg_src, *SOURCE_LAYOUT)
         if not ok:
             log(f"could not make the source checkpoint (rc {run['rc']}):\n{run['output_tail']}")
@@ -556,7 +561,7 @@ class Bench:
             if prepare:
                 prepare()
             read_cache(source)
-            run = measure(cmd, self.runs, self.args.interval)
+            run = measure(cmd, self.runs, self.args.interval, self.args.settle)
             run["complete"] = run["rc"] == 0 and complete()
             run["bytes"] = dir_bytes(out / "mg2hf" if key == "mg2hf" else out)
             result["runs"].append(run)
@@ -626,7 +631,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default=None, help=f"comma list of steps to run, from {','.join(STEPS)}")
     p.add_argument("--layout", type=parse_layout, default=(2, 2), help="hf→mg target layout (default TP2PP2)")
     p.add_argument("--mg2mg-layout", type=parse_layout, default=(1, 4), help="mg→mg target (default TP1PP4)")
-    p.add_argument("--interval", type=float, default=0.05, help="memory sampling period in seconds")
+    p.add_argument("--interval", type=float, default=0.25, help="memory sampling period in seconds")
+    p.add_argument("--settle", type=float, default=5.0,
+                   help="seconds to wait (after sync) before each timed run, so every step starts alike")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--converter", default=str(REPO / "convert_ckpt.py"), help="the convert_ckpt.py to time")
     p.add_argument("--clean", action="store_true", help="also delete the generated HF checkpoint at the end")
