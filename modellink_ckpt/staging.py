@@ -27,13 +27,17 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_partials(parent: Path, quiet: bool = False) -> None:
-    """Remove leftovers of killed runs (their pid is gone) in `parent`."""
-    if not parent.is_dir():
-        return
+def remove_stale_partials(target: Path, quiet: bool = False) -> None:
+    """Remove leftovers of killed runs (their pid is gone) for `target` and for what is staged inside it."""
+    for parent, name in ((target.parent, target.name), (target, None)):
+        if parent.is_dir():
+            _remove_partials_in(parent, name, quiet)
+
+
+def _remove_partials_in(parent: Path, name: str | None, quiet: bool) -> None:
     for entry in parent.iterdir():
         match = _PARTIAL.match(entry.name)
-        if match and not _pid_alive(int(match["pid"])):
+        if match and (name is None or match["name"] == name) and not _pid_alive(int(match["pid"])):
             if not quiet:
                 print(f"note: removing {entry}, left by an interrupted conversion", file=sys.stderr)
             if entry.is_dir():
@@ -42,9 +46,14 @@ def remove_stale_partials(parent: Path, quiet: bool = False) -> None:
                 entry.unlink(missing_ok=True)
 
 
+def occupied(target: Path) -> bool:
+    """An existing file or a non-empty folder (an empty folder is free to be replaced)."""
+    return target.exists() and (not target.is_dir() or any(target.iterdir()))
+
+
 def check_target(target: Path, overwrite: bool, flag: str = "--save-dir") -> None:
     """Refuse to clobber an existing target unless asked (before anything is written)."""
-    if target.exists() and not overwrite:
+    if occupied(target) and not overwrite:
         raise UsageError(f"{flag}: {target} already exists; pass --overwrite to replace it")
 
 
@@ -54,7 +63,7 @@ class StagedDir:
     def __init__(self, target: str | Path, overwrite: bool = False):
         self.target = Path(target)
         self.target.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_partials(self.target.parent)
+        remove_stale_partials(self.target)
         check_target(self.target, overwrite)
         self.overwrite = overwrite
         self.path = self.target.parent / f".{self.target.name}.partial-{os.getpid()}"
@@ -70,6 +79,9 @@ class StagedDir:
         old = None
         if self.target.exists():
             check_target(self.target, self.overwrite)
+            if not occupied(self.target):  # an empty folder: rename(2) replaces it atomically
+                os.replace(self.path, self.target)
+                return self.target
             old = self.target.parent / f".{self.target.name}.old-{os.getpid()}"
             os.replace(self.target, old)
         os.replace(self.path, self.target)

@@ -18,7 +18,7 @@ from modellink_ckpt import mapping
 from modellink_ckpt import transforms as T
 from modellink_ckpt.loaders.mg import RANK_FILE, TRACKER, iteration_dir_name
 from modellink_ckpt.megatron_args import make_args
-from modellink_ckpt.staging import StagedDir, write_text_atomic
+from modellink_ckpt.staging import StagedDir, occupied, write_text_atomic
 from modellink_ckpt.torch_zip import StreamingTorchWriter
 
 ITERATION = 1
@@ -27,8 +27,8 @@ ITERATION = 1
 class RankFiles:
     """The open rank files of the target layout and the tensor references each will hold."""
 
-    def __init__(self, staging: StagedDir, layout, make_rank_args):
-        self._staging, self._layout, self._make_args = staging, layout, make_rank_args
+    def __init__(self, folder: Path, layout, make_rank_args):
+        self._folder, self._layout, self._make_args = folder, layout, make_rank_args
         self._writers: dict[tuple[int, int, int], StreamingTorchWriter] = {}
         self._models: dict[tuple[int, int, int], dict[str, dict]] = {}
         self._closed: set[tuple[int, int, int]] = set()
@@ -40,7 +40,7 @@ class RankFiles:
 
     def _writer(self, rank) -> StreamingTorchWriter:
         if rank not in self._writers:
-            folder = self._staging.path / self._layout.rank_dir(*rank)
+            folder = self._folder / self._layout.rank_dir(*rank)
             folder.mkdir(parents=True, exist_ok=True)
             self._writers[rank] = StreamingTorchWriter(folder / RANK_FILE)
             self._models[rank] = {self._layout.model_key(v): {} for v in range(self._layout.vpp)}
@@ -129,8 +129,13 @@ def save(plan, receiver) -> dict:
     placer = ShardPlacer(plan)
     written_dtype: list[torch.dtype] = []
 
-    staging = StagedDir(plan.save_dir / iteration_dir_name(ITERATION), overwrite=plan.overwrite)
-    files = RankFiles(staging, placer.layout,
+    # A new target is staged whole (iteration folder and tracker) and appears with one rename;
+    # into an existing folder the iteration folder is published first and the tracker last.
+    whole = not occupied(plan.save_dir)
+    staging = StagedDir(plan.save_dir if whole else plan.save_dir / iteration_dir_name(ITERATION),
+                        overwrite=plan.overwrite)
+    iteration_dir = staging.path / iteration_dir_name(ITERATION) if whole else staging.path
+    files = RankFiles(iteration_dir, placer.layout,
                       lambda rank: placer.rank_args(rank, written_dtype[0] if written_dtype else torch.float32))
     progress = tqdm(total=plan.dims.num_layers, desc="saving layers", unit="layer", disable=plan.quiet)
     try:
@@ -147,11 +152,15 @@ def save(plan, receiver) -> dict:
             elif message.kind == "done":
                 files.close_all()
         progress.close()
-        target = staging.publish()
-        write_text_atomic(plan.save_dir / TRACKER, str(ITERATION))
+        if whole:
+            (staging.path / TRACKER).write_text(str(ITERATION))
+            staging.publish()
+        else:
+            staging.publish()
+            write_text_atomic(plan.save_dir / TRACKER, str(ITERATION))
     except BaseException:
         progress.close()
         staging.discard()
         raise
-    return {"bytes": files.bytes_written, "seconds": time.monotonic() - started, "target": str(target),
+    return {"bytes": files.bytes_written, "seconds": time.monotonic() - started, "target": str(plan.save_dir),
             "files": placer.layout.tp * placer.layout.pp * placer.layout.ep}
