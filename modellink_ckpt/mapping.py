@@ -36,6 +36,7 @@ class TensorRule:
     tp: str  # a key of transforms.TP_SPLIT, or "vocab"
     merge: Callable[..., torch.Tensor] | None = None
     split: Callable[[torch.Tensor], list] | None = None
+    targets: Callable[[torch.Tensor], list] | None = None  # per part: [(row_start, row_stop, view of out)]
 
     @property
     def is_rename(self) -> bool:
@@ -48,6 +49,12 @@ class TensorRule:
 
     def to_hf(self, full: torch.Tensor) -> list:
         return [full] if self.split is None else self.split(full)
+
+    def part_targets(self, out: torch.Tensor) -> list:
+        """For each HF part, the row ranges of it that land in contiguous views of `out`."""
+        if self.targets is None:
+            return [[(0, out.shape[0], out)]]
+        return list(self.targets(out))
 
 
 def _rename(mcore: str, hf: str, tp: str) -> TensorRule:
@@ -64,12 +71,14 @@ def _qkv_rule(mcore: str, param: str, family: ModelFamily, dims: ModelDims, laye
             mcore, (family.hf_name("layers_self_attention_linear_qkv_pack", param, layer),), "column",
             merge=lambda p, out=None: T.merge_qkv(*T.unpack_hf_qkv(p[0], nh, ng, d), ng, out=out),
             split=lambda full: [T.pack_hf_qkv(*T.split_qkv_rows(full, nh, ng, d))],
+            targets=lambda out: T.packed_qkv_targets(out, nh, ng, d),
         )
     names = tuple(family.hf_name(f"layers_self_attention_linear_{x}_proj", param, layer) for x in "qkv")
     return TensorRule(
         mcore, names, "column",
         merge=lambda p, out=None: T.merge_qkv(p[0], p[1], p[2], ng, out=out),
         split=lambda full: list(T.split_qkv_rows(full, nh, ng, d)),
+        targets=lambda out: T.qkv_targets(out, nh, ng, d),
     )
 
 
@@ -79,7 +88,8 @@ def _fc1_rule(mcore: str, param: str, family: ModelFamily, dims: ModelDims, laye
         names = (family.hf_name("layers_mlp_gate_proj", param, layer), family.hf_name("layers_mlp_up_proj", param, layer))
         return TensorRule(mcore, names, tp_kind,
                           merge=lambda p, out=None: T.merge_gate_up(p[0], p[1], out=out),
-                          split=lambda full: list(T.split_gate_up(full)))
+                          split=lambda full: list(T.split_gate_up(full)),
+                          targets=T.gate_up_targets)
     # "gate_up": HF already fuses [gate; up]; "h_to_4h": a plain (non-gated) up projection
     return _rename(mcore, family.hf_name("layers_mlp_linear_fc1", param, layer), tp_kind)
 

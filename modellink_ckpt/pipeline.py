@@ -251,7 +251,9 @@ def run(args, load: Callable, save: Callable, start_method: str = "forkserver") 
                     continue
                 process.join()
                 if process.exitcode != 0:
-                    time.sleep(0.2)  # the error report may be a moment behind the exit
+                    deadline = time.monotonic() + 2  # the error report may be a moment behind the exit
+                    while errors.empty() and time.monotonic() < deadline:
+                        time.sleep(0.05)
                     if not errors.empty():
                         _, message = errors.get()
                         _stop(processes)

@@ -10,6 +10,7 @@ memory that will cross to the saver process.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -55,6 +56,7 @@ class SafetensorsFile:
             raise ConvertError(f"{self.path}: corrupt safetensors header (not JSON)") from None
         if not isinstance(header, dict):
             raise ConvertError(f"{self.path}: corrupt safetensors header")
+        self._fd, self._fd_pid = None, None
         self.metadata = header.pop("__metadata__", None) or {}
         self._data_start = 8 + header_len
         data_size = size - self._data_start
@@ -83,6 +85,27 @@ class SafetensorsFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return self.entries[name][1]
 
+    def read_rows(self, name: str, start: int, stop: int, out: torch.Tensor) -> None:
+        """Rows [start, stop) of tensor `name` straight into `out` (contiguous, same dtype)."""
+        dtype, shape, begin, _ = self.entries[name]
+        row_bytes = dtype.itemsize * torch.Size(shape[1:]).numel()
+        nbytes = (stop - start) * row_bytes
+        if out.dtype != dtype or out.nbytes != nbytes or not out.is_contiguous() or stop > shape[0]:
+            raise ConvertError(f"{self.path}: rows {start}:{stop} of '{name}' {DTYPE_NAMES[dtype]} {list(shape)} "
+                               f"do not fit {DTYPE_NAMES.get(out.dtype, out.dtype)} {list(out.shape)}")
+        self._read_into(name, begin + start * row_bytes, out)
+
+    def _read_into(self, name: str, offset: int, out: torch.Tensor) -> None:
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy()) if out.nbytes else memoryview(b"")
+        if self._fd is None or self._fd_pid != os.getpid():  # one descriptor per process, kept open
+            self._fd, self._fd_pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        done = 0
+        while done < len(view):
+            count = os.preadv(self._fd, [view[done:]], self._data_start + offset + done)
+            if not count:
+                raise ConvertError(f"{self.path}: truncated while reading '{name}'")
+            done += count
+
     def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         """Tensor `name`, read straight into `out` (contiguous, same dtype and size) if given."""
         dtype, shape, begin, end = self.entries[name]
@@ -92,15 +115,7 @@ class SafetensorsFile:
         elif out.dtype != dtype or out.nbytes != nbytes or not out.is_contiguous():
             raise ConvertError(f"{self.path}: '{name}' is {DTYPE_NAMES[dtype]} {list(shape)}, expected "
                                f"{DTYPE_NAMES.get(out.dtype, out.dtype)} {list(out.shape)}")
-        view = memoryview(out.reshape(-1).view(torch.uint8).numpy()) if nbytes else memoryview(b"")
-        done = 0
-        with open(self.path, "rb", buffering=0) as f:
-            f.seek(self._data_start + begin)
-            while done < nbytes:
-                count = f.readinto(view[done:])
-                if not count:
-                    raise ConvertError(f"{self.path}: truncated while reading '{name}'")
-                done += count
+        self._read_into(name, begin, out)
         return out.view(shape)
 
 

@@ -72,6 +72,17 @@ def merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_query_group
     return torch.cat(parts, dim=1).reshape(-1, *tail)
 
 
+def qkv_targets(out: torch.Tensor, num_heads: int, num_query_groups: int, head_dim: int):
+    """Where `merge_qkv` puts HF rows, as (row_start, row_stop, contiguous view of `out`) per part
+    (q, k, v): lets a reader fill `out` straight from a file, with no merge copy."""
+    ng, d = num_query_groups, head_dim
+    q_rows = num_heads // ng * d
+    grouped = out.view(ng, q_rows + 2 * d, *out.shape[1:])
+    return ([(g * q_rows, (g + 1) * q_rows, grouped[g, :q_rows]) for g in range(ng)],
+            [(g * d, (g + 1) * d, grouped[g, q_rows:q_rows + d]) for g in range(ng)],
+            [(g * d, (g + 1) * d, grouped[g, q_rows + d:]) for g in range(ng)])
+
+
 def split_qkv_rows(qkv: torch.Tensor, num_heads: int, num_query_groups: int, head_dim: int):
     """Inverse of `merge_qkv`, as row pieces of `qkv` (no copy): (q, k, v) in HF order."""
     ng, d = num_query_groups, head_dim
@@ -94,6 +105,13 @@ def unpack_hf_qkv(packed: torch.Tensor, num_heads: int, num_query_groups: int, h
     return torch.split(packed, [q_rows, kv_rows, kv_rows], dim=0)
 
 
+def packed_qkv_targets(out: torch.Tensor, num_heads: int, num_query_groups: int, head_dim: int):
+    """`qkv_targets` for an HF-fused `[Q; K; V]` source: one part, its k and v rows offset."""
+    q, k, v = qkv_targets(out, num_heads, num_query_groups, head_dim)
+    k_at, v_at = num_heads * head_dim, (num_heads + num_query_groups) * head_dim
+    return [q + [(a + k_at, b + k_at, view) for a, b, view in k] + [(a + v_at, b + v_at, view) for a, b, view in v]]
+
+
 def pack_hf_qkv(q, k, v) -> Rows:
     """Inverse of `unpack_hf_qkv` (q, k, v may be tensors or Rows)."""
     pieces = []
@@ -106,6 +124,12 @@ def pack_hf_qkv(q, k, v) -> Rows:
 
 def merge_gate_up(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     return torch.cat([gate, up], dim=0, out=out) if out is not None else torch.cat([gate, up], dim=0)
+
+
+def gate_up_targets(out: torch.Tensor):
+    """Where `merge_gate_up` puts gate and up rows (see `qkv_targets`)."""
+    gate, up = split_gate_up(out)
+    return [(0, gate.shape[0], gate)], [(0, up.shape[0], up)]
 
 
 def split_gate_up(fc1: torch.Tensor):

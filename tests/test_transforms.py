@@ -74,3 +74,23 @@ def test_merges_can_write_into_given_memory(kind):
     q, k, v = torch.randn(16, 6), torch.randn(4, 6), torch.randn(4, 6)
     fused = torch.empty(24, 6)
     assert T.merge_qkv(q, k, v, 2, out=fused) is fused and torch.equal(fused, T.merge_qkv(q, k, v, 2))
+
+
+@pytest.mark.parametrize("nh, ng, d", [(8, 8, 4), (8, 2, 4), (8, 1, 16)])
+def test_row_targets_place_hf_rows_exactly_where_the_merges_do(nh, ng, d):
+    q, k, v = torch.randn(nh * d, 6), torch.randn(ng * d, 6), torch.randn(ng * d, 6)
+
+    def fill(targets_per_part, parts, rows):
+        out = torch.full((rows, 6), float("nan"))
+        for part, targets in zip(parts, targets_per_part(out)):
+            for start, stop, view in targets:
+                assert view.is_contiguous()
+                view.copy_(part[start:stop])
+        return out
+
+    rows = (nh + 2 * ng) * d
+    assert torch.equal(fill(lambda o: T.qkv_targets(o, nh, ng, d), (q, k, v), rows), T.merge_qkv(q, k, v, ng))
+    packed = T.as_tensor(T.pack_hf_qkv(q, k, v))
+    assert torch.equal(fill(lambda o: T.packed_qkv_targets(o, nh, ng, d), (packed,), rows), T.merge_qkv(q, k, v, ng))
+    gate, up = torch.randn(10, 6), torch.randn(10, 6)
+    assert torch.equal(fill(T.gate_up_targets, (gate, up), 20), T.merge_gate_up(gate, up))

@@ -98,6 +98,9 @@ class HfSource:
         """Whether reading `name` copies bytes (safetensors) rather than viewing a mapped file."""
         return isinstance(self._locate(name), SafetensorsFile)
 
+    def read_rows(self, name: str, start: int, stop: int, out: torch.Tensor) -> None:
+        self._locate(name).read_rows(name, start, stop, out)
+
     def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         """Tensor `name`; read straight into `out` when given (safetensors), else a view or a new tensor."""
         source = self._locate(name)
@@ -125,24 +128,25 @@ class HfSource:
         return [self.dir / name for name in TOKENIZER_FILES if (self.dir / name).is_file()]
 
 
-def _gather(source: HfSource, rules: list[mapping.TensorRule], dims: ModelDims, arena, scratch) -> dict:
-    """The message tensors for `rules`, built in `arena` (parts that need merging go via `scratch`)."""
+def _gather(source: HfSource, rules: list[mapping.TensorRule], dims: ModelDims, arena) -> dict:
+    """The message tensors for `rules`, built in `arena`."""
     tensors = {}
     for rule in rules:
         expected = mapping.expected_shape(rule.mcore, dims)
         shapes = [source.shape_dtype(name) for name in rule.hf]
         described = ", ".join(f"{n} {list(shape)}" for n, (shape, _) in zip(rule.hf, shapes))
         out = arena.alloc(expected, shapes[0][1])
-        scratch.used = 0
         try:
-            if rule.is_rename:
-                if tuple(shapes[0][0]) != tuple(expected):
-                    raise RuntimeError("shape mismatch")
-                source.read(rule.hf[0], out)
-            else:
-                parts = [source.read(name, scratch.alloc(shape, dtype) if source.copies(name) else None)
-                         for name, (shape, dtype) in zip(rule.hf, shapes)]
-                rule.to_mcore(parts, out=out)
+            if all(source.copies(name) for name in rule.hf):
+                # read every HF row range straight to its place: no merge copy
+                for name, (shape, _), targets in zip(rule.hf, shapes, rule.part_targets(out)):
+                    if sum(stop - start for start, stop, _ in targets) != shape[0] \
+                            or tuple(shape[1:]) != tuple(out.shape[1:]):
+                        raise RuntimeError("shape mismatch")
+                    for start, stop, view in targets:
+                        source.read_rows(name, start, stop, view)
+            else:  # memory-mapped torch files: merge from the mapping
+                rule.to_mcore([source.read(name) for name in rule.hf], out=out)
         except RuntimeError as exc:
             raise ConvertError(f"{source.dir}: cannot build {rule.mcore} {list(expected)} from {described} "
                                f"({str(exc).splitlines()[0]})") from None
@@ -152,7 +156,7 @@ def _gather(source: HfSource, rules: list[mapping.TensorRule], dims: ModelDims, 
 
 def load(plan, sender) -> dict:
     """Stream the HF checkpoint in `plan.load_dir` as whole Megatron tensors."""
-    from modellink_ckpt.pipeline import Arena, message_bytes
+    from modellink_ckpt.pipeline import message_bytes
 
     source = HfSource(plan.load_dir)
     family, dims = plan.family, plan.dims
@@ -160,11 +164,10 @@ def load(plan, sender) -> dict:
     messages = list(mapping.model_messages(family, dims, dtype))
     largest = max(message_bytes(t.nbytes for t in tensors.values()) for _, _, tensors in messages)
     sender.plan(largest)
-    scratch = Arena(-1, torch.empty(largest, dtype=torch.uint8))  # private, reused for parts to merge
     sender.send("meta", dims=dims.to_dict(), source="hf", hf_config=source.config, dtype=dtype)
     for kind, layer, _ in messages:
         arena = sender.arena()
-        tensors = _gather(source, mapping.message_rules(kind, family, dims, layer), dims, arena, scratch)
+        tensors = _gather(source, mapping.message_rules(kind, family, dims, layer), dims, arena)
         sender.send(kind, tensors, arena, layer=layer)
     sender.send("done")
     return {}
