@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -67,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hf-cfg-dir", type=Path, default=None, help="folder with the HF config.json for HF output")
     p.add_argument("--overwrite", action="store_true", help="replace an existing target")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check everything, print the plan (files, layers per stage, bytes) and write nothing")
     # accepted for compatibility with existing scripts; they change nothing here
     for flag in ("--spec", "--load-hf-from-config", "--mtp-num-layers", "--lora-load", "--lora-r", "--lora-alpha",
                  "--lora-target-modules", "--save-lora-to-hf", "--load-checkpoint-loosely", "--moe-grouped-gemm"):
@@ -111,6 +114,7 @@ class Plan:
     quiet: bool
 
     source_tokenizer: Path | None = None
+    source_dtype: torch.dtype = torch.float32
 
     def tokenizer_dir(self) -> Path | None:
         """Where the source's tokenizer files are: the HF folder, or the one the mg args recorded."""
@@ -155,6 +159,7 @@ def build_plan(args) -> Plan:
 
         source = HfSource(args.load_dir)
         dims = source.dims(family, overrides)
+        source_dtype = source.dtype()
     else:
         from modellink_ckpt.loaders.mg import MegatronSource
 
@@ -171,6 +176,7 @@ def build_plan(args) -> Plan:
         source_layout = source.layout(dims)
         recorded = getattr(source.args, "tokenizer_model", None)
         source_tokenizer = Path(recorded) if isinstance(recorded, str) and Path(recorded).is_file() else None
+        source_dtype = source.dtype_of(source_layout, *source_layout.first_stage, "embedding.word_embeddings.weight")
 
     target_layout = padded = None
     if args.save_model_type == "mg":
@@ -202,7 +208,58 @@ def build_plan(args) -> Plan:
         transformer_impl=args.transformer_impl, tokenizer_model=args.tokenizer_model,
         hf_config_dir=args.hf_cfg_dir, max_queue_size=args.max_queue_size, max_queue_gb=args.max_queue_gb,
         max_shard_bytes=parse_size(args.max_shard_size, "--max-shard-size"), overwrite=args.overwrite,
-        quiet=args.quiet, source_tokenizer=source_tokenizer)
+        quiet=args.quiet, source_tokenizer=source_tokenizer, source_dtype=source_dtype)
+
+
+def output_files(plan: Plan) -> dict[str, int]:
+    """{file relative to the target: bytes of tensor data} that the conversion will write."""
+    dtype = plan.params_dtype or plan.source_dtype
+    if plan.save_type == "mg":
+        from modellink_ckpt.verify import expected_mg_files
+
+        return {f"{rank_dir}/model_optim_rng.pt": sum(torch.Size(shape).numel() * dt.itemsize
+                                                      for names in models.values() for shape, dt in names.values())
+                for rank_dir, models in expected_mg_files(plan, dtype).items()}
+    from modellink_ckpt.savers.hf import hf_tensors, plan_shards, shard_names
+
+    shards = plan_shards(hf_tensors(plan, dtype), plan.max_shard_bytes)
+    return {name: sum(torch.Size(shape).numel() * dt.itemsize for _, shape, dt in shard)
+            for name, shard in zip(shard_names(len(shards)), shards)}
+
+
+def check_free_space(plan: Plan, files: dict[str, int]) -> None:
+    needed = sum(files.values()) + (64 << 20)
+    folder = plan.save_dir
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise UsageError(f"--save-dir {plan.save_dir}: needs {needed / 1e9:.2f} GB, only {free / 1e9:.2f} GB free "
+                         f"on that filesystem")
+
+
+def describe_plan(plan: Plan, files: dict[str, int]) -> str:
+    """The `--dry-run` report."""
+    dims = plan.dims
+    lines = [f"plan: {plan.load_type} {plan.load_dir} -> {plan.save_type} {_describe(plan)}",
+             f"model: --model-type-hf {plan.family.name}, {dims.num_layers} layers, hidden {dims.hidden_size}, "
+             f"heads {dims.num_attention_heads}/{dims.num_query_groups}, vocab {dims.vocab_size}"
+             + (f" padded to {plan.padded_vocab}" if plan.padded_vocab else "")
+             + f", dtype {str(plan.params_dtype or plan.source_dtype).replace('torch.', '')}"
+             + (" (cast)" if plan.params_dtype else "")]
+    if plan.target_layout is not None:
+        layout = plan.target_layout
+        for pp_rank in range(layout.pp):
+            chunks = []
+            for vchunk in range(layout.vpp):
+                slots = [s for s in layout.stage_slots(pp_rank) if s.vchunk == vchunk]
+                shown = ",".join(f"{s.mg_layer}" + ("(noop)" if s.hf_layer is None else "") for s in slots)
+                chunks.append(f"{layout.model_key(vchunk)}: layers {shown or '-'}")
+            lines.append(f"  stage {pp_rank}: " + "; ".join(chunks))
+    for name, nbytes in files.items():
+        lines.append(f"  {name}: {nbytes / 1e6:.1f} MB")
+    lines.append(f"total {sum(files.values()) / 1e9:.2f} GB in {len(files)} file(s); nothing written (--dry-run)")
+    return "\n".join(lines)
 
 
 def _describe(plan: Plan) -> str:
@@ -219,6 +276,11 @@ def convert(argv: list[str] | None = None, start_method: str = "forkserver") -> 
     """Run one conversion; raises ConvertError/UsageError. Returns the saver's summary."""
     args = build_parser().parse_args(argv)
     plan = build_plan(args)
+    files = output_files(plan)
+    if args.dry_run:
+        print(describe_plan(plan, files))
+        return {"dry_run": True}
+    check_free_space(plan, files)
     from modellink_ckpt.loaders import hf as hf_loader, mg as mg_loader
     from modellink_ckpt.savers import hf as hf_saver, mg as mg_saver
 
@@ -239,9 +301,38 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
-def main(argv: list[str] | None = None) -> int:
+def verify_main(argv: list[str]) -> int:
+    from modellink_ckpt.verify import verify
+
+    parser = _Parser(prog="convert_ckpt.py --verify", description="Re-check a checkpoint against its "
+                     "manifest (sha256 of every file) and its own args or config (every tensor and shape).")
+    parser.add_argument("--verify", dest="path", type=Path, required=True, help="checkpoint folder")
+    parser.add_argument("--no-hash", action="store_true", help="check sizes, not contents")
+    parser.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(["--verify" if a == "verify" else a for a in argv])
     try:
+        problems, summary = verify(args.path, manifest_check=not args.no_hash)
+    except ConvertError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    if problems:
+        for problem in problems[:20]:
+            print(f"  {problem}", file=sys.stderr)
+        more = f" ({len(problems) - 20} more not shown)" if len(problems) > 20 else ""
+        print(f"error: {args.path}: {len(problems)} problem(s) found{more}", file=sys.stderr)
+        return 1
+    print(f"verified: {args.path}: {summary}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv[:1] == ["verify"] or "--verify" in argv:
+            return verify_main(argv)
         result = convert(argv, start_method="fork")
+        if result.get("dry_run"):
+            return 0
     except ConvertError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -99,6 +99,11 @@ class ParallelLayout:
                 raise UsageError(f"--num-layers-per-virtual-pipeline-stage {self.vpp_layers} does not divide "
                                  f"the {per_stage} layers per pipeline stage")
 
+    def describe(self) -> dict:
+        return {"tensor_parallel": self.tp, "pipeline_parallel": self.pp, "expert_parallel": self.ep,
+                "virtual_pipeline_layers": self.vpp_layers, "num_layer_list": list(self.num_layer_list) or None,
+                "noop_layers": list(self.noop_layers) or None, "num_layers": self.num_layers}
+
     # ---- layer placement -------------------------------------------------------------------
 
     def stage_layer_counts(self) -> tuple[int, ...]:

@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from modellink_ckpt import mapping
+from modellink_ckpt.manifest import hash_files, write_manifest
 from modellink_ckpt.model_cfg import hf_config_from_dims
 from modellink_ckpt.safetensors_io import SafetensorsWriter
 from modellink_ckpt.staging import StagedDir
@@ -144,6 +145,10 @@ def save(plan, receiver) -> dict:
         config = _hf_config(plan, meta, dtype)
         (staging.path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         tokenizer = _copy_tokenizer(plan, staging.path)
+        extra = ["config.json", *tokenizer] + ([INDEX] if len(output.names) > 1 else [])
+        write_manifest(staging.path, {**output.files, **hash_files(staging.path, extra)}, kind="hf",
+                       model_type_hf=family.name, source={"type": plan.load_type, "dir": str(Path(plan.load_dir).resolve())},
+                       dtype=str(dtype), vocab_size=dims.vocab_size)
         target = staging.publish()
     except BaseException:
         progress.close()

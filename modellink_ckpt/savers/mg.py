@@ -17,6 +17,7 @@ from tqdm import tqdm
 from modellink_ckpt import mapping
 from modellink_ckpt import transforms as T
 from modellink_ckpt.loaders.mg import RANK_FILE, TRACKER, iteration_dir_name
+from modellink_ckpt.manifest import write_manifest
 from modellink_ckpt.megatron_args import make_args
 from modellink_ckpt.staging import StagedDir, occupied, write_text_atomic
 from modellink_ckpt.torch_zip import StreamingTorchWriter
@@ -33,6 +34,7 @@ class RankFiles:
         self._models: dict[tuple[int, int, int], dict[str, dict]] = {}
         self._closed: set[tuple[int, int, int]] = set()
         self.bytes_written = 0
+        self.files: dict[str, tuple[int, str]] = {}  # for the manifest: {relative path: (bytes, sha256)}
 
     def put(self, rank: tuple[int, int, int], vchunk: int, name: str, tensor: torch.Tensor) -> None:
         assert rank not in self._closed, f"rank file {rank} already closed"
@@ -62,6 +64,7 @@ class RankFiles:
         state.update(self._models[rank])
         writer.close(state)
         self.bytes_written += writer.bytes_written
+        self.files[f"{self._layout.rank_dir(*rank)}/{RANK_FILE}"] = (writer.size, writer.sha256)
         self._closed.add(rank)
         del self._models[rank]
 
@@ -152,6 +155,10 @@ def save(plan, receiver) -> dict:
             elif message.kind == "done":
                 files.close_all()
         progress.close()
+        write_manifest(iteration_dir, files.files, kind="mg", iteration=ITERATION, model_type_hf=plan.family.name,
+                       source={"type": plan.load_type, "dir": str(Path(plan.load_dir).resolve())},
+                       layout=placer.layout.describe(), dtype=str(written_dtype[0] if written_dtype else None),
+                       vocab_size=plan.dims.vocab_size, padded_vocab_size=plan.padded_vocab)
         if whole:
             (staging.path / TRACKER).write_text(str(ITERATION))
             staging.publish()

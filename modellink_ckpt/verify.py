@@ -1,0 +1,146 @@
+"""`convert_ckpt.py --verify DIR`: re-check a finished checkpoint without loading it into memory.
+
+Two independent checks: every file against the manifest (size, sha256; read in chunks), and the
+structure against the checkpoint's own description (the stored `args` for Megatron, config.json
+for HF): every expected tensor present, nothing unexpected, right shape and dtype, in every rank
+file. The expected structure comes from the same layout plan and placement the saver uses,
+applied to meta tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import types
+from pathlib import Path
+
+import torch
+
+from modellink_ckpt import mapping
+from modellink_ckpt.errors import ConvertError, UsageError
+from modellink_ckpt.loaders.mg import RANK_FILE, TRACKER, MegatronSource
+from modellink_ckpt.manifest import MANIFEST, check_files, read_manifest
+from modellink_ckpt.model_cfg import dims_from_hf_config, load_family
+from modellink_ckpt.safe_pickle import load_torch
+from modellink_ckpt.safetensors_io import SafetensorsFile
+
+
+def expected_mg_files(plan, dtype: torch.dtype) -> dict[str, dict[str, dict[str, tuple]]]:
+    """{rank folder: {model key: {name: (shape, dtype)}}} that a conversion with `plan` writes."""
+    from modellink_ckpt.savers.mg import ShardPlacer
+
+    placer = ShardPlacer(plan)
+    layout = plan.target_layout
+    expected = {layout.rank_dir(*rank): {layout.model_key(v): {} for v in range(layout.vpp)}
+                for rank in layout.ranks()}
+    for kind, layer, tensors in mapping.model_messages(plan.family, plan.dims, dtype):
+        for rank, vchunk, name, shard in placer.place(kind, tensors, layer):
+            expected[layout.rank_dir(*rank)][layout.model_key(vchunk)][name] = (tuple(shard.shape), shard.dtype)
+    return expected
+
+
+def _describe(shape, dtype) -> str:
+    return f"{list(shape)} {str(dtype).replace('torch.', '')}"
+
+
+def _compare(where: str, found: dict, expected: dict) -> list[str]:
+    problems = []
+    for name in sorted(set(expected) - set(found)):
+        problems.append(f"{where}: missing tensor '{name}'")
+    for name in sorted(set(found) - set(expected)):
+        problems.append(f"{where}: unexpected tensor '{name}'")
+    for name in sorted(set(found) & set(expected)):
+        if found[name] != expected[name]:
+            problems.append(f"{where}: '{name}' is {_describe(*found[name])}, expected {_describe(*expected[name])}")
+    return problems
+
+
+def _verify_mg(root: Path, manifest_check: bool) -> tuple[list[str], str]:
+    source = MegatronSource(root)
+    folder, margs = source.iter_dir, source.args
+    manifest = read_manifest(folder)
+    problems = check_files(folder, manifest) if manifest and manifest_check else []
+    if manifest is None:
+        problems.append(f"{folder / MANIFEST}: missing (not written by this tool, or tampered with)")
+    family = load_family(getattr(margs, "model_type_hf", None) or (manifest or {}).get("model_type_hf") or "llama2")
+    dims = source.dims()
+    layout = source.layout(dims)
+    dtype = getattr(margs, "params_dtype", torch.float32)
+    if not isinstance(dtype, torch.dtype):
+        dtype = torch.float32
+    plan = types.SimpleNamespace(family=family, dims=dims, target_layout=layout, params_dtype=None,
+                                 padded_vocab=int(getattr(margs, "padded_vocab_size", dims.vocab_size)),
+                                 transformer_impl=getattr(margs, "transformer_impl", "local") or "local",
+                                 tokenizer_model=None)
+    expected = expected_mg_files(plan, dtype)
+    on_disk = {p.parent.name for p in folder.glob(f"mp_rank_*/{RANK_FILE}")}
+    for extra in sorted(on_disk - set(expected)):
+        problems.append(f"{folder / extra / RANK_FILE}: not part of the layout in the stored args")
+    tensors = 0
+    for rank_dir, models in expected.items():
+        path = folder / rank_dir / RANK_FILE
+        if not path.is_file():
+            problems.append(f"{path}: missing rank file")
+            continue
+        try:
+            state = load_torch(path)  # memory-mapped: only the pickle is read here
+        except ConvertError as exc:
+            problems.append(str(exc))
+            continue
+        for model_key, names in models.items():
+            stored = state.get(model_key)
+            if not isinstance(stored, dict):
+                problems.append(f"{path}: no '{model_key}' entry")
+                continue
+            found = {n: (tuple(t.shape), t.dtype) for n, t in stored.items()
+                     if isinstance(t, torch.Tensor) and not n.endswith("_extra_state")}
+            problems += _compare(f"{path} [{model_key}]", found, names)
+            tensors += len(found)
+    files = len((manifest or {}).get("files", {}))
+    total = (manifest or {}).get("total_bytes", 0)
+    lay = layout.describe()
+    summary = (f"{files} files, {total / 1e9:.2f} GB, sha256 as in the manifest; {tensors} tensors in "
+               f"{len(expected)} rank files match the stored args (TP{lay['tensor_parallel']} "
+               f"PP{lay['pipeline_parallel']}{' VPP' + str(layout.vpp) if layout.vpp_layers else ''})")
+    return problems, summary
+
+
+def _verify_hf(folder: Path, manifest_check: bool) -> tuple[list[str], str]:
+    from modellink_ckpt.savers.hf import hf_tensors
+
+    manifest = read_manifest(folder)
+    problems = check_files(folder, manifest) if manifest and manifest_check else []
+    if manifest is None:
+        problems.append(f"{folder / MANIFEST}: missing (not written by this tool, or tampered with)")
+    family = load_family((manifest or {}).get("model_type_hf") or "llama2")
+    config = json.loads((folder / "config.json").read_text())
+    dims = dims_from_hf_config(family, config, source=str(folder / "config.json"))
+    found = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            for name, (dtype, shape, _, _) in SafetensorsFile(path).entries.items():
+                found[name] = (tuple(shape), dtype)
+        except ConvertError as exc:
+            problems.append(str(exc))
+    dtype = next(iter(found.values()))[1] if found else torch.float32
+    plan = types.SimpleNamespace(family=family, dims=dims)
+    expected = {name: (tuple(shape), dt) for name, shape, dt in hf_tensors(plan, dtype)}
+    problems += _compare(str(folder), found, expected)
+    total = (manifest or {}).get("total_bytes", 0)
+    summary = (f"{len((manifest or {}).get('files', {}))} files, {total / 1e9:.2f} GB, sha256 as in the manifest; "
+               f"{len(found)} tensors match config.json")
+    return problems, summary
+
+
+def verify(path: str | Path, manifest_check: bool = True) -> tuple[list[str], str]:
+    """(problems, summary) for the checkpoint at `path` (Megatron folder, its iteration folder,
+    an HF output folder, or the HF folder holding `mg2hf/`)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UsageError(f"--verify {path}: not a directory")
+    if (path / TRACKER).is_file() or any(path.glob(f"mp_rank_*/{RANK_FILE}")):
+        return _verify_mg(path, manifest_check)
+    if not (path / MANIFEST).is_file() and (path / "mg2hf" / MANIFEST).is_file():
+        path = path / "mg2hf"
+    if (path / "config.json").is_file():
+        return _verify_hf(path, manifest_check)
+    raise UsageError(f"--verify {path}: neither a Megatron checkpoint (no {TRACKER}) nor an HF folder")
