@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from modellink_ckpt import __version__
-from modellink_ckpt.hashed_file import sha256_of
+from modellink_ckpt.file_io import sha256_of
 
 MANIFEST = "convert_manifest.json"
 FORMAT = "modellink-ckpt-manifest/1"

@@ -10,14 +10,13 @@ memory that will cross to the saver process.
 from __future__ import annotations
 
 import json
-import os
 import struct
 from pathlib import Path
 
 import torch
 
 from modellink_ckpt.errors import ConvertError
-from modellink_ckpt.hashed_file import HashedFile, tensor_bytes
+from modellink_ckpt.file_io import FileReader, HashedFile, tensor_bytes
 from modellink_ckpt.transforms import Rows
 
 DTYPES = {
@@ -56,7 +55,7 @@ class SafetensorsFile:
             raise ConvertError(f"{self.path}: corrupt safetensors header (not JSON)") from None
         if not isinstance(header, dict):
             raise ConvertError(f"{self.path}: corrupt safetensors header")
-        self._fd, self._fd_pid = None, None
+        self._reader = FileReader(self.path)
         self.metadata = header.pop("__metadata__", None) or {}
         self._data_start = 8 + header_len
         data_size = size - self._data_start
@@ -78,12 +77,27 @@ class SafetensorsFile:
                 raise ConvertError(f"{self.path}: truncated: '{name}' ends at byte {self._data_start + end} "
                                    f"but the file has {size} bytes")
             self.entries[name] = (dtype, shape, begin, end)
+        # The format's rule: the tensors tile the data region exactly. A header length cut short
+        # (or grown) shifts every tensor; this is where it shows.
+        position = 0
+        for dtype, shape, begin, end in sorted(self.entries.values(), key=lambda e: (e[2], e[3])):
+            if begin != position:
+                raise ConvertError(f"{self.path}: corrupt safetensors header (tensor data does not start "
+                                   f"where the previous one ends: byte {begin}, expected {position})")
+            position = end
+        if position != data_size:
+            raise ConvertError(f"{self.path}: corrupt safetensors header (tensors cover {position} bytes, "
+                               f"the data region has {data_size})")
 
     def keys(self):
         return self.entries.keys()
 
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self.entries[name][1]
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def shape_dtype(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        dtype, shape, _, _ = self.entries[name]
+        return shape, dtype
 
     def read_rows(self, name: str, start: int, stop: int, out: torch.Tensor) -> None:
         """Rows [start, stop) of tensor `name` straight into `out` (contiguous, same dtype)."""
@@ -93,31 +107,7 @@ class SafetensorsFile:
         if out.dtype != dtype or out.nbytes != nbytes or not out.is_contiguous() or stop > shape[0]:
             raise ConvertError(f"{self.path}: rows {start}:{stop} of '{name}' {DTYPE_NAMES[dtype]} {list(shape)} "
                                f"do not fit {DTYPE_NAMES.get(out.dtype, out.dtype)} {list(out.shape)}")
-        self._read_into(name, begin + start * row_bytes, out)
-
-    def _read_into(self, name: str, offset: int, out: torch.Tensor) -> None:
-        view = memoryview(out.reshape(-1).view(torch.uint8).numpy()) if out.nbytes else memoryview(b"")
-        if self._fd is None or self._fd_pid != os.getpid():  # one descriptor per process, kept open
-            self._fd, self._fd_pid = os.open(self.path, os.O_RDONLY), os.getpid()
-        done = 0
-        while done < len(view):
-            count = os.preadv(self._fd, [view[done:]], self._data_start + offset + done)
-            if not count:
-                raise ConvertError(f"{self.path}: truncated while reading '{name}'")
-            done += count
-
-    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Tensor `name`, read straight into `out` (contiguous, same dtype and size) if given."""
-        dtype, shape, begin, end = self.entries[name]
-        nbytes = end - begin
-        if out is None:
-            out = torch.empty(shape, dtype=dtype)
-        elif out.dtype != dtype or out.nbytes != nbytes or not out.is_contiguous():
-            raise ConvertError(f"{self.path}: '{name}' is {DTYPE_NAMES[dtype]} {list(shape)}, expected "
-                               f"{DTYPE_NAMES.get(out.dtype, out.dtype)} {list(out.shape)}")
-        self._read_into(name, begin, out)
-        return out.view(shape)
-
+        self._reader.read_into(self._data_start + begin + start * row_bytes, out, f"'{name}'")
 
 class SafetensorsWriter:
     """One safetensors file whose tensor list is known in advance, written as tensors arrive.

@@ -4,7 +4,8 @@
 records through the central directory, so the tensor records can be written first, as they
 arrive, straight from the tensor's memory, and the small pickle that ties them together last.
 `torch.load` (also with `mmap=True`) reads the result like a file `torch.save` wrote: same record
-names, same pickle, data aligned to 64 bytes, zip64 sizes so files may exceed 4 GB.
+names, same pickle, data aligned to 64 bytes, zip64 sizes so files may exceed 4 GB. Tensor records
+carry no CRC-32 (as with torch's own writer when CRCs are off): the manifest's sha256 covers them.
 """
 
 from __future__ import annotations
@@ -15,11 +16,14 @@ import pickle
 import struct
 import sys
 import uuid
+import zlib
+import zipfile
 from pathlib import Path
 
 import torch
 
-from modellink_ckpt.hashed_file import HashedFile, tensor_bytes
+from modellink_ckpt.errors import ConvertError
+from modellink_ckpt.file_io import FileReader, HashedFile, tensor_bytes
 from modellink_ckpt.transforms import Rows
 
 ALIGNMENT = 64
@@ -86,7 +90,7 @@ class StreamingTorchWriter:
         self._archive = self.path.stem  # torch names the top folder of the zip after the file
         self._file = HashedFile(self.path)
         self._offset = 0
-        self._entries: list[tuple[bytes, int, int]] = []  # (name, local header offset, size)
+        self._entries: list[tuple[bytes, int, int, int]] = []  # (name, local header offset, size, crc32)
         self._count = 0
         self.bytes_written = 0
 
@@ -97,27 +101,27 @@ class StreamingTorchWriter:
         self._offset = self._file.size
 
     def _record(self, name: str, data: bytes) -> None:
-        self._record_start(name, len(data))
+        self._record_start(name, len(data), zlib.crc32(data))
         self._write(data)
 
-    def _record_start(self, name: str, size: int) -> None:
+    def _record_start(self, name: str, size: int, crc: int = 0) -> None:
         """The local header of a stored zip entry of `size` bytes; its data must follow."""
         name_bytes = f"{self._archive}/{name}".encode()
         zip64 = struct.pack("<HHQQ", _ZIP64_EXTRA_ID, 16, size, size)
         header_len = 30 + len(name_bytes) + len(zip64) + 4
         padding = (-(self._offset + header_len)) % ALIGNMENT
         extra = zip64 + struct.pack("<HH", _PAD_EXTRA_ID, padding) + b"Z" * padding
-        header = struct.pack("<IHHHHHIIIHH", 0x04034B50, _VERSION, 0, 0, 0, 0, 0, 0xFFFFFFFF, 0xFFFFFFFF,
+        header = struct.pack("<IHHHHHIIIHH", 0x04034B50, _VERSION, 0, 0, 0, 0, crc, 0xFFFFFFFF, 0xFFFFFFFF,
                              len(name_bytes), len(extra))
-        self._entries.append((name_bytes, self._offset, size))
+        self._entries.append((name_bytes, self._offset, size, crc))
         self._write(header + name_bytes + extra)
 
     def _central_directory(self) -> None:
         start = self._offset
         directory = bytearray()
-        for name, offset, size in self._entries:
+        for name, offset, size, crc in self._entries:
             extra = struct.pack("<HHQQQ", _ZIP64_EXTRA_ID, 24, size, size, offset)
-            directory += struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, _VERSION, _VERSION, 0, 0, 0, 0, 0,
+            directory += struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, _VERSION, _VERSION, 0, 0, 0, 0, crc,
                                      0xFFFFFFFF, 0xFFFFFFFF, len(name), len(extra), 0, 0, 0, 0, 0xFFFFFFFF)
             directory += name + extra
         count = len(self._entries)
@@ -155,3 +159,137 @@ class StreamingTorchWriter:
 
     def abort(self) -> None:
         self._file.abort()
+
+
+# ---- reading ------------------------------------------------------------------------------------
+
+_DTYPE_OF_STORAGE = {storage: dtype for dtype, storage in _STORAGE_TYPES.items()}
+
+
+class LazyTensor:
+    """A tensor inside a torch zip file, known by shape and place; its bytes are read on demand
+    straight into the caller's memory (no memory map, so reading leaves nothing resident)."""
+
+    __slots__ = ("file", "record_offset", "dtype", "shape", "stride", "offset")
+
+    def __init__(self, file: "TorchZipFile", record_offset: int, dtype, shape, stride, offset: int):
+        self.file, self.record_offset, self.dtype = file, record_offset, dtype
+        self.shape, self.stride, self.offset = torch.Size(shape), tuple(stride), offset
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape.numel() * self.dtype.itemsize
+
+    def is_contiguous(self) -> bool:
+        expected, step = [], 1
+        for size in reversed(self.shape):
+            expected.append(step)
+            step *= size
+        return all(s == e or n == 1 for s, e, n in zip(self.stride, reversed(expected), self.shape))
+
+    def read_rows(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        """Rows [start, stop) into `out` (contiguous, same dtype, matching size)."""
+        row_bytes = self.shape[1:].numel() * self.dtype.itemsize
+        if out.dtype != self.dtype or not out.is_contiguous() or out.nbytes != (stop - start) * row_bytes:
+            raise ConvertError(f"{self.file.path}: rows {start}:{stop} of a {list(self.shape)} "
+                               f"{self.dtype} tensor do not fit {list(out.shape)} {out.dtype}")
+        if not self.is_contiguous():  # a strided view was saved: read it whole, then copy
+            out.copy_(self.load()[start:stop].reshape(out.shape))
+            return out
+        start_byte = self.record_offset + self.offset * self.dtype.itemsize + start * row_bytes
+        self.file.read_into(start_byte, out)
+        return out
+
+    def read_into(self, out: torch.Tensor) -> torch.Tensor:
+        return self.read_rows(0, self.shape[0] if self.shape else 1, out.view(self.shape) if self.shape else out)
+
+    def load(self) -> torch.Tensor:
+        """The tensor itself (allocated here)."""
+        if self.is_contiguous():
+            return self.read_into(torch.empty(self.shape, dtype=self.dtype))
+        extent = 1 + sum((n - 1) * s for n, s in zip(self.shape, self.stride)) if self.shape.numel() else 0
+        flat = torch.empty(extent, dtype=self.dtype)
+        self.file.read_into(self.record_offset + self.offset * self.dtype.itemsize, flat)
+        return flat.as_strided(self.shape, self.stride).clone()
+
+
+class TorchZipFile:
+    """A `torch.save` zip file read without torch.load: the pickle through the restricted unpickler,
+    every tensor as a `LazyTensor`."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._reader = FileReader(self.path)
+        try:
+            with zipfile.ZipFile(self.path) as archive, open(self.path, "rb") as raw:
+                self._records = {}
+                for info in archive.infolist():
+                    raw.seek(info.header_offset)
+                    local = raw.read(30)
+                    if len(local) < 30 or local[:4] != b"PK\x03\x04":
+                        raise ConvertError(f"{self.path}: corrupt zip entry '{info.filename}'")
+                    name_len, extra_len = struct.unpack("<HH", local[26:30])
+                    self._records[info.filename.split("/", 1)[-1]] = (
+                        info.header_offset + 30 + name_len + extra_len, info.file_size)
+                offset, length = self._records["data.pkl"]
+                raw.seek(offset)
+                pickled = raw.read(length)  # tensor records carry no CRC (see StreamingTorchWriter)
+        except (zipfile.BadZipFile, StopIteration, OSError, ValueError, KeyError) as exc:
+            raise ConvertError(f"{self.path}: cannot read checkpoint ({exc or type(exc).__name__})") from None
+        size = self.path.stat().st_size
+        for name, (offset, length) in self._records.items():
+            if offset + length > size:
+                raise ConvertError(f"{self.path}: truncated: record '{name}' ends past the end of the file")
+        self._pickled = pickled
+
+    def load(self):
+        from modellink_ckpt.safe_pickle import RestrictedUnpickler
+
+        reader = self
+
+        class Unpickler(RestrictedUnpickler):
+            source = str(self.path)
+
+            def find_class(self, module, name):
+                if (module, name) in (("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor")):
+                    return _lazy_rebuild
+                if (module, name) == ("torch._utils", "_rebuild_parameter"):
+                    return lambda data, requires_grad=False, hooks=None: data
+                return super().find_class(module, name)
+
+            def persistent_load(self, saved_id):
+                kind, storage_type, key, _location, _numel = saved_id
+                if kind != "storage" or f"data/{key}" not in reader._records:
+                    raise ConvertError(f"{reader.path}: references a missing record data/{key}")
+                dtype = _DTYPE_OF_STORAGE.get(storage_type, torch.uint8)
+                return reader, reader._records[f"data/{key}"], dtype
+
+        try:
+            return Unpickler(io.BytesIO(self._pickled)).load()
+        except ConvertError:
+            raise
+        except Exception as exc:  # a corrupt pickle: name the file once
+            raise ConvertError(f"{self.path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from None
+
+    def read_into(self, offset: int, out: torch.Tensor) -> None:
+        self._reader.read_into(offset, out)
+
+
+def _lazy_rebuild(storage, storage_offset, size, stride, *_ignored):
+    reader, (record_offset, record_bytes), dtype = storage
+    tensor = LazyTensor(reader, record_offset, dtype, size, stride, storage_offset)
+    extent = storage_offset + (1 + sum((n - 1) * s for n, s in zip(tensor.shape, tensor.stride))
+                               if tensor.shape.numel() else 0)
+    if extent * dtype.itemsize > record_bytes:
+        raise ConvertError(f"{reader.path}: a tensor {list(tensor.shape)} reaches past its record")
+    return tensor
+
+
+def load_lazy(path: str | Path):
+    """The object saved in a torch file, with `LazyTensor`s for tensors (zip format), or real
+    tensors through the restricted unpickler for the old non-zip format."""
+    if zipfile.is_zipfile(path):
+        return TorchZipFile(path).load()
+    from modellink_ckpt.safe_pickle import load_torch
+
+    return load_torch(path, mmap=False)

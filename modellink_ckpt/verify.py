@@ -20,7 +20,7 @@ from modellink_ckpt.errors import ConvertError, UsageError
 from modellink_ckpt.loaders.mg import RANK_FILE, TRACKER, MegatronSource
 from modellink_ckpt.manifest import MANIFEST, check_files, read_manifest
 from modellink_ckpt.model_cfg import dims_from_hf_config, load_family
-from modellink_ckpt.safe_pickle import load_torch
+from modellink_ckpt.torch_zip import LazyTensor, load_lazy
 from modellink_ckpt.safetensors_io import SafetensorsFile
 
 
@@ -82,7 +82,7 @@ def _verify_mg(root: Path, manifest_check: bool) -> tuple[list[str], str]:
             problems.append(f"{path}: missing rank file")
             continue
         try:
-            state = load_torch(path)  # memory-mapped: only the pickle is read here
+            state = load_lazy(path)  # only the pickle is read here
         except ConvertError as exc:
             problems.append(str(exc))
             continue
@@ -92,7 +92,7 @@ def _verify_mg(root: Path, manifest_check: bool) -> tuple[list[str], str]:
                 problems.append(f"{path}: no '{model_key}' entry")
                 continue
             found = {n: (tuple(t.shape), t.dtype) for n, t in stored.items()
-                     if isinstance(t, torch.Tensor) and not n.endswith("_extra_state")}
+                     if isinstance(t, (torch.Tensor, LazyTensor)) and not n.endswith("_extra_state")}
             problems += _compare(f"{path} [{model_key}]", found, names)
             tensors += len(found)
     files = len((manifest or {}).get("files", {}))

@@ -52,7 +52,7 @@ import shutil
 import socket
 import tempfile
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.multiprocessing as mp

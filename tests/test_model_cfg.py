@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM, Phi3Config
 
 from mcore_harness import mcore_logits

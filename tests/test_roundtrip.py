@@ -1,6 +1,5 @@
 """hf -> mg (any layout) -> hf reproduces every original tensor bit for bit, and transformers loads it."""
 
-import json
 
 import pytest
 import torch

@@ -15,12 +15,40 @@ import torch
 from modellink_ckpt import mapping
 from modellink_ckpt.errors import ConvertError, UsageError
 from modellink_ckpt.model_cfg import ModelDims, ModelFamily, dims_from_hf_config
-from modellink_ckpt.safe_pickle import load_torch
+from modellink_ckpt.torch_zip import LazyTensor, load_lazy
 from modellink_ckpt.safetensors_io import SafetensorsFile
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "vocab.txt",
                    "chat_template.jinja")
+
+
+class TorchStateFile:
+    """A `pytorch_model*.bin` file read like a `SafetensorsFile`: through the restricted unpickler,
+    each tensor read on demand straight into the caller's memory."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        state = load_lazy(path)
+        if not isinstance(state, dict):
+            raise ConvertError(f"{path}: expected a dict of tensors")
+        self.tensors = {k: v for k, v in state.items() if isinstance(v, (torch.Tensor, LazyTensor))}
+
+    def keys(self):
+        return self.tensors.keys()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def shape_dtype(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        return tuple(self.tensors[name].shape), self.tensors[name].dtype
+
+    def read_rows(self, name: str, start: int, stop: int, out: torch.Tensor) -> None:
+        tensor = self.tensors[name]
+        if isinstance(tensor, LazyTensor):
+            tensor.read_rows(start, stop, out)
+        else:  # an old non-zip file, loaded whole
+            out.copy_(tensor[start:stop])
 
 
 class HfSource:
@@ -67,13 +95,7 @@ class HfSource:
     def _file(self, file_name: str):
         if file_name not in self._open:
             path = self.dir / file_name
-            if file_name.endswith(".safetensors"):
-                self._open[file_name] = SafetensorsFile(path)
-            else:
-                state = load_torch(path, mmap=True)
-                if not isinstance(state, dict):
-                    raise ConvertError(f"{path}: expected a dict of tensors")
-                self._open[file_name] = state
+            self._open[file_name] = SafetensorsFile(path) if file_name.endswith(".safetensors") else TorchStateFile(path)
         return self._open[file_name]
 
     def _locate(self, name: str):
@@ -82,32 +104,15 @@ class HfSource:
         except KeyError:
             raise ConvertError(f"{self.dir}: tensor '{name}' not found in the checkpoint") from None
         source = self._file(file_name)
-        present = name in source.entries if isinstance(source, SafetensorsFile) else isinstance(source.get(name), torch.Tensor)
-        if not present:
+        if name not in source:
             raise ConvertError(f"{self.dir / file_name}: tensor '{name}' (listed in the index) is missing")
         return source
 
     def shape_dtype(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
-        source = self._locate(name)
-        if isinstance(source, SafetensorsFile):
-            dtype, shape, _, _ = source.entries[name]
-            return shape, dtype
-        return tuple(source[name].shape), source[name].dtype
-
-    def copies(self, name: str) -> bool:
-        """Whether reading `name` copies bytes (safetensors) rather than viewing a mapped file."""
-        return isinstance(self._locate(name), SafetensorsFile)
+        return self._locate(name).shape_dtype(name)
 
     def read_rows(self, name: str, start: int, stop: int, out: torch.Tensor) -> None:
         self._locate(name).read_rows(name, start, stop, out)
-
-    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Tensor `name`; read straight into `out` when given (safetensors), else a view or a new tensor."""
-        source = self._locate(name)
-        if isinstance(source, SafetensorsFile):
-            return source.read(name, out)
-        tensor = source[name]  # memory-mapped from a torch file
-        return tensor if out is None else out.copy_(tensor)
 
     def hf_layer_count(self) -> int:
         indices = {int(m.group(1)) for m in (re.search(r"\.layers\.(\d+)\.", k) for k in self.weight_map) if m}
@@ -136,17 +141,13 @@ def _gather(source: HfSource, rules: list[mapping.TensorRule], dims: ModelDims, 
         shapes = [source.shape_dtype(name) for name in rule.hf]
         described = ", ".join(f"{n} {list(shape)}" for n, (shape, _) in zip(rule.hf, shapes))
         out = arena.alloc(expected, shapes[0][1])
-        try:
-            if all(source.copies(name) for name in rule.hf):
-                # read every HF row range straight to its place: no merge copy
-                for name, (shape, _), targets in zip(rule.hf, shapes, rule.part_targets(out)):
-                    if sum(stop - start for start, stop, _ in targets) != shape[0] \
-                            or tuple(shape[1:]) != tuple(out.shape[1:]):
-                        raise RuntimeError("shape mismatch")
-                    for start, stop, view in targets:
-                        source.read_rows(name, start, stop, view)
-            else:  # memory-mapped torch files: merge from the mapping
-                rule.to_mcore([source.read(name) for name in rule.hf], out=out)
+        try:  # every HF row range is read straight to its place: no merge copy
+            for name, (shape, _), targets in zip(rule.hf, shapes, rule.part_targets(out)):
+                if sum(stop - start for start, stop, _ in targets) != shape[0] \
+                        or tuple(shape[1:]) != tuple(out.shape[1:]):
+                    raise RuntimeError("shape mismatch")
+                for start, stop, view in targets:
+                    source.read_rows(name, start, stop, view)
         except RuntimeError as exc:
             raise ConvertError(f"{source.dir}: cannot build {rule.mcore} {list(expected)} from {described} "
                                f"({str(exc).splitlines()[0]})") from None

@@ -17,7 +17,8 @@ from modellink_ckpt import transforms as T
 from modellink_ckpt.errors import ConvertError, UsageError
 from modellink_ckpt.layout import ParallelLayout
 from modellink_ckpt.megatron_args import dims_from_args, layout_from_args
-from modellink_ckpt.safe_pickle import load_torch
+from modellink_ckpt.file_io import scratch_tensor
+from modellink_ckpt.torch_zip import LazyTensor, load_lazy
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RANK_FILE = "model_optim_rng.pt"
@@ -49,7 +50,7 @@ class MegatronSource:
         rank_files = sorted(self.iter_dir.glob(f"mp_rank_*/{RANK_FILE}"))
         if not rank_files:
             raise ConvertError(f"{self.iter_dir}: no mp_rank_*/{RANK_FILE} files")
-        first = load_torch(rank_files[0])
+        first = load_lazy(rank_files[0])
         if not isinstance(first, dict) or "args" not in first:
             raise ConvertError(f"{rank_files[0]}: no 'args' stored; cannot tell its layout")
         self.args = first["args"]
@@ -73,7 +74,9 @@ class MegatronSource:
             path = self.iter_dir / layout.rank_dir(tp_rank, pp_rank, ep_rank) / RANK_FILE
             if not path.is_file():
                 raise ConvertError(f"{path}: missing rank file (the stored args say TP={layout.tp}, PP={layout.pp})")
-            state = load_torch(path)
+            state = load_lazy(path)
+            if not isinstance(state, dict):
+                raise ConvertError(f"{path}: not a Megatron checkpoint (no dict inside)")
             models = {k: v for k, v in state.items() if k == "model" or (k.startswith("model") and k[5:].isdigit())}
             if not models:
                 raise ConvertError(f"{path}: no 'model' entry")
@@ -92,8 +95,10 @@ class MegatronSource:
                                    f"({len(entry['unused'])} in all) that the model config does not explain")
 
     def take(self, layout: ParallelLayout, pp_rank: int, vchunk: int, name: str, tp_kind: str,
-             ep_rank: int = 0, required: bool = True, out=None) -> torch.Tensor | None:
-        """The whole tensor `name` (any spelling) merged over the TP ranks of one stage/chunk."""
+             ep_rank: int = 0, required: bool = True, out: torch.Tensor | None = None,
+             rows: int | None = None) -> torch.Tensor | None:
+        """The whole tensor `name` (any spelling) of one stage/chunk, its TP shards read straight
+        into their place in `out`; `rows` keeps only the first rows (the unpadded vocabulary)."""
         model_key = layout.model_key(vchunk)
         shards = []
         for tp_rank in range(layout.tp):
@@ -108,13 +113,21 @@ class MegatronSource:
                 raise ConvertError(f"{entry['path']}: missing tensor '{name}' in '{model_key}'")
             entry["unused"].discard((model_key, found))
             shards.append(state[found])
-        split_kind = "column" if tp_kind == "vocab" else tp_kind
-        try:
-            if out is not None and out.shape != _merged_shape(shards, split_kind):
-                raise RuntimeError(f"TP shards {[list(s.shape) for s in shards]} do not form {list(out.shape)}")
-            return T.TP_SPLIT[split_kind][1](shards, out=out)
-        except RuntimeError as exc:
-            raise ConvertError(f"{self.iter_dir}: cannot merge '{name}' over TP ({str(exc).splitlines()[0]})") from None
+        kind = "column" if tp_kind == "vocab" else tp_kind
+        merged = _merged_shape(shards, kind)
+        if rows is not None:
+            if merged[0] < rows:
+                raise ConvertError(f"{self.iter_dir}: '{name}' has {merged[0]} rows, fewer than the vocabulary "
+                                   f"size {rows}")
+            merged = torch.Size((rows, *merged[1:]))
+        if out is None:
+            out = torch.empty(merged, dtype=shards[0].dtype)
+        if out.shape != merged or any(s.dtype != out.dtype for s in shards):
+            shapes = ", ".join(f"{list(s.shape)} {s.dtype}" for s in shards)
+            raise ConvertError(f"{self.iter_dir}: '{name}' over TP ranks is {shapes}, which does not form "
+                               f"{list(out.shape)} {out.dtype}")
+        _merge_into(shards, kind, out)
+        return out
 
     def dtype_of(self, layout: ParallelLayout, pp_rank: int, vchunk: int, name: str) -> torch.dtype:
         """The stored dtype of `name` (either spelling), from TP rank 0's file."""
@@ -134,6 +147,44 @@ class MegatronSource:
         return candidates
 
 
+def _read_rows(shard, start: int, stop: int, out: torch.Tensor) -> None:
+    if isinstance(shard, LazyTensor):
+        shard.read_rows(start, stop, out)
+    else:  # an old non-zip file, loaded whole
+        out.copy_(shard[start:stop])
+
+
+def _merge_into(shards, kind: str, out: torch.Tensor) -> None:
+    """The inverse of the TP split of `kind`, reading each shard straight to its place in `out`
+    (which may stop early for a vocabulary without its padding)."""
+    if kind == "replicated":
+        _read_rows(shards[0], 0, shards[0].shape[0] if shards[0].shape else 1, out.view(shards[0].shape))
+    elif kind == "column":
+        start = 0
+        for shard in shards:
+            count = min(shard.shape[0], out.shape[0] - start)
+            if count > 0:
+                _read_rows(shard, 0, count, out[start:start + count])
+            start += shard.shape[0]
+    elif kind == "gated_column":  # rank r holds [G_r; U_r]
+        gate_out, up_out = T.split_gate_up(out)
+        start = 0
+        for shard in shards:
+            half = shard.shape[0] // 2
+            _read_rows(shard, 0, half, gate_out[start:start + half])
+            _read_rows(shard, half, 2 * half, up_out[start:start + half])
+            start += half
+    elif kind == "row":  # dim-1 pieces are strided in `out`: read each whole, then place it
+        start = 0
+        for shard in shards:
+            columns = shard.shape[1]
+            whole = shard.read_into(scratch_tensor(shard.shape, shard.dtype)) if isinstance(shard, LazyTensor) else shard
+            out[:, start:start + columns].copy_(whole)
+            start += columns
+    else:
+        raise ValueError(kind)
+
+
 def _merged_shape(shards, kind: str) -> torch.Size:
     first = shards[0].shape
     if kind in ("column", "gated_column"):
@@ -147,13 +198,12 @@ def _layer_tensors(source, layout, family, dims, hf_layer, slot, arena) -> dict[
     tensors = {}
     for rule in mapping.layer_rules(family, dims, hf_layer):
         name = f"decoder.layers.{slot.local_layer}.{rule.mcore}"
-        where = f"{source.iter_dir}: layer {slot.mg_layer} ({name})"
         dtype = source.dtype_of(layout, slot.pp_rank, slot.vchunk, name)
         out = arena.alloc(mapping.expected_shape(rule.mcore, dims), dtype)
         try:
             tensors[rule.mcore] = source.take(layout, slot.pp_rank, slot.vchunk, name, rule.tp, out=out)
         except ConvertError as exc:
-            raise ConvertError(f"{where}: {exc}") from None
+            raise ConvertError(f"layer {slot.mg_layer}: {exc}") from None
     return tensors
 
 
@@ -170,8 +220,16 @@ def load(plan, sender) -> dict:
                     for _, _, tensors in mapping.model_messages(family, dims, dtype)))
     sender.send("meta", dims=dims.to_dict(), source="mg", dtype=dtype)
 
-    embedding = source.take(layout, first_pp, first_chunk, mapping.EMBEDDING, "vocab")
-    sender.send("embeddings", {mapping.EMBEDDING: _unpad(embedding, dims, source, mapping.EMBEDDING)})
+    def send_vocab(kind, pp_rank, vchunk, name, required=True):
+        arena = sender.arena()
+        dtype = source.dtype_of(layout, pp_rank, vchunk, name)
+        out = arena.alloc((dims.vocab_size, dims.hidden_size), dtype)
+        table = source.take(layout, pp_rank, vchunk, name, "vocab", out=out, rows=dims.vocab_size,
+                            required=required)
+        if table is not None:
+            sender.send(kind, {name: table}, arena)
+
+    send_vocab("embeddings", first_pp, first_chunk, mapping.EMBEDDING)
     for slot in layout.slots():
         if slot.hf_layer is None:
             continue
@@ -182,23 +240,19 @@ def load(plan, sender) -> dict:
                 and slot.pp_rank != last_pp:
             source.release(layout, slot.pp_rank)
 
-    final_norm = source.take(layout, last_pp, last_chunk, mapping.FINAL_NORM, "replicated")
-    mapping.check_shape(mapping.FINAL_NORM, final_norm, dims, where=str(source.iter_dir))
-    sender.send("final_norm", {mapping.FINAL_NORM: final_norm})
-    output = source.take(layout, last_pp, last_chunk, mapping.OUTPUT_LAYER, "vocab",
-                         required=not dims.tie_word_embeddings)
-    if not dims.tie_word_embeddings:
-        sender.send("output_layer", {mapping.OUTPUT_LAYER: _unpad(output, dims, source, mapping.OUTPUT_LAYER)})
+    arena = sender.arena()
+    final_norm = source.take(layout, last_pp, last_chunk, mapping.FINAL_NORM, "replicated",
+                             out=arena.alloc((dims.hidden_size,),
+                                             source.dtype_of(layout, last_pp, last_chunk, mapping.FINAL_NORM)))
+    sender.send("final_norm", {mapping.FINAL_NORM: final_norm}, arena)
+    if dims.tie_word_embeddings:  # the last stage's copy (PP > 1) is only checked off, never sent
+        source.take(layout, last_pp, last_chunk, mapping.OUTPUT_LAYER, "vocab", rows=dims.vocab_size,
+                    required=False)
+    else:
+        send_vocab("output_layer", last_pp, last_chunk, mapping.OUTPUT_LAYER)
     for pp_rank in range(layout.pp):
         source.release(layout, pp_rank)
     sender.send("done")
     return {}
 
 
-def _unpad(table: torch.Tensor, dims, source: MegatronSource, name: str) -> torch.Tensor:
-    if table.shape[0] < dims.vocab_size:
-        raise ConvertError(f"{source.iter_dir}: {name} has {table.shape[0]} rows, fewer than the vocabulary "
-                           f"size {dims.vocab_size}")
-    table = T.unpad_vocab(table, dims.vocab_size)
-    mapping.check_shape(name, table, dims, where=str(source.iter_dir))
-    return table

@@ -1,7 +1,8 @@
-"""An output file that hashes what it writes, and names itself in every write error.
+"""Moving tensor bytes between memory and files, with no copy on the way.
 
-The sha256 of each file goes to the checkpoint's manifest. Hashing runs on a second thread while
-the bytes are written (both release the GIL), so it costs little wall time.
+`HashedFile` is an output file that hashes what it writes (the sha256 goes to the manifest;
+hashing runs on a second thread while the bytes are written, both release the GIL) and names
+itself in every write error. `FileReader` reads byte ranges straight into a tensor's memory.
 """
 
 from __future__ import annotations
@@ -88,19 +89,24 @@ class HashedFile:
 _scratch: dict[int, torch.Tensor] = {}
 
 
-def tensor_bytes(tensor: torch.Tensor):
-    """The bytes of `tensor` in row-major order, for writing. A contiguous tensor gives its own
-    memory; a strided view (a row-parallel TP shard) is gathered into a per-process scratch buffer
-    that is reused, so no fresh memory is faulted in for every shard. Valid until the next call."""
-    if tensor.is_contiguous():
-        return tensor.reshape(-1).view(torch.uint8).numpy() if tensor.numel() else b""
+def scratch_tensor(shape, dtype: torch.dtype) -> torch.Tensor:
+    """A per-process buffer, reused (freshly faulted-in memory costs more than the copy into it).
+    Valid until the next call in the same process."""
+    nbytes = torch.Size(shape).numel() * dtype.itemsize
     pid = os.getpid()
     buffer = _scratch.get(pid)
-    if buffer is None or buffer.numel() < tensor.nbytes:
-        buffer = _scratch[pid] = torch.empty(tensor.nbytes, dtype=torch.uint8)
-    gathered = buffer[:tensor.nbytes]
-    gathered.view(tensor.dtype).view(tensor.shape).copy_(tensor)
-    return gathered.numpy()
+    if buffer is None or buffer.numel() < nbytes:
+        buffer = _scratch[pid] = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+    return buffer[:nbytes].view(dtype).view(shape)
+
+
+def tensor_bytes(tensor: torch.Tensor):
+    """The bytes of `tensor` in row-major order, for writing: a contiguous tensor gives its own
+    memory; a strided view (a row-parallel TP shard) is gathered into the scratch buffer."""
+    if tensor.is_contiguous():
+        return tensor.reshape(-1).view(torch.uint8).numpy() if tensor.numel() else b""
+    gathered = scratch_tensor(tensor.shape, tensor.dtype).copy_(tensor)
+    return gathered.reshape(-1).view(torch.uint8).numpy()
 
 
 def sha256_of(path: str | Path) -> tuple[int, str]:
@@ -113,3 +119,25 @@ def sha256_of(path: str | Path) -> tuple[int, str]:
                 return size, sha.hexdigest()
             sha.update(block)
             size += len(block)
+
+
+class FileReader:
+    """Positional reads of one file into tensors, with one descriptor per process (kept open)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._fd: tuple[int, int] | None = None
+
+    def read_into(self, offset: int, out: torch.Tensor, what: str = "a tensor") -> None:
+        if self._fd is None or self._fd[1] != os.getpid():
+            self._fd = (os.open(self.path, os.O_RDONLY), os.getpid())
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy()) if out.nbytes else memoryview(b"")
+        done = 0
+        while done < len(view):
+            count = os.preadv(self._fd[0], [view[done:]], offset + done)
+            if not count:
+                raise ConvertError(f"{self.path}: truncated while reading {what}")
+            done += count
+
+    def __getstate__(self):  # a descriptor never crosses a process boundary
+        return {"path": self.path, "_fd": None}
