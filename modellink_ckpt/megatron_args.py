@@ -56,8 +56,20 @@ def make_args(dims: ModelDims, layout: ParallelLayout, *, padded_vocab: int, div
         use_mcore_models=True,
         model_type_hf=model_type_hf,
         tokenizer_model=tokenizer_model,
+        # MoE and MLA sizes: this is a dense model with standard attention
         num_experts=None,
+        moe_router_topk=None,
+        moe_ffn_hidden_size=None,
         moe_grouped_gemm=False,
+        n_shared_experts=None,
+        first_k_dense_replace=None,
+        moe_layer_freq=None,
+        multi_latent_attention=False,
+        q_lora_rank=None,
+        kv_lora_rank=None,
+        qk_head_dim=None,
+        qk_pos_emb_head_dim=None,
+        v_head_dim=None,
         iteration=iteration,
     )
 

@@ -196,3 +196,27 @@ def test_noop_layers_given_on_the_command_line_for_a_checkpoint_that_does_not_re
         torch.save(state, path)
     back = mg_to_hf(mg, tmp_path / "out", "llama2", "--noop-layers", "2,5")
     assert_same_tensors(load_hf_state(hf_dir), load_hf_state(back))
+
+
+ARGS_READ_BACK_BY_TRAINING = """num_layers hidden_size ffn_hidden_size num_attention_heads num_query_groups
+group_query_attention kv_channels max_position_embeddings position_embedding_type rotary_base normalization
+norm_epsilon swiglu add_bias_linear add_qkv_bias qk_layernorm untie_embeddings_and_output_weights
+padded_vocab_size make_vocab_size_divisible_by tensor_model_parallel_size pipeline_model_parallel_size
+expert_model_parallel_size num_layers_per_virtual_pipeline_stage num_layer_list noop_layers params_dtype bf16 fp16
+num_experts moe_router_topk moe_ffn_hidden_size moe_grouped_gemm n_shared_experts first_k_dense_replace
+moe_layer_freq q_lora_rank kv_lora_rank qk_head_dim qk_pos_emb_head_dim v_head_dim iteration""".split()
+
+
+def test_rank_files_hold_the_megatron_layout_and_args(hf_models, tmp_path):
+    mg = hf_to_mg(hf_models("qwen3", torch.bfloat16), tmp_path / "mg", "qwen3", *LAYOUTS["noop"])
+    assert (mg / "latest_checkpointed_iteration.txt").read_text() == "1"
+    ranks = load_mg_state(mg)
+    assert sorted(ranks) == ["mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000", "mp_rank_01_001"]
+    for rank in ranks.values():
+        assert rank["checkpoint_version"] == 3.0 and rank["iteration"] == 1
+        assert not [name for name in ARGS_READ_BACK_BY_TRAINING if not hasattr(rank["args"], name)]
+        assert rank["args"].num_layers == 6 and rank["args"].noop_layers == "1,5"
+        assert rank["args"].kv_channels == 16 and rank["args"].qk_layernorm
+    stage0 = ranks["mp_rank_00_000"]["model"]
+    assert "decoder.layers.1.input_layernorm.weight" not in stage0  # the noop slot has no keys
+    assert {"decoder.layers.0.input_layernorm.weight", "decoder.layers.2.input_layernorm.weight"} <= set(stage0)
