@@ -15,6 +15,7 @@ import os
 import resource
 import signal
 import sys
+import threading
 import time
 import traceback
 from multiprocessing.connection import wait
@@ -25,6 +26,7 @@ import torch.multiprocessing as mp
 
 from modellink_ckpt.errors import ConvertError
 from modellink_ckpt.safetensors_io import shared_empty
+from modellink_ckpt.staging import pid_alive
 
 MESSAGE_KINDS = ("meta", "embeddings", "layer", "final_norm", "output_layer", "done")
 
@@ -143,20 +145,32 @@ class Receiver:
                 return
 
 
-def _die_with_parent() -> None:
-    """Linux: get SIGKILL when the parent dies, so no orphan keeps writing."""
+def _die_with_parent(caller: int) -> None:
+    """Linux: get SIGKILL when the parent dies, so no orphan keeps writing. The caller may have
+    died before this was armed: then stop at once."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:  # pragma: no cover - not Linux
         pass
+    if not pid_alive(caller):
+        os._exit(1)
+
+
+def _quiet_thread_errors() -> None:
+    """Errors in helper threads (e.g. multiprocessing's descriptor server when the other process
+    died) are consequences: the parent reports the cause as one line."""
+    if not os.environ.get("CONVERT_CKPT_DEBUG"):
+        sys.excepthook = lambda *args: None
+        threading.excepthook = lambda args: None
 
 
 def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _run_child(role: str, work: Callable, args, channel, errors, results) -> None:
-    _die_with_parent()
+def _run_child(role: str, work: Callable, args, channel, errors, results, caller: int) -> None:
+    _die_with_parent(caller)
+    _quiet_thread_errors()
     # Being stopped by the parent raises SystemExit here, so the saver's cleanup still runs.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -216,6 +230,28 @@ def _context(start_method: str):
     return ctx
 
 
+def _cause(processes, errors, first_error: str | None = None) -> str:
+    """The message for a failed run: a process killed by a signal is the cause even when its
+    partner reported an error first (the partner only lost its peer); else the first error."""
+    started = time.monotonic()
+    while True:  # give a killed partner a moment to be seen, and a late error report time to arrive
+        waited = time.monotonic() - started
+        killed = any(p.exitcode is not None and p.exitcode < 0 for p in processes)
+        have_error = first_error is not None or not errors.empty()
+        if killed or (have_error and waited >= 0.3) or waited >= 2.0:
+            break
+        time.sleep(0.05)
+    for process in processes:
+        if process.exitcode is not None and process.exitcode < 0:
+            return f"the {process.name} process was killed by signal {-process.exitcode}; nothing was completed"
+    if first_error is None and not errors.empty():
+        first_error = errors.get()[1]
+    if first_error:
+        return first_error
+    failed = next(p for p in processes if p.exitcode not in (None, 0))
+    return f"the {failed.name} process exited with code {failed.exitcode}; nothing was completed"
+
+
 def run(args, load: Callable, save: Callable, start_method: str = "forkserver") -> dict:
     """Run `load(args, sender)` and `save(args, receiver)` in two processes; returns the saver's result.
 
@@ -225,9 +261,11 @@ def run(args, load: Callable, save: Callable, start_method: str = "forkserver") 
     queue = ctx.Queue(maxsize=max(1, args.max_queue_size))
     acks, errors, results = ctx.Queue(), ctx.SimpleQueue(), ctx.SimpleQueue()
     sender = Sender(queue, acks, max(1, args.max_queue_size), int(args.max_queue_gb * (1 << 30)))
-    loader = ctx.Process(target=_run_child, name="loader", args=("loader", load, args, sender, errors, results))
+    caller = os.getpid()
+    loader = ctx.Process(target=_run_child, name="loader",
+                         args=("loader", load, args, sender, errors, results, caller))
     saver = ctx.Process(target=_run_child, name="saver",
-                        args=("saver", save, args, Receiver(queue, acks), errors, results))
+                        args=("saver", save, args, Receiver(queue, acks), errors, results, caller))
     processes = [loader, saver]
     outcomes: dict[str, dict] = {}
     previous = signal.getsignal(signal.SIGTERM)
@@ -242,7 +280,8 @@ def run(args, load: Callable, save: Callable, start_method: str = "forkserver") 
                 role, outcome = results.get()
                 outcomes[role] = outcome
             if not errors.empty():
-                role, message = errors.get()
+                _, message = errors.get()
+                message = _cause(processes, errors, message)
                 _stop(processes)
                 raise ConvertError(message)
             for sentinel in ready:
@@ -251,17 +290,9 @@ def run(args, load: Callable, save: Callable, start_method: str = "forkserver") 
                     continue
                 process.join()
                 if process.exitcode != 0:
-                    deadline = time.monotonic() + 2  # the error report may be a moment behind the exit
-                    while errors.empty() and time.monotonic() < deadline:
-                        time.sleep(0.05)
-                    if not errors.empty():
-                        _, message = errors.get()
-                        _stop(processes)
-                        raise ConvertError(message)
+                    message = _cause(processes, errors)
                     _stop(processes)
-                    how = (f"was killed by signal {-process.exitcode}" if process.exitcode < 0
-                           else f"exited with code {process.exitcode}")
-                    raise ConvertError(f"the {process.name} process {how}; nothing was completed")
+                    raise ConvertError(message)
         while not results.empty():
             role, outcome = results.get()
             outcomes[role] = outcome

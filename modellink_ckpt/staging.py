@@ -6,6 +6,7 @@ folder, which the next run removes (when its process is gone) and mentions.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import shutil
@@ -17,14 +18,33 @@ from modellink_ckpt.errors import ConvertError, UsageError
 _PARTIAL = re.compile(r"^\.(?P<name>.+)\.(partial|old)-(?P<pid>\d+)$")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` still runs (a zombie, dead but not yet reaped, does not)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
         return False
-    except PermissionError:
+    except OSError:  # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
         return True
-    return True
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    result = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    return result == 0
 
 
 def remove_stale_partials(target: Path, quiet: bool = False) -> None:
@@ -37,7 +57,7 @@ def remove_stale_partials(target: Path, quiet: bool = False) -> None:
 def _remove_partials_in(parent: Path, name: str | None, quiet: bool) -> None:
     for entry in parent.iterdir():
         match = _PARTIAL.match(entry.name)
-        if match and (name is None or match["name"] == name) and not _pid_alive(int(match["pid"])):
+        if match and (name is None or match["name"] == name) and not pid_alive(int(match["pid"])):
             if not quiet:
                 print(f"note: removing {entry}, left by an interrupted conversion", file=sys.stderr)
             if entry.is_dir():
@@ -75,18 +95,19 @@ class StagedDir:
             raise ConvertError(f"{self.path}: cannot create ({exc.strerror})") from None
 
     def publish(self) -> Path:
-        """Move the finished folder into place (replacing the old one only when overwriting)."""
-        old = None
-        if self.target.exists():
+        """Move the finished folder into place, replacing the old one (only when overwriting) in
+        one atomic exchange: at every moment the target is the old folder or the new one."""
+        if occupied(self.target):
             check_target(self.target, self.overwrite)
-            if not occupied(self.target):  # an empty folder: rename(2) replaces it atomically
-                os.replace(self.path, self.target)
+            if _exchange(self.path, self.target):
+                shutil.rmtree(self.path, ignore_errors=True)  # now the old folder
                 return self.target
-            old = self.target.parent / f".{self.target.name}.old-{os.getpid()}"
+            old = self.target.parent / f".{self.target.name}.old-{os.getpid()}"  # no exchange: two renames
             os.replace(self.target, old)
-        os.replace(self.path, self.target)
-        if old is not None:
+            os.replace(self.path, self.target)
             shutil.rmtree(old, ignore_errors=True)
+            return self.target
+        os.replace(self.path, self.target)  # rename(2) also replaces an empty folder atomically
         return self.target
 
     def discard(self) -> None:
