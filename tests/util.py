@@ -69,3 +69,54 @@ def assert_same_tensors(a: dict, b: dict, what: str = "") -> None:
 
 def read_json(path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+# --- helpers for the crash, fuzz and disk-full tests -------------------------------------------
+
+CLI_BASE = ("--model-type", "GPT", "--model-type-hf", "llama2", "--use-mcore-models")
+
+
+def cli_argv(load_type, save_type, load_dir, save_dir, *flags, quiet: bool = True) -> list[str]:
+    """The full `python convert_ckpt.py ...` command line (for Popen / subprocess.run)."""
+    argv = [sys.executable, str(ROOT / "convert_ckpt.py"), *CLI_BASE, "--load-model-type", load_type,
+            "--save-model-type", save_type, "--load-dir", str(load_dir), "--save-dir", str(save_dir),
+            *map(str, flags)]
+    return argv + ["--quiet"] if quiet else argv
+
+
+def assert_one_line_error(returncode: int, stderr: str, what: str = "") -> str:
+    """A failure as the contract wants it: non-zero exit, exactly one non-empty stderr line
+    starting with 'error: ', no traceback. Returns that line."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert returncode != 0, f"{what}: expected a failure, got exit 0"
+    assert "Traceback" not in stderr, f"{what}: traceback on stderr:\n{stderr}"
+    assert len(lines) == 1 and lines[0].startswith("error: "), f"{what}: not one 'error: ' line:\n{stderr}"
+    return lines[0]
+
+
+def staging_leftovers(folder) -> list[Path]:
+    """Hidden `.<name>.partial-<pid>` / `.<name>.old-<pid>` entries anywhere under `folder`."""
+    folder = Path(folder)
+    if not folder.exists():
+        return []
+    return sorted(p for p in folder.rglob(".*") if ".partial-" in p.name or ".old-" in p.name)
+
+
+def looks_complete(save_dir) -> bool:
+    """Whether anything under `save_dir` looks like a finished checkpoint: a tracker file, a visible
+    iteration folder or an `mg2hf` folder (hidden staging entries do not count)."""
+    save_dir = Path(save_dir)
+    if not save_dir.exists():
+        return False
+    visible = [p for p in save_dir.rglob("*")
+               if not any(part.startswith(".") for part in p.relative_to(save_dir).parts)]
+    return any(p.name == "latest_checkpointed_iteration.txt" or p.name.startswith("iter_") or p.name == "mg2hf"
+               for p in visible)
+
+
+def report_lines(request, lines) -> None:
+    """Print summary lines to the terminal even while pytest captures output (shown with -q too)."""
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled():
+        for line in lines:
+            print(line, flush=True)
