@@ -58,6 +58,13 @@ def _remove_partials_in(parent: Path, name: str | None, quiet: bool) -> None:
     for entry in parent.iterdir():
         match = _PARTIAL.match(entry.name)
         if match and (name is None or match["name"] == name) and not pid_alive(int(match["pid"])):
+            target = parent / match["name"]
+            if entry.name.endswith(f".old-{match['pid']}") and not target.exists():
+                # killed between the two renames of a replace: the previous target comes back
+                os.replace(entry, target)
+                if not quiet:
+                    print(f"note: restored {target}, which an interrupted conversion was replacing", file=sys.stderr)
+                continue
             if not quiet:
                 print(f"note: removing {entry}, left by an interrupted conversion", file=sys.stderr)
             if entry.is_dir():

@@ -341,11 +341,7 @@ def _damaged_hf_copy(s: Sources, tmp: Path, damage) -> Path:
     pytest.skip("no shard of this model has the needed header layout")
 
 
-@pytest.mark.slow  # a bug's reproduction: run with --run-slow
-@pytest.mark.xfail(strict=True, reason=(
-    "converter bug: SafetensorsFile takes the dtype from the header and the loader passes it on; a "
-    "float model whose header says I32 for a weight (same byte size) converts silently into an mg "
-    "checkpoint holding an int32 tensor"))
+@pytest.mark.slow
 def test_dtype_changed_in_header_is_refused(sources, tmp_path):
     def to_int32(path, raw, length):
         head = raw[8:8 + length]

@@ -447,12 +447,7 @@ def run_injected(script: str, argv, marker: Path, **env) -> subprocess.Completed
 @pytest.mark.slow  # ~4 s each
 @pytest.mark.parametrize("publish", [
     "exchange",
-    pytest.param("two renames", marks=pytest.mark.xfail(strict=True, reason=(
-        "converter bug (fallback only, where renameat2(RENAME_EXCHANGE) is missing or refused by the "
-        "filesystem): StagedDir.publish() then moves the old target to .<name>.old-<pid> before moving the "
-        "new one in; a saver killed in between leaves no target (mg: the tracker without iter_0000001, a "
-        "complete-looking but broken checkpoint) and the parent's remove_stale_partials() deletes both the "
-        ".old- (previous checkpoint) and the .partial- (new one)"))),
+    "two renames",  # where renameat2(RENAME_EXCHANGE) is missing: the next cleanup restores the old target
 ])
 @pytest.mark.parametrize("kind", ["mg", "hf"])
 def test_kill_while_publishing_keeps_a_checkpoint(world, subreaper, tmp_path, kind, publish):

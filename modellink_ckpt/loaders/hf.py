@@ -139,6 +139,10 @@ def _gather(source: HfSource, rules: list[mapping.TensorRule], dims: ModelDims, 
     for rule in rules:
         expected = mapping.expected_shape(rule.mcore, dims)
         shapes = [source.shape_dtype(name) for name in rule.hf]
+        for name, (_, dtype) in zip(rule.hf, shapes):
+            if not dtype.is_floating_point:
+                raise ConvertError(f"{source.dir}: tensor '{name}' is {str(dtype).replace('torch.', '')}; "
+                                   f"model weights must be floating point")
         described = ", ".join(f"{n} {list(shape)}" for n, (shape, _) in zip(rule.hf, shapes))
         out = arena.alloc(expected, shapes[0][1])
         try:  # every HF row range is read straight to its place: no merge copy

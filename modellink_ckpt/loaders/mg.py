@@ -113,6 +113,9 @@ class MegatronSource:
                 raise ConvertError(f"{entry['path']}: missing tensor '{name}' in '{model_key}'")
             entry["unused"].discard((model_key, found))
             shards.append(state[found])
+        if not shards[0].dtype.is_floating_point:
+            raise ConvertError(f"{self.iter_dir}: '{name}' is {str(shards[0].dtype).replace('torch.', '')}; "
+                               f"model weights must be floating point")
         kind = "column" if tp_kind == "vocab" else tp_kind
         merged = _merged_shape(shards, kind)
         if rows is not None:
