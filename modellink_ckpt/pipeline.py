@@ -2,9 +2,9 @@
 
 The loader streams `meta`, `embeddings`, one `layer` message per model layer, `final_norm`,
 `output_layer` and `done`. Tensors travel in a few shared-memory arenas that the loader reuses
-once the saver acknowledges a message: at most `--max-queue-size` messages and
-`--max-queue-gb` bytes (but always two messages) are in flight, whatever the model size. If either process fails, the parent
-stops the other at once and reports the first error as one line.
+once the saver acknowledges a message: at most `--max-queue-size` messages and `--max-queue-gb`
+bytes (but always two messages) are in flight, whatever the model size. If either process fails,
+the parent stops the other at once and reports the cause as one line.
 """
 
 from __future__ import annotations
