@@ -204,6 +204,7 @@ def _run_child(role: str, work: Callable, args, channel, errors, results, caller
 
 
 def _stop(processes) -> None:
+    processes = [p for p in processes if p.pid is not None]  # one that never started needs nothing
     for process in processes:
         if process.is_alive():
             process.terminate()
