@@ -131,10 +131,7 @@ def st_header_byte(src: Path, s: Sources, shard: int, pos: int, byte: int) -> st
         return "fail"
     if after == before:
         return "same"  # metadata or padding: nothing a reader needs changed
-    if any(info.get("dtype") != before.get(name, {}).get("dtype") for name, info in after.items()
-           if isinstance(info, dict)):
-        return "any"   # F32 -> I32 (same size): see test_dtype_changed_in_header_is_refused
-    return "fail"
+    return "fail"  # a name, dtype (even F32 -> I32 of the same size), shape or offset changed
 
 
 def st_data_bit(src: Path, s: Sources, shard: int, pos: int, bit: int) -> str:
@@ -330,7 +327,7 @@ def test_fuzz_corrupted_inputs_many(sources, request):
     assert fuzz(sources, examples, request) >= 90
 
 
-# --- damage the property above lets pass, pinned down -------------------------------------------
+# --- damage the property cannot judge, pinned down -------------------------------------------
 
 def _damaged_hf_copy(s: Sources, tmp: Path, damage) -> Path:
     src = shutil.copytree(s.hf, tmp / "src")
@@ -341,7 +338,7 @@ def _damaged_hf_copy(s: Sources, tmp: Path, damage) -> Path:
     pytest.skip("no shard of this model has the needed header layout")
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # a fixed bug (a float weight stored as I32 converted silently), kept as a regression test
 def test_dtype_changed_in_header_is_refused(sources, tmp_path):
     def to_int32(path, raw, length):
         head = raw[8:8 + length]
@@ -358,7 +355,7 @@ def test_dtype_changed_in_header_is_refused(sources, tmp_path):
     assert not looks_complete(tmp_path / "out")
 
 
-# (was a bug: the header's offsets were not required to tile the data region; fixed, kept as a regression test)
+@pytest.mark.slow  # a fixed bug (offsets not required to tile the data region), kept as a regression test
 def test_header_length_into_padding_is_refused(sources, tmp_path):
     def shorten(path, raw, length):
         pad = length - len(raw[8:8 + length].rstrip(b" "))
