@@ -1,5 +1,7 @@
 # Two commands for a new user: `make demo` (set up + run the built-in example) and `make test`.
-PYTHON ?= python3
+# The first Python 3.10+ that can make a virtual environment (Debian's python3 cannot without python3-venv).
+PYTHON ?= $(shell for p in python3 python3.13 python3.12 python3.11 python3.10; do \
+	$$p -c 'import sys, ensurepip, venv; assert sys.version_info >= (3, 10)' >/dev/null 2>&1 && { command -v $$p; break; }; done)
 VENV   := .venv
 BIN    := $(VENV)/bin
 MCORE  := megatron-core==0.16.1
@@ -9,7 +11,8 @@ MCORE  := megatron-core==0.16.1
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+	@test -n "$(PYTHON)" || { echo "error: no Python 3.10+ with the venv module found (on Debian: apt-get install python3-venv)"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -r requirements.txt -r requirements-dev.txt
