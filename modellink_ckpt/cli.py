@@ -23,6 +23,7 @@ from modellink_ckpt import pipeline
 from modellink_ckpt.errors import ConvertError, UsageError
 from modellink_ckpt.layout import ParallelLayout
 from modellink_ckpt.megatron_args import DTYPE_FLAGS
+from modellink_ckpt.mg_names import MLA_SPELLINGS, Spelling
 from modellink_ckpt.model_cfg import ModelDims, ModelFamily, dims_from_hf_config, load_family
 from modellink_ckpt.staging import check_target, remove_stale_partials
 
@@ -62,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--add-qkv-bias", action="store_true", default=None)
     p.add_argument("--add-dense-bias", action="store_true", default=None)
     p.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default="local")
+    p.add_argument("--moe-grouped-gemm", action="store_true",
+                   help="write routed experts in the grouped layout (weight1/weight2; with transformer_engine: "
+                        "linear_fc1.weight<j>)")
+    p.add_argument("--mla-spelling", choices=list(MLA_SPELLINGS), default="mindspeed",
+                   help="MLA tensor names: MindSpeed-LLM's fused linear_qkv (default) or upstream Megatron-Core's "
+                        "linear_q_down_proj/linear_kv_down_proj")
     p.add_argument("--max-queue-size", type=int, default=50, help="loader->saver queue capacity in messages")
     p.add_argument("--max-queue-gb", type=float, default=1.0, help="at most this many GB in flight")
     p.add_argument("--max-shard-size", default="5GB", help="largest HF output shard (e.g. 5GB, 500MB)")
@@ -71,10 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="check everything, print the plan (files, layers per stage, bytes) and write nothing")
     # accepted for compatibility with existing scripts; they change nothing here
-    for flag in ("--spec", "--load-hf-from-config", "--mtp-num-layers", "--lora-load", "--lora-r", "--lora-alpha",
-                 "--lora-target-modules", "--save-lora-to-hf", "--load-checkpoint-loosely", "--moe-grouped-gemm"):
+    p.add_argument("--mtp-num-layers", type=int, default=None,
+                   help="also convert this many multi-token-prediction layers (DeepSeek-V3)")
+    for flag in ("--spec", "--load-hf-from-config", "--lora-load", "--lora-r", "--lora-alpha",
+                 "--lora-target-modules", "--save-lora-to-hf", "--load-checkpoint-loosely"):
         kwargs = {"nargs": "*"} if flag in ("--spec", "--lora-target-modules") else {}
-        if flag in ("--load-hf-from-config", "--save-lora-to-hf", "--load-checkpoint-loosely", "--moe-grouped-gemm"):
+        if flag in ("--load-hf-from-config", "--save-lora-to-hf", "--load-checkpoint-loosely"):
             kwargs = {"action": "store_true"}
         p.add_argument(flag, help=argparse.SUPPRESS, **kwargs)
     return p
@@ -104,7 +113,7 @@ class Plan:
     padded_vocab: int | None
     divisible_by: int
     params_dtype: torch.dtype | None
-    transformer_impl: str
+    target_spelling: Spelling
     tokenizer_model: str | None
     hf_config_dir: Path | None
     max_queue_size: int
@@ -124,12 +133,12 @@ class Plan:
 
 
 def _unsupported(args) -> None:
+    if args.save_lora_to_hf and args.moe_grouped_gemm:
+        raise UsageError("--save-lora-to-hf and --moe-grouped-gemm are exclusive (the adapter is per expert)")
     if args.load_model_type == "optim":
         raise UsageError("--load-model-type optim: distributed-optimizer checkpoints are not supported yet")
     if args.lora_load or args.save_lora_to_hf:
         raise UsageError("--lora-load / --save-lora-to-hf: LoRA conversion is not supported yet")
-    if args.moe_grouped_gemm or args.target_expert_parallel_size != 1:
-        raise UsageError("--moe-grouped-gemm / --target-expert-parallel-size: MoE models are not supported yet")
     if args.load_model_type == "hf" and args.save_model_type == "hf":
         raise UsageError("--load-model-type hf --save-model-type hf: nothing to convert")
 
@@ -149,16 +158,27 @@ def _check_hf_config_matches(plan_dims: ModelDims, family: ModelFamily, folder: 
                              f"{getattr(other, field)}, the checkpoint has {getattr(plan_dims, field)})")
 
 
+def _expert_layout(args) -> str:
+    if not args.moe_grouped_gemm:
+        return "per_expert"
+    return "te_grouped" if args.transformer_impl == "transformer_engine" else "grouped_gemm"
+
+
 def build_plan(args) -> Plan:
     _unsupported(args)
     family = load_family(args.model_type_hf, args.model_cfg)
-    overrides = {"add_qkv_bias": args.add_qkv_bias, "add_dense_bias": args.add_dense_bias}
+    overrides = {"add_qkv_bias": args.add_qkv_bias, "add_dense_bias": args.add_dense_bias,
+                 "mtp_num_layers": args.mtp_num_layers}
     source_layout = source_tokenizer = None
     if args.load_model_type == "hf":
         from modellink_ckpt.loaders.hf import HfSource
 
         source = HfSource(args.load_dir)
         dims = source.dims(family, overrides)
+        skipped = source.unconverted_mtp_layers(dims)
+        if skipped and not args.quiet:
+            print(f"note: {args.load_dir} holds {skipped} multi-token-prediction layer(s) that are not converted; "
+                  f"pass --mtp-num-layers {skipped + dims.mtp_num_layers} to convert them", file=sys.stderr)
         source_dtype = source.dtype()
     else:
         from modellink_ckpt.loaders.mg import MegatronSource
@@ -172,7 +192,11 @@ def build_plan(args) -> Plan:
                     break
         if args.save_model_type == "hf" and args.noop_layers and not getattr(source.args, "noop_layers", None):
             source.args.noop_layers = args.noop_layers  # a checkpoint whose args do not record them
-        dims = source.dims(vocab, overrides)
+        stored_mtp = int(getattr(source.args, "mtp_num_layers", None) or 0)
+        if args.mtp_num_layers is not None and args.mtp_num_layers != stored_mtp:
+            raise UsageError(f"--mtp-num-layers {args.mtp_num_layers}: {args.load_dir} holds {stored_mtp} "
+                             f"multi-token-prediction layer(s) (its stored args)")
+        dims = source.dims(vocab, {**overrides, "mtp_num_layers": None})
         source_layout = source.layout(dims)
         recorded = getattr(source.args, "tokenizer_model", None)
         source_tokenizer = Path(recorded) if isinstance(recorded, str) and Path(recorded).is_file() else None
@@ -184,7 +208,11 @@ def build_plan(args) -> Plan:
             dims.num_layers, tp=args.target_tensor_parallel_size, pp=args.target_pipeline_parallel_size,
             ep=args.target_expert_parallel_size, vpp_layers=args.num_layers_per_virtual_pipeline_stage,
             num_layer_list=args.num_layer_list, noop_layers=args.noop_layers,
-            num_heads=dims.num_attention_heads, num_query_groups=dims.num_query_groups)
+            num_heads=dims.num_attention_heads,
+            num_query_groups=None if dims.multi_latent_attention else dims.num_query_groups,
+            num_experts=dims.num_experts, expert_tp=args.expert_tensor_parallel_size)
+        if args.moe_grouped_gemm and not dims.num_experts:
+            raise UsageError("--moe-grouped-gemm: the model has no experts")
         if args.make_vocab_size_divisible_by < 1:
             raise UsageError("--make-vocab-size-divisible-by must be at least 1")
         padded = target_layout.padded_vocab(dims.vocab_size, args.make_vocab_size_divisible_by)
@@ -205,7 +233,8 @@ def build_plan(args) -> Plan:
         save_dir=args.save_dir, family=family, dims=dims, source_layout=source_layout,
         target_layout=target_layout, padded_vocab=padded, divisible_by=args.make_vocab_size_divisible_by,
         params_dtype=DTYPE_FLAGS[args.params_dtype] if args.params_dtype else None,
-        transformer_impl=args.transformer_impl, tokenizer_model=args.tokenizer_model,
+        target_spelling=Spelling(args.transformer_impl, _expert_layout(args), args.mla_spelling),
+        tokenizer_model=args.tokenizer_model,
         hf_config_dir=args.hf_cfg_dir, max_queue_size=args.max_queue_size, max_queue_gb=args.max_queue_gb,
         max_shard_bytes=parse_size(args.max_shard_size, "--max-shard-size"), overwrite=args.overwrite,
         quiet=args.quiet, source_tokenizer=source_tokenizer, source_dtype=source_dtype)
@@ -266,7 +295,8 @@ def _describe(plan: Plan) -> str:
     if plan.target_layout is None:
         return f"{plan.save_dir / 'mg2hf'}"
     lay = plan.target_layout
-    extra = "".join([f" VPP{lay.vpp}" if lay.vpp_layers else "",
+    extra = "".join([f" EP{lay.ep}" if lay.ep > 1 else "", f" ETP{lay.etp}" if lay.etp != lay.tp else "",
+                     f" VPP{lay.vpp}" if lay.vpp_layers else "",
                      f" layers {','.join(map(str, lay.num_layer_list))}" if lay.num_layer_list else "",
                      f" noop {','.join(map(str, lay.noop_layers))}" if lay.noop_layers else ""])
     return f"{plan.save_dir} (TP{lay.tp} PP{lay.pp}{extra})"

@@ -47,16 +47,35 @@ class ParallelLayout:
     vpp_layers: int | None = None          # --num-layers-per-virtual-pipeline-stage
     num_layer_list: tuple[int, ...] = ()   # --num-layer-list (uneven PP)
     noop_layers: tuple[int, ...] = ()      # --noop-layers (global Megatron slots)
+    expert_tp: int | None = None           # --expert-tensor-parallel-size (None: TP)
 
     @classmethod
     def build(cls, hf_layers: int, *, tp: int = 1, pp: int = 1, ep: int = 1, vpp_layers: int | None = None,
               num_layer_list=None, noop_layers=None, num_heads: int | None = None,
-              num_query_groups: int | None = None, prefix: str = "--target-") -> "ParallelLayout":
+              num_query_groups: int | None = None, num_experts: int = 0, expert_tp: int | None = None,
+              prefix: str = "--target-") -> "ParallelLayout":
         layout = cls(hf_layers, int(tp), int(pp), int(ep), int(vpp_layers) if vpp_layers else None,
                      parse_int_list(num_layer_list, "--num-layer-list"),
-                     tuple(sorted(set(parse_int_list(noop_layers, "--noop-layers")))))
+                     tuple(sorted(set(parse_int_list(noop_layers, "--noop-layers")))),
+                     int(expert_tp) if expert_tp and int(expert_tp) != int(tp) else None)
         layout.validate(num_heads, num_query_groups, prefix)
+        layout.validate_experts(num_experts, prefix)
         return layout
+
+    @property
+    def etp(self) -> int:
+        """Expert tensor-parallel size: TP, or 1 for whole experts on every TP rank."""
+        return self.expert_tp or self.tp
+
+    def validate_experts(self, num_experts: int, prefix: str) -> None:
+        ep_flag = f"{prefix}expert-parallel-size"
+        if self.ep > 1 and not num_experts:
+            raise UsageError(f"{ep_flag} {self.ep}: the model has no experts")
+        if num_experts and num_experts % self.ep:
+            raise UsageError(f"{ep_flag} {self.ep} does not divide the {num_experts} experts of the model")
+        if self.etp not in (1, self.tp):
+            raise UsageError(f"--expert-tensor-parallel-size {self.etp}: must be 1 or the tensor-parallel size "
+                             f"{self.tp}")
 
     @property
     def num_layers(self) -> int:
@@ -101,6 +120,7 @@ class ParallelLayout:
 
     def describe(self) -> dict:
         return {"tensor_parallel": self.tp, "pipeline_parallel": self.pp, "expert_parallel": self.ep,
+                "expert_tensor_parallel": self.etp,
                 "virtual_pipeline_layers": self.vpp_layers, "num_layer_list": list(self.num_layer_list) or None,
                 "noop_layers": list(self.noop_layers) or None, "num_layers": self.num_layers}
 

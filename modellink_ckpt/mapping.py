@@ -13,7 +13,6 @@ from typing import Callable
 import torch
 
 from modellink_ckpt import transforms as T
-from modellink_ckpt.errors import ConvertError
 from modellink_ckpt.model_cfg import ModelDims, ModelFamily
 
 Tensors = list[torch.Tensor]
@@ -25,18 +24,22 @@ OUTPUT_LAYER = "output_layer.weight"
 
 @dataclasses.dataclass(frozen=True)
 class TensorRule:
-    """One Megatron tensor (`mcore`, layer-relative for layers) and the HF tensors it comes from.
+    """One Megatron tensor (`mcore`, layer-relative for layers) of `shape` and the HF tensors it
+    comes from.
 
     `merge(parts, out)` builds it from the HF parts and `split(full)` gives them back (tensors or
-    `Rows`); a rule without them is a plain rename.
+    `Rows`); a rule without them is a plain rename. `tp` says how it is split across tensor-parallel
+    ranks; `expert` is the global expert index of a routed expert's tensor (placed by EP rank).
     """
 
     mcore: str
     hf: tuple[str, ...]
     tp: str  # a key of transforms.TP_SPLIT, or "vocab"
+    shape: tuple[int, ...] = ()
     merge: Callable[..., torch.Tensor] | None = None
     split: Callable[[torch.Tensor], list] | None = None
     targets: Callable[[torch.Tensor], list] | None = None  # per part: [(row_start, row_stop, view of out)]
+    expert: int | None = None
 
     @property
     def is_rename(self) -> bool:
@@ -57,141 +60,200 @@ class TensorRule:
         return list(self.targets(out))
 
 
-def _rename(mcore: str, hf: str, tp: str) -> TensorRule:
-    return TensorRule(mcore, (hf,), tp)
+def _rename(mcore: str, hf: str, tp: str, shape: tuple[int, ...], expert: int | None = None) -> TensorRule:
+    return TensorRule(mcore, (hf,), tp, tuple(shape), expert=expert)
 
 
 def _qkv_rule(mcore: str, param: str, family: ModelFamily, dims: ModelDims, layer: int) -> TensorRule:
     nh, ng, d = dims.num_attention_heads, dims.num_query_groups, dims.kv_channels
+    shape = (dims.qkv_rows, dims.hidden_size) if param == "weight" else (dims.qkv_rows,)
     qkv_type = family.qkv_type
     if qkv_type == "pack_self":  # already in Megatron's grouped order (InternLM2 wqkv)
-        return _rename(mcore, family.hf_name("layers_self_attention_linear_qkv_pack", param, layer), "column")
+        return _rename(mcore, family.hf_name("layers_self_attention_linear_qkv_pack", param, layer), "column", shape)
     if qkv_type == "pack_gqa":  # HF-fused [Q; K; V]
         return TensorRule(
-            mcore, (family.hf_name("layers_self_attention_linear_qkv_pack", param, layer),), "column",
+            mcore, (family.hf_name("layers_self_attention_linear_qkv_pack", param, layer),), "column", shape,
             merge=lambda p, out=None: T.merge_qkv(*T.unpack_hf_qkv(p[0], nh, ng, d), ng, out=out),
             split=lambda full: [T.pack_hf_qkv(*T.split_qkv_rows(full, nh, ng, d))],
             targets=lambda out: T.packed_qkv_targets(out, nh, ng, d),
         )
     names = tuple(family.hf_name(f"layers_self_attention_linear_{x}_proj", param, layer) for x in "qkv")
     return TensorRule(
-        mcore, names, "column",
+        mcore, names, "column", shape,
         merge=lambda p, out=None: T.merge_qkv(p[0], p[1], p[2], ng, out=out),
         split=lambda full: list(T.split_qkv_rows(full, nh, ng, d)),
         targets=lambda out: T.qkv_targets(out, nh, ng, d),
     )
 
 
+def _gated_fc1_rule(mcore: str, gate: str, up: str, rows: int, hidden: int, tp: str, expert=None) -> TensorRule:
+    shape = (2 * rows, hidden) if mcore.endswith("weight") else (2 * rows,)
+    return TensorRule(mcore, (gate, up), tp, shape,
+                      merge=lambda p, out=None: T.merge_gate_up(p[0], p[1], out=out),
+                      split=lambda full: list(T.split_gate_up(full)),
+                      targets=T.gate_up_targets, expert=expert)
+
+
 def _fc1_rule(mcore: str, param: str, family: ModelFamily, dims: ModelDims, layer: int) -> TensorRule:
     tp_kind = "gated_column" if dims.swiglu else "column"
     if family.fc_type == "gate_up_down":
-        names = (family.hf_name("layers_mlp_gate_proj", param, layer), family.hf_name("layers_mlp_up_proj", param, layer))
-        return TensorRule(mcore, names, tp_kind,
-                          merge=lambda p, out=None: T.merge_gate_up(p[0], p[1], out=out),
-                          split=lambda full: list(T.split_gate_up(full)),
-                          targets=T.gate_up_targets)
+        return _gated_fc1_rule(mcore, family.hf_name("layers_mlp_gate_proj", param, layer),
+                               family.hf_name("layers_mlp_up_proj", param, layer), dims.ffn_hidden_size,
+                               dims.hidden_size, tp_kind)
     # "gate_up": HF already fuses [gate; up]; "h_to_4h": a plain (non-gated) up projection
-    return _rename(mcore, family.hf_name("layers_mlp_linear_fc1", param, layer), tp_kind)
+    rows = 2 * dims.ffn_hidden_size if dims.swiglu else dims.ffn_hidden_size
+    shape = (rows, dims.hidden_size) if param == "weight" else (rows,)
+    return _rename(mcore, family.hf_name("layers_mlp_linear_fc1", param, layer), tp_kind, shape)
 
 
-def layer_rules(family: ModelFamily, dims: ModelDims, layer: int) -> list[TensorRule]:
-    """Rules for HF layer `layer` (its Megatron tensors are layer-relative: `self_attention...`)."""
+def _attention_rules(family: ModelFamily, dims: ModelDims, layer: int) -> list[TensorRule]:
     hf = family.hf_name
-    rules = [
-        _rename("input_layernorm.weight", hf("layers_input_layernorm", "weight", layer), "replicated"),
-        _qkv_rule("self_attention.linear_qkv.weight", "weight", family, dims, layer),
-    ]
+    h, d = dims.hidden_size, dims.kv_channels
+    rules = [_qkv_rule("self_attention.linear_qkv.weight", "weight", family, dims, layer)]
     if dims.add_qkv_bias:
         rules.append(_qkv_rule("self_attention.linear_qkv.bias", "bias", family, dims, layer))
     if dims.qk_layernorm:
         rules += [
-            _rename("self_attention.q_layernorm.weight", hf("layers_self_attention_q_layernorm", "weight", layer), "replicated"),
-            _rename("self_attention.k_layernorm.weight", hf("layers_self_attention_k_layernorm", "weight", layer), "replicated"),
+            _rename("self_attention.q_layernorm.weight", hf("layers_self_attention_q_layernorm", "weight", layer), "replicated", (d,)),
+            _rename("self_attention.k_layernorm.weight", hf("layers_self_attention_k_layernorm", "weight", layer), "replicated", (d,)),
         ]
-    rules.append(_rename("self_attention.linear_proj.weight", hf("layers_self_attention_linear_proj", "weight", layer), "row"))
+    rules.append(_rename("self_attention.linear_proj.weight", hf("layers_self_attention_linear_proj", "weight", layer),
+                         "row", (h, dims.num_attention_heads * d)))
     if dims.add_dense_bias:
-        rules.append(_rename("self_attention.linear_proj.bias", hf("layers_self_attention_linear_proj", "bias", layer), "replicated"))
-    rules += [
-        _rename("pre_mlp_layernorm.weight", hf("layers_self_attention_pre_mlp_layernorm", "weight", layer), "replicated"),
-        _fc1_rule("mlp.linear_fc1.weight", "weight", family, dims, layer),
-    ]
-    if dims.add_dense_bias:
-        rules.append(_fc1_rule("mlp.linear_fc1.bias", "bias", family, dims, layer))
-    rules.append(_rename("mlp.linear_fc2.weight", hf("layers_mlp_linear_fc2", "weight", layer), "row"))
-    if dims.add_dense_bias:
-        rules.append(_rename("mlp.linear_fc2.bias", hf("layers_mlp_linear_fc2", "bias", layer), "replicated"))
+        rules.append(_rename("self_attention.linear_proj.bias", hf("layers_self_attention_linear_proj", "bias", layer),
+                             "replicated", (h,)))
     return rules
 
 
-def embedding_rules(family: ModelFamily) -> list[TensorRule]:
-    return [_rename(EMBEDDING, family.hf_name("embedding_word_embeddings"), "vocab")]
+def _mla_rules(family: ModelFamily, dims: ModelDims, layer: int) -> list[TensorRule]:
+    """Multi-latent attention, in the upstream Megatron-Core names (all plain renames; Megatron's
+    MLA orders the rope dims like HF). `mg_names` gives the MindSpeed-LLM spelling."""
+    hf = family.hf_name
+    h, nh = dims.hidden_size, dims.num_attention_heads
+    q_head = dims.qk_head_dim + dims.qk_pos_emb_head_dim
+    kv_down = dims.kv_lora_rank + dims.qk_pos_emb_head_dim
+    if dims.q_lora_rank:
+        rules = [
+            _rename("self_attention.linear_q_down_proj.weight", hf("layers_self_attention_linear_q_proj", "weight", layer),
+                    "replicated", (dims.q_lora_rank, h)),
+            _rename("self_attention.q_layernorm.weight", hf("layers_self_attention_q_layernorm", "weight", layer),
+                    "replicated", (dims.q_lora_rank,)),
+            _rename("self_attention.linear_q_up_proj.weight", hf("layers_self_attention_linear_q_up_proj", "weight", layer),
+                    "column", (nh * q_head, dims.q_lora_rank)),
+        ]
+    else:
+        rules = [_rename("self_attention.linear_q_proj.weight", hf("layers_self_attention_linear_q_proj", "weight", layer),
+                         "column", (nh * q_head, h))]
+    return rules + [
+        _rename("self_attention.linear_kv_down_proj.weight", hf("layers_self_attention_linear_kv_proj", "weight", layer),
+                "replicated", (kv_down, h)),
+        _rename("self_attention.kv_layernorm.weight", hf("layers_self_attention_kv_layernorm", "weight", layer),
+                "replicated", (dims.kv_lora_rank,)),
+        _rename("self_attention.linear_kv_up_proj.weight", hf("layers_self_attention_linear_kv_up_proj", "weight", layer),
+                "column", (nh * (dims.qk_head_dim + dims.v_head_dim), dims.kv_lora_rank)),
+        _rename("self_attention.linear_proj.weight", hf("layers_self_attention_linear_proj", "weight", layer),
+                "row", (h, nh * dims.v_head_dim)),
+    ]
 
 
-def final_norm_rules(family: ModelFamily) -> list[TensorRule]:
-    return [_rename(FINAL_NORM, family.hf_name("final_layernorm"), "replicated")]
+def _dense_mlp_rules(family: ModelFamily, dims: ModelDims, layer: int) -> list[TensorRule]:
+    hf, h = family.hf_name, dims.hidden_size
+    rules = [_fc1_rule("mlp.linear_fc1.weight", "weight", family, dims, layer)]
+    if dims.add_dense_bias:
+        rules.append(_fc1_rule("mlp.linear_fc1.bias", "bias", family, dims, layer))
+    rules.append(_rename("mlp.linear_fc2.weight", hf("layers_mlp_linear_fc2", "weight", layer), "row",
+                         (h, dims.ffn_hidden_size)))
+    if dims.add_dense_bias:
+        rules.append(_rename("mlp.linear_fc2.bias", hf("layers_mlp_linear_fc2", "bias", layer), "replicated", (h,)))
+    return rules
+
+
+EXPERT_PREFIX = "mlp.experts.local_experts."
+
+
+def expert_name(expert: int, rest: str) -> str:
+    """Message name of a routed expert's tensor (global expert index), e.g. `...3.linear_fc1.weight`."""
+    return f"{EXPERT_PREFIX}{expert}.{rest}"
+
+
+def _moe_rules(family: ModelFamily, dims: ModelDims, layer: int) -> list[TensorRule]:
+    hf, h, f = family.hf_name, dims.hidden_size, dims.moe_ffn_hidden_size
+    rules = [_rename("mlp.router.weight", hf("layers_mlp_router", "weight", layer), "replicated", (dims.num_experts, h))]
+    if dims.router_expert_bias:
+        rules.append(_rename("mlp.router.expert_bias", hf("layers_mlp_router_bias", None, layer), "replicated",
+                             (dims.num_experts,)))
+    for e in range(dims.num_experts):
+        rules += [
+            _gated_fc1_rule(expert_name(e, "linear_fc1.weight"), hf("layers_mlp_experts_gate_proj", "weight", layer, e),
+                            hf("layers_mlp_experts_up_proj", "weight", layer, e), f, h, "gated_column", expert=e),
+            _rename(expert_name(e, "linear_fc2.weight"), hf("layers_mlp_experts_linear_fc2", "weight", layer, e), "row",
+                    (h, f), expert=e),
+        ]
+    if dims.shared_expert_ffn_hidden_size:
+        fs = dims.shared_expert_ffn_hidden_size
+        rules += [
+            _gated_fc1_rule("mlp.shared_experts.linear_fc1.weight", hf("layers_mlp_shared_experts_gate_proj", "weight", layer),
+                            hf("layers_mlp_shared_experts_up_proj", "weight", layer), fs, h, "gated_column"),
+            _rename("mlp.shared_experts.linear_fc2.weight", hf("layers_mlp_shared_experts_linear_fc2", "weight", layer),
+                    "row", (h, fs)),
+        ]
+        if dims.shared_expert_gate:
+            rules.append(_rename("mlp.shared_experts.gate_weight", hf("layers_mlp_shared_expert_gate", "weight", layer),
+                                 "replicated", (1, h)))
+    return rules
+
+
+def layer_rules(family: ModelFamily, dims: ModelDims, layer: int) -> list[TensorRule]:
+    """Rules for HF layer `layer` (its Megatron tensors are layer-relative: `self_attention...`)."""
+    hf, h = family.hf_name, dims.hidden_size
+    attention = _mla_rules if dims.multi_latent_attention else _attention_rules
+    mlp = _moe_rules if dims.is_moe_layer(layer) else _dense_mlp_rules
+    return [
+        _rename("input_layernorm.weight", hf("layers_input_layernorm", "weight", layer), "replicated", (h,)),
+        *attention(family, dims, layer),
+        _rename("pre_mlp_layernorm.weight", hf("layers_self_attention_pre_mlp_layernorm", "weight", layer),
+                "replicated", (h,)),
+        *mlp(family, dims, layer),
+    ]
+
+
+def embedding_rules(family: ModelFamily, dims: ModelDims) -> list[TensorRule]:
+    return [_rename(EMBEDDING, family.hf_name("embedding_word_embeddings"), "vocab", (dims.vocab_size, dims.hidden_size))]
+
+
+def final_norm_rules(family: ModelFamily, dims: ModelDims) -> list[TensorRule]:
+    return [_rename(FINAL_NORM, family.hf_name("final_layernorm"), "replicated", (dims.hidden_size,))]
 
 
 def output_rules(family: ModelFamily, dims: ModelDims) -> list[TensorRule]:
     if dims.tie_word_embeddings:
         return []
-    return [_rename(OUTPUT_LAYER, family.hf_name("output_layer"), "vocab")]
-
-
-# Transformer Engine fuses the norms into the following linear layer's parameters.
-TE_NAMES = {
-    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
-    "input_layernorm.bias": "self_attention.linear_qkv.layer_norm_bias",
-    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
-    "pre_mlp_layernorm.bias": "mlp.linear_fc1.layer_norm_bias",
-}
-LOCAL_NAMES = {te: local for local, te in TE_NAMES.items()}
-
-
-def to_impl_name(local_name: str, transformer_impl: str) -> str:
-    """Layer-relative local name -> the name used by `transformer_impl`."""
-    if transformer_impl == "transformer_engine":
-        return TE_NAMES.get(local_name, local_name)
-    return local_name
-
-
-def to_local_name(name: str) -> str:
-    """Either spelling -> the local spelling (inverse of `to_impl_name`)."""
-    return LOCAL_NAMES.get(name, name)
+    return [_rename(OUTPUT_LAYER, family.hf_name("output_layer"), "vocab", (dims.vocab_size, dims.hidden_size))]
 
 
 def tp_kind(rules: list[TensorRule]) -> dict[str, str]:
     return {rule.mcore: rule.tp for rule in rules}
 
 
-def expected_shape(name: str, dims: ModelDims) -> tuple[int, ...] | None:
-    """The whole (TP = 1, unpadded) shape of a Megatron tensor; None for names it does not know."""
-    h, d = dims.hidden_size, dims.kv_channels
-    fc1_rows = 2 * dims.ffn_hidden_size if dims.swiglu else dims.ffn_hidden_size
-    shapes = {
-        EMBEDDING: (dims.vocab_size, h),
-        OUTPUT_LAYER: (dims.vocab_size, h),
-        FINAL_NORM: (h,),
-        "input_layernorm.weight": (h,),
-        "pre_mlp_layernorm.weight": (h,),
-        "self_attention.linear_qkv.weight": (dims.qkv_rows, h),
-        "self_attention.linear_qkv.bias": (dims.qkv_rows,),
-        "self_attention.q_layernorm.weight": (d,),
-        "self_attention.k_layernorm.weight": (d,),
-        "self_attention.linear_proj.weight": (h, dims.num_attention_heads * d),
-        "self_attention.linear_proj.bias": (h,),
-        "mlp.linear_fc1.weight": (fc1_rows, h),
-        "mlp.linear_fc1.bias": (fc1_rows,),
-        "mlp.linear_fc2.weight": (h, dims.ffn_hidden_size),
-        "mlp.linear_fc2.bias": (h,),
-    }
-    return shapes.get(name)
+MTP_COPIES = (EMBEDDING, OUTPUT_LAYER)  # HF keeps its own copies of these in every MTP layer
 
 
-def check_shape(name: str, tensor: torch.Tensor, dims: ModelDims, *, where: str) -> None:
-    expected = expected_shape(name, dims)
-    if expected is not None and tuple(tensor.shape) != expected:
-        raise ConvertError(f"{where}: {name} has shape {list(tensor.shape)}, expected {list(expected)} "
-                           f"from the model config")
+def mtp_rules(family: ModelFamily, dims: ModelDims, k: int) -> list[TensorRule]:
+    """Multi-token-prediction layer `k` (HF `model.layers.{num_layers + k}`), megatron-format §9:
+    its own norms and projection, a full decoder layer (`transformer_layer.*`), and HF's copies of
+    the embedding and output layer, which Megatron shares with the main model."""
+    hf, h, layer = family.hf_name, dims.hidden_size, dims.num_layers + k
+    inner = [dataclasses.replace(rule, mcore=f"transformer_layer.{rule.mcore}")
+             for rule in layer_rules(family, dims, layer)]
+    return [
+        _rename("enorm.weight", hf("mtp_layers_enorm", "weight", layer), "replicated", (h,)),
+        _rename("hnorm.weight", hf("mtp_layers_hnorm", "weight", layer), "replicated", (h,)),
+        _rename("eh_proj.weight", hf("mtp_layers_eh_proj", "weight", layer), "column", (h, 2 * h)),
+        *inner,
+        _rename("final_layernorm.weight", hf("mtp_layers_shared_head_norm", "weight", layer), "replicated", (h,)),
+        _rename(EMBEDDING, hf("mtp_layers_embed_tokens", "weight", layer), "vocab", (dims.vocab_size, h)),
+        _rename(OUTPUT_LAYER, hf("mtp_layers_shared_head_head", "weight", layer), "vocab", (dims.vocab_size, h)),
+    ]
 
 
 def model_messages(family: ModelFamily, dims: ModelDims, dtype: torch.dtype):
@@ -201,26 +263,29 @@ def model_messages(family: ModelFamily, dims: ModelDims, dtype: torch.dtype):
     """
 
     def meta(rules):
-        return {rule.mcore: torch.empty(expected_shape(rule.mcore, dims), dtype=dtype, device="meta")
-                for rule in rules}
+        return {rule.mcore: torch.empty(rule.shape, dtype=dtype, device="meta") for rule in rules}
 
-    yield "embeddings", None, meta(embedding_rules(family))
+    yield "embeddings", None, meta(embedding_rules(family, dims))
     for layer in range(dims.num_layers):
         yield "layer", layer, meta(layer_rules(family, dims, layer))
-    yield "final_norm", None, meta(final_norm_rules(family))
+    yield "final_norm", None, meta(final_norm_rules(family, dims))
     output = output_rules(family, dims)
     if output:
         yield "output_layer", None, meta(output)
+    for k in range(dims.mtp_num_layers):
+        yield "mtp_layer", k, meta(mtp_rules(family, dims, k))
 
 
 def message_rules(kind: str, family: ModelFamily, dims: ModelDims, layer: int | None = None) -> list[TensorRule]:
     """The rules behind one message kind."""
     if kind == "embeddings":
-        return embedding_rules(family)
+        return embedding_rules(family, dims)
     if kind == "layer":
         return layer_rules(family, dims, layer)
     if kind == "final_norm":
-        return final_norm_rules(family)
+        return final_norm_rules(family, dims)
     if kind == "output_layer":
         return output_rules(family, dims)
+    if kind == "mtp_layer":
+        return mtp_rules(family, dims, layer)
     return []

@@ -12,14 +12,17 @@ import torch
 
 from modellink_ckpt.errors import ConvertError
 from modellink_ckpt.layout import ParallelLayout, parse_int_list
+from modellink_ckpt.mg_names import Spelling
 from modellink_ckpt.model_cfg import ModelDims
 
 DTYPE_FLAGS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def make_args(dims: ModelDims, layout: ParallelLayout, *, padded_vocab: int, divisible_by: int,
-              dtype: torch.dtype, transformer_impl: str, model_type_hf: str, iteration: int = 1,
+              dtype: torch.dtype, spelling: Spelling, model_type_hf: str, iteration: int = 1,
               tokenizer_model: str | None = None) -> argparse.Namespace:
+    moe = bool(dims.num_experts)
+    moe_slots = {slot.mg_layer for slot in layout.slots() if slot.hf_layer in dims.moe_layers}
     return argparse.Namespace(
         num_layers=layout.num_layers,
         hidden_size=dims.hidden_size,
@@ -52,24 +55,39 @@ def make_args(dims: ModelDims, layout: ParallelLayout, *, padded_vocab: int, div
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
-        transformer_impl=transformer_impl,
+        transformer_impl=spelling.transformer_impl,
         use_mcore_models=True,
         model_type_hf=model_type_hf,
         tokenizer_model=tokenizer_model,
-        # MoE and MLA sizes: this is a dense model with standard attention
-        num_experts=None,
-        moe_router_topk=None,
-        moe_ffn_hidden_size=None,
-        moe_grouped_gemm=False,
-        n_shared_experts=None,
-        first_k_dense_replace=None,
-        moe_layer_freq=None,
-        multi_latent_attention=False,
-        q_lora_rank=None,
-        kv_lora_rank=None,
-        qk_head_dim=None,
-        qk_pos_emb_head_dim=None,
-        v_head_dim=None,
+        # mixture of experts (None for a dense model)
+        num_experts=dims.num_experts or None,
+        moe_router_topk=dims.moe_router_topk if moe else None,
+        moe_ffn_hidden_size=dims.moe_ffn_hidden_size if moe else None,
+        moe_layer_freq=[int(i in moe_slots) for i in range(layout.num_layers)] if moe else None,
+        first_k_dense_replace=(min(dims.moe_layers) if dims.moe_layers else None) if moe else None,
+        moe_shared_expert_intermediate_size=dims.shared_expert_ffn_hidden_size or None,
+        n_shared_experts=(dims.shared_expert_ffn_hidden_size // dims.moe_ffn_hidden_size
+                          if moe and dims.shared_expert_ffn_hidden_size else None),
+        moe_shared_expert_gate=dims.shared_expert_gate,
+        shared_expert_gate=dims.shared_expert_gate,
+        moe_router_score_function=dims.router_score_function if moe else None,
+        moe_router_pre_softmax=dims.router_pre_softmax,
+        moe_router_enable_expert_bias=dims.router_expert_bias,
+        moe_router_topk_scaling_factor=dims.router_topk_scaling_factor,
+        moe_router_num_groups=dims.router_num_groups,
+        moe_router_group_topk=dims.router_group_topk,
+        norm_topk_prob=(not dims.router_pre_softmax) if moe else None,
+        expert_tensor_parallel_size=layout.etp,
+        moe_grouped_gemm=spelling.expert_layout != "per_expert" and moe,
+        # multi-latent attention
+        multi_latent_attention=dims.multi_latent_attention,
+        mla_spelling=spelling.mla if dims.multi_latent_attention else None,
+        q_lora_rank=dims.q_lora_rank,
+        kv_lora_rank=dims.kv_lora_rank or None,
+        qk_head_dim=dims.qk_head_dim or None,
+        qk_pos_emb_head_dim=dims.qk_pos_emb_head_dim or None,
+        v_head_dim=dims.v_head_dim or None,
+        mtp_num_layers=dims.mtp_num_layers or None,
         iteration=iteration,
     )
 
@@ -110,7 +128,55 @@ def dims_from_args(margs, *, source: str, vocab_size: int | None = None) -> Mode
         qk_layernorm=bool(_get(margs, "qk_layernorm", False)),
         swiglu=bool(_get(margs, "swiglu", True)),
         normalization=str(_get(margs, "normalization", "RMSNorm")),
+        mtp_num_layers=int(_get(margs, "mtp_num_layers", 0)),
+        **_moe_and_mla_from_args(margs, num_layers, noop),
     )
+
+
+def _moe_and_mla_from_args(margs, num_layers: int, noop: tuple[int, ...]) -> dict:
+    fields = {}
+    experts = int(_get(margs, "num_experts", 0))
+    if experts:
+        freq = _get(margs, "moe_layer_freq", 1)
+        if isinstance(freq, int):  # every freq-th layer, after the first_k_dense_replace dense ones
+            dense_first = int(_get(margs, "first_k_dense_replace", 0))
+            pattern = [int(i % freq == 0 and i >= dense_first) for i in range(num_layers)]
+        else:  # one entry per Megatron layer
+            pattern = list(parse_int_list(freq, "moe_layer_freq") if isinstance(freq, str) else map(int, freq))
+        real = [slot for slot in range(num_layers) if slot not in set(noop)]  # the slot of each HF layer
+        moe_layers = tuple(hf for hf, slot in enumerate(real) if pattern[slot])
+        mtp = int(_get(margs, "mtp_num_layers", 0))
+        if mtp and real and pattern[real[-1]]:  # MTP layers are built like the last decoder layer
+            moe_layers += tuple(range(len(real), len(real) + mtp))
+        moe_ffn = int(_get(margs, "moe_ffn_hidden_size", _get(margs, "ffn_hidden_size", 0)))
+        shared = int(_get(margs, "moe_shared_expert_intermediate_size", 0)) \
+            or int(_get(margs, "n_shared_experts", 0)) * moe_ffn
+        fields.update(
+            num_experts=experts, moe_ffn_hidden_size=moe_ffn, moe_layers=moe_layers,
+            moe_router_topk=int(_get(margs, "moe_router_topk", 2)),
+            shared_expert_ffn_hidden_size=shared,
+            shared_expert_gate=bool(_get(margs, "moe_shared_expert_gate", _get(margs, "shared_expert_gate", False))),
+            router_score_function=str(_get(margs, "moe_router_score_function", "softmax")),
+            router_pre_softmax=bool(_get(margs, "moe_router_pre_softmax", False)),
+            router_expert_bias=bool(_get(margs, "moe_router_enable_expert_bias", False)),
+            router_topk_scaling_factor=_get(margs, "moe_router_topk_scaling_factor"),
+            router_num_groups=_get(margs, "moe_router_num_groups"),
+            router_group_topk=_get(margs, "moe_router_group_topk"),
+        )
+    if _get(margs, "multi_latent_attention", False):
+        fields.update(
+            multi_latent_attention=True, q_lora_rank=_get(margs, "q_lora_rank"),
+            kv_lora_rank=int(_get(margs, "kv_lora_rank", 0)), qk_head_dim=int(_get(margs, "qk_head_dim", 0)),
+            qk_pos_emb_head_dim=int(_get(margs, "qk_pos_emb_head_dim", 0)), v_head_dim=int(_get(margs, "v_head_dim", 0)))
+    return fields
+
+
+def spelling_from_args(margs) -> Spelling:
+    """The tensor spelling a checkpoint's stored args promise (mg_names)."""
+    impl = _get(margs, "transformer_impl", "local")
+    grouped = bool(_get(margs, "moe_grouped_gemm", False))
+    layout = ("te_grouped" if impl == "transformer_engine" else "grouped_gemm") if grouped else "per_expert"
+    return Spelling(impl, layout, _get(margs, "mla_spelling", "mindspeed"))
 
 
 def layout_from_args(margs, dims: ModelDims, *, source: str) -> ParallelLayout:
@@ -125,7 +191,9 @@ def layout_from_args(margs, dims: ModelDims, *, source: str) -> ParallelLayout:
             num_layer_list=_get(margs, "num_layer_list"),
             noop_layers=_get(margs, "noop_layers"),
             num_heads=dims.num_attention_heads,
-            num_query_groups=dims.num_query_groups,
+            num_query_groups=None if dims.multi_latent_attention else dims.num_query_groups,
+            num_experts=dims.num_experts,
+            expert_tp=_get(margs, "expert_tensor_parallel_size"),
             prefix="source ",
         )
     except ConvertError as exc:

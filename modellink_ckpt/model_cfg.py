@@ -37,15 +37,22 @@ class ModelFamily:
     def fc_type(self) -> str:
         return self.settings.get("fc_type", "gate_up_down")
 
-    def hf_name(self, module: str, param: str = "weight", layer: int | None = None) -> str:
-        """HF tensor name of `param` of the logical `module` (e.g. layers_mlp_gate_proj) at `layer`."""
+    def hf_name(self, module: str, param: str | None = "weight", layer: int | None = None,
+                expert: int | None = None) -> str:
+        """HF tensor name of `param` of the logical `module` (e.g. layers_mlp_gate_proj) at `layer`
+        (and `expert`); `param=None` when the template names the tensor itself."""
         try:
             template = self.hf_modules[module]
         except KeyError:
             raise ConvertError(f"model_cfg entry '{self.name}' has no mapping for '{module}'") from None
         if layer is not None:
             template = template.replace("[layer_idx]", f".{layer}")
-        return f"{template}.{param}"
+        if expert is not None:
+            template = template.replace("[expert_idx]", f".{expert}")
+        return template if param is None else f"{template}.{param}"
+
+    def has(self, module: str) -> bool:
+        return module in self.hf_modules
 
 
 def load_family(name: str, cfg_path: str | Path | None = None) -> ModelFamily:
@@ -104,18 +111,48 @@ class ModelDims:
     qk_layernorm: bool
     swiglu: bool
     normalization: str = "RMSNorm"
+    # mixture of experts (num_experts 0: a dense model)
+    num_experts: int = 0
+    moe_ffn_hidden_size: int = 0
+    moe_router_topk: int = 0
+    moe_layers: tuple[int, ...] = ()          # the HF layers that are MoE layers
+    shared_expert_ffn_hidden_size: int = 0    # all shared experts together; 0: none
+    shared_expert_gate: bool = False          # Qwen2-MoE's sigmoid gate on the shared expert
+    router_score_function: str = "softmax"    # or "sigmoid" (DeepSeek-V3)
+    router_pre_softmax: bool = False          # softmax over all experts, top-k not renormalised
+    router_expert_bias: bool = False          # DeepSeek-V3 e_score_correction_bias
+    router_topk_scaling_factor: float | None = None
+    router_num_groups: int | None = None
+    router_group_topk: int | None = None
+    # multi-latent attention (DeepSeek-V2/V3)
+    multi_latent_attention: bool = False
+    q_lora_rank: int | None = None            # None: a plain q projection
+    kv_lora_rank: int = 0
+    qk_head_dim: int = 0                      # the non-rope part of a q/k head
+    qk_pos_emb_head_dim: int = 0              # the rope part
+    v_head_dim: int = 0
+    # DeepSeek-V3 multi-token prediction: layers after the decoder (HF model.layers.{num_layers + k})
+    mtp_num_layers: int = 0
 
     @property
     def qkv_rows(self) -> int:
         return (self.num_attention_heads + 2 * self.num_query_groups) * self.kv_channels
 
+    def is_moe_layer(self, layer: int) -> bool:
+        return layer in self.moe_layers
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        values = dataclasses.asdict(self)
+        values["moe_layers"] = list(self.moe_layers)
+        return values
 
     @classmethod
     def from_dict(cls, values: dict) -> "ModelDims":
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names})
+        values = {k: v for k, v in values.items() if k in names}
+        if "moe_layers" in values:
+            values["moe_layers"] = tuple(values["moe_layers"])
+        return cls(**values)
 
 
 def _hf_value(config: dict, key: str):
@@ -135,10 +172,12 @@ def dims_from_hf_config(family: ModelFamily, config: dict, *, source: str = "con
                         overrides: dict | None = None) -> ModelDims:
     """Read a model's sizes from its HF `config.json` through the family's key mapping."""
     values: dict[str, Any] = {}
-    for arg, key in family.config_keys.items():
-        value = _hf_value(config, key)
-        if value is not None:
-            values[arg] = value
+    for arg, keys in family.config_keys.items():
+        for key in [keys] if isinstance(keys, str) else keys:  # a list: alternative spellings
+            value = _hf_value(config, key)
+            if value is not None:
+                values[arg] = value
+                break
     for required in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size"):
         if required not in values:
             raise ConvertError(f"{source}: missing '{family.config_keys.get(required, required)}' "
@@ -163,7 +202,49 @@ def dims_from_hf_config(family: ModelFamily, config: dict, *, source: str = "con
         qk_layernorm=bool(settings.get("qk_layernorm", False)),
         swiglu=bool(settings.get("swiglu", True)),
         normalization=str(settings.get("normalization", "RMSNorm")),
+        mtp_num_layers=int(settings.get("mtp_num_layers") or 0),
+        **_moe_and_mla(values, settings, int(values["num_layers"])),
     )
+
+
+def _moe_and_mla(values: dict, settings: dict, num_layers: int) -> dict:
+    """The MoE and MLA fields of ModelDims from the mapped HF config values and family settings."""
+    fields: dict[str, Any] = {}
+    experts = int(values.get("num_experts") or 0)
+    if experts:
+        dense_first = int(values.get("first_k_dense_replace") or settings.get("first_k_dense_replace") or 0)
+        step = int(values.get("decoder_sparse_step") or 1)
+        dense_only = set(values.get("mlp_only_layers") or ())
+        mtp = int(settings.get("mtp_num_layers") or 0)
+        moe_layers = tuple(i for i in range(num_layers + mtp)  # MTP layers are built like decoder layers
+                           if i >= dense_first and (i + 1) % step == 0 and i not in dense_only)
+        moe_ffn = int(values.get("moe_ffn_hidden_size") or values.get("ffn_hidden_size"))
+        shared = int(values.get("shared_expert_intermediate_size") or 0) \
+            or int(values.get("n_shared_experts") or 0) * moe_ffn
+        norm_topk = bool(values.get("norm_topk_prob", settings.get("norm_topk_prob", True)))
+        score = str(settings.get("router_score_function", "softmax"))
+        scaling = values.get("routed_scaling_factor")
+        groups = values.get("n_group")
+        fields.update(
+            num_experts=experts, moe_ffn_hidden_size=moe_ffn, moe_layers=moe_layers,
+            moe_router_topk=int(values.get("moe_router_topk") or 2),
+            shared_expert_ffn_hidden_size=shared,
+            shared_expert_gate=bool(settings.get("shared_expert_gate", False)) and shared > 0,
+            router_score_function=score,
+            # softmax then top-k without renormalising (HF norm_topk_prob False) is Megatron's pre-softmax
+            router_pre_softmax=score == "softmax" and not norm_topk,
+            router_expert_bias=bool(settings.get("router_bias", False)),
+            router_topk_scaling_factor=float(scaling) if scaling not in (None, 1, 1.0) else None,
+            router_num_groups=int(groups) if groups and int(groups) > 1 else None,
+            router_group_topk=int(values["topk_group"]) if groups and int(groups) > 1 else None,
+        )
+    if settings.get("multi_latent_attention"):
+        q_lora = values.get("q_lora_rank")
+        fields.update(
+            multi_latent_attention=True, q_lora_rank=int(q_lora) if q_lora else None,
+            kv_lora_rank=int(values["kv_lora_rank"]), qk_head_dim=int(values["qk_head_dim"]),
+            qk_pos_emb_head_dim=int(values["qk_pos_emb_head_dim"]), v_head_dim=int(values["v_head_dim"]))
+    return fields
 
 
 def hf_config_from_dims(family: ModelFamily, dims: ModelDims, dtype_name: str) -> dict:
@@ -175,9 +256,9 @@ def hf_config_from_dims(family: ModelFamily, dims: ModelDims, dtype_name: str) -
         "hidden_act": "silu",
         "dtype": dtype_name,
     }
-    for arg, key in family.config_keys.items():
+    for arg, keys in family.config_keys.items():
         if arg in by_arg:
-            config[key] = by_arg[arg]
+            config[keys if isinstance(keys, str) else keys[0]] = by_arg[arg]
     if "rope_theta" in config:  # transformers 5 spelling; it also reads the 4.x one
         config["rope_parameters"] = {"rope_type": "default", "rope_theta": config.pop("rope_theta")}
     if dims.add_qkv_bias and family.settings.get("hf_model_type") in (None, "llama", "mistral"):

@@ -28,7 +28,7 @@ from modellink_ckpt.errors import ConvertError
 from modellink_ckpt.safetensors_io import shared_empty
 from modellink_ckpt.staging import pid_alive
 
-MESSAGE_KINDS = ("meta", "embeddings", "layer", "final_norm", "output_layer", "done")
+MESSAGE_KINDS = ("meta", "embeddings", "layer", "final_norm", "output_layer", "mtp_layer", "done")
 
 
 class Message(dict):

@@ -19,6 +19,7 @@ from modellink_ckpt import mapping
 from modellink_ckpt.errors import ConvertError, UsageError
 from modellink_ckpt.loaders.mg import RANK_FILE, TRACKER, MegatronSource
 from modellink_ckpt.manifest import MANIFEST, check_files, read_manifest
+from modellink_ckpt.megatron_args import spelling_from_args
 from modellink_ckpt.model_cfg import dims_from_hf_config, load_family
 from modellink_ckpt.torch_zip import LazyTensor, load_lazy
 from modellink_ckpt.safetensors_io import SafetensorsFile
@@ -69,7 +70,7 @@ def _verify_mg(root: Path, manifest_check: bool) -> tuple[list[str], str]:
         dtype = torch.float32
     plan = types.SimpleNamespace(family=family, dims=dims, target_layout=layout, params_dtype=None,
                                  padded_vocab=int(getattr(margs, "padded_vocab_size", dims.vocab_size)),
-                                 transformer_impl=getattr(margs, "transformer_impl", "local") or "local",
+                                 target_spelling=spelling_from_args(margs),
                                  tokenizer_model=None)
     expected = expected_mg_files(plan, dtype)
     on_disk = {p.parent.name for p in folder.glob(f"mp_rank_*/{RANK_FILE}")}
@@ -100,7 +101,8 @@ def _verify_mg(root: Path, manifest_check: bool) -> tuple[list[str], str]:
     lay = layout.describe()
     summary = (f"{files} files, {total / 1e9:.2f} GB, sha256 as in the manifest; {tensors} tensors in "
                f"{len(expected)} rank files match the stored args (TP{lay['tensor_parallel']} "
-               f"PP{lay['pipeline_parallel']}{' VPP' + str(layout.vpp) if layout.vpp_layers else ''})")
+               f"PP{lay['pipeline_parallel']}{' EP' + str(layout.ep) if layout.ep > 1 else ''}"
+               f"{' VPP' + str(layout.vpp) if layout.vpp_layers else ''})")
     return problems, summary
 
 

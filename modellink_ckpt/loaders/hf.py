@@ -121,9 +121,17 @@ class HfSource:
     def dims(self, family: ModelFamily, overrides: dict | None = None) -> ModelDims:
         dims = dims_from_hf_config(family, self.config, source=str(self.dir / "config.json"), overrides=overrides)
         found = self.hf_layer_count()
-        if found != dims.num_layers:
+        mtp_found = found - dims.num_layers
+        if mtp_found and mtp_found != int(self.config.get("num_nextn_predict_layers") or 0):
             raise ConvertError(f"{self.dir}: config.json says {dims.num_layers} layers but the weights hold {found}")
+        if dims.mtp_num_layers > mtp_found:
+            raise UsageError(f"--mtp-num-layers {dims.mtp_num_layers}: {self.dir} holds "
+                             f"{mtp_found} multi-token-prediction layer(s)")
         return dims
+
+    def unconverted_mtp_layers(self, dims: ModelDims) -> int:
+        """MTP layers the checkpoint holds beyond the ones asked for (they are left out)."""
+        return self.hf_layer_count() - dims.num_layers - dims.mtp_num_layers
 
     def dtype(self) -> torch.dtype:
         """The dtype the weights are stored in (of the first tensor)."""
@@ -137,7 +145,7 @@ def _gather(source: HfSource, rules: list[mapping.TensorRule], dims: ModelDims, 
     """The message tensors for `rules`, built in `arena`."""
     tensors = {}
     for rule in rules:
-        expected = mapping.expected_shape(rule.mcore, dims)
+        expected = rule.shape
         shapes = [source.shape_dtype(name) for name in rule.hf]
         for name, (_, dtype) in zip(rule.hf, shapes):
             if not dtype.is_floating_point:

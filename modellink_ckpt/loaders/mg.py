@@ -8,11 +8,12 @@ config does not explain is an error, so nothing is silently dropped.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
 
-from modellink_ckpt import mapping
+from modellink_ckpt import mapping, mg_names
 from modellink_ckpt import transforms as T
 from modellink_ckpt.errors import ConvertError, UsageError
 from modellink_ckpt.layout import ParallelLayout
@@ -55,6 +56,7 @@ class MegatronSource:
             raise ConvertError(f"{rank_files[0]}: no 'args' stored; cannot tell its layout")
         self.args = first["args"]
         self._cache: dict[tuple[int, int, int], dict] = {}
+        self._released: set[int] = set()
 
     def dims(self, vocab_size: int | None = None, overrides: dict | None = None):
         dims = dims_from_args(self.args, source=str(self.iter_dir), vocab_size=vocab_size)
@@ -81,12 +83,15 @@ class MegatronSource:
             if not models:
                 raise ConvertError(f"{path}: no 'model' entry")
             self._cache[key] = {"path": path, "models": models,
-                                "unused": {(mk, name) for mk, sd in models.items() for name in sd
-                                           if not name.endswith("_extra_state")}}
+                                "unused": set() if pp_rank in self._released else
+                                {(mk, name) for mk, sd in models.items() for name in sd
+                                 if not name.endswith("_extra_state")}}
         return self._cache[key]
 
     def release(self, layout: ParallelLayout, pp_rank: int) -> None:
-        """Forget stage `pp_rank`'s files after checking every tensor in them was used."""
+        """Forget stage `pp_rank`'s files after checking every tensor in them was used (once:
+        a stage read again later, for HF's MTP copies of the embedding, is not checked again)."""
+        self._released.add(pp_rank)
         for key in [k for k in self._cache if k[1] == pp_rank]:
             entry = self._cache.pop(key)
             if entry["unused"]:
@@ -94,28 +99,44 @@ class MegatronSource:
                 raise ConvertError(f"{entry['path']}: unexpected tensor '{name}' in '{model_key}' "
                                    f"({len(entry['unused'])} in all) that the model config does not explain")
 
-    def take(self, layout: ParallelLayout, pp_rank: int, vchunk: int, name: str, tp_kind: str,
-             ep_rank: int = 0, required: bool = True, out: torch.Tensor | None = None,
-             rows: int | None = None) -> torch.Tensor | None:
-        """The whole tensor `name` (any spelling) of one stage/chunk, its TP shards read straight
-        into their place in `out`; `rows` keeps only the first rows (the unpadded vocabulary)."""
+    def spelling(self, layout: ParallelLayout, pp_rank: int) -> mg_names.Spelling:
+        """How stage `pp_rank`'s files spell their layers (detected from TP/EP rank 0's names)."""
+        models = self.rank_state(layout, 0, pp_rank)["models"]
+        return mg_names.detect_spelling(name for state in models.values() for name in state)
+
+    def shards(self, layout: ParallelLayout, pp_rank: int, vchunk: int, name: str, ep_rank: int | None = None,
+               required: bool = True) -> list | None:
+        """The TP shards of tensor `name` of one stage/chunk, from EP rank `ep_rank`'s files; with
+        `ep_rank` None the tensor is one every EP rank holds a copy of (read from EP rank 0)."""
         model_key = layout.model_key(vchunk)
         shards = []
         for tp_rank in range(layout.tp):
-            entry = self.rank_state(layout, tp_rank, pp_rank, ep_rank)
-            state = entry["models"].get(model_key)
-            if state is None:
-                raise ConvertError(f"{entry['path']}: no '{model_key}' entry (VPP chunk {vchunk})")
-            found = next((c for c in self._spellings(name) if c in state), None)
-            if found is None:
-                if not required:
-                    return None
-                raise ConvertError(f"{entry['path']}: missing tensor '{name}' in '{model_key}'")
-            entry["unused"].discard((model_key, found))
-            shards.append(state[found])
+            for ep in (range(layout.ep) if ep_rank is None else (ep_rank,)):
+                entry = self.rank_state(layout, tp_rank, pp_rank, ep)
+                state = entry["models"].get(model_key)
+                if state is None:
+                    raise ConvertError(f"{entry['path']}: no '{model_key}' entry (VPP chunk {vchunk})")
+                if name not in state:
+                    if not required:
+                        return None
+                    raise ConvertError(f"{entry['path']}: missing tensor '{name}' in '{model_key}'")
+                entry["unused"].discard((model_key, name))
+                if ep == (ep_rank or 0):
+                    shards.append(state[name])
         if not shards[0].dtype.is_floating_point:
             raise ConvertError(f"{self.iter_dir}: '{name}' is {str(shards[0].dtype).replace('torch.', '')}; "
                                f"model weights must be floating point")
+        return shards
+
+    def take(self, layout: ParallelLayout, pp_rank: int, vchunk: int, name: str, tp_kind: str,
+             required: bool = True, out: torch.Tensor | None = None, rows: int | None = None,
+             shards: list | None = None) -> torch.Tensor | None:
+        """The whole tensor `name` of one stage/chunk, its TP shards read straight into their place
+        in `out`; `rows` keeps only the first rows (the unpadded vocabulary)."""
+        if shards is None:
+            shards = self.shards(layout, pp_rank, vchunk, name, required=required)
+            if shards is None:
+                return None
         kind = "column" if tp_kind == "vocab" else tp_kind
         merged = _merged_shape(shards, kind)
         if rows is not None:
@@ -133,21 +154,9 @@ class MegatronSource:
         return out
 
     def dtype_of(self, layout: ParallelLayout, pp_rank: int, vchunk: int, name: str) -> torch.dtype:
-        """The stored dtype of `name` (either spelling), from TP rank 0's file."""
+        """The stored dtype of `name`, from TP rank 0's file."""
         state = self.rank_state(layout, 0, pp_rank)["models"].get(layout.model_key(vchunk), {})
-        for candidate in self._spellings(name):
-            if candidate in state:
-                return state[candidate].dtype
-        return torch.float32  # missing: take() reports it with the file's name
-
-    @staticmethod
-    def _spellings(name: str) -> list[str]:
-        candidates = [name]
-        if name.startswith("decoder.layers."):  # accept the Transformer Engine spelling too
-            index, _, rest = name[len("decoder.layers."):].partition(".")
-            if rest in mapping.TE_NAMES:
-                candidates.append(f"decoder.layers.{index}.{mapping.TE_NAMES[rest]}")
-        return candidates
+        return state[name].dtype if name in state else torch.float32  # missing: take() reports it
 
 
 def _read_rows(shard, start: int, stop: int, out: torch.Tensor) -> None:
@@ -197,17 +206,70 @@ def _merged_shape(shards, kind: str) -> torch.Size:
     return first
 
 
-def _layer_tensors(source, layout, family, dims, hf_layer, slot, arena) -> dict[str, torch.Tensor]:
+def _read_files(source, layout, dims, spelling, rules, files, pp_rank, vchunk, arena, *, where: str,
+                rename=lambda part: part) -> dict[str, torch.Tensor]:
+    """Message tensors from rank-file tensors: `files` is [(FileRule, name prefix)], `rules` the
+    message rules by name; a fused file tensor (MLA linear_qkv, grouped experts) is read whole and
+    split, anything else is read shard by shard straight into place."""
     tensors = {}
-    for rule in mapping.layer_rules(family, dims, hf_layer):
-        name = f"decoder.layers.{slot.local_layer}.{rule.mcore}"
-        dtype = source.dtype_of(layout, slot.pp_rank, slot.vchunk, name)
-        out = arena.alloc(mapping.expected_shape(rule.mcore, dims), dtype)
+    for file_rule, prefix in files:
+        name = prefix + file_rule.file
         try:
-            tensors[rule.mcore] = source.take(layout, slot.pp_rank, slot.vchunk, name, rule.tp, out=out)
-        except ConvertError as exc:
-            raise ConvertError(f"layer {slot.mg_layer}: {exc}") from None
+            shards = source.shards(layout, pp_rank, vchunk, name, ep_rank=file_rule.ep_rank)
+            kinds = [mg_names.part_tp_kind(rules[p], spelling.mla, dims, layout.etp, layout.tp) for p in file_rule.parts]
+            if file_rule.split is None:
+                part_shards = [shards]
+            else:
+                if all(kind == "replicated" for kind in kinds):
+                    shards = shards[:1]
+                pieces = [file_rule.split(_whole(shard)) for shard in shards]
+                if any(len(p) != len(file_rule.parts) for p in pieces):
+                    raise ConvertError(f"'{name}' does not hold {len(file_rule.parts)} parts")
+                part_shards = [[p[i] for p in pieces] for i in range(len(file_rule.parts))]
+            for part, kind, pshards in zip(file_rule.parts, kinds, part_shards):
+                out = arena.alloc(rules[part].shape, pshards[0].dtype)
+                tensors[rename(part)] = source.take(layout, pp_rank, vchunk, name, kind, out=out, shards=pshards)
+        except (ConvertError, RuntimeError) as exc:
+            raise ConvertError(f"{where}: {str(exc).splitlines()[0]}") from None
     return tensors
+
+
+def _layer_tensors(source, layout, family, dims, hf_layer, slot, arena) -> dict[str, torch.Tensor]:
+    """One layer's message tensors, read from the stage's files in whatever spelling they use."""
+    spelling = source.spelling(layout, slot.pp_rank)
+    rules = mapping.layer_rules(family, dims, hf_layer)
+    files = [(f, f"decoder.layers.{slot.local_layer}.") for f in mg_names.layer_file_rules(rules, dims, spelling, layout.ep)]
+    return _read_files(source, layout, dims, spelling, {r.mcore: r for r in rules}, files, slot.pp_rank, slot.vchunk,
+                       arena, where=f"layer {slot.mg_layer}")
+
+
+def _mtp_tensors(source, layout, family, dims, k, arena) -> dict[str, torch.Tensor]:
+    """MTP layer `k` from the last stage, with the embedding and output layer copies HF keeps."""
+    last_pp, last_chunk = layout.last_stage
+    spelling = source.spelling(layout, last_pp)
+    inner_prefix = "transformer_layer."
+    rules = mapping.mtp_rules(family, dims, k)
+    inner = {r.mcore[len(inner_prefix):]: r for r in rules if r.mcore.startswith(inner_prefix)}
+    inner_rules = [dataclasses.replace(r, mcore=name) for name, r in inner.items()]
+    files = [(f, f"mtp.layers.{k}.{inner_prefix}")
+             for f in mg_names.layer_file_rules(inner_rules, dims, spelling, layout.ep)]
+    tensors = _read_files(source, layout, dims, spelling, {r.mcore: r for r in inner_rules}, files, last_pp,
+                          last_chunk, arena, where=f"MTP layer {k}", rename=lambda part: inner_prefix + part)
+    own = [r for r in rules if not r.mcore.startswith(inner_prefix) and r.mcore not in mapping.MTP_COPIES]
+    own_files = [(mg_names.FileRule(mg_names.mtp_file_name(k, r.mcore, spelling), (r.mcore,)), "") for r in own]
+    tensors.update(_read_files(source, layout, dims, spelling, {r.mcore: r for r in own}, own_files, last_pp,
+                               last_chunk, arena, where=f"MTP layer {k}"))
+    first_pp, first_chunk = layout.first_stage
+    output = (first_pp, first_chunk, mapping.EMBEDDING) if dims.tie_word_embeddings else \
+        (last_pp, last_chunk, mapping.OUTPUT_LAYER)
+    for copy, (pp_rank, vchunk, name) in zip(mapping.MTP_COPIES, [(first_pp, first_chunk, mapping.EMBEDDING), output]):
+        out = arena.alloc((dims.vocab_size, dims.hidden_size), source.dtype_of(layout, pp_rank, vchunk, name))
+        tensors[copy] = source.take(layout, pp_rank, vchunk, name, "vocab", out=out, rows=dims.vocab_size)
+    return tensors
+
+
+def _whole(shard) -> torch.Tensor:
+    return shard.load() if isinstance(shard, LazyTensor) else shard
 
 
 def load(plan, sender) -> dict:
@@ -253,6 +315,9 @@ def load(plan, sender) -> dict:
                     required=False)
     else:
         send_vocab("output_layer", last_pp, last_chunk, mapping.OUTPUT_LAYER)
+    for k in range(dims.mtp_num_layers):
+        arena = sender.arena()
+        sender.send("mtp_layer", _mtp_tensors(source, layout, family, dims, k, arena), arena, layer=k)
     for pp_rank in range(layout.pp):
         source.release(layout, pp_rank)
     sender.send("done")

@@ -8,13 +8,14 @@ file written, only when every file is complete.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from modellink_ckpt import mapping
+from modellink_ckpt import mapping, mg_names
 from modellink_ckpt import transforms as T
 from modellink_ckpt.loaders.mg import RANK_FILE, TRACKER, iteration_dir_name
 from modellink_ckpt.manifest import write_manifest
@@ -75,8 +76,9 @@ class ShardPlacer:
 
     def __init__(self, plan):
         self.plan, self.layout, self.dims = plan, plan.target_layout, plan.dims
+        self.spelling = plan.target_spelling
         self._slot_of = self.layout.slot_of_hf_layer()
-        self._tp_kinds = mapping.tp_kind(mapping.layer_rules(plan.family, self.dims, 0)) if self.dims.num_layers else {}
+        self._layer_files: dict[bool, tuple[dict, list]] = {}
 
     def cast(self, tensor: torch.Tensor) -> torch.Tensor:
         if tensor.is_floating_point() and self.plan.params_dtype is not None:
@@ -90,6 +92,38 @@ class ShardPlacer:
             for ep_rank in range(self.layout.ep):
                 yield (tp_rank, pp_rank, ep_rank), vchunk, name, shard
 
+    def layer_files(self, layer: int) -> tuple[dict, list]:
+        """({message name: rule}, [FileRule]) of HF layer `layer` (dense and MoE layers differ)."""
+        moe = self.dims.is_moe_layer(layer)
+        if moe not in self._layer_files:
+            rules = mapping.layer_rules(self.plan.family, self.dims, layer)
+            self._layer_files[moe] = ({rule.mcore: rule for rule in rules},
+                                      mg_names.layer_file_rules(rules, self.dims, self.spelling, self.layout.ep))
+        return self._layer_files[moe]
+
+    def _place_layer(self, layer: int, tensors: dict[str, torch.Tensor]):
+        slot = self._slot_of[layer]
+        rules, file_rules = self.layer_files(layer)
+        files = [(rule, f"decoder.layers.{slot.local_layer}.") for rule in file_rules]
+        yield from self._place_files(files, rules, tensors, slot.pp_rank, slot.vchunk)
+
+    def _place_files(self, files, rules: dict, tensors: dict[str, torch.Tensor], pp_rank: int, vchunk: int):
+        """Split each file tensor's parts across TP, join them per TP rank, and send the shard to
+        its EP rank(s)."""
+        tp, ep = self.layout.tp, self.layout.ep
+        for file_rule, prefix in files:
+            per_part = []
+            for part in file_rule.parts:
+                kind = mg_names.part_tp_kind(rules[part], self.spelling.mla, self.dims, self.layout.etp, tp)
+                per_part.append(T.TP_SPLIT[kind][0](self.cast(tensors[part]), tp))
+            name = prefix + file_rule.file
+            ep_ranks = range(ep) if file_rule.ep_rank is None else (file_rule.ep_rank,)
+            for tp_rank in range(tp):
+                pieces = [shards[tp_rank] for shards in per_part]
+                shard = file_rule.join([T.as_tensor(p) for p in pieces]) if file_rule.join else pieces[0]
+                for ep_rank in ep_ranks:
+                    yield (tp_rank, pp_rank, ep_rank), vchunk, name, shard
+
     def place(self, kind: str, tensors: dict[str, torch.Tensor], layer: int | None = None):
         """Yield (rank, vchunk, name in the rank file, shard) for one message."""
         first_pp, first_chunk = self.layout.first_stage
@@ -100,14 +134,36 @@ class ShardPlacer:
             if self.dims.tie_word_embeddings and self.layout.pp > 1:  # the last stage keeps its own copy
                 yield from self._split(last_pp, last_chunk, mapping.OUTPUT_LAYER, embedding, "vocab")
         elif kind == "layer":
-            slot = self._slot_of[layer]
-            for name, tensor in tensors.items():
-                full_name = f"decoder.layers.{slot.local_layer}.{mapping.to_impl_name(name, self.plan.transformer_impl)}"
-                yield from self._split(slot.pp_rank, slot.vchunk, full_name, tensor, self._tp_kinds[name])
+            yield from self._place_layer(layer, tensors)
         elif kind == "final_norm":
             yield from self._split(last_pp, last_chunk, mapping.FINAL_NORM, tensors[mapping.FINAL_NORM], "replicated")
         elif kind == "output_layer":
             yield from self._split(last_pp, last_chunk, mapping.OUTPUT_LAYER, tensors[mapping.OUTPUT_LAYER], "vocab")
+        elif kind == "mtp_layer":
+            yield from self._place_mtp_layer(layer, tensors)
+
+    def mtp_files(self, k: int) -> tuple[dict, list]:
+        """({message name: rule}, [(FileRule, prefix)]) of MTP layer `k`, on the last stage. Its
+        embedding and output-layer copies have no file: Megatron shares the main model's."""
+        rules = mapping.mtp_rules(self.plan.family, self.dims, k)
+        inner = [dataclasses.replace(r, mcore=r.mcore[len("transformer_layer."):])
+                 for r in rules if r.mcore.startswith("transformer_layer.")]
+        prefix = f"mtp.layers.{k}.transformer_layer."
+        files = [(rule, prefix) for rule in mg_names.layer_file_rules(inner, self.dims, self.spelling, self.layout.ep)]
+        by_name = {r.mcore: r for r in inner}
+        for rule in rules:
+            if rule.mcore.startswith("transformer_layer.") or rule.mcore in mapping.MTP_COPIES:
+                continue
+            by_name[rule.mcore] = rule
+            file = mg_names.mtp_file_name(k, rule.mcore, self.spelling)
+            files.append((mg_names.FileRule(file, (rule.mcore,)), ""))
+        return by_name, files
+
+    def _place_mtp_layer(self, k: int, tensors: dict[str, torch.Tensor]):
+        last_pp, last_chunk = self.layout.last_stage
+        rules, files = self.mtp_files(k)
+        inner = {name[len("transformer_layer."):]: t for name, t in tensors.items() if name.startswith("transformer_layer.")}
+        yield from self._place_files(files, rules, {**tensors, **inner}, last_pp, last_chunk)
 
     def stage_done(self, layer: int) -> int | None:
         """The stage whose files are complete once HF layer `layer` is placed (None if none)."""
@@ -119,7 +175,7 @@ class ShardPlacer:
     def rank_args(self, rank, dtype: torch.dtype):
         plan = self.plan
         return make_args(self.dims, self.layout, padded_vocab=plan.padded_vocab, divisible_by=plan.divisible_by,
-                         dtype=dtype, transformer_impl=plan.transformer_impl, model_type_hf=plan.family.name,
+                         dtype=dtype, spelling=self.spelling, model_type_hf=plan.family.name,
                          iteration=ITERATION,
                          tokenizer_model=str(Path(plan.tokenizer_model).resolve()) if plan.tokenizer_model else None)
 

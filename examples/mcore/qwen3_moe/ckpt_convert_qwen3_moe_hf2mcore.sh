@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Hugging Face -> Megatron-Core (TP2, PP2, EP4, grouped GEMM experts). Set the paths (or the environment), then: bash examples/mcore/qwen3_moe/ckpt_convert_qwen3_moe_hf2mcore.sh
+set -euo pipefail
+HF_DIR=${HF_DIR:-./model_from_hf/qwen3-30b-a3b-hf/}
+MCORE_DIR=${MCORE_DIR:-./model_weights/qwen3-30b-a3b-mcore/}
+
+python convert_ckpt.py \
+    --model-type GPT \
+    --load-model-type hf \
+    --save-model-type mg \
+    --target-tensor-parallel-size 2 \
+    --target-pipeline-parallel-size 2 \
+    --target-expert-parallel-size 4 \
+    --moe-grouped-gemm \
+    --model-type-hf qwen3-moe \
+    --use-mcore-models \
+    --load-dir "${HF_DIR}" \
+    --save-dir "${MCORE_DIR}" \
+    --tokenizer-model "${HF_DIR}/tokenizer.json"

@@ -1,0 +1,168 @@
+"""How a Megatron rank file spells one layer's tensors: the file side of a layer message.
+
+Messages carry whole tensors in one canonical spelling (`mapping`: local names, upstream
+Megatron-Core MLA names, one tensor per routed expert with its global index). Checkpoints in the
+wild spell them in several ways, and a conversion may change between them:
+
+- local or Transformer Engine names (TE fuses norms into the following linear layer);
+- MLA: the MindSpeed-LLM fused, replicated `linear_qkv` (= [q_down or q_proj; kv_down]), or the
+  upstream Megatron-Core `linear_q_down_proj` / `linear_kv_down_proj` / `linear_q_proj`;
+- routed experts: one module per expert (`local_experts.{j}`), grouped GEMM (`weight1`/`weight2`,
+  the transposed stacked layout), or Transformer Engine grouped (`linear_fc1.weight{j}`),
+  `j` being the expert's index on its expert-parallel rank.
+
+A `FileRule` is one tensor of the file made of one or more message tensors (`parts`): the parts
+are split across TP ranks first (each by its own kind), then `join` builds the file's TP shard from
+the parts' shards; `split` is its inverse. See megatron-format.md §8-9.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+
+from modellink_ckpt import mapping
+
+EXPERT_LAYOUTS = ("per_expert", "grouped_gemm", "te_grouped")
+MLA_SPELLINGS = ("mindspeed", "mcore")
+
+
+@dataclasses.dataclass(frozen=True)
+class Spelling:
+    transformer_impl: str = "local"
+    expert_layout: str = "per_expert"
+    mla: str = "mindspeed"
+
+
+@dataclasses.dataclass(frozen=True)
+class FileRule:
+    file: str                       # layer-relative name in the rank file
+    parts: tuple[str, ...]          # message tensors it is made of
+    ep_rank: int | None = None      # the expert-parallel rank holding it; None: every EP rank
+    join: Callable[[list[torch.Tensor]], torch.Tensor] | None = None
+    split: Callable[[torch.Tensor], list[torch.Tensor]] | None = None
+
+
+def _cat_rows(parts: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(parts, 0)
+
+
+def _split_rows(rows: list[int]):
+    return lambda shard: list(shard.split(rows, 0))
+
+
+def _stack_fc1(blocks: list[torch.Tensor]) -> torch.Tensor:
+    """Grouped GEMM `weight1` [H, E_local*2F/TP]: the row-major reshape of the stack of fc1_j^T."""
+    return torch.stack([b.t() for b in blocks]).reshape(blocks[0].shape[1], -1)
+
+
+def _stack_fc2(blocks: list[torch.Tensor]) -> torch.Tensor:
+    """Grouped GEMM `weight2` [E_local*F/TP, H]: the reshape of the stack of fc2_j^T."""
+    return torch.stack([b.t() for b in blocks]).reshape(-1, blocks[0].shape[0])
+
+
+def _unstack_fc1(count: int):
+    return lambda weight1: [block.t() for block in weight1.view(count, weight1.shape[0], -1)]
+
+
+def _unstack_fc2(count: int):
+    return lambda weight2: [block.t() for block in weight2.view(count, -1, weight2.shape[1])]
+
+
+def _te_name(name: str, rules_by_name: dict, dims) -> str:
+    """The Transformer Engine spelling of a layer-relative local name."""
+    if name == "input_layernorm.weight" and not dims.multi_latent_attention:
+        return "self_attention.linear_qkv.layer_norm_weight"
+    if name == "pre_mlp_layernorm.weight" and "mlp.linear_fc1.weight" in rules_by_name:
+        return "mlp.linear_fc1.layer_norm_weight"  # MoE layers keep their own norm
+    if name == "self_attention.q_layernorm.weight" and dims.multi_latent_attention:
+        return "self_attention.linear_q_up_proj.layer_norm_weight"
+    if name == "self_attention.kv_layernorm.weight":
+        return "self_attention.linear_kv_up_proj.layer_norm_weight"
+    return name
+
+
+def _expert_rules(expert_rules: list, dims, ep: int, layout: str) -> list[FileRule]:
+    per_rank = dims.num_experts // ep
+    rules = []
+    if layout == "grouped_gemm":
+        for ep_rank in range(ep):
+            experts = range(ep_rank * per_rank, (ep_rank + 1) * per_rank)
+            rules += [
+                FileRule("mlp.experts.weight1", tuple(mapping.expert_name(e, "linear_fc1.weight") for e in experts),
+                         ep_rank, _stack_fc1, _unstack_fc1(per_rank)),
+                FileRule("mlp.experts.weight2", tuple(mapping.expert_name(e, "linear_fc2.weight") for e in experts),
+                         ep_rank, _stack_fc2, _unstack_fc2(per_rank)),
+            ]
+        return rules
+    for rule in expert_rules:
+        ep_rank, local = divmod(rule.expert, per_rank)
+        rest = rule.mcore[len(mapping.expert_name(rule.expert, "")):]  # e.g. linear_fc1.weight
+        if layout == "te_grouped":
+            module, param = rest.rsplit(".", 1)
+            file = f"mlp.experts.{module}.{param}{local}"
+        else:
+            file = mapping.expert_name(local, rest)
+        rules.append(FileRule(file, (rule.mcore,), ep_rank))
+    return rules
+
+
+def layer_file_rules(rules: list, dims, spelling: Spelling, ep: int) -> list[FileRule]:
+    """The rank-file tensors of one layer whose message tensors follow `rules` (mapping.layer_rules)."""
+    by_name = {rule.mcore: rule for rule in rules}
+    out: list[FileRule] = []
+    experts = [rule for rule in rules if rule.expert is not None]
+    mindspeed_mla = dims.multi_latent_attention and spelling.mla == "mindspeed"
+    q_in = "self_attention.linear_q_down_proj.weight" if dims.q_lora_rank else "self_attention.linear_q_proj.weight"
+    for rule in rules:
+        if rule.expert is not None:
+            continue
+        if mindspeed_mla and rule.mcore == "self_attention.linear_kv_down_proj.weight":
+            continue  # part of the fused linear_qkv below
+        if mindspeed_mla and rule.mcore == q_in:
+            parts = (q_in, "self_attention.linear_kv_down_proj.weight")
+            rows = [by_name[p].shape[0] for p in parts]
+            out.append(FileRule("self_attention.linear_qkv.weight", parts, None, _cat_rows, _split_rows(rows)))
+            continue
+        name = rule.mcore
+        if spelling.transformer_impl == "transformer_engine":
+            name = _te_name(name, by_name, dims)
+        out.append(FileRule(name, (rule.mcore,)))
+    if experts:
+        out += _expert_rules(experts, dims, ep, spelling.expert_layout)
+    return out
+
+
+def part_tp_kind(rule, spelling_mla: str, dims, expert_tp: int, tp: int) -> str:
+    """How one message tensor is split across TP ranks in a given file spelling."""
+    if rule.expert is not None and expert_tp == 1 and tp > 1:
+        return "replicated"  # whole experts on every TP rank
+    if dims.multi_latent_attention and spelling_mla == "mindspeed" \
+            and rule.mcore == "self_attention.linear_q_proj.weight":
+        return "replicated"  # inside MindSpeed's replicated linear_qkv
+    return rule.tp
+
+
+def detect_spelling(names) -> Spelling:
+    """The spelling of a rank file, from its tensor names (any layer, any model chunk)."""
+    names = list(names)
+    if any(".mlp.experts.weight1" in n for n in names):
+        layout = "grouped_gemm"
+    elif any(".mlp.experts.linear_fc1.weight" in n for n in names):
+        layout = "te_grouped"
+    else:
+        layout = "per_expert"
+    mla = "mcore" if any(".linear_q_down_proj." in n or ".linear_kv_down_proj." in n or ".linear_q_proj." in n
+                         for n in names) else "mindspeed"
+    te = layout == "te_grouped" or any(n.endswith(".layer_norm_weight") for n in names)
+    return Spelling("transformer_engine" if te else "local", layout, mla)
+
+
+def mtp_file_name(k: int, name: str, spelling: Spelling) -> str:
+    """File name of an MTP layer's own tensor (`enorm.weight`, `hnorm.weight`, `eh_proj.weight`,
+    `final_layernorm.weight`); MindSpeed-LLM keeps the final norms in a list of their own."""
+    if name == "final_layernorm.weight" and spelling.mla == "mindspeed":
+        return f"mtp.final_layernorms.{k}.weight"
+    return f"mtp.layers.{k}.{name}"

@@ -1,0 +1,171 @@
+"""MoE and MLA families with expert parallelism: bit-exact round trips, resharding between expert
+layouts / EP sizes / MLA spellings, the rank-file layout, and one-line errors.
+
+Logit parity with Megatron-Core for these families is in test_mcore_parity.py.
+"""
+
+import pytest
+import torch
+
+from modellink_ckpt.cli import convert
+from modellink_ckpt.demo_models import build_hf_checkpoint
+from test_reshard import assert_same_checkpoint, mg_to_mg
+from util import assert_one_line_error, assert_same_tensors, hf_to_mg, load_hf_state, load_mg_state, mg_to_hf, run_cli
+
+FAMILIES = ("mixtral", "qwen2-moe", "qwen3-moe", "deepseek2-lite", "deepseek3")
+MLA = ("deepseek2-lite", "deepseek3")
+
+TP2_EP2_PP2 = ["--target-tensor-parallel-size", "2", "--target-expert-parallel-size", "2",
+               "--target-pipeline-parallel-size", "2"]
+GROUPED_EP2_NOOP = ["--target-tensor-parallel-size", "2", "--target-expert-parallel-size", "2", "--moe-grouped-gemm",
+                    "--target-pipeline-parallel-size", "2", "--noop-layers", "1,3"]
+TE_GROUPED_ETP1_VPP = ["--target-tensor-parallel-size", "2", "--target-expert-parallel-size", "4",
+                       "--expert-tensor-parallel-size", "1", "--moe-grouped-gemm",
+                       "--transformer-impl", "transformer_engine", "--target-pipeline-parallel-size", "2",
+                       "--num-layers-per-virtual-pipeline-stage", "1"]
+UNEVEN_EP4_MCORE_MLA = ["--target-expert-parallel-size", "4", "--target-pipeline-parallel-size", "2",
+                        "--num-layer-list", "1,3", "--mla-spelling", "mcore"]
+
+LAYOUTS = {"tp2ep2pp2": TP2_EP2_PP2, "grouped-noop": GROUPED_EP2_NOOP, "te-grouped-etp1-vpp": TE_GROUPED_ETP1_VPP,
+           "uneven-ep4-mcore-mla": UNEVEN_EP4_MCORE_MLA}
+FAST = {("mixtral", "grouped-noop"), ("deepseek3", "tp2ep2pp2"), ("qwen2-moe", "te-grouped-etp1-vpp")}
+
+
+def _cases():
+    for family in FAMILIES:
+        for name in LAYOUTS:
+            marks = () if (family, name) in FAST else (pytest.mark.slow,)
+            yield pytest.param(family, name, id=f"{family}-{name}", marks=marks)
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory):
+    """One tiny bf16 checkpoint per family (4 layers, 4 or 8 experts), built once."""
+    root = tmp_path_factory.mktemp("moe_hf")
+    return lambda family: build_hf_checkpoint(family, root / family, dtype=torch.bfloat16, num_layers=4,
+                                              tokenizer=False) if not (root / family).exists() else root / family
+
+
+@pytest.mark.parametrize("family,layout", list(_cases()))
+def test_round_trip_is_bit_exact(tmp_path, hf_models, family, layout):
+    hf = hf_models(family)
+    mg = hf_to_mg(hf, tmp_path / "mg", family, *LAYOUTS[layout])
+    back = mg_to_hf(mg, tmp_path / "back", family)
+    assert_same_tensors(load_hf_state(hf), load_hf_state(back), f"{family} {layout}")
+    verified = run_cli("--verify", mg)
+    assert verified.returncode == 0, verified.stderr
+
+
+def _expert_keys(state: dict, layer: int) -> list[str]:
+    return sorted(k for k in state if k.startswith(f"decoder.layers.{layer}.mlp.experts."))
+
+
+def test_rank_files_hold_the_experts_of_their_ep_rank(tmp_path, hf_models):
+    """EP rank r holds experts [r*E/EP, (r+1)*E/EP) under local indices; everything else is copied
+    into every EP rank's file; grouped GEMM stacks transposed per-expert shards (megatron-format §8)."""
+    hf = hf_models("mixtral")
+    hf_state = load_hf_state(hf)
+    experts = sum(1 for k in hf_state if k.startswith("model.layers.0.") and k.endswith(".w1.weight"))
+    ep = 2
+    per_rank = experts // ep
+    plain = load_mg_state(hf_to_mg(hf, tmp_path / "plain", "mixtral", "--target-expert-parallel-size", str(ep),
+                                   "--target-tensor-parallel-size", "2"))
+    grouped = load_mg_state(hf_to_mg(hf, tmp_path / "grouped", "mixtral", "--target-expert-parallel-size", str(ep),
+                                     "--target-tensor-parallel-size", "2", "--moe-grouped-gemm"))
+    assert sorted(plain) == ["mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000", "mp_rank_01_001"]
+    for tp in range(2):
+        for r in range(ep):
+            state = plain[f"mp_rank_{tp:02d}_{r:03d}"]["model"]
+            assert _expert_keys(state, 0) == sorted(f"decoder.layers.0.mlp.experts.local_experts.{j}.linear_fc{k}.weight"
+                                                    for j in range(per_rank) for k in (1, 2))
+            for j in range(per_rank):
+                e = r * per_rank + j
+                gate = hf_state[f"model.layers.0.block_sparse_moe.experts.{e}.w1.weight"]
+                up = hf_state[f"model.layers.0.block_sparse_moe.experts.{e}.w3.weight"]
+                down = hf_state[f"model.layers.0.block_sparse_moe.experts.{e}.w2.weight"]
+                fc1 = state[f"decoder.layers.0.mlp.experts.local_experts.{j}.linear_fc1.weight"]
+                half = gate.shape[0] // 2
+                assert torch.equal(fc1, torch.cat([gate[tp * half:(tp + 1) * half], up[tp * half:(tp + 1) * half]]))
+                fc2 = state[f"decoder.layers.0.mlp.experts.local_experts.{j}.linear_fc2.weight"]
+                assert torch.equal(fc2, down[:, tp * half:(tp + 1) * half])
+                g = grouped[f"mp_rank_{tp:02d}_{r:03d}"]["model"]
+                hidden = gate.shape[1]
+                assert torch.equal(g["decoder.layers.0.mlp.experts.weight1"].view(per_rank, hidden, -1)[j].t(), fc1)
+                assert torch.equal(g["decoder.layers.0.mlp.experts.weight2"].view(per_rank, -1, hidden)[j].t(), fc2)
+            other = plain[f"mp_rank_{tp:02d}_{1 - r:03d}"]["model"]
+            for name in ("decoder.layers.0.mlp.router.weight", "decoder.layers.0.self_attention.linear_qkv.weight",
+                         "embedding.word_embeddings.weight"):
+                assert torch.equal(state[name], other[name])
+    args = plain["mp_rank_00_000"]["args"]
+    assert (args.num_experts, args.expert_model_parallel_size, args.moe_grouped_gemm) == (experts, ep, False)
+    assert grouped["mp_rank_00_000"]["args"].moe_grouped_gemm is True
+
+
+@pytest.mark.parametrize("family", [pytest.param("mixtral"), pytest.param("deepseek3"),
+                                    pytest.param("qwen2-moe", marks=pytest.mark.slow)])
+def test_mg_to_mg_between_expert_layouts_equals_direct(tmp_path, hf_models, family):
+    """Each step changes the expert layout, the EP size and (for MLA) the spelling; each result
+    equals converting the HF model straight to that target."""
+    hf = hf_models(family)
+    chain = [TP2_EP2_PP2, GROUPED_EP2_NOOP, TE_GROUPED_ETP1_VPP, UNEVEN_EP4_MCORE_MLA, ["--target-expert-parallel-size", "1"]]
+    previous = hf_to_mg(hf, tmp_path / "step0", family, *chain[0])
+    for step, flags in enumerate(chain[1:], start=1):
+        current = mg_to_mg(previous, tmp_path / f"step{step}", family, *flags)
+        assert_same_checkpoint(current, hf_to_mg(hf, tmp_path / f"direct{step}", family, *flags))
+        previous = current
+
+
+def test_mla_spellings(tmp_path, hf_models):
+    hf = hf_models("deepseek3")
+    hf_state = load_hf_state(hf)
+    mindspeed = load_mg_state(hf_to_mg(hf, tmp_path / "ms", "deepseek3", "--target-tensor-parallel-size", "2"))
+    mcore = load_mg_state(hf_to_mg(hf, tmp_path / "mc", "deepseek3", "--target-tensor-parallel-size", "2",
+                                   "--mla-spelling", "mcore"))
+    q_a = hf_state["model.layers.0.self_attn.q_a_proj.weight"]
+    kv_a = hf_state["model.layers.0.self_attn.kv_a_proj_with_mqa.weight"]
+    q_b = hf_state["model.layers.0.self_attn.q_b_proj.weight"]
+    for tp in range(2):
+        ms = mindspeed[f"mp_rank_{tp:02d}"]["model"]
+        mc = mcore[f"mp_rank_{tp:02d}"]["model"]
+        assert torch.equal(ms["decoder.layers.0.self_attention.linear_qkv.weight"], torch.cat([q_a, kv_a]))  # replicated
+        assert torch.equal(mc["decoder.layers.0.self_attention.linear_q_down_proj.weight"], q_a)
+        assert torch.equal(mc["decoder.layers.0.self_attention.linear_kv_down_proj.weight"], kv_a)
+        for state in (ms, mc):
+            assert torch.equal(state["decoder.layers.0.self_attention.linear_q_up_proj.weight"], q_b.chunk(2)[tp])
+        assert "decoder.layers.0.self_attention.linear_qkv.weight" not in mc
+    assert mcore["mp_rank_00"]["args"].mla_spelling == "mcore"
+
+
+def _fails(argv, *, fragment):
+    result = run_cli(*argv)
+    line = assert_one_line_error(result.returncode, result.stderr, " ".join(map(str, argv)))
+    assert result.returncode == 2, line
+    assert fragment in line, line
+
+
+def test_clear_errors(tmp_path, hf_models):
+    mixtral, deepseek = hf_models("mixtral"), hf_models("deepseek3")
+    dense = build_hf_checkpoint("llama2", tmp_path / "dense", num_layers=2, tokenizer=False)
+    base = ["--load-model-type", "hf", "--save-model-type", "mg", "--save-dir", tmp_path / "out"]
+    _fails([*base, "--model-type-hf", "mixtral", "--load-dir", mixtral, "--target-expert-parallel-size", "3"],
+           fragment="--target-expert-parallel-size 3 does not divide the 4 experts")
+    _fails([*base, "--model-type-hf", "llama2", "--load-dir", dense, "--target-expert-parallel-size", "2"],
+           fragment="the model has no experts")
+    _fails([*base, "--model-type-hf", "llama2", "--load-dir", dense, "--moe-grouped-gemm"],
+           fragment="--moe-grouped-gemm: the model has no experts")
+    _fails([*base, "--model-type-hf", "mixtral", "--load-dir", mixtral, "--moe-grouped-gemm", "--save-lora-to-hf"],
+           fragment="--save-lora-to-hf and --moe-grouped-gemm are exclusive")
+    _fails([*base, "--model-type-hf", "deepseek3", "--load-dir", deepseek, "--target-tensor-parallel-size", "3"],
+           fragment="does not divide the 4 attention heads")
+    _fails([*base, "--model-type-hf", "mixtral", "--load-dir", mixtral, "--target-tensor-parallel-size", "2",
+            "--expert-tensor-parallel-size", "3"], fragment="--expert-tensor-parallel-size 3: must be 1 or")
+    assert not (tmp_path / "out").exists()
+
+
+def test_dry_run_lists_expert_rank_files(tmp_path, hf_models, capsys):
+    convert(["--load-model-type", "hf", "--save-model-type", "mg", "--model-type-hf", "mixtral",
+             "--load-dir", str(hf_models("mixtral")), "--save-dir", str(tmp_path / "out"),
+             "--target-expert-parallel-size", "2", "--target-pipeline-parallel-size", "2", "--dry-run"])
+    out = capsys.readouterr().out
+    assert "EP2" in out and "mp_rank_00_001_001/model_optim_rng.pt" in out
+    assert not (tmp_path / "out").exists()
