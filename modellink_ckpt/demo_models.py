@@ -17,8 +17,31 @@ Families (names as the converter's ``--model-type-hf`` uses them):
 * ``qwen3``       Qwen3Config, 8 heads / 4 kv heads, head_dim 16 (!= hidden / heads = 8), q/k norm, untied.
 * ``qwen25-tied`` Qwen2Config with ``tie_word_embeddings=True`` (like Qwen2.5-0.5B).
 
-All families: hidden 64, intermediate 160, 4 layers, vocab 503 (deliberately *not* a multiple
-of 128, so the converter's vocab padding is exercised).
+Mixture-of-experts / multi-latent-attention families (``MOE_FAMILIES``; 4 heads each):
+
+* ``mixtral``        MixtralConfig, 4 heads / 2 kv heads, 4 experts (intermediate 96), top-2,
+                     softmax -> top-k -> renormalise. Hub names ``block_sparse_moe.experts.{e}.w1/w2/w3``.
+* ``qwen2-moe``      Qwen2MoeConfig, q/k/v bias, 4 experts (moe_intermediate 48) top-2 with
+                     ``norm_topk_prob=False`` (softmax over all experts, no renormalisation), one
+                     shared expert (shared_expert_intermediate_size 96) with a sigmoid
+                     ``shared_expert_gate``; every layer sparse (decoder_sparse_step 1, mlp_only_layers []).
+* ``qwen3-moe``      Qwen3MoeConfig, q/k norm, head_dim 32 (!= 64 / 4), 4 experts (48) top-2,
+                     ``norm_topk_prob=True``.
+* ``deepseek2-lite`` DeepseekV2Config (V2-Lite style MLA): no q LoRA (``q_proj``), kv_lora_rank 32,
+                     qk_nope 16, qk_rope 8, v_head 24; layer 0 dense (first_k_dense_replace 1,
+                     intermediate 160), then 4 routed experts (48) top-2 with 2 shared experts, softmax
+                     "greedy" router, no renormalisation, routed_scaling_factor 1.0.
+* ``deepseek3``      DeepseekV3Config: q LoRA (q_lora_rank 24), kv_lora_rank 32, qk_nope 16, qk_rope 8,
+                     v_head 24; layer 0 dense; 8 routed experts (48) top-2 in 2 groups (topk_group 1),
+                     1 shared expert, sigmoid router with a random nonzero ``e_score_correction_bias``,
+                     norm_topk_prob True, routed_scaling_factor 2.5, no MTP layers (num_mtp_layers 0).
+
+All MoE families use default (unscaled) rope; transformers 5 keeps the experts fused in memory
+(``mlp.experts.gate_up_proj`` [E, 2F, H], ``down_proj`` [E, H, F]) but ``save_pretrained`` writes
+the hub format, one tensor per expert (``mlp.experts.{e}.gate_proj.weight`` ...).
+
+All families: hidden 64, 4 layers, vocab 503 (deliberately *not* a multiple of 128, so the
+converter's vocab padding is exercised); the dense families use intermediate 160 and 8 heads.
 
 Weights are "interesting": every norm weight is ``1 + 0.1 * randn``, every bias is nonzero and
 linear weights are scaled ``1 / sqrt(fan_in)`` so logits are O(1) and any swapped/transposed
@@ -44,7 +67,13 @@ from typing import Any
 
 import torch
 
+#: Dense families (the ones the original converter tests iterate over).
 FAMILIES = ("llama2", "qwen25", "qwen3", "qwen25-tied")
+#: Mixture-of-experts families (the DeepSeek ones also use multi-latent attention).
+MOE_FAMILIES = ("mixtral", "qwen2-moe", "qwen3-moe", "deepseek2-lite", "deepseek3")
+#: MoE families whose attention is multi-latent attention (MLA).
+MLA_FAMILIES = ("deepseek2-lite", "deepseek3")
+ALL_FAMILIES = FAMILIES + MOE_FAMILIES
 
 #: Size the demo tokenizer is trained to (and so the default model vocab). 503 % 128 != 0.
 DEFAULT_VOCAB_SIZE = 503
@@ -112,6 +141,119 @@ _FAMILY_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
             max_position_embeddings=32768,
             use_sliding_window=False,
             tie_word_embeddings=True,
+        ),
+    ),
+    # ---- mixture of experts ----
+    "mixtral": (
+        "MixtralConfig",
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=96,  # Mixtral's experts use intermediate_size
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            rms_norm_eps=1e-5,
+            rope_theta=1000000.0,
+            max_position_embeddings=4096,
+            sliding_window=None,
+            router_jitter_noise=0.0,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "qwen2-moe": (
+        "Qwen2MoeConfig",
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            qkv_bias=True,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=48,
+            shared_expert_intermediate_size=96,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            norm_topk_prob=False,
+            rms_norm_eps=1e-6,
+            rope_theta=1000000.0,
+            max_position_embeddings=4096,
+            use_sliding_window=False,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "qwen3-moe": (
+        "Qwen3MoeConfig",
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            attention_bias=False,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=48,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            norm_topk_prob=True,
+            rms_norm_eps=1e-6,
+            rope_theta=1000000.0,
+            max_position_embeddings=4096,
+            use_sliding_window=False,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "deepseek2-lite": (
+        "DeepseekV2Config",
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            q_lora_rank=None,
+            kv_lora_rank=32,
+            qk_nope_head_dim=16,
+            qk_rope_head_dim=8,
+            v_head_dim=24,
+            first_k_dense_replace=1,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=48,
+            n_shared_experts=2,
+            topk_method="greedy",
+            norm_topk_prob=False,
+            routed_scaling_factor=1.0,
+            n_group=None,
+            topk_group=None,
+            attention_bias=False,
+            mlp_bias=False,
+            rms_norm_eps=1e-6,
+            rope_theta=10000.0,
+            max_position_embeddings=4096,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "deepseek3": (
+        "DeepseekV3Config",
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            q_lora_rank=24,
+            kv_lora_rank=32,
+            qk_nope_head_dim=16,
+            qk_rope_head_dim=8,
+            v_head_dim=24,
+            first_k_dense_replace=1,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=48,
+            n_shared_experts=1,
+            n_group=2,
+            topk_group=1,
+            norm_topk_prob=True,
+            routed_scaling_factor=2.5,
+            rope_interleave=True,
+            num_mtp_layers=0,
+            attention_bias=False,
+            rms_norm_eps=1e-6,
+            rope_theta=10000.0,
+            max_position_embeddings=4096,
+            tie_word_embeddings=False,
         ),
     ),
 }
@@ -275,7 +417,7 @@ def make_config(family: str, *, num_layers: int = 4, vocab_size: int = DEFAULT_V
     import transformers
 
     if family not in _FAMILY_SPECS:
-        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+        raise ValueError(f"unknown family {family!r}; expected one of {ALL_FAMILIES}")
     cls_name, spec = _FAMILY_SPECS[family]
     kwargs = {**_COMMON, **spec, "num_hidden_layers": num_layers, "vocab_size": vocab_size, **overrides}
     return getattr(transformers, cls_name)(**kwargs)
@@ -283,10 +425,17 @@ def make_config(family: str, *, num_layers: int = 4, vocab_size: int = DEFAULT_V
 
 @torch.no_grad()
 def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Overwrite every parameter with seeded, dtype-independent, 'interesting' values.
+    """Overwrite every parameter and every weight buffer with seeded, dtype-independent,
+    'interesting' values.
 
-    norm weights: 1 + 0.1*randn; biases: 0.1*randn; embedding: randn; other matrices:
-    randn / sqrt(fan_in). Parameters are visited in sorted-name order (tied parameters once).
+    norm weights: 1 + 0.1*randn; biases: 0.1*randn; embedding: randn; other matrices (also the
+    fused 3-D expert stacks ``[E, out, in]``): randn / sqrt(fan_in = last dim). Parameters are
+    visited in sorted-name order (tied parameters once). Then the persistent floating-point
+    buffers (those ``state_dict`` saves; e.g. DeepSeek-V3's router ``e_score_correction_bias``,
+    which transformers initialises to zeros) are drawn from the same generator in sorted-name
+    order: ``e_score_correction_bias`` gets 0.3*randn (large enough to change which experts are
+    picked), any other 1-D buffer 0.1*randn. Non-persistent buffers (rotary ``inv_freq``) are left
+    alone. Models without persistent buffers (the dense families) draw exactly what they always drew.
     """
     gen = torch.Generator().manual_seed(seed)
     for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
@@ -302,6 +451,18 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
         else:
             x = 0.1 * x
         p.copy_(x.to(p.dtype))
+    persistent = set(model.state_dict().keys())
+    for name, b in sorted(model.named_buffers(), key=lambda kv: kv[0]):
+        if name not in persistent or not b.is_floating_point() or "inv_freq" in name:
+            continue
+        x = torch.randn(b.shape, generator=gen, dtype=torch.float32)
+        if name.endswith("e_score_correction_bias"):
+            x = 0.3 * x
+        elif b.ndim >= 2:
+            x = x / math.sqrt(b.shape[-1])
+        else:
+            x = 0.1 * x
+        b.copy_(x.to(b.dtype))
     return model
 
 
@@ -333,13 +494,28 @@ def _untied_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def _hub_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The untied state dict in the hub (on-disk) naming, as ``save_pretrained`` writes it.
+
+    transformers 5 keeps MoE experts fused in memory (``mlp.experts.gate_up_proj`` [E, 2F, H],
+    ``mlp.experts.down_proj`` [E, H, F]) and converts back to one tensor per expert
+    (``mlp.experts.{e}.gate_proj.weight``, Mixtral ``block_sparse_moe.experts.{e}.w1.weight`` ...)
+    on save; a transformers 4.x ``.bin`` held that per-expert layout, so the ``.bin`` writer does
+    the same conversion. Dense models come back unchanged."""
+    state_dict = _untied_state_dict(model)
+    from transformers.core_model_loading import revert_weight_conversion
+
+    reverted = revert_weight_conversion(model, state_dict)
+    return {k: v.detach().clone().contiguous() for k, v in reverted.items()}
+
+
 def _save_bin(model, out_dir: pathlib.Path, max_shard_size) -> None:
     """Write ``pytorch_model.bin`` (or ``pytorch_model-0000k-of-0000n.bin`` +
     ``pytorch_model.bin.index.json``) the way transformers 4.x did: transformers 5's
     ``save_pretrained`` writes safetensors only."""
     from huggingface_hub import split_torch_state_dict_into_shards
 
-    state_dict = _untied_state_dict(model)
+    state_dict = _hub_state_dict(model)
     split = split_torch_state_dict_into_shards(
         state_dict,
         filename_pattern="pytorch_model{suffix}.bin",
@@ -483,7 +659,7 @@ def sample_tokens(vocab_size: int, batch: int = 2, seq: int = 8, seed: int = 0) 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Build a tiny random Hugging Face checkpoint.")
-    p.add_argument("family", choices=FAMILIES)
+    p.add_argument("family", choices=ALL_FAMILIES)
     p.add_argument("out_dir")
     p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
     p.add_argument("--num-layers", type=int, default=4)

@@ -13,8 +13,9 @@ Every size is taken from the ``args`` Namespace stored in the checkpoint. What t
 honours (see the shared checkpoint-format notes):
 
 - ``latest_checkpointed_iteration.txt`` -> ``iter_{it:07d}`` or ``release``; rank folders
-  ``mp_rank_{tp:02d}`` (PP == 1) or ``mp_rank_{tp:02d}_{pp:03d}`` (PP > 1); ``model`` or
-  ``model0``, ``model1``, ... (VPP chunks).
+  ``mp_rank_{tp:02d}[_{pp:03d}][_{ep:03d}]`` (the ``_PPP`` part only when PP > 1, the ``_EEE``
+  part only when EP > 1); ``model`` or ``model0``, ``model1``, ... (VPP chunks). One process per
+  rank: world = TP * PP * EP (so the data-parallel size is EP; every replica runs the same tokens).
 - Layer placement: uniform PP, ``num_layer_list`` (uneven PP) and VPP are expressed to
   megatron-core as a ``pipeline_model_parallel_layout``, so each stage / chunk is built with
   exactly the number of decoder slots it holds and megatron-core computes the global layer
@@ -23,19 +24,47 @@ honours (see the shared checkpoint-format notes):
   parameter-free identity module (as MindSpeed-LLM's NoopTransformerLayer) BEFORE
   ``load_state_dict(strict=True)``; so the checkpoint must hold no key for them.
 - ``transformer_impl == 'transformer_engine'``: megatron-core is installed without Transformer
-  Engine, so the model is always built with the local spec. The ONLY renames applied are the two
+  Engine, so the model is always built with the local spec. The ONLY te renames applied are the
   fused-norm spellings of the te spec (``self_attention.linear_qkv.layer_norm_weight`` ->
-  ``input_layernorm.weight`` and ``mlp.linear_fc1.layer_norm_weight`` ->
-  ``pre_mlp_layernorm.weight``); ``*._extra_state`` entries (te fp8 blobs, no weights) are
-  dropped for such checkpoints only.
+  ``input_layernorm.weight``, ``mlp.linear_fc1.layer_norm_weight`` -> ``pre_mlp_layernorm.weight``
+  on dense layers, and for MLA the two below); ``*._extra_state`` entries (te fp8 blobs, no
+  weights) are dropped for such checkpoints only.
 - Weights are cast to fp32 (the model is built with fp32 params) so the result can be compared
   with an fp32 Hugging Face model.
+- Mixture of experts (``num_experts`` set), built as megatron-core's SequentialMLP with the
+  allgather dispatcher and an fp32 router, whatever the checkpoint was trained with. Args read
+  (see ``transformer_config_from_args``): ``num_experts, moe_router_topk, moe_ffn_hidden_size,
+  moe_shared_expert_intermediate_size, moe_shared_expert_gate, moe_layer_freq`` (list of 0/1 per
+  Megatron slot; or an int, combined with ``first_k_dense_replace``), ``moe_router_score_function,
+  moe_router_pre_softmax, moe_router_enable_expert_bias, moe_router_topk_scaling_factor,
+  moe_router_num_groups, moe_router_group_topk, expert_model_parallel_size,
+  expert_tensor_parallel_size, moe_grouped_gemm``; ``norm_topk_prob`` is only cross-checked
+  against ``moe_router_pre_softmax`` / the score function (a contradiction raises ValueError).
+  Expert tensors may be stored per expert (``mlp.experts.local_experts.{j}.linear_fc{1,2}.weight``),
+  in the legacy grouped-GEMM form (``mlp.experts.weight1`` / ``weight2``, needs
+  ``moe_grouped_gemm``) or the TE grouped form (``mlp.experts.linear_fc{1,2}.weight{j}``, needs
+  ``moe_grouped_gemm`` and the te implementation); the grouped forms are converted to the
+  per-expert names before ``load_state_dict(strict=True)``.
+- Multi-latent attention (``multi_latent_attention``; TP == 1 only: without Transformer Engine
+  megatron-core splits the MLA down-projections over TP, which real checkpoints do not):
+  ``MLATransformerConfig`` from ``q_lora_rank, kv_lora_rank, qk_head_dim, qk_pos_emb_head_dim,
+  v_head_dim``, plain rope (``rope_type="rope"``, ``rotary_base``, no yarn); megatron's MLA
+  de-interleaves the rope dims itself (``rotary_interleaved=False``), which matches HF DeepSeek's
+  interleaved rope (V3 ``rope_interleave=True``, V2's complex rotary). The core attention is a
+  parameter-free causal softmax attention (``CausalSoftmaxAttention``), because the local kernel
+  cannot take a q/k head dim different from the v head dim. Accepted spellings: upstream
+  megatron-core (``linear_q_down_proj`` / ``linear_q_proj``, ``linear_kv_down_proj``,
+  ``q_layernorm``, ``kv_layernorm``, ``linear_q_up_proj``, ``linear_kv_up_proj``), its te form
+  (``linear_q_up_proj.layer_norm_weight`` / ``linear_kv_up_proj.layer_norm_weight``, te only) and
+  MindSpeed-LLM's fused ``linear_qkv`` = cat([q_down or q_proj, kv_down], 0), split back here.
 
 Run-time patches of megatron-core needed on a CPU-only machine (applied in the child processes
 only, see ``_patch_megatron_for_cpu``):
 
 - ``torch.cuda.current_device`` returns ``"cpu"`` (used as an allocation device by the rotary
-  embedding and by the tensor-parallel gather / all-gather buffers);
+  embedding, the MoE router / dispatcher and by the tensor-parallel gather / all-gather buffers);
+- ``moe_utils.te_general_gemm = None`` (undefined without Transformer Engine: every router would
+  raise NameError) and ``multi_latent_attention.HAVE_TE = False`` (wrongly True without it);
 - megatron's inference RNG tracker (no CUDA RNG state);
 - ``LanguageModule._is_in_embd_group`` returns False: with tied embeddings and PP > 1 megatron
   would copy the first stage's embedding into the last stage's ``output_layer`` with an
@@ -46,7 +75,10 @@ only, see ``_patch_megatron_for_cpu``):
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime
+import math
+import re
 import os
 import shutil
 import socket
@@ -61,11 +93,18 @@ CHECKPOINT_FILE = "model_optim_rng.pt"
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 LOGITS_FILE = "logits.pt"
 
-# te spelling -> local spelling (the only renames this harness applies).
+# te spelling -> local spelling (applied to te checkpoints only).
 TE_NORM_RENAMES = (
     ("self_attention.linear_qkv.layer_norm_weight", "input_layernorm.weight"),
     ("mlp.linear_fc1.layer_norm_weight", "pre_mlp_layernorm.weight"),
+    # MLA (te spec fuses the q / kv latent norms into the up projections)
+    ("self_attention.linear_q_up_proj.layer_norm_weight", "self_attention.q_layernorm.weight"),
+    ("self_attention.linear_kv_up_proj.layer_norm_weight", "self_attention.kv_layernorm.weight"),
 )
+
+_LEGACY_GROUPED = re.compile(r"^(.*\.mlp\.experts\.)weight([12])$")
+_TE_GROUPED = re.compile(r"^(.*\.mlp\.experts\.)linear_fc([12])\.weight(\d+)$")
+_LOCAL_EXPERT = re.compile(r"\.mlp\.experts\.local_experts\.\d+\.")
 
 
 # ----------------------------------------------------------------------------- checkpoint reading
@@ -80,8 +119,14 @@ def iteration_dir(load_dir: str) -> str:
     return os.path.join(load_dir, f"iter_{int(marker):07d}")
 
 
-def rank_file(iter_dir: str, tp_rank: int, pp_rank: int, pp_size: int) -> str:
-    name = f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+def rank_file(iter_dir: str, tp_rank: int, pp_rank: int, pp_size: int, ep_rank: int = 0, ep_size: int = 1) -> str:
+    """``mp_rank_{tp:02d}[_{pp:03d}][_{ep:03d}]/model_optim_rng.pt`` (PP part only when PP > 1,
+    EP part only when EP > 1)."""
+    name = f"mp_rank_{tp_rank:02d}"
+    if pp_size > 1:
+        name += f"_{pp_rank:03d}"
+    if ep_size > 1:
+        name += f"_{ep_rank:03d}"
     return os.path.join(iter_dir, name, CHECKPOINT_FILE)
 
 
@@ -92,13 +137,63 @@ def load_rank_checkpoint(path: str, mmap: bool = False) -> Dict[str, Any]:
 
 
 def read_args(load_dir: str) -> argparse.Namespace:
-    """The args Namespace of the first rank file (PP == 1 or PP > 1 spelling)."""
+    """The args Namespace of the first rank file (any of the PP / EP spellings)."""
     it_dir = iteration_dir(load_dir)
-    for folder in ("mp_rank_00", "mp_rank_00_000"):
+    for folder in ("mp_rank_00", "mp_rank_00_000", "mp_rank_00_000_000"):
         path = os.path.join(it_dir, folder, CHECKPOINT_FILE)
         if os.path.exists(path):
             return load_rank_checkpoint(path, mmap=True)["args"]
-    raise FileNotFoundError(f"no mp_rank_00 / mp_rank_00_000 checkpoint under {it_dir}")
+    raise FileNotFoundError(f"no mp_rank_00 / mp_rank_00_000 / mp_rank_00_000_000 checkpoint under {it_dir}")
+
+
+def _size(args: argparse.Namespace, name: str) -> int:
+    value = getattr(args, name, None)
+    return 1 if value in (None, 0) else int(value)
+
+
+def expert_sizes(args: argparse.Namespace):
+    """(EP, ETP) of a checkpoint; ETP defaults to TP (megatron's default)."""
+    ep = _size(args, "expert_model_parallel_size")
+    etp = getattr(args, "expert_tensor_parallel_size", None)
+    etp = args.tensor_model_parallel_size if etp in (None, 0) else int(etp)
+    return ep, etp
+
+
+def num_experts(args: argparse.Namespace) -> Optional[int]:
+    value = getattr(args, "num_experts", None)
+    return int(value) if value else None
+
+
+def moe_layer_pattern(args: argparse.Namespace) -> Optional[List[int]]:
+    """One 0/1 entry per Megatron layer slot (noop slots included); None for dense models.
+
+    ``moe_layer_freq`` may be a list / tuple (or its string form, e.g. ``"[0,1,1]"`` or
+    ``"0,1,1"``), or an int N (megatron: slot i is MoE iff i % N == 0), in which case the first
+    ``first_k_dense_replace`` slots are dense as well (MindSpeed-LLM's DeepSeek setting). Missing:
+    every slot is MoE, minus ``first_k_dense_replace``.
+    """
+    if num_experts(args) is None:
+        return None
+    n = args.num_layers
+    freq = getattr(args, "moe_layer_freq", None)
+    first_k = int(getattr(args, "first_k_dense_replace", None) or 0)
+    if isinstance(freq, str):
+        text = freq.strip()
+        if "," in text and not text.startswith(("[", "(")):
+            text = f"[{text}]"
+        try:
+            freq = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            raise ValueError(f"cannot parse moe_layer_freq {freq!r} (give a list of 0/1 or an int)") from None
+    if freq is None:
+        freq = 1
+    if isinstance(freq, int):
+        pattern = [1 if (i % freq == 0 and i >= first_k) else 0 for i in range(n)]
+    else:
+        pattern = [int(x) for x in freq]
+        if len(pattern) != n or any(x not in (0, 1) for x in pattern):
+            raise ValueError(f"moe_layer_freq {pattern} must hold num_layers={n} entries of 0/1")
+    return pattern
 
 
 def parse_int_list(text: Optional[str]) -> List[int]:
@@ -136,20 +231,92 @@ def layer_slots(args: argparse.Namespace) -> List[List[List[int]]]:
     return [[list(range(p * per_stage, (p + 1) * per_stage))] for p in range(pp)]
 
 
-def to_local_names(state: Dict[str, torch.Tensor], transformer_impl: str) -> Dict[str, torch.Tensor]:
-    """fp32 copy of a rank's state dict, te norm names renamed to local names (te only)."""
-    out = {}
+def _put(out: Dict[str, torch.Tensor], name: str, tensor: torch.Tensor) -> None:
+    if name in out:
+        raise KeyError(f"duplicate key after renaming to the local spelling: {name}")
+    out[name] = tensor
+
+
+def _split_mindspeed_mla_qkv(name: str, tensor: torch.Tensor, args: argparse.Namespace, out) -> None:
+    """MindSpeed-LLM's MLA ``linear_qkv`` = cat([q_down (q_proj without q LoRA), kv_down], 0)."""
+    prefix = name[: -len("linear_qkv.weight")]
+    kv_rows = int(args.kv_lora_rank) + int(args.qk_pos_emb_head_dim)
+    if getattr(args, "q_lora_rank", None):
+        q_name, q_rows = "linear_q_down_proj.weight", int(args.q_lora_rank)
+    else:
+        q_name = "linear_q_proj.weight"
+        q_rows = int(args.num_attention_heads) * (int(args.qk_head_dim) + int(args.qk_pos_emb_head_dim))
+    if tensor.shape[0] != q_rows + kv_rows:
+        raise ValueError(f"{name}: {tuple(tensor.shape)} has {tensor.shape[0]} rows, expected "
+                         f"{q_rows} (q) + {kv_rows} (kv down) = {q_rows + kv_rows}")
+    _put(out, prefix + q_name, tensor[:q_rows].clone())
+    _put(out, prefix + "linear_kv_down_proj.weight", tensor[q_rows:].clone())
+
+
+def to_local_names(state: Dict[str, torch.Tensor], transformer_impl: str,
+                   args: Optional[argparse.Namespace] = None) -> Dict[str, torch.Tensor]:
+    """fp32 copy of a rank's state dict in the names of the model this harness builds.
+
+    - te checkpoints: fused-norm names renamed (``TE_NORM_RENAMES``), ``._extra_state`` dropped;
+    - MoE (``args`` given): grouped expert tensors (legacy ``weight1/weight2`` or te
+      ``linear_fc{1,2}.weight{j}``) become ``local_experts.{j}.linear_fc{1,2}.weight``; the
+      spelling must agree with ``moe_grouped_gemm`` / ``transformer_impl``;
+    - MLA (``args.multi_latent_attention``): MindSpeed's fused ``linear_qkv`` is split.
+    """
+    te = transformer_impl == "transformer_engine"
+    mla = bool(args is not None and getattr(args, "multi_latent_attention", False))
+    grouped = bool(args is not None and getattr(args, "moe_grouped_gemm", False))
+    if args is not None and num_experts(args):
+        ep, etp = expert_sizes(args)
+        local_experts = num_experts(args) // ep
+    else:
+        local_experts = None
+    out: Dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
-        if transformer_impl == "transformer_engine":
+        if te:
             if name.endswith("._extra_state"):
                 continue
             for te_name, local_name in TE_NORM_RENAMES:
                 if name.endswith(te_name):
                     name = name[: -len(te_name)] + local_name
                     break
-        if name in out:
-            raise KeyError(f"duplicate key after te -> local rename: {name}")
-        out[name] = tensor.float() if tensor.is_floating_point() else tensor
+        if tensor.is_floating_point():
+            tensor = tensor.float()
+        m_legacy, m_te = _LEGACY_GROUPED.match(name), _TE_GROUPED.match(name)
+        if (m_legacy or m_te) and local_experts is not None:
+            if not grouped:
+                raise ValueError(f"{name}: grouped-GEMM expert tensor, but args.moe_grouped_gemm is not set")
+            if m_te:
+                if not te:
+                    raise ValueError(f"{name}: Transformer Engine grouped expert name in a "
+                                     f"transformer_impl={transformer_impl!r} checkpoint")
+                prefix, which, j = m_te.group(1), m_te.group(2), int(m_te.group(3))
+                if j >= local_experts:
+                    raise ValueError(f"{name}: expert {j} >= {local_experts} local experts")
+                _put(out, f"{prefix}local_experts.{j}.linear_fc{which}.weight", tensor)
+            else:
+                prefix, which = m_legacy.group(1), m_legacy.group(2)
+                hidden = int(args.hidden_size)
+                if which == "1":  # [H, E_local * 2F/TP]: row-major stack of fc1_j^T blocks
+                    if tensor.dim() != 2 or tensor.shape[0] != hidden or tensor.shape[1] % local_experts:
+                        raise ValueError(f"{name}: shape {tuple(tensor.shape)} is not [H={hidden}, E_local={local_experts} * 2F/TP]")
+                    blocks = tensor.reshape(local_experts, hidden, -1)
+                    for j in range(local_experts):
+                        _put(out, f"{prefix}local_experts.{j}.linear_fc1.weight", blocks[j].t().contiguous())
+                else:  # [E_local * F/TP, H]: stack of fc2_j^T blocks
+                    if tensor.dim() != 2 or tensor.shape[1] != hidden or tensor.shape[0] % local_experts:
+                        raise ValueError(f"{name}: shape {tuple(tensor.shape)} is not [E_local={local_experts} * F/TP, H={hidden}]")
+                    blocks = tensor.reshape(local_experts, -1, hidden)
+                    for j in range(local_experts):
+                        _put(out, f"{prefix}local_experts.{j}.linear_fc2.weight", blocks[j].t().contiguous())
+            continue
+        if grouped and _LOCAL_EXPERT.search(name):
+            raise ValueError(f"{name}: per-expert (SequentialMLP) name, but args.moe_grouped_gemm is set "
+                             "(megatron would build grouped experts)")
+        if mla and name.endswith("self_attention.linear_qkv.weight"):
+            _split_mindspeed_mla_qkv(name, tensor, args, out)
+            continue
+        _put(out, name, tensor)
     return out
 
 
@@ -167,6 +334,11 @@ def _patch_megatron_for_cpu() -> None:
     torch.cuda.current_device = lambda: "cpu"
     from megatron.core.models.common.language_module.language_module import LanguageModule
     from megatron.core.tensor_parallel import random as tp_random
+    from megatron.core.transformer import multi_latent_attention
+    from megatron.core.transformer.moe import moe_utils
+
+    moe_utils.te_general_gemm = None
+    multi_latent_attention.HAVE_TE = False
 
     tp_random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
     LanguageModule._is_in_embd_group = lambda self: False
@@ -249,9 +421,120 @@ class NoopTransformerLayer(torch.nn.Module):
         return hidden_states.clone(), context
 
 
+class CausalSoftmaxAttention(torch.nn.Module):
+    """Parameter-free causal softmax attention: the core-attention stand-in for MLA.
+
+    Same construction / call contract as megatron-core's ``DotProductAttention`` (plus the
+    ``k_channels`` / ``v_channels`` MLA passes); q, k ``[s, b, n, dk]``, v ``[s, b, n, dv]`` ->
+    ``[s, b, n * dv]``. ``softmax_scale`` is MLA's (1/sqrt(qk_head_dim + qk_pos_emb_head_dim)
+    without yarn). The mask is always causal (no padding in these checks)."""
+
+    def __init__(self, config=None, layer_number=None, attn_mask_type=None, attention_type=None,
+                 attention_dropout=None, softmax_scale=None, k_channels=None, v_channels=None,
+                 cp_comm_type=None, pg_collection=None, **kwargs):
+        super().__init__()
+        self.softmax_scale = softmax_scale
+
+    def forward(self, query, key, value, attention_mask=None, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None, **kwargs):
+        if packed_seq_params is not None:
+            raise NotImplementedError("packed sequences")
+        sq, b, n, dk = query.shape
+        sk = key.shape[0]
+        scale = self.softmax_scale if self.softmax_scale is not None else 1.0 / math.sqrt(dk)
+        q, k, v = (t.permute(1, 2, 0, 3).float() for t in (query, key, value))  # [b, n, s, d]
+        scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+        causal = torch.triu(torch.ones(sq, sk, dtype=torch.bool), diagonal=1 + sk - sq)
+        scores = scores.masked_fill(causal, float("-inf"))
+        out = torch.matmul(torch.softmax(scores, dim=-1), v)  # [b, n, sq, dv]
+        return out.permute(2, 0, 1, 3).reshape(sq, b, -1).to(query.dtype)
+
+
+def _opt_int(value) -> Optional[int]:
+    return None if value in (None, 0, "") else int(value)
+
+
+def moe_config_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
+    """TransformerConfig MoE keywords from the checkpoint args ({} for dense models).
+
+    Routing semantics are megatron-core's (``topk_routing_with_score_function``):
+    softmax + ``moe_router_pre_softmax`` False: top-k of the logits, softmax over those k
+    (= softmax, top-k, renormalise: Mixtral, Qwen3-MoE norm_topk_prob=True); softmax + pre_softmax
+    True: softmax over all experts, top-k, no renormalisation (Qwen2-MoE norm_topk_prob=False,
+    DeepSeek-V2 greedy); sigmoid: sigmoid scores (+ ``expert_bias`` for the choice only), optional
+    group-limited choice (groups ranked by the sum of their top ``topk / group_topk`` scores),
+    always renormalised over the top-k when topk > 1 (DeepSeek-V3 norm_topk_prob=True); then
+    times ``moe_router_topk_scaling_factor``.
+    """
+    experts = num_experts(args)
+    if experts is None:
+        return {}
+    ep, etp = expert_sizes(args)
+    if experts % ep:
+        raise ValueError(f"num_experts {experts} not divisible by expert_model_parallel_size {ep}")
+    topk = int(getattr(args, "moe_router_topk", None) or 2)
+    score = getattr(args, "moe_router_score_function", None) or "softmax"
+    pre_softmax = bool(getattr(args, "moe_router_pre_softmax", False))
+    norm = getattr(args, "norm_topk_prob", None)
+    if norm is not None and topk > 1:
+        # norm_topk_prob is informational (HF's flag); it must not contradict the megatron settings.
+        if score == "softmax" and pre_softmax == bool(norm):
+            raise ValueError(
+                f"norm_topk_prob={norm} contradicts moe_router_pre_softmax={pre_softmax}: megatron's softmax "
+                "router renormalises over the top-k exactly when moe_router_pre_softmax is False")
+        if score == "sigmoid" and not norm:
+            raise NotImplementedError(
+                "norm_topk_prob=False with a sigmoid router: megatron-core always renormalises sigmoid top-k scores")
+    scaling = getattr(args, "moe_router_topk_scaling_factor", None)
+    shared = _opt_int(getattr(args, "moe_shared_expert_intermediate_size", None))
+    return dict(
+        num_moe_experts=experts,
+        moe_router_topk=topk,
+        moe_ffn_hidden_size=_opt_int(getattr(args, "moe_ffn_hidden_size", None)) or args.ffn_hidden_size,
+        moe_shared_expert_intermediate_size=shared,
+        moe_shared_expert_gate=bool(getattr(args, "moe_shared_expert_gate", False)) and shared is not None,
+        moe_layer_freq=moe_layer_pattern(args),
+        moe_router_score_function=score,
+        moe_router_pre_softmax=pre_softmax,
+        moe_router_enable_expert_bias=bool(getattr(args, "moe_router_enable_expert_bias", False)),
+        moe_router_topk_scaling_factor=None if scaling in (None, "") else float(scaling),
+        moe_router_num_groups=_opt_int(getattr(args, "moe_router_num_groups", None)),
+        moe_router_group_topk=_opt_int(getattr(args, "moe_router_group_topk", None)),
+        moe_router_dtype="fp32",
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
+        moe_token_dispatcher_type="allgather",
+        moe_grouped_gemm=False,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
+    )
+
+
+def mla_config_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
+    """MLATransformerConfig keywords ({} without MLA)."""
+    if not getattr(args, "multi_latent_attention", False):
+        return {}
+    return dict(
+        multi_latent_attention=True,
+        q_lora_rank=_opt_int(getattr(args, "q_lora_rank", None)),
+        kv_lora_rank=int(args.kv_lora_rank),
+        qk_head_dim=int(args.qk_head_dim),
+        qk_pos_emb_head_dim=int(args.qk_pos_emb_head_dim),
+        v_head_dim=int(args.v_head_dim),
+        rope_type="rope",
+        rotary_base=float(getattr(args, "rotary_base", 10000) or 10000),
+        rotary_percent=float(getattr(args, "rotary_percent", 1.0) or 1.0),
+        rotary_scaling_factor=1.0,
+        mscale=1.0,
+        mscale_all_dim=0.0,
+        rotary_interleaved=False,
+        qk_layernorm=True,  # q_layernorm (with q LoRA) / kv_layernorm always exist in MLA checkpoints
+    )
+
+
 def transformer_config_from_args(args: argparse.Namespace, slots: List[List[List[int]]]):
     import torch.nn.functional as F
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
     pp = args.pipeline_model_parallel_size
     chunks = len(slots[0])
@@ -272,7 +555,10 @@ def transformer_config_from_args(args: argparse.Namespace, slots: List[List[List
     if getattr(args, "use_rope_scaling", False) or getattr(args, "rope_scaling_type", None):
         raise NotImplementedError("rope scaling is not mapped by this harness")
     gqa = getattr(args, "group_query_attention", False)
-    return TransformerConfig(
+    moe = moe_config_kwargs(args)
+    mla = mla_config_kwargs(args)
+    cls = MLATransformerConfig if mla else TransformerConfig
+    kwargs = dict(
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
         ffn_hidden_size=args.ffn_hidden_size,
@@ -303,6 +589,15 @@ def transformer_config_from_args(args: argparse.Namespace, slots: List[List[List
         gradient_accumulation_fusion=False,
         sequence_parallel=False,
     )
+    kwargs.update(moe)
+    kwargs.update(mla)
+    return cls(**kwargs)
+
+
+def _use_causal_attention_stand_in(block_spec) -> None:
+    """MLA: swap the local core attention (q/k dim must equal v dim) for CausalSoftmaxAttention."""
+    for layer_spec in block_spec.layer_specs:
+        layer_spec.submodules.self_attention.submodules.core_attention = CausalSoftmaxAttention
 
 
 def _logits_worker(rank: int, world: int, out_dir: str, payload: Dict[str, Any]) -> None:
@@ -316,17 +611,23 @@ def _logits_worker(rank: int, world: int, out_dir: str, payload: Dict[str, Any])
     slots = layer_slots(args)
     noop = set(parse_int_list(getattr(args, "noop_layers", None)))
     tp_size, pp_size = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    ep_size, etp_size = expert_sizes(args)
     chunks = len(slots[0])
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp_size,
         pipeline_model_parallel_size=pp_size,
         virtual_pipeline_model_parallel_size=chunks if chunks > 1 else None,
+        expert_model_parallel_size=ep_size,
+        expert_tensor_parallel_size=etp_size,
     )
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    ep_rank = parallel_state.get_expert_model_parallel_rank() if ep_size > 1 else 0
+    dp_rank = parallel_state.get_data_parallel_rank()
     config = transformer_config_from_args(args, slots)
+    mla = bool(getattr(config, "multi_latent_attention", False))
 
-    checkpoint = load_rank_checkpoint(rank_file(payload["iter_dir"], tp_rank, pp_rank, pp_size))
+    checkpoint = load_rank_checkpoint(rank_file(payload["iter_dir"], tp_rank, pp_rank, pp_size, ep_rank, ep_size))
     impl = getattr(args, "transformer_impl", "local")
     tied = not args.untie_embeddings_and_output_weights
 
@@ -338,6 +639,8 @@ def _logits_worker(rank: int, world: int, out_dir: str, payload: Dict[str, Any])
         spec = get_gpt_decoder_block_spec(
             config, use_transformer_engine=False, normalization="RMSNorm", vp_stage=vp_stage, pp_rank=pp_rank
         )
+        if mla:
+            _use_causal_attention_stand_in(spec)
         model = GPTModel(
             config,
             spec,
@@ -360,7 +663,7 @@ def _logits_worker(rank: int, world: int, out_dir: str, payload: Dict[str, Any])
                 raise RuntimeError(f"layer numbering: local {local} has layer_number {layers[local].layer_number}, expected {global_id + 1}")
             if global_id in noop:
                 layers[local] = NoopTransformerLayer(layers[local].layer_number)
-        state = to_local_names(checkpoint["model" if chunks == 1 else f"model{v}"], impl)
+        state = to_local_names(checkpoint["model" if chunks == 1 else f"model{v}"], impl, args)
         model.load_state_dict(state, strict=True)
         model.eval()
         models.append(model)
@@ -387,7 +690,7 @@ def _logits_worker(rank: int, world: int, out_dir: str, payload: Dict[str, Any])
             out = model(tokens, position_ids, mask, runtime_gather_output=True)
             if virtual_stage < last_virtual:
                 dist.send(out.contiguous(), dst=next_rank)
-            elif tp_rank == 0:
+            elif tp_rank == 0 and dp_rank == 0:
                 torch.save(out.float().contiguous(), os.path.join(out_dir, LOGITS_FILE))
 
 
@@ -398,21 +701,30 @@ def mcore_logits(load_dir, tokens: torch.LongTensor, timeout: float = 300) -> to
     """tokens [b, s] -> logits [b, s, padded_vocab] (fp32, gathered over TP), from the checkpoint at load_dir."""
     load_dir = os.fspath(load_dir)
     args = read_args(load_dir)
-    if getattr(args, "expert_model_parallel_size", 1) not in (None, 1):
-        raise NotImplementedError("expert parallel checkpoints are not supported by this harness")
     layer_slots(args)  # validate the layout before spawning
     it_dir = iteration_dir(load_dir)
     tp_size, pp_size = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    ep_size, etp_size = expert_sizes(args)
+    if ep_size > 1 and num_experts(args) is None:
+        raise ValueError(f"expert_model_parallel_size {ep_size} without num_experts")
+    if num_experts(args) is not None and tp_size % etp_size:
+        raise ValueError(f"expert_tensor_parallel_size {etp_size} does not divide TP {tp_size}")
+    if getattr(args, "multi_latent_attention", False) and tp_size > 1:
+        raise NotImplementedError(
+            "MLA is checked at TP = 1 only: without Transformer Engine megatron-core splits the MLA "
+            "down-projections across TP, unlike real checkpoints (check TP > 1 by round trip)")
+    moe_layer_pattern(args)  # validate before spawning
     for tp in range(tp_size):
         for pp in range(pp_size):
-            path = rank_file(it_dir, tp, pp, pp_size)
-            if not os.path.exists(path):
-                raise FileNotFoundError(path)
+            for ep in range(ep_size):
+                path = rank_file(it_dir, tp, pp, pp_size, ep, ep_size)
+                if not os.path.exists(path):
+                    raise FileNotFoundError(path)
     tokens = torch.as_tensor(tokens, dtype=torch.long)
     if tokens.dim() != 2:
         raise ValueError(f"tokens must be [b, s], got {tuple(tokens.shape)}")
     payload = {"args": args, "tokens": tokens.clone(), "iter_dir": it_dir}
-    out_dir = spawn_ranks(_logits_worker, tp_size * pp_size, payload, timeout=timeout)
+    out_dir = spawn_ranks(_logits_worker, tp_size * pp_size * ep_size, payload, timeout=timeout)
     try:
         return torch.load(os.path.join(out_dir, LOGITS_FILE), weights_only=True)
     finally:

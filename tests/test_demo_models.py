@@ -245,3 +245,107 @@ def test_cli(tmp_path, capsys):
                     "--config-style", "v4", "--num-layers", "2", "--dtype", "bf16"]) == 0
     assert (tmp_path / "cli" / "pytorch_model.bin.index.json").exists()
     assert "qwen25-tied" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- MoE / MLA families
+
+# family -> (a per-expert hub key of layer 1, expected number of routed experts)
+MOE_KEYS = {
+    "mixtral": ("model.layers.1.block_sparse_moe.experts.3.w1.weight", 4),
+    "qwen2-moe": ("model.layers.1.mlp.experts.3.gate_proj.weight", 4),
+    "qwen3-moe": ("model.layers.1.mlp.experts.3.up_proj.weight", 4),
+    "deepseek2-lite": ("model.layers.1.mlp.experts.3.down_proj.weight", 4),
+    "deepseek3": ("model.layers.1.mlp.experts.7.gate_proj.weight", 8),
+}
+
+
+@pytest.mark.parametrize("family", dm.MOE_FAMILIES)
+def test_moe_checkpoint_per_expert_and_logits(family, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    assert set(MOE_KEYS) == set(dm.MOE_FAMILIES)
+    tokens = dm.sample_tokens(dm.DEFAULT_VOCAB_SIZE, batch=2, seq=8, seed=0)
+    model = dm.build_model(family, attn_implementation="eager")
+    with torch.no_grad():
+        ref = model(input_ids=tokens, use_cache=False).logits.float()
+    assert ref.std() > 0.3
+
+    fmt = "bin" if family == "mixtral" else "safetensors"  # the .bin writer converts to the hub layout too
+    d = dm.build_hf_checkpoint(family, tmp_path / "hf", tokenizer=False, weights_format=fmt)
+    keys = _weight_keys(d)
+    key, experts = MOE_KEYS[family]
+    assert key in keys
+    # hub layout only: one tensor per expert, no fused in-memory stacks
+    assert not any(k.endswith(("experts.gate_up_proj", "experts.down_proj")) for k in keys)
+    per_expert = {k for k in keys if k.startswith("model.layers.1.") and ".experts." in k}
+    assert len(per_expert) == 3 * experts
+    assert ("model.layers.1.mlp.gate.e_score_correction_bias" in keys) == (family == "deepseek3")
+    if family in dm.MLA_FAMILIES:  # layer 0 is dense (first_k_dense_replace = 1)
+        assert "model.layers.0.mlp.gate_proj.weight" in keys and "model.layers.0.mlp.gate.weight" not in keys
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["rope_parameters"]["rope_type"] == "default"
+
+    loaded, info = AutoModelForCausalLM.from_pretrained(d, output_loading_info=True, dtype=torch.float32)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    logits = dm.hf_logits(d, tokens)
+    assert logits.shape == (2, 8, dm.DEFAULT_VOCAB_SIZE)
+    torch.testing.assert_close(logits, ref, rtol=0, atol=1e-5)
+
+
+def test_moe_family_features():
+    c = dm.make_config("mixtral")
+    assert (c.num_local_experts, c.num_experts_per_tok, c.num_attention_heads, c.hidden_size) == (4, 2, 4, 64)
+
+    c = dm.make_config("qwen2-moe")
+    assert (c.num_experts, c.num_experts_per_tok, c.norm_topk_prob, c.decoder_sparse_step, c.mlp_only_layers) == (4, 2, False, 1, [])
+    assert c.qkv_bias and c.shared_expert_intermediate_size == 96
+    m = dm.build_model("qwen2-moe", num_layers=1)
+    assert m.model.layers[0].mlp.shared_expert_gate.weight.shape == (1, 64)
+    assert m.model.layers[0].self_attn.q_proj.bias is not None
+
+    c = dm.make_config("qwen3-moe")
+    assert c.head_dim == 32 != c.hidden_size // c.num_attention_heads and c.norm_topk_prob
+
+    c = dm.make_config("deepseek2-lite")
+    assert c.q_lora_rank is None and (c.kv_lora_rank, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim) == (32, 16, 8, 24)
+    assert (c.first_k_dense_replace, c.n_shared_experts, c.topk_method, c.norm_topk_prob, c.routed_scaling_factor) == (1, 2, "greedy", False, 1.0)
+
+    c = dm.make_config("deepseek3")
+    assert c.q_lora_rank == 24 and (c.n_routed_experts, c.n_group, c.topk_group, c.num_experts_per_tok) == (8, 2, 1, 2)
+    assert (c.n_shared_experts, c.norm_topk_prob, c.routed_scaling_factor, c.rope_interleave) == (1, True, 2.5, True)
+    for family in dm.MOE_FAMILIES:
+        assert dm.make_config(family).vocab_size % 128 != 0
+
+
+@pytest.mark.parametrize("family", ["deepseek3", "qwen2-moe"])
+def test_moe_weights_are_interesting(family):
+    """Every parameter and weight buffer is random (no zero / all-ones tensor left from init),
+    and DeepSeek-V3's e_score_correction_bias visibly changes the routing."""
+    model = dm.build_model(family)
+    sd = model.state_dict()
+    for k, t in sd.items():
+        assert t.abs().max() > 0, k
+        if k.endswith("norm.weight"):
+            assert not torch.allclose(t, torch.ones_like(t)), k
+    tokens = dm.sample_tokens(503, seed=1)
+    with torch.no_grad():
+        before = model(input_ids=tokens).logits
+        if family == "deepseek3":
+            bias = [b for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")]
+            assert len(bias) == 3 and all((b != 0).all() and b.dtype == torch.float32 for b in bias)
+            for b in bias:
+                b.zero_()
+        else:  # swap two experts of layer 0
+            gu = model.model.layers[0].mlp.experts.gate_up_proj
+            gu.copy_(gu[[1, 0, 2, 3]])
+        after = model(input_ids=tokens).logits
+    assert (before - after).abs().max() > 1e-2
+
+
+def test_moe_v4_config_style(tmp_path):
+    d = dm.build_hf_checkpoint("deepseek3", tmp_path / "v4", tokenizer=False, config_style="v4", num_layers=2)
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["rope_theta"] == 10000.0 and cfg["rope_scaling"] is None and "rope_parameters" not in cfg
+    tokens = dm.sample_tokens(503, seed=3)
+    ref = dm.build_model("deepseek3", num_layers=2)(input_ids=tokens).logits.detach()
+    torch.testing.assert_close(dm.hf_logits(d, tokens), ref, rtol=0, atol=1e-5)
