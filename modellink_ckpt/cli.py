@@ -80,11 +80,20 @@ def build_parser() -> argparse.ArgumentParser:
     # accepted for compatibility with existing scripts; they change nothing here
     p.add_argument("--mtp-num-layers", type=int, default=None,
                    help="also convert this many multi-token-prediction layers (DeepSeek-V3)")
-    for flag in ("--spec", "--load-hf-from-config", "--lora-load", "--lora-r", "--lora-alpha",
-                 "--lora-target-modules", "--save-lora-to-hf", "--load-checkpoint-loosely"):
-        kwargs = {"nargs": "*"} if flag in ("--spec", "--lora-target-modules") else {}
-        if flag in ("--load-hf-from-config", "--save-lora-to-hf", "--load-checkpoint-loosely"):
-            kwargs = {"action": "store_true"}
+    lora = p.add_argument_group("LoRA (with --load-model-type mg)")
+    lora.add_argument("--lora-load", type=Path, default=None,
+                      help="LoRA checkpoint (full or adapters only) to merge into the --load-dir base")
+    lora.add_argument("--lora-r", type=int, default=None, help="LoRA rank (default: the one the checkpoint records)")
+    lora.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the recorded one)")
+    lora.add_argument("--lora-target-modules", nargs="*", default=None,
+                      help="linear_qkv linear_proj linear_fc1 linear_fc2 (default: the recorded ones, else all four)")
+    lora.add_argument("--save-lora-to-hf", action="store_true",
+                      help="export only the adapters, as a PEFT adapter folder in <save-dir>/mg2hf")
+    lora.add_argument("--load-checkpoint-loosely", action="store_true",
+                      help="accepted (MindSpeed-LLM needs it for adapter-only checkpoints)")
+    # accepted for compatibility with existing scripts; they change nothing here
+    for flag in ("--spec", "--load-hf-from-config"):
+        kwargs = {"nargs": "*"} if flag == "--spec" else {"action": "store_true"}
         p.add_argument(flag, help=argparse.SUPPRESS, **kwargs)
     return p
 
@@ -124,6 +133,9 @@ class Plan:
 
     source_tokenizer: Path | None = None
     source_dtype: torch.dtype = torch.float32
+    lora: "LoraSpec | None" = None        # merge (or, with save_lora_to_hf, export) these adapters
+    lora_dir: Path | None = None          # --lora-load: adapters kept apart from the base
+    save_lora_to_hf: bool = False
 
     def tokenizer_dir(self) -> Path | None:
         """Where the source's tokenizer files are: the HF folder, or the one the mg args recorded."""
@@ -137,8 +149,13 @@ def _unsupported(args) -> None:
         raise UsageError("--save-lora-to-hf and --moe-grouped-gemm are exclusive (the adapter is per expert)")
     if args.load_model_type == "optim":
         raise UsageError("--load-model-type optim: distributed-optimizer checkpoints are not supported yet")
-    if args.lora_load or args.save_lora_to_hf:
-        raise UsageError("--lora-load / --save-lora-to-hf: LoRA conversion is not supported yet")
+    lora_flags = args.lora_load or args.save_lora_to_hf or args.lora_r is not None
+    if lora_flags and args.load_model_type != "mg":
+        raise UsageError("--lora-load / --lora-r / --save-lora-to-hf need --load-model-type mg")
+    if args.save_lora_to_hf and args.save_model_type != "hf":
+        raise UsageError("--save-lora-to-hf writes a PEFT adapter: use it with --save-model-type hf")
+    if args.save_lora_to_hf and args.load_hf_from_config:
+        raise UsageError("--save-lora-to-hf and --load-hf-from-config are exclusive")
     if args.load_model_type == "hf" and args.save_model_type == "hf":
         raise UsageError("--load-model-type hf --save-model-type hf: nothing to convert")
 
@@ -158,6 +175,22 @@ def _check_hf_config_matches(plan_dims: ModelDims, family: ModelFamily, folder: 
                              f"{getattr(other, field)}, the checkpoint has {getattr(plan_dims, field)})")
 
 
+def _lora_plan(args, source) -> tuple:
+    """(LoraSpec, --lora-load folder) when adapters are to be merged or exported, else (None, None)."""
+    if not (args.lora_load or args.save_lora_to_hf or args.lora_r is not None):
+        return None, None
+    from modellink_ckpt.lora import check_same_layout, spec_from_args
+    from modellink_ckpt.loaders.mg import MegatronSource
+
+    adapters = source
+    if args.lora_load:
+        adapters = MegatronSource(args.lora_load, flag="--lora-load")
+        check_same_layout(source.args, adapters.args, args.load_dir, args.lora_load)
+    spec = spec_from_args(adapters.args, r=args.lora_r, alpha=args.lora_alpha,
+                          target_modules=args.lora_target_modules, source=str(args.lora_load or args.load_dir))
+    return spec, args.lora_load
+
+
 def _expert_layout(args) -> str:
     if not args.moe_grouped_gemm:
         return "per_expert"
@@ -169,7 +202,7 @@ def build_plan(args) -> Plan:
     family = load_family(args.model_type_hf, args.model_cfg)
     overrides = {"add_qkv_bias": args.add_qkv_bias, "add_dense_bias": args.add_dense_bias,
                  "mtp_num_layers": args.mtp_num_layers}
-    source_layout = source_tokenizer = None
+    source_layout = source_tokenizer = lora = lora_dir = None
     if args.load_model_type == "hf":
         from modellink_ckpt.loaders.hf import HfSource
 
@@ -183,7 +216,10 @@ def build_plan(args) -> Plan:
     else:
         from modellink_ckpt.loaders.mg import MegatronSource
 
-        source = MegatronSource(args.load_dir)
+        source = MegatronSource(args.load_dir, keep_adapters=args.save_lora_to_hf)
+        lora, lora_dir = _lora_plan(args, source)
+        if lora is not None and not args.save_lora_to_hf:  # merged as the weights are read
+            source = MegatronSource(args.load_dir, lora=lora, lora_dir=lora_dir)
         vocab = None
         if not hasattr(source.args, "vocab_size") or source.args.vocab_size is None:
             for folder in (args.hf_cfg_dir, args.save_dir):  # the true vocabulary is the HF one
@@ -237,7 +273,8 @@ def build_plan(args) -> Plan:
         tokenizer_model=args.tokenizer_model,
         hf_config_dir=args.hf_cfg_dir, max_queue_size=args.max_queue_size, max_queue_gb=args.max_queue_gb,
         max_shard_bytes=parse_size(args.max_shard_size, "--max-shard-size"), overwrite=args.overwrite,
-        quiet=args.quiet, source_tokenizer=source_tokenizer, source_dtype=source_dtype)
+        quiet=args.quiet, source_tokenizer=source_tokenizer, source_dtype=source_dtype,
+        lora=lora, lora_dir=lora_dir, save_lora_to_hf=args.save_lora_to_hf)
 
 
 def output_files(plan: Plan) -> dict[str, int]:
@@ -306,6 +343,16 @@ def convert(argv: list[str] | None = None, start_method: str = "forkserver") -> 
     """Run one conversion; raises ConvertError/UsageError. Returns the saver's summary."""
     args = build_parser().parse_args(argv)
     plan = build_plan(args)
+    if plan.save_lora_to_hf:
+        from modellink_ckpt.savers import lora_hf
+
+        if args.dry_run:
+            print(f"plan: export the LoRA adapters of {plan.lora_dir or plan.load_dir} as a PEFT adapter to "
+                  f"{plan.save_dir / 'mg2hf'}; nothing written (--dry-run)")
+            return {"dry_run": True}
+        result = lora_hf.save(plan)
+        result["describe"] = str(plan.save_dir / "mg2hf")
+        return result
     files = output_files(plan)
     if args.dry_run:
         print(describe_plan(plan, files))

@@ -40,8 +40,6 @@ DEFAULT_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 COLUMN_TARGETS = ("linear_qkv", "linear_fc1")
 ROW_TARGETS = ("linear_proj", "linear_fc2")
 # where a dense layer's targets live, relative to `decoder.layers.{i}.`
-DENSE_MODULES = {"linear_qkv": "self_attention.linear_qkv", "linear_proj": "self_attention.linear_proj",
-                 "linear_fc1": "mlp.linear_fc1", "linear_fc2": "mlp.linear_fc2"}
 PEFT_PREFIX = "base_model.model."
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -346,31 +344,38 @@ def peft_layer_tensors(family, dims, layer: int, adapters: dict, prefix: str = P
     return out
 
 
-def load_layer_adapters(source, layout, dims, spec: LoraSpec) -> Iterator[tuple[int, dict]]:
+def load_layer_adapters(source, layout, family, dims, spec: LoraSpec) -> Iterator[tuple[int, dict]]:
     """`(hf layer, {layer-relative module: (A, B)})` for every layer of a Megatron LoRA checkpoint
-    (`loaders.mg.MegatronSource`, full or LoRA-only), TP shards merged with the adapter rules."""
+    (`loaders.mg.MegatronSource`, full or LoRA-only), TP shards merged with the adapter rules.
+    Routed experts are read from their EP rank's files (local index j) and keyed by their global
+    index, as `peft_layer_tensors` wants them; with expert TP 1 their adapters are whole."""
     for slot in layout.slots():
         if slot.hf_layer is None:
             continue
         adapters = {}
-        for target in spec.target_modules:
-            module = DENSE_MODULES.get(target)
-            if module is None:
-                raise ConvertError(f"--lora-target-modules {target}: cannot export it to PEFT (only "
-                                   f"{', '.join(DENSE_MODULES)})")
+        for rule in mapping.layer_rules(family, dims, slot.hf_layer):
+            module = rule.mcore[:-len(".weight")] if rule.mcore.endswith(".weight") else None
+            if module is None or not spec.targets(module):
+                continue
             a_kind, b_kind = adapter_tp_kinds(module, dims.swiglu)
-            prefix = f"decoder.layers.{slot.local_layer}.{module}"
+            file_module, ep_rank = module, None
+            if rule.expert is not None:
+                ep_rank, local = divmod(rule.expert, dims.num_experts // layout.ep)
+                file_module = mapping.expert_name(local, module[len(mapping.expert_name(rule.expert, "")):])
+                if layout.etp == 1 and layout.tp > 1:
+                    a_kind = b_kind = "replicated"
             tensors = []
             for ab, kind in (("A", a_kind), ("B", b_kind)):
-                name = f"{prefix}.lora_{ab}.default.weight"
+                name = f"decoder.layers.{slot.local_layer}.{file_module}.lora_{ab}.default.weight"
                 try:
-                    tensors.append(source.take(layout, slot.pp_rank, slot.vchunk, name, kind))
+                    shards = source.shards(layout, slot.pp_rank, slot.vchunk, name, ep_rank=ep_rank)
+                    tensors.append(source.take(layout, slot.pp_rank, slot.vchunk, name, kind, shards=shards))
                 except ConvertError as exc:
                     raise ConvertError(f"layer {slot.mg_layer}: {exc}") from None
             lora_a, lora_b = tensors
             if lora_a.shape[0] != spec.r:
-                raise ConvertError(f"{source.iter_dir}: '{prefix}.lora_A.default.weight' has rank "
-                                   f"{lora_a.shape[0]}, but --lora-r is {spec.r}")
+                raise ConvertError(f"{source.iter_dir}: layer {slot.mg_layer} '{file_module}.lora_A.default.weight' "
+                                   f"has rank {lora_a.shape[0]}, but --lora-r is {spec.r}")
             adapters[module] = (lora_a, lora_b)
         yield slot.hf_layer, adapters
 

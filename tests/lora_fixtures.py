@@ -293,39 +293,6 @@ def rank_files(folder) -> list[Path]:
     return sorted(it_dir.glob(f"mp_rank_*/{mcore_harness.CHECKPOINT_FILE}"))
 
 
-def write_merged_checkpoint(base_dir, lora_dir, out_dir, spec) -> Path:
-    """Merge with `modellink_ckpt.lora.merge_lora` rank file by rank file (lazily read, as the
-    converter does) and write a plain Megatron checkpoint (same layout, no LoRA keys)."""
-    from modellink_ckpt.lora import merge_lora
-    from modellink_ckpt.torch_zip import LazyTensor, load_lazy
-
-    base_dir, lora_dir, out_dir = Path(base_dir), Path(lora_dir), Path(out_dir)
-    args = mcore_harness.read_args(str(base_dir))
-    for key in ("lora_r", "lora_alpha", "lora_target_modules"):
-        if hasattr(args, key):
-            delattr(args, key)
-    base_files, lora_files = rank_files(base_dir), rank_files(lora_dir)
-    assert [p.parent.name for p in base_files] == [p.parent.name for p in lora_files]
-    for base_path, lora_path in zip(base_files, lora_files):
-        base = load_lazy(base_path)
-        base_models = {k: v for k, v in base.items() if k.startswith("model")}
-        if base_path == lora_path:
-            lora_models = base_models
-        else:
-            lora = load_lazy(lora_path)
-            lora_models = {k: v for k, v in lora.items() if k.startswith("model")}
-        merged = merge_lora(base_models, lora_models, spec, base_path, lora_path)
-        out = {}
-        for model_key, state in merged.items():
-            out[model_key] = {name: (t.load() if isinstance(t, LazyTensor) else t) for name, t in state.items()
-                              if t is not None and not name.endswith("._extra_state")}
-        path = out_dir / f"iter_{ITERATION:07d}" / base_path.parent.name / mcore_harness.CHECKPOINT_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"args": args, "checkpoint_version": 3.0, "iteration": ITERATION, **out}, path)
-    (out_dir / mcore_harness.TRACKER_FILE).write_text(str(ITERATION))
-    return out_dir
-
-
 def base_to_hf(fixture: LoraFixture, save_dir) -> Path:
     """The plain base checkpoint converted to HF by the converter itself (-> `<save_dir>/mg2hf`)."""
     from util import mg_to_hf

@@ -10,16 +10,15 @@ import warnings
 import pytest
 import torch
 
-from lora_fixtures import (base_to_hf, build_lora_checkpoints, full_value, rank_files, shard_of, shard_rule,
-                           write_merged_checkpoint)
+from lora_fixtures import base_to_hf, build_lora_checkpoints, full_value, rank_files, shard_of, shard_rule
 from modellink_ckpt import mapping
 from modellink_ckpt import transforms as T
 from modellink_ckpt.errors import ConvertError, UsageError
-from modellink_ckpt.lora import (LoraSpec, MergedLoraTensor, bf16_ulp, check_same_layout, export_peft_adapter,
-                                 load_layer_adapters, merge_adapter_shards, merge_lora, merge_weight,
+from modellink_ckpt.lora import (LoraSpec, MergedLoraTensor, bf16_ulp, check_same_layout, merge_adapter_shards, merge_lora, merge_weight,
                                  peft_layer_tensors, spec_from_args, write_peft_adapter)
 from modellink_ckpt.model_cfg import ModelDims, load_family
 from modellink_ckpt.torch_zip import load_lazy
+from util import run_convert
 
 SPEC = LoraSpec(4, 6.0)
 R = SPEC.r
@@ -297,14 +296,28 @@ def test_adapter_config_is_peft_own(tmp_path):
 
 # ---- real checkpoints (megatron-core + peft, multi-process) -------------------------------------
 
-def _export(fixture, out_dir, hf_dir):
-    from modellink_ckpt.loaders.mg import MegatronSource
+def _lora_flags(fixture) -> list[str]:
+    """The LoRA flags a MindSpeed-LLM user passes (r, alpha and targets as trained)."""
+    return ["--lora-r", str(fixture.r), "--lora-alpha", str(fixture.alpha), "--lora-target-modules",
+            *fixture.target_modules]
 
-    source = MegatronSource(fixture.lora_load)
-    dims = source.dims()
-    spec = spec_from_args(source.args)
-    return export_peft_adapter(out_dir, load_family("llama2"), dims,
-                               load_layer_adapters(source, source.layout(dims), dims, spec), spec, str(hf_dir))
+
+def _merge(fixture, save_dir, save_type="mg", *flags):
+    """The converter's merge: the base in --load-dir, the adapters in it (full LoRA checkpoint) or
+    in --lora-load (LoRA-only)."""
+    lora_load = [] if fixture.full_dir else ["--lora-load", fixture.lora_dir]
+    run_convert("--model-type", "GPT", "--load-model-type", "mg", "--save-model-type", save_type,
+                "--model-type-hf", "llama2", "--use-mcore-models", "--load-dir", _base(fixture), *lora_load,
+                *_lora_flags(fixture), "--save-dir", save_dir, *flags)
+    return save_dir / "mg2hf" if save_type == "hf" else save_dir
+
+
+def _export(fixture, save_dir):
+    """`--save-lora-to-hf`, as in the MindSpeed-LLM documentation; the adapter lands in <save-dir>/mg2hf."""
+    run_convert("--model-type", "GPT", "--load-model-type", "mg", "--save-model-type", "hf", "--model-type-hf",
+                "llama2", "--use-mcore-models", "--load-dir", fixture.lora_load, *_lora_flags(fixture),
+                "--load-checkpoint-loosely", "--save-lora-to-hf", "--save-dir", save_dir)
+    return save_dir / "mg2hf"
 
 
 def _peft_model(hf_dir, adapter_dir):
@@ -328,23 +341,26 @@ def _base(fixture):
     return fixture.full_dir or fixture.base_dir
 
 
-def _check_merged_mcore(fixture, tmp_path):
+def _check_merged_mcore(fixture, tmp_path, target_tp=None):
+    """Merged by the converter into a plain checkpoint at `target_tp` (default: the source's),
+    loaded by megatron-core with strict=True: the LoRA-wrapped model's logits."""
     from mcore_harness import mcore_logits
 
-    spec = LoraSpec(fixture.r, fixture.alpha, fixture.target_modules)
-    merged = write_merged_checkpoint(_base(fixture), fixture.lora_load, tmp_path / "merged", spec)
+    target_tp = target_tp or fixture.tp
+    merged = _merge(fixture, tmp_path / f"merged_tp{target_tp}", "mg", "--target-tensor-parallel-size", str(target_tp))
     for path in rank_files(merged):
         assert not any("lora" in k or "base_layer" in k for k in torch.load(path, weights_only=False)["model"])
-    got = mcore_logits(merged, fixture.tokens)
-    diff = (got - fixture.logits).abs().max().item()
-    assert diff <= 1e-4, f"merged TP{fixture.tp} checkpoint: max |logit diff| {diff:.3g}"
+    vocab = fixture.vocab_size  # the merged output's padding follows its own TP
+    got = mcore_logits(merged, fixture.tokens)[..., :vocab]
+    diff = (got - fixture.logits[..., :vocab]).abs().max().item()
+    assert diff <= 1e-4, f"merged TP{fixture.tp} -> TP{target_tp} checkpoint: max |logit diff| {diff:.3g}"
     assert (fixture.logits - fixture.base_logits).abs().max().item() > 0.1  # the adapters matter
     return merged
 
 
 def _check_peft_export(fixture, tmp_path):
     hf_dir = base_to_hf(fixture, tmp_path / "hf")
-    adapter = _export(fixture, tmp_path / "adapter", hf_dir)
+    adapter = _export(fixture, tmp_path / "adapter")
     with torch.no_grad():
         logits = _peft_model(hf_dir, adapter)(fixture.tokens).logits
     diff = (logits - fixture.logits[..., :fixture.vocab_size]).abs().max().item()
@@ -357,7 +373,7 @@ def test_tp2_lora_only_checkpoint_merges_and_exports(tmp_path):
     exported adapter in peft both give the peft-wrapped Megatron model's logits."""
     fixture = build_lora_checkpoints(tmp_path / "ckpt", tp=2, lora_only=True)
     assert fixture.keys and all("lora" in k for k in fixture.keys)
-    _check_merged_mcore(fixture, tmp_path)
+    _check_merged_mcore(fixture, tmp_path, target_tp=1)  # merged per TP2 shard, written at TP1
     _check_peft_export(fixture, tmp_path)
 
 
@@ -379,12 +395,10 @@ def test_tp1_lora_only_checkpoint_merges(tmp_path):
 def test_merged_hf_equals_peft_merge_and_unload(tmp_path):
     """Our merge, converted to HF by the converter, equals peft's own merge of the exported adapter
     into the HF base, tensor by tensor, and has its logits."""
-    from util import load_hf_state, mg_to_hf
+    from util import load_hf_state
 
     fixture = build_lora_checkpoints(tmp_path / "ckpt", tp=2, lora_only=False)
-    spec = LoraSpec(fixture.r, fixture.alpha, fixture.target_modules)
-    merged = write_merged_checkpoint(_base(fixture), fixture.lora_load, tmp_path / "merged", spec)
-    hf_merged = mg_to_hf(merged, tmp_path / "hf_merged", "llama2")
+    hf_merged = _merge(fixture, tmp_path / "hf_merged", "hf")  # mg (TP2, with adapters) -> merged HF
     hf_dir, adapter = _check_peft_export(fixture, tmp_path)
     peft_merged = _peft_model(hf_dir, adapter).merge_and_unload()
     ours = load_hf_state(hf_merged)
@@ -402,7 +416,7 @@ def test_merged_hf_equals_peft_merge_and_unload(tmp_path):
 def test_bf16_checkpoint_merge_is_within_one_ulp(tmp_path):
     fixture = build_lora_checkpoints(tmp_path / "ckpt", tp=2, dtype=torch.bfloat16, lora_only=False)
     spec = LoraSpec(fixture.r, fixture.alpha, fixture.target_modules)
-    merged = write_merged_checkpoint(_base(fixture), fixture.lora_load, tmp_path / "merged", spec)
+    merged = _merge(fixture, tmp_path / "merged", "mg", "--target-tensor-parallel-size", "2")
     checked = 0
     for source, result in zip(rank_files(fixture.full_dir), rank_files(merged)):
         state = torch.load(source, weights_only=False)["model"]

@@ -19,6 +19,7 @@ from modellink_ckpt.errors import ConvertError, UsageError
 from modellink_ckpt.layout import ParallelLayout
 from modellink_ckpt.megatron_args import dims_from_args, layout_from_args
 from modellink_ckpt.file_io import scratch_tensor
+from modellink_ckpt.lora import merge_lora
 from modellink_ckpt.torch_zip import LazyTensor, load_lazy
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -32,10 +33,16 @@ def iteration_dir_name(iteration: int | str) -> str:
 class MegatronSource:
     """A Megatron checkpoint directory: its tracker, stored args and rank files."""
 
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | Path, *, flag: str = "--load-dir", lora=None, lora_dir: str | Path | None = None,
+                 keep_adapters: bool = False):
+        """`lora` (a lora.LoraSpec): merge the adapters, held in the same rank files or, with
+        `lora_dir`, in the same rank files of another checkpoint, into the weights as they are read.
+        `keep_adapters`: read LoRA tensors as they are (to export them)."""
         self.dir = Path(directory)
+        self._lora, self._lora_source = lora, MegatronSource(lora_dir, flag="--lora-load") if lora_dir else None
+        self._keep_adapters = keep_adapters
         if not self.dir.is_dir():
-            raise UsageError(f"--load-dir {self.dir}: not a directory")
+            raise UsageError(f"{flag} {self.dir}: not a directory")
         tracker = self.dir / TRACKER
         if tracker.is_file():
             text = tracker.read_text().strip()
@@ -47,7 +54,7 @@ class MegatronSource:
         elif any(self.dir.glob(f"mp_rank_*/{RANK_FILE}")):
             self.iter_dir = self.dir  # pointed at the iteration folder itself
         else:
-            raise UsageError(f"--load-dir {self.dir}: no {TRACKER} (not a complete Megatron checkpoint)")
+            raise UsageError(f"{flag} {self.dir}: no {TRACKER} (not a complete Megatron checkpoint)")
         rank_files = sorted(self.iter_dir.glob(f"mp_rank_*/{RANK_FILE}"))
         if not rank_files:
             raise ConvertError(f"{self.iter_dir}: no mp_rank_*/{RANK_FILE} files")
@@ -76,12 +83,19 @@ class MegatronSource:
             path = self.iter_dir / layout.rank_dir(tp_rank, pp_rank, ep_rank) / RANK_FILE
             if not path.is_file():
                 raise ConvertError(f"{path}: missing rank file (the stored args say TP={layout.tp}, PP={layout.pp})")
-            state = load_lazy(path)
-            if not isinstance(state, dict):
-                raise ConvertError(f"{path}: not a Megatron checkpoint (no dict inside)")
-            models = {k: v for k, v in state.items() if k == "model" or (k.startswith("model") and k[5:].isdigit())}
-            if not models:
-                raise ConvertError(f"{path}: no 'model' entry")
+            models = _model_entries(load_lazy(path), path)
+            if self._lora is not None:
+                lora_path, lora_models = path, models
+                if self._lora_source is not None:
+                    lora_path = self._lora_source.iter_dir / layout.rank_dir(tp_rank, pp_rank, ep_rank) / RANK_FILE
+                    if not lora_path.is_file():
+                        raise ConvertError(f"{lora_path}: missing rank file (the base checkpoint has "
+                                           f"{path.parent.name})")
+                    lora_models = _model_entries(load_lazy(lora_path), lora_path)
+                models = merge_lora(models, lora_models, self._lora, path, lora_path)
+            elif not self._keep_adapters and any(".lora_A." in name for sd in models.values() for name in sd):
+                raise ConvertError(f"{path}: holds LoRA adapters; pass --lora-r and --lora-alpha to merge them, "
+                                   f"or --save-lora-to-hf to export them")
             self._cache[key] = {"path": path, "models": models,
                                 "unused": set() if pp_rank in self._released else
                                 {(mk, name) for mk, sd in models.items() for name in sd
@@ -157,6 +171,15 @@ class MegatronSource:
         """The stored dtype of `name`, from TP rank 0's file."""
         state = self.rank_state(layout, 0, pp_rank)["models"].get(layout.model_key(vchunk), {})
         return state[name].dtype if name in state else torch.float32  # missing: take() reports it
+
+
+def _model_entries(state, path) -> dict:
+    if not isinstance(state, dict):
+        raise ConvertError(f"{path}: not a Megatron checkpoint (no dict inside)")
+    models = {k: v for k, v in state.items() if k == "model" or (k.startswith("model") and k[5:].isdigit())}
+    if not models:
+        raise ConvertError(f"{path}: no 'model' entry")
+    return models
 
 
 def _read_rows(shard, start: int, stop: int, out: torch.Tensor) -> None:
@@ -276,7 +299,7 @@ def load(plan, sender) -> dict:
     """Stream a Megatron checkpoint as whole (TP-merged, unpadded) Megatron tensors."""
     from modellink_ckpt.pipeline import message_bytes
 
-    source = MegatronSource(plan.load_dir)
+    source = MegatronSource(plan.load_dir, lora=plan.lora, lora_dir=plan.lora_dir)
     family, dims, layout = plan.family, plan.dims, plan.source_layout
     first_pp, first_chunk = layout.first_stage
     last_pp, last_chunk = layout.last_stage
