@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from modellink_ckpt.demo_models import build_hf_checkpoint
 from util import ROOT, assert_same_tensors, load_hf_state
@@ -20,10 +21,41 @@ def test_example_scripts_round_trip(tmp_path, folder, family, layers):
     env = {**os.environ, "HF_DIR": str(hf), "MCORE_DIR": str(tmp_path / "mcore"),
            "SRC_DIR": str(tmp_path / "mcore"), "NUM_LAYER_LIST": "1,3", "DST_DIR": str(tmp_path / "mcore2"),
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    scripts = sorted((ROOT / "examples" / "mcore" / folder).glob("*.sh"), key=lambda p: ("mcore2mcore" in p.name, "mcore2hf" in p.name))
+    scripts = sorted((p for p in (ROOT / "examples" / "mcore" / folder).glob("*.sh") if "lora" not in p.name), key=lambda p: ("mcore2mcore" in p.name, "mcore2hf" in p.name))
     for script in scripts:
         result = subprocess.run(["bash", str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, f"{script.name}: {result.stderr[-2000:]}"
     assert_same_tensors(original, load_hf_state(hf / "mg2hf"))
     if family == "llama2":
         assert (tmp_path / "mcore2" / "iter_0000001" / "mp_rank_03_001" / "model_optim_rng.pt").is_file()
+
+
+def test_lora_example_scripts(tmp_path):
+    """The three LoRA scripts as written (r 16, alpha 32, all four targets) on a real peft/megatron-core
+    LoRA-only checkpoint: merged Megatron, merged HF, and the PEFT adapter."""
+    import shutil
+
+    from peft import LoraConfig
+
+    from lora_fixtures import base_to_hf, build_lora_checkpoints
+
+    fixture = build_lora_checkpoints(tmp_path / "ckpt", tp=1, lora_only=True, r=16, alpha=32.0)
+    hf = base_to_hf(fixture, tmp_path / "hf_base")
+    for name in ("merged_hf", "adapter_hf"):
+        shutil.copytree(hf, tmp_path / name)
+    env = {**os.environ, "MCORE_DIR": str(fixture.base_dir), "LORA_DIR": str(fixture.lora_dir),
+           "MERGED_DIR": str(tmp_path / "merged_mg"), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    runs = {"ckpt_convert_llama2_mg2mg_lora.sh": {}, "ckpt_convert_llama2_mcore2hf_lora.sh": {"HF_DIR": str(tmp_path / "merged_hf")},
+            "ckpt_convert_llama2_lora2hf.sh": {"HF_DIR": str(tmp_path / "adapter_hf")}}
+    for script, extra in runs.items():
+        result = subprocess.run(["bash", str(ROOT / "examples" / "mcore" / "llama2" / script)], cwd=ROOT,
+                                env={**env, **extra}, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, f"{script}: {result.stderr[-2000:]}"
+    assert (tmp_path / "merged_mg" / "iter_0000001" / "mp_rank_00_001" / "model_optim_rng.pt").is_file()
+    merged = load_hf_state(tmp_path / "merged_hf" / "mg2hf")
+    base = load_hf_state(hf)
+    assert sorted(merged) == sorted(base)
+    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
+    config = LoraConfig.from_pretrained(str(tmp_path / "adapter_hf" / "mg2hf"))
+    assert (config.r, config.lora_alpha) == (16, 32)
+    assert sorted(config.target_modules) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
