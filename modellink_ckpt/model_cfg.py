@@ -247,9 +247,29 @@ def _moe_and_mla(values: dict, settings: dict, num_layers: int) -> dict:
     return fields
 
 
+def _derived_values(dims: ModelDims) -> dict:
+    """Config values (by `config_hf_key_mapping` name) that ModelDims holds in another form: the
+    inverse of `_moe_and_mla`."""
+    if not dims.num_experts:
+        return {}
+    moe = set(dims.moe_layers)
+    return {
+        "shared_expert_intermediate_size": dims.shared_expert_ffn_hidden_size,
+        "n_shared_experts": dims.shared_expert_ffn_hidden_size // dims.moe_ffn_hidden_size,
+        "first_k_dense_replace": min(moe) if moe else dims.num_layers,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [i for i in range(dims.num_layers) if i not in moe],
+        "norm_topk_prob": not dims.router_pre_softmax,
+        "routed_scaling_factor": dims.router_topk_scaling_factor or 1.0,
+        "n_group": dims.router_num_groups or 1,
+        "topk_group": dims.router_group_topk or 1,
+        "num_nextn_predict_layers": dims.mtp_num_layers,
+    }
+
+
 def hf_config_from_dims(family: ModelFamily, dims: ModelDims, dtype_name: str) -> dict:
     """A `config.json` for HF output when no original one is at hand, built through the same mapping."""
-    by_arg = dims.to_dict()
+    by_arg = {**dims.to_dict(), **_derived_values(dims)}
     config: dict[str, Any] = {
         "architectures": list(family.settings.get("hf_architectures", ["LlamaForCausalLM"])),
         "model_type": family.settings.get("hf_model_type", "llama"),

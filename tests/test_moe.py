@@ -169,3 +169,15 @@ def test_dry_run_lists_expert_rank_files(tmp_path, hf_models, capsys):
     out = capsys.readouterr().out
     assert "EP2" in out and "mp_rank_00_001_001/model_optim_rng.pt" in out
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family", [pytest.param(f, marks=() if f == "deepseek3" else pytest.mark.slow) for f in FAMILIES])
+def test_hf_output_without_original_config(tmp_path, family):
+    """mg -> hf with no config.json at hand: the config built from the stored args gives a model
+    transformers loads and that computes the original logits."""
+    from modellink_ckpt.demo_models import hf_logits, sample_tokens
+
+    hf = build_hf_checkpoint(family, tmp_path / "hf", tokenizer=False)
+    out = mg_to_hf(hf_to_mg(hf, tmp_path / "mg", family), tmp_path / "out", family)
+    tokens = sample_tokens(503)
+    assert torch.equal(hf_logits(hf, tokens), hf_logits(out, tokens))
