@@ -1,16 +1,18 @@
 #!/usr/bin/env python
-"""Benchmark the checkpoint converter against a plain `cp -r`, on a random Llama-shaped checkpoint.
+"""Benchmark the checkpoint converter against a plain `cp -r`, on a random Llama- or Mixtral-shaped checkpoint.
 
     python bench/bench_convert.py                       # TinyLlama-1.1B shape (~2.2 GB), every step once
     python bench/bench_convert.py --shape llama2-7b --repeat 3 --json bench-7b.json
+    python bench/bench_convert.py --shape mixtral-2g    # Mixtral-like, 8 experts (~2 GB), EP layouts
     python bench/bench_convert.py --only hf2mg --layout TP4PP1
     python bench/bench_convert.py --quick               # tiny model, a few seconds: a smoke test for CI
+    python bench/bench_convert.py --quick-moe           # the same with 4 experts
 
 Steps (all selected ones run in one invocation, after the page cache has been warmed):
   copy   `cp -r HF COPY`, the floor: what moving the bytes costs with no conversion at all
-  hf2mg  HF -> Megatron-Core at --layout (default TP2PP2)
-  mg2hf  the TP2PP2 checkpoint -> HF, into a fresh folder holding a copy of config.json
-  mg2mg  the TP2PP2 checkpoint -> --mg2mg-layout (default TP1PP4)
+  hf2mg  HF -> Megatron-Core at --layout (default TP2PP2; MoE shapes TP2PP2EP2)
+  mg2hf  the source checkpoint (TP2PP2; MoE TP2PP2EP2) -> HF, into a fresh folder holding a copy of config.json
+  mg2mg  the source checkpoint -> --mg2mg-layout (default TP1PP4; MoE shapes TP1PP4EP4)
 
 For every run the whole process tree (the command and all its descendants) is sampled from /proc
 every --interval seconds; the table reports the peak of the summed RSS and of the summed PSS.
@@ -40,21 +42,40 @@ REPO = Path(__file__).resolve().parent.parent
 GENERATOR_VERSION = 1
 MAX_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size="5GB"
 
-# Sizes as the published config.json of each model has them (dtype: bfloat16 here).
+# Sizes as the published config.json of each model has them (dtype: bfloat16 here). `family` is the
+# converter's --model-type-hf and picks the config.json and the tensor names (see FAMILIES).
 SHAPES = {
-    "tinyllama": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                      num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-05,
-                      rope_theta=10000.0),
-    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-05,
-                      rope_theta=10000.0),
+    "tinyllama": dict(family="llama2", hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                      num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
+                      max_position_embeddings=2048, rms_norm_eps=1e-05, rope_theta=10000.0),
+    "llama2-7b": dict(family="llama2", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+                      max_position_embeddings=4096, rms_norm_eps=1e-05, rope_theta=10000.0),
+    # Not a published model: Mixtral-like at ~2 GB, with Mixtral-8x7B's 8 experts, top-2, 8 kv heads and
+    # vocabulary, scaled down to hidden 1024 (16 heads of 64); 8 layers (PP2 and PP4 divide them), expert
+    # ffn 4608 (4.5 x hidden, Mixtral has 3.5) so the bf16 weights come to 1.99 GB, 0.23 GB of experts a layer.
+    "mixtral-2g": dict(family="mixtral", hidden_size=1024, intermediate_size=4608, num_hidden_layers=8,
+                       num_attention_heads=16, num_key_value_heads=8, vocab_size=32000,
+                       max_position_embeddings=32768, rms_norm_eps=1e-05, rope_theta=1000000.0,
+                       num_local_experts=8, num_experts_per_tok=2),
     # --quick: 4 layers so that PP4 works without --num-layer-list; divisible by TP2
-    "quick": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=8,
-                  num_key_value_heads=4, vocab_size=1024, max_position_embeddings=512, rms_norm_eps=1e-05,
-                  rope_theta=10000.0),
+    "quick": dict(family="llama2", hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+                  num_attention_heads=8, num_key_value_heads=4, vocab_size=1024, max_position_embeddings=512,
+                  rms_norm_eps=1e-05, rope_theta=10000.0),
+    # --quick-moe: the same, with 4 experts (top-2) of ffn 512, so that EP2 and EP4 divide them
+    "quick-moe": dict(family="mixtral", hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                      num_attention_heads=8, num_key_value_heads=4, vocab_size=1024, max_position_embeddings=512,
+                      rms_norm_eps=1e-05, rope_theta=1000000.0, num_local_experts=4, num_experts_per_tok=2),
 }
 STEPS = ("copy", "hf2mg", "mg2hf", "mg2mg")
-SOURCE_LAYOUT = (2, 2)  # the Megatron checkpoint mg2hf and mg2mg start from
+# Per family: the default layouts (TP, PP, EP) of hf2mg (--layout) and of mg2mg (--mg2mg-layout), and the
+# Megatron checkpoint mg2hf and mg2mg start from. Dense: TP2PP2, TP1PP4 and TP2PP2; MoE: the same with
+# the experts spread over EP2 (hf2mg, source) and EP4 (mg2mg: TP1PP4EP4, each rank file holds 1/16 of
+# all the experts).
+FAMILIES = {
+    "llama2": dict(moe=False, hf2mg=(2, 2, 1), mg2mg=(1, 4, 1), source=(2, 2, 1)),
+    "mixtral": dict(moe=True, hf2mg=(2, 2, 2), mg2mg=(1, 4, 4), source=(2, 2, 2)),
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,11 +83,10 @@ SOURCE_LAYOUT = (2, 2)  # the Megatron checkpoint mg2hf and mg2mg start from
 # ---------------------------------------------------------------------------------------------
 
 def hf_config(shape: dict) -> dict:
-    """config.json as transformers writes it for LlamaForCausalLM (the hub's 4.x spelling, which
-    transformers 5 also reads; `dtype` is the 4.56+/5 name of `torch_dtype`, both are written)."""
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "attention_bias": False,
+    """config.json as transformers writes it for the shape's family: LlamaForCausalLM or
+    MixtralForCausalLM (the hub's 4.x spelling, which transformers 5 also reads, keys sorted;
+    `dtype` is the 4.56+/5 name of `torch_dtype`, both are written)."""
+    config = {
         "attention_dropout": 0.0,
         "bos_token_id": 1,
         "eos_token_id": 2,
@@ -74,16 +94,12 @@ def hf_config(shape: dict) -> dict:
         "hidden_act": "silu",
         "hidden_size": shape["hidden_size"],
         "initializer_range": 0.02,
-        "intermediate_size": shape["intermediate_size"],
+        "intermediate_size": shape["intermediate_size"],  # Mixtral: the ffn of one expert
         "max_position_embeddings": shape["max_position_embeddings"],
-        "mlp_bias": False,
-        "model_type": "llama",
         "num_attention_heads": shape["num_attention_heads"],
         "num_hidden_layers": shape["num_hidden_layers"],
         "num_key_value_heads": shape["num_key_value_heads"],
-        "pretraining_tp": 1,
         "rms_norm_eps": shape["rms_norm_eps"],
-        "rope_scaling": None,
         "rope_theta": shape["rope_theta"],
         "tie_word_embeddings": False,
         "torch_dtype": "bfloat16",
@@ -91,22 +107,53 @@ def hf_config(shape: dict) -> dict:
         "use_cache": True,
         "vocab_size": shape["vocab_size"],
     }
+    family = shape["family"]
+    if family == "llama2":
+        config.update({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False,
+                       "mlp_bias": False, "pretraining_tp": 1, "rope_scaling": None})
+    elif family == "mixtral":
+        config.update({"architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+                       "num_local_experts": shape["num_local_experts"],
+                       "num_experts_per_tok": shape["num_experts_per_tok"], "output_router_logits": False,
+                       "router_aux_loss_coef": 0.02, "router_jitter_noise": 0.0, "sliding_window": None})
+    else:
+        raise ValueError(f"unknown family {family!r}")
+    return dict(sorted(config.items()))
+
+
+def mlp_tensors(shape: dict, prefix: str) -> list[tuple[str, tuple[int, ...]]]:
+    """The feed-forward weights of one layer: Llama's MLP, or Mixtral's router and experts."""
+    h, i = shape["hidden_size"], shape["intermediate_size"]
+    if shape["family"] == "llama2":
+        return [(prefix + "mlp.gate_proj.weight", (i, h)), (prefix + "mlp.up_proj.weight", (i, h)),
+                (prefix + "mlp.down_proj.weight", (h, i))]
+    moe = prefix + "block_sparse_moe."
+    out = [(moe + "gate.weight", (shape["num_local_experts"], h))]
+    for e in range(shape["num_local_experts"]):
+        # w1 gate, w2 down, w3 up, in the order of MixtralBlockSparseTop2MLP's state_dict
+        out += [(moe + f"experts.{e}.w1.weight", (i, h)), (moe + f"experts.{e}.w2.weight", (h, i)),
+                (moe + f"experts.{e}.w3.weight", (i, h))]
+    return out
 
 
 def hf_tensors(shape: dict) -> list[tuple[str, tuple[int, ...]]]:
     """(name, shape) of every weight, in the order transformers' state_dict has them."""
-    h, i, v = shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"]
+    h, v = shape["hidden_size"], shape["vocab_size"]
     kv = shape["num_key_value_heads"] * (h // shape["num_attention_heads"])
     out = [("model.embed_tokens.weight", (v, h))]
     for n in range(shape["num_hidden_layers"]):
         p = f"model.layers.{n}."
         out += [(p + "self_attn.q_proj.weight", (h, h)), (p + "self_attn.k_proj.weight", (kv, h)),
                 (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.o_proj.weight", (h, h)),
-                (p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)),
-                (p + "mlp.down_proj.weight", (h, i)),
+                *mlp_tensors(shape, p),
                 (p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,))]
     out += [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
     return out
+
+
+def experts_bytes_per_layer(shape: dict) -> int:
+    """bf16 bytes of one layer's routed experts (0 for a dense shape)."""
+    return 3 * shape.get("num_local_experts", 0) * shape["hidden_size"] * shape["intermediate_size"] * 2
 
 
 def nbytes_bf16(dims: tuple[int, ...]) -> int:
@@ -400,6 +447,10 @@ def dir_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
 
 
+def largest_file(folder: Path) -> int:
+    return max((p.stat().st_size for p in folder.rglob("*") if p.is_file()), default=0) if folder.is_dir() else 0
+
+
 def read_cache(folder: Path) -> None:
     """Read every file once (untimed) so the timed run starts with a warm page cache."""
     buf = bytearray(16 << 20)
@@ -415,18 +466,19 @@ def copy_complete(src: Path, dst: Path) -> bool:
                and (dst / p.relative_to(src)).stat().st_size == p.stat().st_size for p in files)
 
 
-def mg_complete(folder: Path, tp: int, pp: int) -> bool:
+def rank_dir(tp_rank: int, pp_rank: int, ep_rank: int, pp: int, ep: int) -> str:
+    """`mp_rank_TT[_PPP][_EEE]`: the PP part when PP > 1, the EP part when EP > 1."""
+    return f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if pp > 1 else "") + (f"_{ep_rank:03d}" if ep > 1 else "")
+
+
+def mg_complete(folder: Path, tp: int, pp: int, ep: int = 1) -> bool:
     tracker = folder / "latest_checkpointed_iteration.txt"
     if not tracker.is_file():
         return False
     text = tracker.read_text().strip()
     iter_dir = folder / ("release" if text == "release" else f"iter_{int(text):07d}" if text.isdigit() else "?")
-    for t in range(tp):
-        for p in range(pp):
-            name = f"mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else "")
-            if not (iter_dir / name / "model_optim_rng.pt").is_file():
-                return False
-    return True
+    return all((iter_dir / rank_dir(t, p, e, pp, ep) / "model_optim_rng.pt").is_file()
+               for t in range(tp) for p in range(pp) for e in range(ep))
 
 
 def hf_complete(folder: Path) -> bool:
@@ -454,11 +506,18 @@ def remove(path: Path) -> None:
 # the benchmark
 # ---------------------------------------------------------------------------------------------
 
-def parse_layout(text: str) -> tuple[int, int]:
-    match = re.fullmatch(r"\s*tp(\d+)\s*pp(\d+)\s*", text, re.IGNORECASE)
-    if not match or int(match[1]) < 1 or int(match[2]) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a layout like TP2PP2")
-    return int(match[1]), int(match[2])
+def parse_layout(text: str) -> tuple[int, int, int]:
+    """`TP2PP2` or `TP2PP2EP2` -> (tp, pp, ep); EP defaults to 1."""
+    match = re.fullmatch(r"\s*tp(\d+)\s*pp(\d+)\s*(?:ep(\d+)\s*)?", text, re.IGNORECASE)
+    if not match or min(int(g) for g in match.groups(default="1")) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a layout like TP2PP2 or TP2PP2EP2")
+    return int(match[1]), int(match[2]), int(match[3] or 1)
+
+
+def fmt_layout(layout: tuple[int, int, int], moe: bool) -> str:
+    """TP2PP2 for a dense model; a MoE model's layouts always show EP (TP2PP2EP1 included)."""
+    tp, pp, ep = layout
+    return f"TP{tp}PP{pp}" + (f"EP{ep}" if moe or ep > 1 else "")
 
 
 def layer_list(layers: int, pp: int) -> list[str]:
@@ -489,50 +548,61 @@ def log(message: str) -> None:
 class Bench:
     def __init__(self, args, shape_name: str, shape: dict):
         self.args, self.shape = args, shape
+        self.family = shape["family"]
+        self.moe = FAMILIES[self.family]["moe"]
+        self.source = FAMILIES[self.family]["source"]  # the layout mg2hf and mg2mg start from
         self.work = Path(args.work_dir).resolve()
         self.hf = self.work / f"hf-{shape_name}"
         self.runs = self.work / f"runs-{shape_name}"
-        self.mg_src = self.runs / "mg-src-tp{}pp{}".format(*SOURCE_LAYOUT)
+        self.mg_src = self.runs / f"mg-src-{self.name(self.source).lower()}"
         self.converter = [sys.executable, str(Path(args.converter).resolve())]
         self.layers = shape["num_hidden_layers"]
 
+    def name(self, layout: tuple[int, int, int]) -> str:
+        return fmt_layout(layout, self.moe)
+
     def convert_cmd(self, *flags) -> list[str]:
-        return self.converter + ["--model-type", "GPT", "--model-type-hf", "llama2", "--use-mcore-models",
+        return self.converter + ["--model-type", "GPT", "--model-type-hf", self.family, "--use-mcore-models",
                                  *map(str, flags), "--quiet"]
 
-    def hf2mg_cmd(self, out: Path, tp: int, pp: int) -> list[str]:
+    def layout_flags(self, layout: tuple[int, int, int]) -> list:
+        tp, pp, ep = layout
+        flags = ["--target-tensor-parallel-size", tp, "--target-pipeline-parallel-size", pp]
+        if ep > 1:
+            flags += ["--target-expert-parallel-size", ep]
+        return flags + layer_list(self.layers, pp)
+
+    def hf2mg_cmd(self, out: Path, layout: tuple[int, int, int]) -> list[str]:
         return self.convert_cmd("--load-model-type", "hf", "--save-model-type", "mg", "--load-dir", self.hf,
-                                "--save-dir", out, "--target-tensor-parallel-size", tp,
-                                "--target-pipeline-parallel-size", pp, *layer_list(self.layers, pp))
+                                "--save-dir", out, *self.layout_flags(layout))
 
     def ensure_mg_source(self) -> bool:
-        """The TP2PP2 checkpoint mg2hf and mg2mg read (kept from hf2mg, else made untimed)."""
-        if mg_complete(self.mg_src, *SOURCE_LAYOUT):
+        """The source checkpoint mg2hf and mg2mg read (kept from hf2mg, else made untimed)."""
+        if mg_complete(self.mg_src, *self.source):
             return True
         remove(self.mg_src)
-        log("making the TP{}PP{} source checkpoint (untimed)".format(*SOURCE_LAYOUT))
-        run = measure(self.hf2mg_cmd(self.mg_src, *SOURCE_LAYOUT), self.runs, self.args.interval, self.args.settle)
-        ok = run["rc"] == 0 and mg_complete(self.mg_src, *SOURCE_LAYOUT)
+        log(f"making the {self.name(self.source)} source checkpoint (untimed)")
+        run = measure(self.hf2mg_cmd(self.mg_src, self.source), self.runs, self.args.interval, self.args.settle)
+        ok = run["rc"] == 0 and mg_complete(self.mg_src, *self.source)
         if not ok:
             log(f"could not make the source checkpoint (rc {run['rc']}):\n{run['output_tail']}")
         return ok
 
     def step(self, key: str) -> dict:
-        tp, pp = self.args.layout
-        tp2, pp2 = self.args.mg2mg_layout
-        s_tp, s_pp = SOURCE_LAYOUT
+        layout, layout2 = self.args.layout, self.args.mg2mg_layout
         if key == "copy":
             label, source, out = "cp -r HF (floor)", self.hf, self.runs / "copy"
             cmd = ["cp", "-r", str(self.hf), str(out)]
             complete = lambda: copy_complete(self.hf, out)  # noqa: E731
             prepare = None
         elif key == "hf2mg":
-            label, source, out = f"hf→mg TP{tp}PP{pp}", self.hf, self.runs / f"mg-tp{tp}pp{pp}"
-            cmd = self.hf2mg_cmd(out, tp, pp)
-            complete = lambda: mg_complete(out, tp, pp)  # noqa: E731
+            label, source = f"hf→mg {self.name(layout)}", self.hf
+            out = self.runs / f"mg-{self.name(layout).lower()}"
+            cmd = self.hf2mg_cmd(out, layout)
+            complete = lambda: mg_complete(out, *layout)  # noqa: E731
             prepare = None
         elif key == "mg2hf":
-            label, source, out = f"mg→hf TP{s_tp}PP{s_pp}→HF", self.mg_src, self.runs / "hf-out"
+            label, source, out = f"mg→hf {self.name(self.source)}→HF", self.mg_src, self.runs / "hf-out"
             cmd = self.convert_cmd("--load-model-type", "mg", "--save-model-type", "hf", "--load-dir", self.mg_src,
                                    "--save-dir", out)
             complete = lambda: hf_complete(out)  # noqa: E731
@@ -541,21 +611,20 @@ class Bench:
                 out.mkdir(parents=True)
                 shutil.copy2(self.hf / "config.json", out / "config.json")
         else:
-            label = f"mg→mg TP{s_tp}PP{s_pp}→TP{tp2}PP{pp2}"
-            source, out = self.mg_src, self.runs / f"mg-tp{tp2}pp{pp2}"
+            label = f"mg→mg {self.name(self.source)}→{self.name(layout2)}"
+            source, out = self.mg_src, self.runs / f"mg-{self.name(layout2).lower()}"
             cmd = self.convert_cmd("--load-model-type", "mg", "--save-model-type", "mg", "--load-dir", self.mg_src,
-                                   "--save-dir", out, "--target-tensor-parallel-size", tp2,
-                                   "--target-pipeline-parallel-size", pp2, *layer_list(self.layers, pp2))
-            complete = lambda: mg_complete(out, tp2, pp2)  # noqa: E731
+                                   "--save-dir", out, *self.layout_flags(layout2))
+            complete = lambda: mg_complete(out, *layout2)  # noqa: E731
             prepare = None
         if "--num-layer-list" in cmd:
             label += " (" + cmd[cmd.index("--num-layer-list") + 1] + ")"
         result = {"step": key, "label": label, "command": shown(cmd), "runs": []}
         if source == self.mg_src and not self.ensure_mg_source():
             result["status"] = "FAILED"
-            result["error"] = "no source checkpoint (hf→mg TP{}PP{} failed)".format(*SOURCE_LAYOUT)
+            result["error"] = f"no source checkpoint (hf→mg {self.name(self.source)} failed)"
             return result
-        keep_as_source = key == "hf2mg" and (tp, pp) == SOURCE_LAYOUT
+        keep_as_source = key == "hf2mg" and layout == self.source
         for k in range(self.args.repeat):
             remove(out)
             if prepare:
@@ -563,12 +632,14 @@ class Bench:
             read_cache(source)
             run = measure(cmd, self.runs, self.args.interval, self.args.settle)
             run["complete"] = run["rc"] == 0 and complete()
-            run["bytes"] = dir_bytes(out / "mg2hf" if key == "mg2hf" else out)
+            written = out / "mg2hf" if key == "mg2hf" else out
+            run["bytes"], run["largest_file_bytes"] = dir_bytes(written), largest_file(written)
             result["runs"].append(run)
             state = "ok" if run["complete"] else f"FAILED (rc {run['rc']}{', output incomplete' if run['rc'] == 0 else ''})"
             log(f"{label} run {k + 1}/{self.args.repeat}: {run['wall_s']:.2f} s, peak RSS {fmt_bytes(run['peak_rss'])},"
                 f" PSS {fmt_bytes(run['peak_pss'])} (peaks of its parts: anon {fmt_bytes(run['peak_pss_anon'])},"
-                f" file {fmt_bytes(run['peak_pss_file'])}, shmem {fmt_bytes(run['peak_pss_shmem'])}), {state}"
+                f" file {fmt_bytes(run['peak_pss_file'])}, shmem {fmt_bytes(run['peak_pss_shmem'])}),"
+                f" largest output file {fmt_bytes(run['largest_file_bytes'])}, {state}"
                 + (f"\n  {run['converter_summary']}" if run["converter_summary"] else ""))
             if not run["complete"] and run["output_tail"]:
                 log("  " + run["output_tail"].strip().replace("\n", "\n  "))
@@ -580,7 +651,7 @@ class Bench:
         result["status"] = "ok" if len(good) == len(result["runs"]) else "FAILED"
         if good:
             best = min(good, key=lambda r: r["wall_s"])
-            result.update(wall_s=best["wall_s"], bytes=best["bytes"])
+            result.update(wall_s=best["wall_s"], bytes=best["bytes"], largest_file_bytes=best["largest_file_bytes"])
             for key in [f"peak_{k}" for k in TreeSampler.FIELDS] + ["peak_shm_delta"]:
                 values = [r[key] for r in good]
                 result[key] = None if None in values else max(values)
@@ -625,12 +696,18 @@ def table(results: list[dict], copy_wall: float | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default="tinyllama")
-    p.add_argument("--quick", action="store_true", help="tiny model (4 layers, hidden 256), a few seconds: CI smoke")
+    quick = p.add_mutually_exclusive_group()
+    quick.add_argument("--quick", action="store_true",
+                       help="--shape quick: tiny model (4 layers, hidden 256), a few seconds: CI smoke")
+    quick.add_argument("--quick-moe", action="store_true",
+                       help="--shape quick-moe: the same with 4 experts (Mixtral), a few seconds: CI smoke")
     p.add_argument("--work-dir", default=str(REPO / "bench_out"), help="where the checkpoint and outputs go")
     p.add_argument("--repeat", type=int, default=1, help="runs per step; the fastest good one is reported")
     p.add_argument("--only", default=None, help=f"comma list of steps to run, from {','.join(STEPS)}")
-    p.add_argument("--layout", type=parse_layout, default=(2, 2), help="hf→mg target layout (default TP2PP2)")
-    p.add_argument("--mg2mg-layout", type=parse_layout, default=(1, 4), help="mg→mg target (default TP1PP4)")
+    p.add_argument("--layout", type=parse_layout, default=None,
+                   help="hf→mg target layout, TPxPPy[EPz] (default TP2PP2; MoE shapes TP2PP2EP2)")
+    p.add_argument("--mg2mg-layout", type=parse_layout, default=None,
+                   help="mg→mg target layout (default TP1PP4; MoE shapes TP1PP4EP4)")
     p.add_argument("--interval", type=float, default=0.25, help="memory sampling period in seconds")
     p.add_argument("--settle", type=float, default=5.0,
                    help="seconds to wait (after sync) before each timed run, so every step starts alike")
@@ -645,11 +722,23 @@ def main(argv: list[str] | None = None) -> int:
     bad = [s for s in steps if s not in STEPS]
     if bad:
         p.error(f"--only {','.join(bad)}: unknown step (choose from {','.join(STEPS)})")
-    shape_name = "quick" if args.quick else args.shape
+    shape_name = "quick" if args.quick else "quick-moe" if args.quick_moe else args.shape
     shape = SHAPES[shape_name]
+    family = FAMILIES[shape["family"]]
+    experts = shape.get("num_local_experts", 0)
+    for flag, key, default in (("--layout", "layout", family["hf2mg"]),
+                               ("--mg2mg-layout", "mg2mg_layout", family["mg2mg"])):
+        if getattr(args, key) is None:
+            setattr(args, key, default)
+        ep = getattr(args, key)[2]
+        if experts and experts % ep:
+            p.error(f"{flag} {fmt_layout(getattr(args, key), True)}: EP {ep} does not divide the {experts} experts "
+                    f"of {shape_name}")
+        if not experts and ep > 1:
+            p.error(f"{flag} {fmt_layout(getattr(args, key), True)}: {shape_name} has no experts (EP must be 1)")
     bench = Bench(args, shape_name, shape)
 
-    # disk: the checkpoint, plus at most the TP2PP2 source and one output beside it
+    # disk: the checkpoint, plus at most the source checkpoint and one output beside it
     weights = sum(nbytes_bf16(d) for _, d in hf_tensors(shape))
     bench.work.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(bench.work).free
@@ -676,7 +765,9 @@ def main(argv: list[str] | None = None) -> int:
             remove(bench.hf)
 
     copy = next((r for r in results if r["step"] == "copy" and r["status"] == "ok"), None)
-    dims = (f"hidden {shape['hidden_size']}, ffn {shape['intermediate_size']}, {shape['num_hidden_layers']} layers, "
+    ffn = (f"{experts} experts (top-{shape['num_experts_per_tok']}) of ffn {shape['intermediate_size']}, "
+           f"{fmt_bytes(experts_bytes_per_layer(shape))} a layer" if experts else f"ffn {shape['intermediate_size']}")
+    dims = (f"{shape['family']}, hidden {shape['hidden_size']}, {ffn}, {shape['num_hidden_layers']} layers, "
             f"{shape['num_attention_heads']} heads / {shape['num_key_value_heads']} kv, vocab {shape['vocab_size']}, "
             f"bf16, {fmt_bytes(hf_bytes)} on disk")
     header = (f"shape: {shape_name} ({dims})\n"
