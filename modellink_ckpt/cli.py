@@ -52,6 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-expert-parallel-size", "--target-expert-model-parallel-size",
                    dest="target_expert_parallel_size", type=int, default=1)
     p.add_argument("--expert-tensor-parallel-size", type=int, default=None)
+    p.add_argument("--target-data-parallel-size", type=int, default=None,
+                   help="with --load-model-type optim: lay the optimizer state out for this DP size "
+                        "(default: the source's)")
+    p.add_argument("--target-overlap-grad-reduce", choices=["on", "off"], default=None,
+                   help="with --load-model-type optim: whether the resumed run uses --overlap-grad-reduce "
+                        "(it decides the buffer buckets; default: as the source run)")
+    p.add_argument("--target-ddp-bucket-size", type=int, default=None,
+                   help="with --load-model-type optim: the resumed run's --ddp-bucket-size (default: as the source run)")
     p.add_argument("--num-layer-list", default=None, help="layers per pipeline stage, e.g. 8,8,8,8")
     p.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
     p.add_argument("--noop-layers", default=None, help="comma list of empty Megatron layer slots")
@@ -136,6 +144,7 @@ class Plan:
     lora: "LoraSpec | None" = None        # merge (or, with save_lora_to_hf, export) these adapters
     lora_dir: Path | None = None          # --lora-load: adapters kept apart from the base
     save_lora_to_hf: bool = False
+    target_ddp: dict = dataclasses.field(default_factory=dict)  # optim -> mg: the resumed run's DDP settings
 
     def tokenizer_dir(self) -> Path | None:
         """Where the source's tokenizer files are: the HF folder, or the one the mg args recorded."""
@@ -147,8 +156,12 @@ class Plan:
 def _unsupported(args) -> None:
     if args.save_lora_to_hf and args.moe_grouped_gemm:
         raise UsageError("--save-lora-to-hf and --moe-grouped-gemm are exclusive (the adapter is per expert)")
-    if args.load_model_type == "optim":
-        raise UsageError("--load-model-type optim: distributed-optimizer checkpoints are not supported yet")
+    for flag, value in (("--target-data-parallel-size", args.target_data_parallel_size),
+                        ("--target-overlap-grad-reduce", args.target_overlap_grad_reduce),
+                        ("--target-ddp-bucket-size", args.target_ddp_bucket_size)):
+        if value is not None and not (args.load_model_type == "optim" and args.save_model_type == "mg"):
+            raise UsageError(f"{flag}: only for --load-model-type optim --save-model-type mg (it shapes the "
+                             f"optimizer state, not the weights)")
     lora_flags = args.lora_load or args.save_lora_to_hf or args.lora_r is not None
     if lora_flags and args.load_model_type != "mg":
         raise UsageError("--lora-load / --lora-r / --save-lora-to-hf need --load-model-type mg")
@@ -189,6 +202,18 @@ def _lora_plan(args, source) -> tuple:
     spec = spec_from_args(adapters.args, r=args.lora_r, alpha=args.lora_alpha,
                           target_modules=args.lora_target_modules, source=str(args.lora_load or args.load_dir))
     return spec, args.lora_load
+
+
+def _check_optim_source(args, source, dims) -> None:
+    """A distributed-optimizer checkpoint in a format we read, and a target we can write."""
+    from modellink_ckpt import optim_layout
+
+    optim_layout.check_iteration_dir(source.iter_dir)
+    optim_layout.DdpSettings.from_args(source.args, source=str(source.iter_dir))
+    if dims.mtp_num_layers:
+        raise UsageError("--load-model-type optim: multi-token-prediction layers are not supported")
+    if args.target_data_parallel_size is not None and args.target_data_parallel_size < 1:
+        raise UsageError(f"--target-data-parallel-size {args.target_data_parallel_size}: must be at least 1")
 
 
 def _expert_layout(args) -> str:
@@ -237,6 +262,8 @@ def build_plan(args) -> Plan:
         recorded = getattr(source.args, "tokenizer_model", None)
         source_tokenizer = Path(recorded) if isinstance(recorded, str) and Path(recorded).is_file() else None
         source_dtype = source.dtype_of(source_layout, *source_layout.first_stage, "embedding.word_embeddings.weight")
+        if args.load_model_type == "optim":
+            _check_optim_source(args, source, dims)
 
     target_layout = padded = None
     if args.save_model_type == "mg":
@@ -268,13 +295,19 @@ def build_plan(args) -> Plan:
         load_type=args.load_model_type, save_type=args.save_model_type, load_dir=args.load_dir,
         save_dir=args.save_dir, family=family, dims=dims, source_layout=source_layout,
         target_layout=target_layout, padded_vocab=padded, divisible_by=args.make_vocab_size_divisible_by,
-        params_dtype=DTYPE_FLAGS[args.params_dtype] if args.params_dtype else None,
+        # from optim the weights are the fp32 master weights: written in the model's dtype unless asked
+        params_dtype=DTYPE_FLAGS[args.params_dtype] if args.params_dtype else
+        (source_dtype if args.load_model_type == "optim" else None),
         target_spelling=Spelling(args.transformer_impl, _expert_layout(args), args.mla_spelling),
         tokenizer_model=args.tokenizer_model,
         hf_config_dir=args.hf_cfg_dir, max_queue_size=args.max_queue_size, max_queue_gb=args.max_queue_gb,
         max_shard_bytes=parse_size(args.max_shard_size, "--max-shard-size"), overwrite=args.overwrite,
         quiet=args.quiet, source_tokenizer=source_tokenizer, source_dtype=source_dtype,
-        lora=lora, lora_dir=lora_dir, save_lora_to_hf=args.save_lora_to_hf)
+        lora=lora, lora_dir=lora_dir, save_lora_to_hf=args.save_lora_to_hf,
+        target_ddp={"data_parallel_size": args.target_data_parallel_size,
+                    "overlap_grad_reduce": None if args.target_overlap_grad_reduce is None
+                    else args.target_overlap_grad_reduce == "on",
+                    "bucket_size": args.target_ddp_bucket_size})
 
 
 def output_files(plan: Plan) -> dict[str, int]:
@@ -358,10 +391,10 @@ def convert(argv: list[str] | None = None, start_method: str = "forkserver") -> 
         print(describe_plan(plan, files))
         return {"dry_run": True}
     check_free_space(plan, files)
-    from modellink_ckpt.loaders import hf as hf_loader, mg as mg_loader
+    from modellink_ckpt.loaders import hf as hf_loader, mg as mg_loader, optim as optim_loader
     from modellink_ckpt.savers import hf as hf_saver, mg as mg_saver
 
-    load = {"hf": hf_loader.load, "mg": mg_loader.load}[plan.load_type]
+    load = {"hf": hf_loader.load, "mg": mg_loader.load, "optim": optim_loader.load}[plan.load_type]
     save = {"hf": hf_saver.save, "mg": mg_saver.save}[plan.save_type]
     started = time.monotonic()
     try:

@@ -26,6 +26,7 @@ resume) ~30 s; `--run-slow` (16 tests, worlds up to 4) ~6 min, 15-55 s per megat
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import shutil
 from pathlib import Path
@@ -34,6 +35,7 @@ import pytest
 import torch
 
 import optim_fixtures as F
+from util import run_convert
 from modellink_ckpt import optim_layout as OL
 from modellink_ckpt import transforms as T
 from modellink_ckpt.errors import ConvertError
@@ -225,69 +227,24 @@ def read_full(ckpt: Path, spec: F.Spec):
     return full, OL.ParamOrder.from_model_dicts(dicts), optimizer, scheduler
 
 
-def write_target(full, order: OL.ParamOrder, optimizer, scheduler, spec: F.Spec, save_dir: Path) -> None:
-    """The target checkpoint: model dicts + distrib_optim.pt (optim_layout's writer) per rank."""
-    args = F.make_args(spec)
-    settings = OL.DdpSettings.from_args(args)
-    per_expert = spec.experts // spec.ep if spec.moe else 0
-    for tp, pp, ep in ranks_of(spec):
-        chunks, states, model = [], [], {}
-        for v in range(spec.chunks):
-            layers = stage_layers(spec, pp, v)
-            local: dict[str, dict] = {}
-            for name, tensors in full.items():
-                match = _LAYER.match(name)
-                if match:
-                    layer = int(match.group(1))
-                    if layer not in layers:
-                        continue
-                    rel = match.group(2)
-                    expert = _EXPERT.match(rel)
-                    if expert:
-                        e = int(expert.group(2))
-                        if e // per_expert != ep:
-                            continue
-                        rel = f"{expert.group(1)}{e - ep * per_expert}{expert.group(3)}"
-                    local_name = f"decoder.layers.{layers.index(layer)}.{rel}"
-                elif name.startswith("embedding."):
-                    if (pp, v) != (0, 0):
-                        continue
-                    local_name = name
-                elif (pp, v) != (spec.pp - 1, spec.chunks - 1):
-                    continue
-                else:
-                    local_name = name
-                split = T.TP_SPLIT[tp_kind(name)][0]
-                local[local_name] = {key: T.as_tensor(split(tensors[key], spec.tp)[tp]).contiguous()
-                                     for key in tensors}
-            if spec.tied and spec.pp > 1 and (pp, v) == (spec.pp - 1, spec.chunks - 1):
-                embedding = full["embedding.word_embeddings.weight"]
-                local["output_layer.weight"] = {key: T.as_tensor(T.split_column(embedding[key], spec.tp)[tp])
-                                                .contiguous() for key in embedding}
-            names = order.sort(local)
-            pre, post = (pp, v) == (0, 0), (pp, v) == (spec.pp - 1, spec.chunks - 1)
-            shared = {n for n in names if spec.tied and spec.pp > 1 and (
-                (n == "embedding.word_embeddings.weight" and pre and not post) or (n == "output_layer.weight" and post))}
-            chunks.append([OL.ParamSpec(n, tuple(local[n]["weight"].shape), spec.params_dtype,
-                                        spec.ep > 1 and OL.is_expert_name(n), n in shared) for n in names])
-            states.append(local)
-            model[model_key(spec, v)] = {n: local[n]["weight"].to(spec.params_dtype) for n in names}
-        layout = OL.rank_layout(chunks, settings, pp_rank=pp, expert_optimizer=spec.moe and spec.ep > 1)
-        folder = save_dir / f"iter_{F.ITERATION:07d}" / F.rank_dir_name(tp, pp, ep, spec.pp, spec.ep)
-        folder.mkdir(parents=True)
-        OL.write_distrib_optim(folder / OL.OPTIM_FILE, layout,
-                               lambda _opt, chunk, name, key: states[chunk][name][key],
-                               present=OL.megatron_presence(ep, len(layout.optimizers)))
-        torch.save({"args": args, "checkpoint_version": 3.0, "iteration": F.ITERATION, **model,
-                    "optimizer": OL.target_optimizer_entry(optimizer, expert_optimizer=spec.moe and spec.ep > 1), "opt_param_scheduler": dict(scheduler)},
-                   folder / OL.MODEL_FILE)
-    (save_dir / F.TRACKER_FILE).write_text(str(F.ITERATION))
+def convert_to(source_root: Path, target: F.Spec, save_dir: Path) -> Path:
+    """The converter's own resharding: `--load-model-type optim --save-model-type mg` to the target
+    layout, data-parallel size and DDP bucketing of the run that resumes."""
+    flags = ["--target-tensor-parallel-size", target.tp, "--target-pipeline-parallel-size", target.pp,
+             "--target-expert-parallel-size", target.ep, "--target-data-parallel-size", target.dp,
+             "--target-overlap-grad-reduce", "on" if target.overlap_grad_reduce else "off",
+             "--target-ddp-bucket-size", target.bucket_size or 0,
+             "--make-vocab-size-divisible-by", target.divisible_by]
+    if target.vpp_layers:
+        flags += ["--num-layers-per-virtual-pipeline-stage", target.vpp_layers]
+    run_convert("--load-model-type", "optim", "--save-model-type", "mg", "--model-type-hf",
+                "mixtral" if target.moe else "llama2", "--load-dir", source_root / "ckpt", "--save-dir", save_dir, *flags)
+    return save_dir
 
 
 def check_resharded(source_root: Path, source: F.Spec, target: F.Spec, work: Path) -> None:
-    full, order, optimizer, scheduler = read_full(source_root / "ckpt", source)
-    target_dir = work / "target"
-    write_target(full, order, optimizer, scheduler, target, target_dir)
+    full, _order, _optimizer, _scheduler = read_full(source_root / "ckpt", source)
+    target_dir = convert_to(source_root, target, work / "target")
     resumed = F.resume(target, target_dir)
     try:
         live = F.full_live_state(F.load_live(resumed))
@@ -567,3 +524,81 @@ def test_moe_reshard_ep1_to_ep2(fixtures, tmp_path):
     check_replay_equals_megatron(root, source)
     check_read_exact(root, source)
     check_resharded(root, source, source.replace(ep=2), tmp_path)
+
+
+# ----------------------------------------------------------------------------- HF weights from the optimizer
+
+
+def expected_hf_from_masters(root: Path, spec: F.Spec, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The fp32 master weights of the source, named and split as HF wants them (through the
+    converter's mapping rules), cast to `dtype`."""
+    from modellink_ckpt import mapping
+    from modellink_ckpt.loaders.mg import MegatronSource
+    from modellink_ckpt.model_cfg import load_family
+
+    family = load_family("mixtral" if spec.moe else "llama2")
+    dims = MegatronSource(root / "ckpt").dims()
+    full, *_ = read_full(root / "ckpt", spec)
+    masters = {name: state["param"] for name, state in full.items()}
+    rules = [*mapping.embedding_rules(family, dims), *mapping.final_norm_rules(family, dims),
+             *mapping.output_rules(family, dims)]
+    for layer in range(dims.num_layers):
+        rules += [dataclasses.replace(r, mcore=f"decoder.layers.{layer}.{r.mcore}")
+                  for r in mapping.layer_rules(family, dims, layer)]
+    expected = {}
+    for rule in rules:
+        master = masters[rule.mcore][:dims.vocab_size] if rule.tp == "vocab" else masters[rule.mcore]
+        for name, part in zip(rule.hf, rule.to_hf(master)):
+            expected[name] = T.as_tensor(part).to(dtype)
+    return expected
+
+
+def check_hf_from_optim(root: Path, spec: F.Spec, work: Path) -> None:
+    from util import load_hf_state
+
+    family = "mixtral" if spec.moe else "llama2"
+    for flags, dtype in (([], spec.params_dtype), (["--params-dtype", "fp32"], torch.float32)):
+        out = work / ("hf-default" if not flags else "hf-fp32")
+        run_convert("--load-model-type", "optim", "--save-model-type", "hf", "--model-type-hf", family,
+                    "--load-dir", root / "ckpt", "--save-dir", out, *flags)
+        got = load_hf_state(out / "mg2hf")
+        want = expected_hf_from_masters(root, spec, dtype)
+        assert sorted(got) == sorted(want)
+        for name in want:
+            assert got[name].dtype == dtype and torch.equal(got[name], want[name]), name
+
+
+def test_hf_from_optim_is_the_master_weights(fixtures, tmp_path):
+    check_hf_from_optim(fixtures(DENSE), DENSE, tmp_path)
+
+
+@pytest.mark.slow
+def test_hf_from_optim_bf16_moe_is_the_master_weights_not_the_bf16_copies(fixtures, tmp_path):
+    spec = F.Spec(moe=True, ep=2, dtype="bf16")
+    root = fixtures(spec)
+    check_hf_from_optim(root, spec, tmp_path)
+    # the fp32 masters differ from the bf16 weights the model file holds: exported, not those
+    from util import load_hf_state
+    fp32 = load_hf_state(tmp_path / "hf-fp32" / "mg2hf")
+    bf16 = load_hf_state(tmp_path / "hf-default" / "mg2hf")
+    assert any(not torch.equal(fp32[n].to(torch.bfloat16).float(), fp32[n]) for n in fp32)
+    assert all(torch.equal(fp32[n].to(torch.bfloat16), bf16[n]) for n in fp32)
+
+
+def test_cli_names_unsupported_optimizer_formats(fixtures, tmp_path):
+    """A torch_dist folder, a checkpoint without distrib_optim.pt: one line naming what was found."""
+    from util import assert_one_line_error, run_cli
+
+    root = fixtures(DENSE)
+    broken = tmp_path / "ckpt"
+    shutil.copytree(root / "ckpt", broken)
+    (iter_dir(broken) / "mp_rank_00" / OL.OPTIM_FILE).unlink()
+    result = run_cli("--load-model-type", "optim", "--save-model-type", "hf", "--load-dir", broken,
+                     "--save-dir", tmp_path / "out")
+    line = assert_one_line_error(result.returncode, result.stderr)
+    assert "no distrib_optim.pt in mp_rank_00" in line
+    (iter_dir(broken) / ".metadata").write_bytes(b"")
+    result = run_cli("--load-model-type", "optim", "--save-model-type", "mg", "--load-dir", broken,
+                     "--save-dir", tmp_path / "out")
+    assert "torch_dist" in assert_one_line_error(result.returncode, result.stderr)
+    assert not (tmp_path / "out").exists()

@@ -229,14 +229,25 @@ def _merged_shape(shards, kind: str) -> torch.Size:
     return first
 
 
+def state_name(name: str, state: str) -> str:
+    """The name of optimizer state `state` (e.g. exp_avg) of tensor `name`: in a source's rank
+    dicts `name::state`, in messages `state:name`; the weights themselves keep their names."""
+    return f"{name}::{state}" if state else name
+
+
+def message_state_name(name: str, state: str) -> str:
+    return f"{state}:{name}" if state else name
+
+
 def _read_files(source, layout, dims, spelling, rules, files, pp_rank, vchunk, arena, *, where: str,
-                rename=lambda part: part) -> dict[str, torch.Tensor]:
+                rename=lambda part: part, state: str = "") -> dict[str, torch.Tensor]:
     """Message tensors from rank-file tensors: `files` is [(FileRule, name prefix)], `rules` the
     message rules by name; a fused file tensor (MLA linear_qkv, grouped experts) is read whole and
-    split, anything else is read shard by shard straight into place."""
+    split, anything else is read shard by shard straight into place. `state`: read that optimizer
+    state of the tensors instead of the tensors."""
     tensors = {}
     for file_rule, prefix in files:
-        name = prefix + file_rule.file
+        name = state_name(prefix + file_rule.file, state)
         try:
             shards = source.shards(layout, pp_rank, vchunk, name, ep_rank=file_rule.ep_rank)
             kinds = [mg_names.part_tp_kind(rules[p], spelling.mla, dims, layout.etp, layout.tp) for p in file_rule.parts]
@@ -251,19 +262,24 @@ def _read_files(source, layout, dims, spelling, rules, files, pp_rank, vchunk, a
                 part_shards = [[p[i] for p in pieces] for i in range(len(file_rule.parts))]
             for part, kind, pshards in zip(file_rule.parts, kinds, part_shards):
                 out = arena.alloc(rules[part].shape, pshards[0].dtype)
-                tensors[rename(part)] = source.take(layout, pp_rank, vchunk, name, kind, out=out, shards=pshards)
+                tensors[message_state_name(rename(part), state)] = source.take(layout, pp_rank, vchunk, name, kind,
+                                                                               out=out, shards=pshards)
         except (ConvertError, RuntimeError) as exc:
             raise ConvertError(f"{where}: {str(exc).splitlines()[0]}") from None
     return tensors
 
 
-def _layer_tensors(source, layout, family, dims, hf_layer, slot, arena) -> dict[str, torch.Tensor]:
-    """One layer's message tensors, read from the stage's files in whatever spelling they use."""
+def _layer_tensors(source, layout, family, dims, hf_layer, slot, arena, states=("",)) -> dict[str, torch.Tensor]:
+    """One layer's message tensors (and optimizer `states` of them), read from the stage's files in
+    whatever spelling they use."""
     spelling = source.spelling(layout, slot.pp_rank)
     rules = mapping.layer_rules(family, dims, hf_layer)
     files = [(f, f"decoder.layers.{slot.local_layer}.") for f in mg_names.layer_file_rules(rules, dims, spelling, layout.ep)]
-    return _read_files(source, layout, dims, spelling, {r.mcore: r for r in rules}, files, slot.pp_rank, slot.vchunk,
-                       arena, where=f"layer {slot.mg_layer}")
+    tensors = {}
+    for state in states:
+        tensors.update(_read_files(source, layout, dims, spelling, {r.mcore: r for r in rules}, files, slot.pp_rank,
+                                   slot.vchunk, arena, where=f"layer {slot.mg_layer}", state=state))
+    return tensors
 
 
 def _mtp_tensors(source, layout, family, dims, k, arena) -> dict[str, torch.Tensor]:
@@ -297,45 +313,65 @@ def _whole(shard) -> torch.Tensor:
 
 def load(plan, sender) -> dict:
     """Stream a Megatron checkpoint as whole (TP-merged, unpadded) Megatron tensors."""
+    return stream(plan, sender, MegatronSource(plan.load_dir, lora=plan.lora, lora_dir=plan.lora_dir))
+
+
+def stream(plan, sender, source: MegatronSource, states: tuple[str, ...] = (), **meta) -> dict:
+    """Send `source` message by message; `states`: optimizer states sent next to each tensor
+    (`exp_avg:<name>`, ...), for a source that has them (loaders.optim)."""
     from modellink_ckpt.pipeline import message_bytes
 
-    source = MegatronSource(plan.load_dir, lora=plan.lora, lora_dir=plan.lora_dir)
     family, dims, layout = plan.family, plan.dims, plan.source_layout
     first_pp, first_chunk = layout.first_stage
     last_pp, last_chunk = layout.last_stage
+    every = ("",) + tuple(states)
     dtype = source.dtype_of(layout, first_pp, first_chunk, mapping.EMBEDDING)
-    sender.plan(max(message_bytes(t.nbytes for t in tensors.values())
+    state_bytes = 4 * len(states)  # fp32 per element
+    sender.plan(max(message_bytes(n for t in tensors.values()
+                                  for n in (t.nbytes, *[t.numel() * state_bytes] * bool(states)))
                     for _, _, tensors in mapping.model_messages(family, dims, dtype)))
-    sender.send("meta", dims=dims.to_dict(), source="mg", dtype=dtype)
+    sender.send("meta", dims=dims.to_dict(), source="mg", dtype=dtype, **meta)
 
-    def send_vocab(kind, pp_rank, vchunk, name, required=True):
+    def take_all(pp_rank, vchunk, name, kind, shape, arena, rows=None, required=True):
+        tensors = {}
+        for state in every:
+            stored = state_name(name, state)
+            out = arena.alloc(shape, source.dtype_of(layout, pp_rank, vchunk, stored))
+            tensor = source.take(layout, pp_rank, vchunk, stored, kind, out=out, rows=rows, required=required)
+            if tensor is None:
+                return None
+            tensors[message_state_name(name, state)] = tensor
+        return tensors
+
+    # Padding rows are dropped (messages carry the true vocabulary), except into a Megatron target
+    # padded alike: there they are kept as they are (trained rows of the output layer and their
+    # optimizer state take part in the softmax).
+    rows = dims.vocab_size
+    if plan.save_type == "mg" and plan.padded_vocab == source.padded_vocab():
+        rows = plan.padded_vocab
+
+    def send_vocab(kind, pp_rank, vchunk, name):
         arena = sender.arena()
-        dtype = source.dtype_of(layout, pp_rank, vchunk, name)
-        out = arena.alloc((dims.vocab_size, dims.hidden_size), dtype)
-        table = source.take(layout, pp_rank, vchunk, name, "vocab", out=out, rows=dims.vocab_size,
-                            required=required)
-        if table is not None:
-            sender.send(kind, {name: table}, arena)
+        sender.send(kind, take_all(pp_rank, vchunk, name, "vocab", (rows, dims.hidden_size), arena, rows=rows), arena)
 
     send_vocab("embeddings", first_pp, first_chunk, mapping.EMBEDDING)
     for slot in layout.slots():
         if slot.hf_layer is None:
             continue
         arena = sender.arena()
-        tensors = _layer_tensors(source, layout, family, dims, slot.hf_layer, slot, arena)
+        tensors = _layer_tensors(source, layout, family, dims, slot.hf_layer, slot, arena, every)
         sender.send("layer", tensors, arena, layer=slot.hf_layer)
         if layout.vpp_layers is None and slot.hf_layer == layout.last_hf_layer_of_stage(slot.pp_rank) \
                 and slot.pp_rank != last_pp:
             source.release(layout, slot.pp_rank)
 
     arena = sender.arena()
-    final_norm = source.take(layout, last_pp, last_chunk, mapping.FINAL_NORM, "replicated",
-                             out=arena.alloc((dims.hidden_size,),
-                                             source.dtype_of(layout, last_pp, last_chunk, mapping.FINAL_NORM)))
-    sender.send("final_norm", {mapping.FINAL_NORM: final_norm}, arena)
+    sender.send("final_norm", take_all(last_pp, last_chunk, mapping.FINAL_NORM, "replicated", (dims.hidden_size,),
+                                       arena), arena)
     if dims.tie_word_embeddings:  # the last stage's copy (PP > 1) is only checked off, never sent
-        source.take(layout, last_pp, last_chunk, mapping.OUTPUT_LAYER, "vocab", rows=dims.vocab_size,
-                    required=False)
+        for state in every:
+            source.take(layout, last_pp, last_chunk, state_name(mapping.OUTPUT_LAYER, state), "vocab",
+                        rows=rows, required=False)
     else:
         send_vocab("output_layer", last_pp, last_chunk, mapping.OUTPUT_LAYER)
     for k in range(dims.mtp_num_layers):
@@ -345,5 +381,3 @@ def load(plan, sender) -> dict:
         source.release(layout, pp_rank)
     sender.send("done")
     return {}
-
-

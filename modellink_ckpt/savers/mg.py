@@ -20,6 +20,8 @@ from modellink_ckpt import transforms as T
 from modellink_ckpt.loaders.mg import RANK_FILE, TRACKER, iteration_dir_name
 from modellink_ckpt.manifest import write_manifest
 from modellink_ckpt.megatron_args import make_args
+from modellink_ckpt.optim_layout import OPTIM_FILE
+from modellink_ckpt.savers.optim_state import STATES, OptimStateWriter
 from modellink_ckpt.staging import StagedDir, occupied, write_text_atomic
 from modellink_ckpt.torch_zip import StreamingTorchWriter
 
@@ -29,8 +31,10 @@ ITERATION = 1
 class RankFiles:
     """The open rank files of the target layout and the tensor references each will hold."""
 
-    def __init__(self, folder: Path, layout, make_rank_args):
+    def __init__(self, folder: Path, layout, make_rank_args, iteration: int = ITERATION, optim=None):
+        """`optim` (an OptimStateWriter): also write each rank's distributed-optimizer state."""
         self._folder, self._layout, self._make_args = folder, layout, make_rank_args
+        self._iteration, self._optim = iteration, optim
         self._writers: dict[tuple[int, int, int], StreamingTorchWriter] = {}
         self._models: dict[tuple[int, int, int], dict[str, dict]] = {}
         self._closed: set[tuple[int, int, int]] = set()
@@ -39,6 +43,11 @@ class RankFiles:
 
     def put(self, rank: tuple[int, int, int], vchunk: int, name: str, tensor: torch.Tensor) -> None:
         assert rank not in self._closed, f"rank file {rank} already closed"
+        if "::" in name:  # an optimizer state (`<name>::exp_avg`): the optimizer file's
+            self._writer(rank)
+            name, state = name.split("::")
+            self._optim.add(self._folder / self._layout.rank_dir(*rank), rank, vchunk, name, state, tensor)
+            return
         self._models[rank][self._layout.model_key(vchunk)][name] = self._writer(rank).add_tensor(tensor)
 
     def _writer(self, rank) -> StreamingTorchWriter:
@@ -61,13 +70,31 @@ class RankFiles:
 
     def _close(self, rank) -> None:
         writer = self._writers[rank]
-        state = {"args": self._make_args(rank), "checkpoint_version": 3.0, "iteration": ITERATION}
+        state = {"args": self._make_args(rank), "checkpoint_version": 3.0, "iteration": self._iteration}
         state.update(self._models[rank])
+        if self._optim is not None:
+            folder = self._folder / self._layout.rank_dir(*rank)
+            entries, optim_file = self._optim.finish_rank(folder, rank, self._models[rank])
+            state.update(_stored(entries, writer))
+            self.files[f"{self._layout.rank_dir(*rank)}/{OPTIM_FILE}"] = optim_file
+            self.bytes_written += optim_file[0]
         writer.close(state)
         self.bytes_written += writer.bytes_written
         self.files[f"{self._layout.rank_dir(*rank)}/{RANK_FILE}"] = (writer.size, writer.sha256)
         self._closed.add(rank)
         del self._models[rank]
+
+
+def _stored(obj, writer: StreamingTorchWriter):
+    """`obj` with its tensors (RNG states, step counters) written as records of `writer`, as
+    torch.save stores them (a plain pickled tensor would need torch's own unpickler)."""
+    if isinstance(obj, torch.Tensor):
+        return writer.add_tensor(obj.contiguous())
+    if isinstance(obj, dict):
+        return type(obj)((k, _stored(v, writer)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_stored(v, writer) for v in obj)
+    return obj
 
 
 class ShardPlacer:
@@ -77,6 +104,7 @@ class ShardPlacer:
     def __init__(self, plan):
         self.plan, self.layout, self.dims = plan, plan.target_layout, plan.dims
         self.spelling = plan.target_spelling
+        self.states: tuple[str, ...] = ()  # optimizer states placed next to each tensor (from optim)
         self._slot_of = self.layout.slot_of_hf_layer()
         self._layer_files: dict[bool, tuple[dict, list]] = {}
 
@@ -85,12 +113,21 @@ class ShardPlacer:
             return tensor.to(self.plan.params_dtype)
         return tensor
 
-    def _split(self, pp_rank, vchunk, name, tensor, kind):
-        if kind == "vocab":
-            tensor, kind = T.pad_vocab(tensor, self.plan.padded_vocab), "column"
-        for tp_rank, shard in enumerate(T.TP_SPLIT[kind][0](self.cast(tensor), self.layout.tp)):
-            for ep_rank in range(self.layout.ep):
-                yield (tp_rank, pp_rank, ep_rank), vchunk, name, shard
+    def _state_of(self, tensors: dict, name: str, state: str) -> torch.Tensor:
+        """Message tensor `name` itself (cast as asked), or its optimizer state: the fp32 master
+        weight is the uncast tensor ("param"), the moments travel as `exp_avg:<name>`."""
+        if not state:
+            return self.cast(tensors[name])
+        return tensors[name] if state == "param" else tensors[f"{state}:{name}"]
+
+    def _split(self, pp_rank, vchunk, name, tensors, kind, source_name=None):
+        for state in ("",) + self.states:
+            tensor, split_kind = self._state_of(tensors, source_name or name, state), kind
+            if kind == "vocab":
+                tensor, split_kind = T.pad_vocab(tensor, self.plan.padded_vocab), "column"
+            for tp_rank, shard in enumerate(T.TP_SPLIT[split_kind][0](tensor, self.layout.tp)):
+                for ep_rank in range(self.layout.ep):
+                    yield (tp_rank, pp_rank, ep_rank), vchunk, f"{name}::{state}" if state else name, shard
 
     def layer_files(self, layer: int) -> tuple[dict, list]:
         """({message name: rule}, [FileRule]) of HF layer `layer` (dense and MoE layers differ)."""
@@ -112,33 +149,33 @@ class ShardPlacer:
         its EP rank(s)."""
         tp, ep = self.layout.tp, self.layout.ep
         for file_rule, prefix in files:
-            per_part = []
-            for part in file_rule.parts:
-                kind = mg_names.part_tp_kind(rules[part], self.spelling.mla, self.dims, self.layout.etp, tp)
-                per_part.append(T.TP_SPLIT[kind][0](self.cast(tensors[part]), tp))
-            name = prefix + file_rule.file
-            ep_ranks = range(ep) if file_rule.ep_rank is None else (file_rule.ep_rank,)
-            for tp_rank in range(tp):
-                pieces = [shards[tp_rank] for shards in per_part]
-                shard = file_rule.join([T.as_tensor(p) for p in pieces]) if file_rule.join else pieces[0]
-                for ep_rank in ep_ranks:
-                    yield (tp_rank, pp_rank, ep_rank), vchunk, name, shard
+            for state in ("",) + self.states:
+                per_part = []
+                for part in file_rule.parts:
+                    kind = mg_names.part_tp_kind(rules[part], self.spelling.mla, self.dims, self.layout.etp, tp)
+                    per_part.append(T.TP_SPLIT[kind][0](self._state_of(tensors, part, state), tp))
+                name = prefix + file_rule.file + (f"::{state}" if state else "")
+                ep_ranks = range(ep) if file_rule.ep_rank is None else (file_rule.ep_rank,)
+                for tp_rank in range(tp):
+                    pieces = [shards[tp_rank] for shards in per_part]
+                    shard = file_rule.join([T.as_tensor(p) for p in pieces]) if file_rule.join else pieces[0]
+                    for ep_rank in ep_ranks:
+                        yield (tp_rank, pp_rank, ep_rank), vchunk, name, shard
 
     def place(self, kind: str, tensors: dict[str, torch.Tensor], layer: int | None = None):
         """Yield (rank, vchunk, name in the rank file, shard) for one message."""
         first_pp, first_chunk = self.layout.first_stage
         last_pp, last_chunk = self.layout.last_stage
         if kind == "embeddings":
-            embedding = tensors[mapping.EMBEDDING]
-            yield from self._split(first_pp, first_chunk, mapping.EMBEDDING, embedding, "vocab")
+            yield from self._split(first_pp, first_chunk, mapping.EMBEDDING, tensors, "vocab")
             if self.dims.tie_word_embeddings and self.layout.pp > 1:  # the last stage keeps its own copy
-                yield from self._split(last_pp, last_chunk, mapping.OUTPUT_LAYER, embedding, "vocab")
+                yield from self._split(last_pp, last_chunk, mapping.OUTPUT_LAYER, tensors, "vocab", mapping.EMBEDDING)
         elif kind == "layer":
             yield from self._place_layer(layer, tensors)
         elif kind == "final_norm":
-            yield from self._split(last_pp, last_chunk, mapping.FINAL_NORM, tensors[mapping.FINAL_NORM], "replicated")
+            yield from self._split(last_pp, last_chunk, mapping.FINAL_NORM, tensors, "replicated")
         elif kind == "output_layer":
-            yield from self._split(last_pp, last_chunk, mapping.OUTPUT_LAYER, tensors[mapping.OUTPUT_LAYER], "vocab")
+            yield from self._split(last_pp, last_chunk, mapping.OUTPUT_LAYER, tensors, "vocab")
         elif kind == "mtp_layer":
             yield from self._place_mtp_layer(layer, tensors)
 
@@ -187,20 +224,29 @@ def save(plan, receiver) -> dict:
     assert meta.kind == "meta", meta.kind
     placer = ShardPlacer(plan)
     written_dtype: list[torch.dtype] = []
+    optim = OptimStateWriter(plan, placer.layout, meta["optim"]) if meta.get("optim") else None
+    iteration = optim.iteration if optim else ITERATION
+    if optim:
+        placer.states = STATES
+
+    def rank_args(rank):
+        args = placer.rank_args(rank, written_dtype[0] if written_dtype else torch.float32)
+        if optim:
+            vars(args).update(optim.args_update())
+        return args
 
     # A new target is staged whole (iteration folder and tracker) and appears with one rename;
     # into an existing folder the iteration folder is published first and the tracker last.
     whole = not occupied(plan.save_dir)
-    staging = StagedDir(plan.save_dir if whole else plan.save_dir / iteration_dir_name(ITERATION),
+    staging = StagedDir(plan.save_dir if whole else plan.save_dir / iteration_dir_name(iteration),
                         overwrite=plan.overwrite)
-    iteration_dir = staging.path / iteration_dir_name(ITERATION) if whole else staging.path
-    files = RankFiles(iteration_dir, placer.layout,
-                      lambda rank: placer.rank_args(rank, written_dtype[0] if written_dtype else torch.float32))
+    iteration_dir = staging.path / iteration_dir_name(iteration) if whole else staging.path
+    files = RankFiles(iteration_dir, placer.layout, rank_args, iteration, optim)
     progress = tqdm(total=plan.dims.num_layers, desc="saving layers", unit="layer", disable=plan.quiet)
     try:
         for message in messages:
             for rank, vchunk, name, shard in placer.place(message.kind, message.tensors, message.get("layer")):
-                if not written_dtype and shard.is_floating_point():
+                if not written_dtype and shard.is_floating_point() and "::" not in name:
                     written_dtype.append(shard.dtype)
                 files.put(rank, vchunk, name, shard)
             if message.kind == "layer":
@@ -211,18 +257,20 @@ def save(plan, receiver) -> dict:
             elif message.kind == "done":
                 files.close_all()
         progress.close()
-        write_manifest(iteration_dir, files.files, kind="mg", iteration=ITERATION, model_type_hf=plan.family.name,
+        write_manifest(iteration_dir, files.files, kind="mg", iteration=iteration, model_type_hf=plan.family.name,
                        source={"type": plan.load_type, "dir": str(Path(plan.load_dir).resolve())},
                        layout=placer.layout.describe(), dtype=str(written_dtype[0] if written_dtype else None),
                        vocab_size=plan.dims.vocab_size, padded_vocab_size=plan.padded_vocab)
         if whole:
-            (staging.path / TRACKER).write_text(str(ITERATION))
+            (staging.path / TRACKER).write_text(str(iteration))
             staging.publish()
         else:
             staging.publish()
-            write_text_atomic(plan.save_dir / TRACKER, str(ITERATION))
+            write_text_atomic(plan.save_dir / TRACKER, str(iteration))
     except BaseException:
         progress.close()
+        if optim:
+            optim.abort()
         staging.discard()
         raise
     return {"bytes": files.bytes_written, "seconds": time.monotonic() - started, "target": str(plan.save_dir),
