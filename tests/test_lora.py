@@ -375,6 +375,16 @@ def test_tp2_lora_only_checkpoint_merges_and_exports(tmp_path):
     assert fixture.keys and all("lora" in k for k in fixture.keys)
     _check_merged_mcore(fixture, tmp_path, target_tp=1)  # merged per TP2 shard, written at TP1
     _check_peft_export(fixture, tmp_path)
+    # adapters outside --lora-target-modules: an error for the export as for the merge, never dropped
+    from util import assert_one_line_error, run_cli
+
+    for save_type, extra in (("hf", ["--save-lora-to-hf"]), ("mg", ["--lora-load", fixture.lora_dir])):
+        load = fixture.lora_dir if extra[0] == "--save-lora-to-hf" else fixture.base_dir
+        result = run_cli("--load-model-type", "mg", "--save-model-type", save_type, "--load-dir", load, *extra,
+                         "--lora-r", fixture.r, "--lora-alpha", fixture.alpha, "--lora-target-modules", "linear_qkv",
+                         "linear_proj", "--save-dir", tmp_path / f"partial-{save_type}")
+        line = assert_one_line_error(result.returncode, result.stderr, save_type)
+        assert "linear_fc1" in line and "--lora-target-modules" in line, line
 
 
 @pytest.mark.slow
