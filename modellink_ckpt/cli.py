@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params-dtype", choices=sorted(DTYPE_FLAGS), default=None,
                    help="cast floating weights (default: keep the source dtype)")
     p.add_argument("--tokenizer-model", default=None, help="tokenizer file carried over to HF output")
-    p.add_argument("--make-vocab-size-divisible-by", type=int, default=1)
+    p.add_argument("--make-vocab-size-divisible-by", type=int, default=None,
+                   help="pad the vocabulary to a multiple of this x TP (default 1; from optim: the source run's)")
     p.add_argument("--add-qkv-bias", action="store_true", default=None)
     p.add_argument("--add-dense-bias", action="store_true", default=None)
     p.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default="local")
@@ -276,6 +277,9 @@ def build_plan(args) -> Plan:
             num_experts=dims.num_experts, expert_tp=args.expert_tensor_parallel_size)
         if args.moe_grouped_gemm and not dims.num_experts:
             raise UsageError("--moe-grouped-gemm: the model has no experts")
+        if args.make_vocab_size_divisible_by is None:  # a resumed run keeps its padding (and its state)
+            args.make_vocab_size_divisible_by = int(getattr(source.args, "make_vocab_size_divisible_by", None) or 1) \
+                if args.load_model_type == "optim" else 1
         if args.make_vocab_size_divisible_by < 1:
             raise UsageError("--make-vocab-size-divisible-by must be at least 1")
         padded = target_layout.padded_vocab(dims.vocab_size, args.make_vocab_size_divisible_by)
@@ -294,7 +298,7 @@ def build_plan(args) -> Plan:
     return Plan(
         load_type=args.load_model_type, save_type=args.save_model_type, load_dir=args.load_dir,
         save_dir=args.save_dir, family=family, dims=dims, source_layout=source_layout,
-        target_layout=target_layout, padded_vocab=padded, divisible_by=args.make_vocab_size_divisible_by,
+        target_layout=target_layout, padded_vocab=padded, divisible_by=args.make_vocab_size_divisible_by or 1,
         # from optim the weights are the fp32 master weights: written in the model's dtype unless asked
         params_dtype=DTYPE_FLAGS[args.params_dtype] if args.params_dtype else
         (source_dtype if args.load_model_type == "optim" else None),

@@ -16,8 +16,10 @@ Fixtures are written by megatron-core 0.16.1's own DDP + DistributedOptimizer af
   change (exact), and one more training step on the same global batch gives the same losses
   (before and after the update) within 1e-5.
 
-The TP / PP / EP re-split of per-parameter state here is a small test-side resharder (transforms'
-TP split rules); the converter's own mapping does this in the pipeline.
+The resharding is the converter's own (`convert_ckpt.py --load-model-type optim --save-model-type
+mg`); the expected per-parameter state comes from reading the source files here, independently of
+the pipeline, and is re-split with the TP rules for the comparison. HF output from optim must be
+the fp32 master weights (cast as asked), not the model file's bf16 copies.
 
 Timings on 2 shared, busy cores: the default run (pure tests + the dense DP2 fixture, its DP1
 resume) ~30 s; `--run-slow` (16 tests, worlds up to 4) ~6 min, 15-55 s per megatron case.
@@ -602,3 +604,29 @@ def test_cli_names_unsupported_optimizer_formats(fixtures, tmp_path):
                      "--save-dir", tmp_path / "out")
     assert "torch_dist" in assert_one_line_error(result.returncode, result.stderr)
     assert not (tmp_path / "out").exists()
+
+
+def test_example_script_reshards_a_training_checkpoint(fixtures, tmp_path):
+    """examples/mcore/llama2/ckpt_convert_llama2_optim.sh as written (layout from the environment):
+    megatron-core resumes the result with the source's state and losses."""
+    import os
+    import subprocess
+    import sys
+
+    from util import ROOT
+
+    root = fixtures(DENSE)
+    target = DENSE.replace(tp=2, dp=1)
+    env = {**os.environ, "LOAD_DIR": str(root / "ckpt"), "SAVE_DIR": str(tmp_path / "target"), "TP": "2", "PP": "1",
+           "DP": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    script = ROOT / "examples" / "mcore" / "llama2" / "ckpt_convert_llama2_optim.sh"
+    result = subprocess.run(["bash", str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    resumed = F.resume(target, tmp_path / "target")
+    try:
+        want = torch.load(root / "losses.pt", weights_only=True)
+        got = torch.load(resumed / "losses.pt", weights_only=True)
+        assert abs(got["loss_next"] - want["loss_next"]) < LOSS_TOL
+        assert abs(got["loss_after"] - want["loss_after"]) < LOSS_TOL
+    finally:
+        shutil.rmtree(resumed, ignore_errors=True)
