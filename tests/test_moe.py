@@ -181,3 +181,52 @@ def test_hf_output_without_original_config(tmp_path, family):
     out = mg_to_hf(hf_to_mg(hf, tmp_path / "mg", family), tmp_path / "out", family)
     tokens = sample_tokens(503)
     assert torch.equal(hf_logits(hf, tokens), hf_logits(out, tokens))
+
+
+def _with_mtp_layer(hf_dir, out_dir):
+    """The checkpoint plus one DeepSeek-V3 multi-token-prediction layer (HF `model.layers.{L}`: its
+    norms, projection, a full MoE decoder layer, and copies of the embedding and output layer);
+    transformers does not build these layers, so they are added to the files here."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(hf_dir, out_dir)
+    (weights,) = sorted(out_dir.glob("*.safetensors"))
+    state = load_file(weights)
+    config = json.loads((out_dir / "config.json").read_text())
+    layers, hidden = config["num_hidden_layers"], config["hidden_size"]
+    gen = torch.Generator().manual_seed(7)
+    dtype = state["model.embed_tokens.weight"].dtype
+    for name, value in list(state.items()):
+        if name.startswith(f"model.layers.{layers - 1}."):
+            noise = torch.randn(value.shape, generator=gen)
+            state[name.replace(f".{layers - 1}.", f".{layers}.", 1)] = (value.float() + noise).to(value.dtype)
+    mtp = f"model.layers.{layers}."
+    for name, shape in (("enorm.weight", (hidden,)), ("hnorm.weight", (hidden,)), ("eh_proj.weight", (hidden, 2 * hidden)),
+                        ("shared_head.norm.weight", (hidden,))):
+        state[mtp + name] = torch.randn(shape, generator=gen).to(dtype)
+    state[mtp + "shared_head.head.weight"] = state["lm_head.weight"].clone()
+    state[mtp + "embed_tokens.weight"] = state["model.embed_tokens.weight"].clone()
+    save_file(state, weights, metadata={"format": "pt"})
+    config["num_nextn_predict_layers"] = 1
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    return out_dir, layers
+
+
+@pytest.mark.parametrize("spelling", ["mindspeed", "mcore"])
+def test_deepseek3_mtp_layers_round_trip(tmp_path, hf_models, spelling):
+    hf, layers = _with_mtp_layer(hf_models("deepseek3"), tmp_path / "hf")
+    flags = [*TP2_EP2_PP2, "--mtp-num-layers", "1", "--mla-spelling", spelling]
+    mg = hf_to_mg(hf, tmp_path / "mg", "deepseek3", *flags)
+    last = load_mg_state(mg)["mp_rank_01_001_001"]["model"]
+    final_norm = "mtp.final_layernorms.0.weight" if spelling == "mindspeed" else "mtp.layers.0.final_layernorm.weight"
+    assert {"mtp.layers.0.enorm.weight", "mtp.layers.0.hnorm.weight", "mtp.layers.0.eh_proj.weight", final_norm} <= set(last)
+    assert any(k.startswith("mtp.layers.0.transformer_layer.mlp.experts.local_experts.") for k in last)
+    assert load_mg_state(mg)["mp_rank_00_001_001"]["args"].mtp_num_layers == 1
+    back = mg_to_hf(mg, tmp_path / "back", "deepseek3")
+    assert_same_tensors(load_hf_state(hf), load_hf_state(back), f"MTP {spelling}")
+    # without --mtp-num-layers the MTP layer is left out (with a note), the model converts
+    plain = mg_to_hf(hf_to_mg(hf, tmp_path / "mg_plain", "deepseek3"), tmp_path / "back_plain", "deepseek3")
+    assert not any(k.startswith(f"model.layers.{layers}.") for k in load_hf_state(plain))
