@@ -459,33 +459,6 @@ def test_moe_reshard_ep2_to_ep1(fixtures, tmp_path):
 
 
 @pytest.mark.slow
-def test_dense_reshard_dp1_to_dp2(fixtures, tmp_path):
-    source = DENSE.replace(dp=1, global_batch=4)
-    root = fixtures(source)
-    check_replay_equals_megatron(root, source)
-    check_read_exact(root, source)
-    check_resharded(root, source, source.replace(dp=2, bucket_size=9000), tmp_path)
-
-
-@pytest.mark.slow
-def test_dense_reshard_tp2_to_tp1(fixtures, tmp_path):
-    source = DENSE.replace(tp=2)
-    root = fixtures(source)
-    check_replay_equals_megatron(root, source)
-    check_read_exact(root, source)
-    check_resharded(root, source, source.replace(tp=1), tmp_path)
-
-
-@pytest.mark.slow
-def test_dense_reshard_pp2_to_pp1(fixtures, tmp_path):
-    source = DENSE.replace(pp=2)
-    root = fixtures(source)
-    check_replay_equals_megatron(root, source)
-    check_read_exact(root, source)
-    check_resharded(root, source, source.replace(pp=1, dp=2), tmp_path)
-
-
-@pytest.mark.slow
 def test_tied_pp2_shared_embedding_buckets(fixtures, tmp_path):
     """Tied embeddings at PP2: the embedding (stage 0) and its copy, the output layer (stage 1),
     each sit in a bucket of their own; both hold the same state. Resharded to PP1 (no copy)."""
@@ -502,13 +475,18 @@ def test_tied_pp2_shared_embedding_buckets(fixtures, tmp_path):
 
 
 @pytest.mark.slow
-def test_vpp_read_and_reshard_to_pp1(fixtures, tmp_path):
-    """PP2 x VPP2 (model0 / model1 per stage, one gbuf per chunk; chunk 1 is never bucketed)."""
-    source = DENSE.replace(pp=2, vpp_layers=1)
+@pytest.mark.parametrize("source, target", [
+    pytest.param(DENSE.replace(dp=1, global_batch=4), dict(dp=2, bucket_size=9000), id="dp1-to-dp2-other-buckets"),
+    pytest.param(DENSE.replace(tp=2), dict(tp=1), id="tp2-to-tp1"),
+    pytest.param(DENSE.replace(pp=2), dict(pp=1, dp=2), id="pp2-to-pp1"),
+    # PP2 x VPP2: model0 / model1 per stage, one gbuf per chunk; chunk 1 is never bucketed
+    pytest.param(DENSE.replace(pp=2, vpp_layers=1), dict(pp=1, vpp_layers=None), id="pp2-vpp2-to-pp1"),
+])
+def test_dense_read_and_reshard(fixtures, tmp_path, source, target):
     root = fixtures(source)
     check_replay_equals_megatron(root, source)
     check_read_exact(root, source)
-    check_resharded(root, source, source.replace(pp=1, vpp_layers=None), tmp_path)
+    check_resharded(root, source, source.replace(**target), tmp_path)
 
 
 @pytest.mark.slow
