@@ -320,9 +320,14 @@ def output_files(plan: Plan) -> dict[str, int]:
     if plan.save_type == "mg":
         from modellink_ckpt.verify import expected_mg_files
 
-        return {f"{rank_dir}/model_optim_rng.pt": sum(torch.Size(shape).numel() * dt.itemsize
-                                                      for names in models.values() for shape, dt in names.values())
-                for rank_dir, models in expected_mg_files(plan, dtype).items()}
+        files = {}
+        for rank_dir, models in expected_mg_files(plan, dtype).items():
+            shapes = [shape for names in models.values() for shape, _ in names.values()]
+            files[f"{rank_dir}/model_optim_rng.pt"] = sum(torch.Size(shape).numel() * dt.itemsize
+                                                          for names in models.values() for shape, dt in names.values())
+            if plan.load_type == "optim":  # fp32 master weight + two moments per element (alignment gaps aside)
+                files[f"{rank_dir}/distrib_optim.pt"] = 12 * sum(torch.Size(shape).numel() for shape in shapes)
+        return files
     from modellink_ckpt.savers.hf import hf_tensors, plan_shards, shard_names
 
     shards = plan_shards(hf_tensors(plan, dtype), plan.max_shard_bytes)
@@ -331,7 +336,14 @@ def output_files(plan: Plan) -> dict[str, int]:
 
 
 def check_free_space(plan: Plan, files: dict[str, int]) -> None:
-    needed = sum(files.values()) + (64 << 20)
+    # optimizer state passes through a scratch file per rank (a stage's ranks at once) before its
+    # distrib_optim.pt is written
+    scratch = 0
+    if plan.load_type == "optim" and plan.target_layout is not None:
+        layout = plan.target_layout
+        scratch = max(sum(files.get(f"{layout.rank_dir(*rank)}/distrib_optim.pt", 0)
+                          for rank in layout.ranks() if rank[1] == pp_rank) for pp_rank in range(layout.pp))
+    needed = sum(files.values()) + scratch + (64 << 20)
     folder = plan.save_dir
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
