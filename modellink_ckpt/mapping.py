@@ -276,6 +276,11 @@ def model_messages(family: ModelFamily, dims: ModelDims, dtype: torch.dtype):
         yield "mtp_layer", k, meta(mtp_rules(family, dims, k))
 
 
+def message_key(kind: str, layer: int | None, name: str) -> str:
+    """A message tensor's name across the whole model (for per-tensor facts such as its dtype)."""
+    return f"{kind}:{'' if layer is None else layer}:{name}"
+
+
 def message_rules(kind: str, family: ModelFamily, dims: ModelDims, layer: int | None = None) -> list[TensorRule]:
     """The rules behind one message kind."""
     if kind == "embeddings":

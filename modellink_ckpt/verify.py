@@ -43,6 +43,13 @@ def _describe(shape, dtype) -> str:
     return f"{list(shape)} {str(dtype).replace('torch.', '')}"
 
 
+def _with_odd_dtypes(expected: dict, manifest: dict | None) -> dict:
+    """Expected (shape, dtype) with the manifest's per-tensor dtypes (tensors the writer kept in
+    another dtype than the rest, e.g. an fp32 router bias in a bf16 model)."""
+    odd = {name: getattr(torch, value.replace("torch.", "")) for name, value in ((manifest or {}).get("dtypes") or {}).items()}
+    return {name: (shape, odd.get(name, dtype)) for name, (shape, dtype) in expected.items()}
+
+
 def _compare(where: str, found: dict, expected: dict) -> list[str]:
     problems = []
     for name in sorted(set(expected) - set(found)):
@@ -94,7 +101,7 @@ def _verify_mg(root: Path, manifest_check: bool) -> tuple[list[str], str]:
                 continue
             found = {n: (tuple(t.shape), t.dtype) for n, t in stored.items()
                      if isinstance(t, (torch.Tensor, LazyTensor)) and not n.endswith("_extra_state")}
-            problems += _compare(f"{path} [{model_key}]", found, names)
+            problems += _compare(f"{path} [{model_key}]", found, _with_odd_dtypes(names, manifest))
             tensors += len(found)
     files = len((manifest or {}).get("files", {}))
     total = (manifest or {}).get("total_bytes", 0)
@@ -126,7 +133,7 @@ def _verify_hf(folder: Path, manifest_check: bool) -> tuple[list[str], str]:
     dtype = next(iter(found.values()))[1] if found else torch.float32
     plan = types.SimpleNamespace(family=family, dims=dims)
     expected = {name: (tuple(shape), dt) for name, shape, dt in hf_tensors(plan, dtype)}
-    problems += _compare(str(folder), found, expected)
+    problems += _compare(str(folder), found, _with_odd_dtypes(expected, manifest))
     total = (manifest or {}).get("total_bytes", 0)
     summary = (f"{len((manifest or {}).get('files', {}))} files, {total / 1e9:.2f} GB, sha256 as in the manifest; "
                f"{len(found)} tensors match config.json")

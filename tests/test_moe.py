@@ -230,3 +230,26 @@ def test_deepseek3_mtp_layers_round_trip(tmp_path, hf_models, spelling):
     # without --mtp-num-layers the MTP layer is left out (with a note), the model converts
     plain = mg_to_hf(hf_to_mg(hf, tmp_path / "mg_plain", "deepseek3"), tmp_path / "back_plain", "deepseek3")
     assert not any(k.startswith(f"model.layers.{layers}.") for k in load_hf_state(plain))
+
+
+def test_router_bias_kept_in_fp32_in_a_bf16_model(tmp_path, hf_models):
+    """DeepSeek-V3 keeps e_score_correction_bias in fp32 next to bf16 weights (as Megatron keeps
+    router.expert_bias): no dtype is changed anywhere, and --verify knows the exception."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    hf = tmp_path / "hf"
+    shutil.copytree(hf_models("deepseek3"), hf)
+    (weights,) = sorted(hf.glob("*.safetensors"))
+    state = {k: v.float() if "e_score_correction_bias" in k else v for k, v in load_file(weights).items()}
+    save_file(state, weights, metadata={"format": "pt"})
+    mg = hf_to_mg(hf, tmp_path / "mg", "deepseek3", *TP2_EP2_PP2)
+    rank = load_mg_state(mg)["mp_rank_01_001_001"]["model"]
+    assert rank["decoder.layers.1.mlp.router.expert_bias"].dtype == torch.float32
+    assert rank["decoder.layers.1.mlp.router.weight"].dtype == torch.bfloat16
+    back = mg_to_hf(mg, tmp_path / "back", "deepseek3")
+    assert_same_tensors(load_hf_state(hf), load_hf_state(back), "mixed dtypes")
+    for folder in (mg, back):
+        verified = run_cli("--verify", folder)
+        assert verified.returncode == 0, verified.stderr

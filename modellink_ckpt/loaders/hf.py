@@ -177,7 +177,13 @@ def load(plan, sender) -> dict:
     messages = list(mapping.model_messages(family, dims, dtype))
     largest = max(message_bytes(t.nbytes for t in tensors.values()) for _, _, tensors in messages)
     sender.plan(largest)
-    sender.send("meta", dims=dims.to_dict(), source="hf", hf_config=source.config, dtype=dtype)
+    dtypes = {}  # tensors stored in another dtype (e.g. an fp32 router bias in a bf16 model)
+    for kind, layer, _ in messages:
+        for rule in mapping.message_rules(kind, family, dims, layer):
+            own = source.shape_dtype(rule.hf[0])[1]
+            if own != dtype:
+                dtypes[mapping.message_key(kind, layer, rule.mcore)] = own
+    sender.send("meta", dims=dims.to_dict(), source="hf", hf_config=source.config, dtype=dtype, dtypes=dtypes)
     for kind, layer, _ in messages:
         arena = sender.arena()
         tensors = _gather(source, mapping.message_rules(kind, family, dims, layer), dims, arena)

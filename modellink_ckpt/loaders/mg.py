@@ -311,6 +311,25 @@ def _whole(shard) -> torch.Tensor:
     return shard.load() if isinstance(shard, LazyTensor) else shard
 
 
+def _odd_dtypes(source: MegatronSource, plan, dtype: torch.dtype) -> dict:
+    """{message key: dtype} of the layer tensors stored in another dtype than `dtype` (Megatron
+    keeps e.g. the router's expert bias in fp32 in a bf16 model), from the rank files' headers."""
+    family, dims, layout = plan.family, plan.dims, plan.source_layout
+    odd = {}
+    for slot in layout.slots():
+        if slot.hf_layer is None:
+            continue
+        rules = mapping.layer_rules(family, dims, slot.hf_layer)
+        by_name = {rule.mcore: rule for rule in rules}
+        for file_rule in mg_names.layer_file_rules(rules, dims, source.spelling(layout, slot.pp_rank), layout.ep):
+            state = source.rank_state(layout, 0, slot.pp_rank, file_rule.ep_rank or 0)["models"]
+            stored = state.get(layout.model_key(slot.vchunk), {}).get(f"decoder.layers.{slot.local_layer}.{file_rule.file}")
+            if stored is not None and stored.dtype != dtype:
+                odd.update({mapping.message_key("layer", slot.hf_layer, part): stored.dtype
+                            for part in file_rule.parts if part in by_name})
+    return odd
+
+
 def load(plan, sender) -> dict:
     """Stream a Megatron checkpoint as whole (TP-merged, unpadded) Megatron tensors."""
     return stream(plan, sender, MegatronSource(plan.load_dir, lora=plan.lora, lora_dir=plan.lora_dir))
@@ -330,7 +349,7 @@ def stream(plan, sender, source: MegatronSource, states: tuple[str, ...] = (), *
     sender.plan(max(message_bytes(n for t in tensors.values()
                                   for n in (t.nbytes, *[t.numel() * state_bytes] * bool(states)))
                     for _, _, tensors in mapping.model_messages(family, dims, dtype)))
-    sender.send("meta", dims=dims.to_dict(), source="mg", dtype=dtype, **meta)
+    sender.send("meta", dims=dims.to_dict(), source="mg", dtype=dtype, dtypes=_odd_dtypes(source, plan, dtype), **meta)
 
     def take_all(pp_rank, vchunk, name, kind, shape, arena, rows=None, required=True):
         tensors = {}

@@ -27,14 +27,17 @@ INDEX = "model.safetensors.index.json"
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
-def hf_tensors(plan, dtype: torch.dtype) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
-    """Every HF tensor the saver will write, in arrival order (from the model sizes alone)."""
+def hf_tensors(plan, dtype: torch.dtype, dtypes: dict | None = None) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """Every HF tensor the saver will write, in arrival order (from the model sizes alone).
+    `dtypes`: the message tensors stored in another dtype than `dtype` ({"kind:layer:name": dtype},
+    e.g. an fp32 router bias in a bf16 model), as the loader reports them."""
     family, dims = plan.family, plan.dims
     entries = []
     for kind, layer, tensors in mapping.model_messages(family, dims, dtype):
         for rule in mapping.message_rules(kind, family, dims, layer):
+            own = (dtypes or {}).get(mapping.message_key(kind, layer, rule.mcore), dtype)
             for name, part in zip(rule.hf, rule.to_hf(tensors[rule.mcore])):
-                entries.append((name, tuple(part.shape), dtype))
+                entries.append((name, tuple(part.shape), own))
     return entries
 
 
@@ -128,7 +131,10 @@ def save(plan, receiver) -> dict:
     meta = next(messages)
     dtype = plan.params_dtype or meta["dtype"]
     staging = StagedDir(plan.save_dir / HF_SUBDIR, overwrite=plan.overwrite)
-    output = ShardedOutput(staging.path, plan_shards(hf_tensors(plan, dtype), plan.max_shard_bytes))
+    dtypes = None if plan.params_dtype is not None else meta.get("dtypes")  # a cast makes every dtype one
+    entries = hf_tensors(plan, dtype, dtypes)
+    odd_dtypes = {name: str(dt) for name, _, dt in entries if dt != dtype}
+    output = ShardedOutput(staging.path, plan_shards(entries, plan.max_shard_bytes))
     progress = tqdm(total=dims.num_layers, desc="saving layers", unit="layer", disable=plan.quiet)
     try:
         for message in messages:
@@ -148,7 +154,7 @@ def save(plan, receiver) -> dict:
         extra = ["config.json", *tokenizer] + ([INDEX] if len(output.names) > 1 else [])
         write_manifest(staging.path, {**output.files, **hash_files(staging.path, extra)}, kind="hf",
                        model_type_hf=family.name, source={"type": plan.load_type, "dir": str(Path(plan.load_dir).resolve())},
-                       dtype=str(dtype), vocab_size=dims.vocab_size)
+                       dtype=str(dtype), vocab_size=dims.vocab_size, dtypes=odd_dtypes)
         target = staging.publish()
     except BaseException:
         progress.close()

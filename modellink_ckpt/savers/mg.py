@@ -224,6 +224,7 @@ def save(plan, receiver) -> dict:
     assert meta.kind == "meta", meta.kind
     placer = ShardPlacer(plan)
     written_dtype: list[torch.dtype] = []
+    odd_dtypes: dict[str, str] = {}
     optim = OptimStateWriter(plan, placer.layout, meta["optim"]) if meta.get("optim") else None
     iteration = optim.iteration if optim else ITERATION
     if optim:
@@ -248,6 +249,8 @@ def save(plan, receiver) -> dict:
             for rank, vchunk, name, shard in placer.place(message.kind, message.tensors, message.get("layer")):
                 if not written_dtype and shard.is_floating_point() and "::" not in name:
                     written_dtype.append(shard.dtype)
+                if "::" not in name and written_dtype and shard.dtype != written_dtype[0]:
+                    odd_dtypes[name] = str(shard.dtype)  # kept as stored (e.g. an fp32 router bias)
                 files.put(rank, vchunk, name, shard)
             if message.kind == "layer":
                 finished_stage = placer.stage_done(message["layer"])
@@ -260,7 +263,7 @@ def save(plan, receiver) -> dict:
         write_manifest(iteration_dir, files.files, kind="mg", iteration=iteration, model_type_hf=plan.family.name,
                        source={"type": plan.load_type, "dir": str(Path(plan.load_dir).resolve())},
                        layout=placer.layout.describe(), dtype=str(written_dtype[0] if written_dtype else None),
-                       vocab_size=plan.dims.vocab_size, padded_vocab_size=plan.padded_vocab)
+                       vocab_size=plan.dims.vocab_size, padded_vocab_size=plan.padded_vocab, dtypes=odd_dtypes)
         if whole:
             (staging.path / TRACKER).write_text(str(iteration))
             staging.publish()
