@@ -37,7 +37,7 @@ import pytest
 import torch
 
 import optim_fixtures as F
-from util import run_convert
+from util import run_cli, run_convert
 from modellink_ckpt import optim_layout as OL
 from modellink_ckpt import transforms as T
 from modellink_ckpt.errors import ConvertError
@@ -241,6 +241,8 @@ def convert_to(source_root: Path, target: F.Spec, save_dir: Path) -> Path:
         flags += ["--num-layers-per-virtual-pipeline-stage", target.vpp_layers]
     run_convert("--load-model-type", "optim", "--save-model-type", "mg", "--model-type-hf",
                 "mixtral" if target.moe else "llama2", "--load-dir", source_root / "ckpt", "--save-dir", save_dir, *flags)
+    verified = run_cli("--verify", save_dir)  # manifest hashes (distrib_optim.pt too) and the rank files' tensors
+    assert verified.returncode == 0, verified.stderr
     return save_dir
 
 
