@@ -34,7 +34,7 @@ import torch
 from modellink_ckpt import mapping
 from modellink_ckpt import transforms as T
 from modellink_ckpt.errors import ConvertError, UsageError
-from modellink_ckpt.torch_zip import LazyTensor
+from modellink_ckpt.torch_zip import LazyTensor, loaded
 
 DEFAULT_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 COLUMN_TARGETS = ("linear_qkv", "linear_fc1")
@@ -120,10 +120,6 @@ def _rows(tensor, start: int, stop: int) -> torch.Tensor:
     return tensor[start:stop]
 
 
-def _whole(tensor) -> torch.Tensor:
-    return tensor.load() if isinstance(tensor, LazyTensor) else tensor
-
-
 def merge_weight(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
     """`W + scale * B @ A`, computed in fp32 and cast back to W's dtype (the same operations as
     peft's own merge, so an fp32 merge matches `merge_and_unload()` exactly)."""
@@ -160,7 +156,7 @@ class MergedLoraTensor(LazyTensor):
                 or not 0 <= start <= stop <= self.shape[0]:
             raise ConvertError(f"{self.name}: rows {start}:{stop} of a merged {list(self.shape)} {self.dtype} "
                                f"tensor do not fit {list(out.shape)} {out.dtype}")
-        merged = merge_weight(_rows(self.base, start, stop), _whole(self.lora_a), _rows(self.lora_b, start, stop),
+        merged = merge_weight(_rows(self.base, start, stop), loaded(self.lora_a), _rows(self.lora_b, start, stop),
                               self.scale)
         out.view(merged.shape).copy_(merged)
         return out
@@ -301,8 +297,8 @@ def merge_adapter_shards(module: str, a_shards: Sequence, b_shards: Sequence,
                          swiglu: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole (TP = 1) A and B of one module from its TP shards (tensors or LazyTensors)."""
     a_kind, b_kind = adapter_tp_kinds(module, swiglu)
-    a = T.TP_SPLIT[a_kind][1]([_whole(s) for s in a_shards])
-    b = T.TP_SPLIT[b_kind][1]([_whole(s) for s in b_shards])
+    a = T.TP_SPLIT[a_kind][1]([loaded(s) for s in a_shards])
+    b = T.TP_SPLIT[b_kind][1]([loaded(s) for s in b_shards])
     return a, b
 
 

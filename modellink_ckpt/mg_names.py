@@ -166,3 +166,18 @@ def mtp_file_name(k: int, name: str, spelling: Spelling) -> str:
     if name == "final_layernorm.weight" and spelling.mla == "mindspeed":
         return f"mtp.final_layernorms.{k}.weight"
     return f"mtp.layers.{k}.{name}"
+
+
+MTP_INNER = "transformer_layer."  # message names of an MTP layer's decoder layer start with this
+
+
+def mtp_file_rules(rules: list, dims, spelling: Spelling, ep: int, k: int):
+    """MTP layer `k`'s file tensors, from its message rules (mapping.mtp_rules), in two groups:
+    (inner rules renamed layer-relative, their [(FileRule, prefix)]) for its decoder layer and
+    (own rules, their [(FileRule, "")]) for its norms and projection. HF's copies of the embedding
+    and output layer have no file: Megatron shares the main model's."""
+    inner = [dataclasses.replace(r, mcore=r.mcore[len(MTP_INNER):]) for r in rules if r.mcore.startswith(MTP_INNER)]
+    inner_files = [(f, f"mtp.layers.{k}.{MTP_INNER}") for f in layer_file_rules(inner, dims, spelling, ep)]
+    own = [r for r in rules if not r.mcore.startswith(MTP_INNER) and r.mcore not in mapping.MTP_COPIES]
+    own_files = [(FileRule(mtp_file_name(k, r.mcore, spelling), (r.mcore,)), "") for r in own]
+    return (inner, inner_files), (own, own_files)

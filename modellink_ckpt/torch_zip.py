@@ -275,6 +275,11 @@ class TorchZipFile:
         self._reader.read_into(offset, out)
 
 
+def loaded(value):
+    """A tensor for a tensor or a LazyTensor (read whole); anything else unchanged."""
+    return value.load() if isinstance(value, LazyTensor) else value
+
+
 def _lazy_rebuild(storage, storage_offset, size, stride, *_ignored):
     reader, (record_offset, record_bytes), dtype = storage
     tensor = LazyTensor(reader, record_offset, dtype, size, stride, storage_offset)

@@ -8,7 +8,6 @@ config does not explain is an error, so nothing is silently dropped.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import torch
@@ -20,7 +19,7 @@ from modellink_ckpt.layout import ParallelLayout
 from modellink_ckpt.megatron_args import dims_from_args, layout_from_args
 from modellink_ckpt.file_io import scratch_tensor
 from modellink_ckpt.lora import merge_lora
-from modellink_ckpt.torch_zip import LazyTensor, load_lazy
+from modellink_ckpt.torch_zip import LazyTensor, load_lazy, loaded
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RANK_FILE = "model_optim_rng.pt"
@@ -256,7 +255,7 @@ def _read_files(source, layout, dims, spelling, rules, files, pp_rank, vchunk, a
             else:
                 if all(kind == "replicated" for kind in kinds):
                     shards = shards[:1]
-                pieces = [file_rule.split(_whole(shard)) for shard in shards]
+                pieces = [file_rule.split(loaded(shard)) for shard in shards]
                 if any(len(p) != len(file_rule.parts) for p in pieces):
                     raise ConvertError(f"'{name}' does not hold {len(file_rule.parts)} parts")
                 part_shards = [[p[i] for p in pieces] for i in range(len(file_rule.parts))]
@@ -286,16 +285,10 @@ def _mtp_tensors(source, layout, family, dims, k, arena) -> dict[str, torch.Tens
     """MTP layer `k` from the last stage, with the embedding and output layer copies HF keeps."""
     last_pp, last_chunk = layout.last_stage
     spelling = source.spelling(layout, last_pp)
-    inner_prefix = "transformer_layer."
     rules = mapping.mtp_rules(family, dims, k)
-    inner = {r.mcore[len(inner_prefix):]: r for r in rules if r.mcore.startswith(inner_prefix)}
-    inner_rules = [dataclasses.replace(r, mcore=name) for name, r in inner.items()]
-    files = [(f, f"mtp.layers.{k}.{inner_prefix}")
-             for f in mg_names.layer_file_rules(inner_rules, dims, spelling, layout.ep)]
-    tensors = _read_files(source, layout, dims, spelling, {r.mcore: r for r in inner_rules}, files, last_pp,
-                          last_chunk, arena, where=f"MTP layer {k}", rename=lambda part: inner_prefix + part)
-    own = [r for r in rules if not r.mcore.startswith(inner_prefix) and r.mcore not in mapping.MTP_COPIES]
-    own_files = [(mg_names.FileRule(mg_names.mtp_file_name(k, r.mcore, spelling), (r.mcore,)), "") for r in own]
+    (inner, inner_files), (own, own_files) = mg_names.mtp_file_rules(rules, dims, spelling, layout.ep, k)
+    tensors = _read_files(source, layout, dims, spelling, {r.mcore: r for r in inner}, inner_files, last_pp,
+                          last_chunk, arena, where=f"MTP layer {k}", rename=lambda part: mg_names.MTP_INNER + part)
     tensors.update(_read_files(source, layout, dims, spelling, {r.mcore: r for r in own}, own_files, last_pp,
                                last_chunk, arena, where=f"MTP layer {k}"))
     first_pp, first_chunk = layout.first_stage
@@ -305,10 +298,6 @@ def _mtp_tensors(source, layout, family, dims, k, arena) -> dict[str, torch.Tens
         out = arena.alloc((dims.vocab_size, dims.hidden_size), source.dtype_of(layout, pp_rank, vchunk, name))
         tensors[copy] = source.take(layout, pp_rank, vchunk, name, "vocab", out=out, rows=dims.vocab_size)
     return tensors
-
-
-def _whole(shard) -> torch.Tensor:
-    return shard.load() if isinstance(shard, LazyTensor) else shard
 
 
 def _odd_dtypes(source: MegatronSource, plan, dtype: torch.dtype) -> dict:

@@ -18,7 +18,7 @@ import torch
 from modellink_ckpt import optim_layout as O
 from modellink_ckpt.errors import ConvertError
 from modellink_ckpt.loaders.mg import MegatronSource, state_name, stream
-from modellink_ckpt.torch_zip import LazyTensor
+from modellink_ckpt.torch_zip import LazyTensor, loaded
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 CARRIED = ("optimizer", "opt_param_scheduler", "rng_state", "num_floating_point_operations_so_far", "iteration")
@@ -54,13 +54,11 @@ class FlatSlice(LazyTensor):
 
 def _materialize(obj):
     """Containers with their lazy tensors read (to travel between processes and be re-saved)."""
-    if isinstance(obj, LazyTensor):
-        return obj.load()
     if isinstance(obj, dict):
         return type(obj)((k, _materialize(v)) for k, v in obj.items())
     if isinstance(obj, (list, tuple)):
         return type(obj)(_materialize(v) for v in obj)
-    return obj
+    return loaded(obj)
 
 
 class OptimSource(MegatronSource):

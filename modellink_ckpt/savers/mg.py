@@ -8,7 +8,6 @@ file written, only when every file is complete.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 
@@ -179,28 +178,15 @@ class ShardPlacer:
         elif kind == "mtp_layer":
             yield from self._place_mtp_layer(layer, tensors)
 
-    def mtp_files(self, k: int) -> tuple[dict, list]:
-        """({message name: rule}, [(FileRule, prefix)]) of MTP layer `k`, on the last stage. Its
-        embedding and output-layer copies have no file: Megatron shares the main model's."""
-        rules = mapping.mtp_rules(self.plan.family, self.dims, k)
-        inner = [dataclasses.replace(r, mcore=r.mcore[len("transformer_layer."):])
-                 for r in rules if r.mcore.startswith("transformer_layer.")]
-        prefix = f"mtp.layers.{k}.transformer_layer."
-        files = [(rule, prefix) for rule in mg_names.layer_file_rules(inner, self.dims, self.spelling, self.layout.ep)]
-        by_name = {r.mcore: r for r in inner}
-        for rule in rules:
-            if rule.mcore.startswith("transformer_layer.") or rule.mcore in mapping.MTP_COPIES:
-                continue
-            by_name[rule.mcore] = rule
-            file = mg_names.mtp_file_name(k, rule.mcore, self.spelling)
-            files.append((mg_names.FileRule(file, (rule.mcore,)), ""))
-        return by_name, files
-
     def _place_mtp_layer(self, k: int, tensors: dict[str, torch.Tensor]):
         last_pp, last_chunk = self.layout.last_stage
-        rules, files = self.mtp_files(k)
-        inner = {name[len("transformer_layer."):]: t for name, t in tensors.items() if name.startswith("transformer_layer.")}
-        yield from self._place_files(files, rules, {**tensors, **inner}, last_pp, last_chunk)
+        rules = mapping.mtp_rules(self.plan.family, self.dims, k)
+        (inner, inner_files), (own, own_files) = mg_names.mtp_file_rules(rules, self.dims, self.spelling,
+                                                                         self.layout.ep, k)
+        prefix = mg_names.MTP_INNER
+        inner_tensors = {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}
+        yield from self._place_files(inner_files + own_files, {r.mcore: r for r in inner + own},
+                                     {**tensors, **inner_tensors}, last_pp, last_chunk)
 
     def stage_done(self, layer: int) -> int | None:
         """The stage whose files are complete once HF layer `layer` is placed (None if none)."""
