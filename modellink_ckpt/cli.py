@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cast floating weights (default: keep the source dtype)")
     p.add_argument("--tokenizer-model", default=None, help="tokenizer file carried over to HF output")
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=None,
-                   help="pad the vocabulary to a multiple of this x TP (default 1; from optim: the source run's)")
+                   help="pad the vocabulary to a multiple of this x TP (default: from hf 1, from a Megatron source its own)")
     p.add_argument("--add-qkv-bias", action="store_true", default=None)
     p.add_argument("--add-dense-bias", action="store_true", default=None)
     p.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default="local")
@@ -238,7 +238,7 @@ def build_plan(args) -> Plan:
         if skipped and not args.quiet:
             print(f"note: {args.load_dir} holds {skipped} multi-token-prediction layer(s) that are not converted; "
                   f"pass --mtp-num-layers {skipped + dims.mtp_num_layers} to convert them", file=sys.stderr)
-        source_dtype = source.dtype()
+        source_dtype = source.dtype(family)
     else:
         from modellink_ckpt.loaders.mg import MegatronSource
 
@@ -266,6 +266,10 @@ def build_plan(args) -> Plan:
         if args.load_model_type == "optim":
             _check_optim_source(args, source, dims)
 
+    if "hf" in (args.load_model_type, args.save_model_type):
+        from modellink_ckpt.mapping import require_hf_names
+
+        require_hf_names(family, dims)
     target_layout = padded = None
     if args.save_model_type == "mg":
         target_layout = ParallelLayout.build(
@@ -277,9 +281,9 @@ def build_plan(args) -> Plan:
             num_experts=dims.num_experts, expert_tp=args.expert_tensor_parallel_size)
         if args.moe_grouped_gemm and not dims.num_experts:
             raise UsageError("--moe-grouped-gemm: the model has no experts")
-        if args.make_vocab_size_divisible_by is None:  # a resumed run keeps its padding (and its state)
+        if args.make_vocab_size_divisible_by is None:  # a resumed run keeps its padding rule (and its state)
             args.make_vocab_size_divisible_by = int(getattr(source.args, "make_vocab_size_divisible_by", None) or 1) \
-                if args.load_model_type == "optim" else 1
+                if args.load_model_type in ("mg", "optim") else 1
         if args.make_vocab_size_divisible_by < 1:
             raise UsageError("--make-vocab-size-divisible-by must be at least 1")
         padded = target_layout.padded_vocab(dims.vocab_size, args.make_vocab_size_divisible_by)
@@ -299,9 +303,8 @@ def build_plan(args) -> Plan:
         load_type=args.load_model_type, save_type=args.save_model_type, load_dir=args.load_dir,
         save_dir=args.save_dir, family=family, dims=dims, source_layout=source_layout,
         target_layout=target_layout, padded_vocab=padded, divisible_by=args.make_vocab_size_divisible_by or 1,
-        # from optim the weights are the fp32 master weights: written in the model's dtype unless asked
-        params_dtype=DTYPE_FLAGS[args.params_dtype] if args.params_dtype else
-        (source_dtype if args.load_model_type == "optim" else None),
+        # from optim the weights are the fp32 master weights, each written in its model weight's dtype
+        params_dtype=DTYPE_FLAGS[args.params_dtype] if args.params_dtype else None,
         target_spelling=Spelling(args.transformer_impl, _expert_layout(args), args.mla_spelling),
         tokenizer_model=args.tokenizer_model,
         hf_config_dir=args.hf_cfg_dir, max_queue_size=args.max_queue_size, max_queue_gb=args.max_queue_gb,
@@ -328,9 +331,10 @@ def output_files(plan: Plan) -> dict[str, int]:
             if plan.load_type == "optim":  # fp32 master weight + two moments per element (alignment gaps aside)
                 files[f"{rank_dir}/distrib_optim.pt"] = 12 * sum(torch.Size(shape).numel() for shape in shapes)
         return files
+    from modellink_ckpt.mapping import TensorDtypes
     from modellink_ckpt.savers.hf import hf_tensors, plan_shards, shard_names
 
-    shards = plan_shards(hf_tensors(plan, dtype), plan.max_shard_bytes)
+    shards = plan_shards(hf_tensors(plan, TensorDtypes(dtype)), plan.max_shard_bytes)
     return {name: sum(torch.Size(shape).numel() * dt.itemsize for _, shape, dt in shard)
             for name, shard in zip(shard_names(len(shards)), shards)}
 

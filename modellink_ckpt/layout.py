@@ -189,7 +189,8 @@ class ParallelLayout:
         return name
 
     def model_key(self, vchunk: int) -> str:
-        return f"model{vchunk}" if self.vpp_layers else "model"
+        # one chunk per stage is no virtual pipeline: Megatron then stores `model`, as without VPP
+        return f"model{vchunk}" if self.vpp > 1 else "model"
 
     def ranks(self) -> Iterator[tuple[int, int, int]]:
         """(tp_rank, pp_rank, ep_rank) of every rank file, in folder order."""

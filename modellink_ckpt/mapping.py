@@ -13,7 +13,8 @@ from typing import Callable
 import torch
 
 from modellink_ckpt import transforms as T
-from modellink_ckpt.model_cfg import ModelDims, ModelFamily
+from modellink_ckpt.errors import UsageError
+from modellink_ckpt.model_cfg import UNMAPPED, ModelDims, ModelFamily
 
 Tensors = list[torch.Tensor]
 
@@ -276,9 +277,49 @@ def model_messages(family: ModelFamily, dims: ModelDims, dtype: torch.dtype):
         yield "mtp_layer", k, meta(mtp_rules(family, dims, k))
 
 
+def require_hf_names(family: ModelFamily, dims: ModelDims) -> None:
+    """Stop before any work when HF tensors are to be read or written and the family does not say
+    what HF calls one of the model's tensors (a Megatron -> Megatron conversion needs no HF names)."""
+    for kind, layer, _ in model_messages(family, dims, torch.float32):
+        for rule in message_rules(kind, family, dims, layer):
+            for name in rule.hf:
+                if name.startswith(UNMAPPED):
+                    raise UsageError(f"--model-type-hf {family.name}: the model has '{rule.mcore}' but the family "
+                                     f"has no HF mapping for '{name[len(UNMAPPED):]}' (add it to model_cfg.json "
+                                     f"or pick a family that has it)")
+
+
 def message_key(kind: str, layer: int | None, name: str) -> str:
     """A message tensor's name across the whole model (for per-tensor facts such as its dtype)."""
     return f"{kind}:{'' if layer is None else layer}:{name}"
+
+
+class TensorDtypes:
+    """The dtype each message tensor is written in.
+
+    A loader declares the model's dtype and every tensor stored in another one ({message key:
+    dtype}: an fp32 router or expert bias in a bf16 model); a tensor keeps its declared dtype
+    unless `--params-dtype` asks for one cast. A message may carry a tensor in higher precision
+    than declared (a distributed optimizer's fp32 master weights): it is rounded to the declared
+    dtype, as training rounds it into the model.
+    """
+
+    def __init__(self, default: torch.dtype, exceptions: dict | None = None, cast: torch.dtype | None = None):
+        self.default, self.cast = cast or default, cast
+        self.exceptions = {} if cast else dict(exceptions or {})
+
+    def of(self, kind: str, layer: int | None, name: str) -> torch.dtype:
+        return self.exceptions.get(message_key(kind, layer, name), self.default)
+
+    def apply(self, kind: str, layer: int | None, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` in its written dtype (floating tensors only; a no-op when it already is)."""
+        if not tensor.is_floating_point():
+            return tensor
+        return tensor.to(self.of(kind, layer, name))
+
+    @classmethod
+    def from_meta(cls, meta, cast: torch.dtype | None = None) -> "TensorDtypes":
+        return cls(meta["dtype"], meta.get("dtypes"), cast)
 
 
 def message_rules(kind: str, family: ModelFamily, dims: ModelDims, layer: int | None = None) -> list[TensorRule]:

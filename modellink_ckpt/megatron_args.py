@@ -49,7 +49,7 @@ def make_args(dims: ModelDims, layout: ParallelLayout, *, padded_vocab: int, div
         pipeline_model_parallel_size=layout.pp,
         expert_model_parallel_size=layout.ep,
         num_layers_per_virtual_pipeline_stage=layout.vpp_layers,
-        virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp_layers else None,
+        virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
         num_layer_list=",".join(map(str, layout.num_layer_list)) or None,
         noop_layers=",".join(map(str, layout.noop_layers)) or None,
         params_dtype=dtype,
@@ -90,6 +90,40 @@ def make_args(dims: ModelDims, layout: ParallelLayout, *, padded_vocab: int, div
         mtp_num_layers=dims.mtp_num_layers or None,
         iteration=iteration,
     )
+
+
+# Fields that say how a checkpoint is laid out and stored. A conversion between Megatron layouts
+# sets these for the target and keeps every other field of the source run's args, so training
+# resumes with the same arguments (besides the new layout's).
+LAYOUT_FIELDS = (
+    "num_layers", "tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size",
+    "expert_tensor_parallel_size", "num_layers_per_virtual_pipeline_stage", "virtual_pipeline_model_parallel_size",
+    "num_layer_list", "noop_layers", "padded_vocab_size", "make_vocab_size_divisible_by", "transformer_impl",
+    "moe_grouped_gemm", "mla_spelling", "params_dtype", "bf16", "fp16",
+)
+# Megatron-LM's other ways to write an uneven pipeline split: replaced by num_layer_list
+PIPELINE_SPLIT_FIELDS = ("decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers")
+# What our reader needs and a training run may not have stored
+READER_FIELDS = ("vocab_size",)
+
+
+def carry_over(source_args: argparse.Namespace, target_args: argparse.Namespace, *,
+               drop_prefixes: tuple[str, ...] = ()) -> argparse.Namespace:
+    """The source run's args with the target's layout fields (`target_args` as `make_args` builds
+    them); fields starting with `drop_prefixes` removed (a merged LoRA's `lora_*`)."""
+    args = argparse.Namespace(**{k: v for k, v in vars(source_args).items()
+                                 if not (drop_prefixes and k.startswith(drop_prefixes))})
+    for name in LAYOUT_FIELDS:
+        setattr(args, name, getattr(target_args, name))
+    for name in PIPELINE_SPLIT_FIELDS:
+        if getattr(args, name, None) is not None:
+            setattr(args, name, None)
+    for name in READER_FIELDS:
+        if getattr(args, name, None) is None and getattr(target_args, name, None) is not None:
+            setattr(args, name, getattr(target_args, name))
+    if getattr(source_args, "noop_layers", None) != target_args.noop_layers and target_args.moe_layer_freq is not None:
+        args.moe_layer_freq = target_args.moe_layer_freq  # one entry per Megatron layer slot
+    return args
 
 
 def _get(margs, name, default=None):
@@ -179,8 +213,27 @@ def spelling_from_args(margs) -> Spelling:
     return Spelling(impl, layout, _get(margs, "mla_spelling", "mindspeed"))
 
 
+def _first_last_split(margs) -> str | None:
+    """Megatron-LM's uneven split (`--decoder-first/last-pipeline-num-layers`: the first and/or
+    last stage hold the given counts, the others share the rest evenly) as a num_layer_list."""
+    first, last = _get(margs, PIPELINE_SPLIT_FIELDS[0]), _get(margs, PIPELINE_SPLIT_FIELDS[1])
+    pp = int(_get(margs, "pipeline_model_parallel_size", 1))
+    if first is None and last is None or pp == 1:
+        return None
+    fixed = [int(first) if first is not None else None] + [None] * (pp - 2) + [int(last) if last is not None else None]
+    free = [i for i, n in enumerate(fixed) if n is None]
+    rest = int(margs.num_layers) - sum(n for n in fixed if n is not None)
+    if free and rest % len(free):
+        raise ConvertError(f"decoder_first/last_pipeline_num_layers leave {rest} layers for {len(free)} stages")
+    counts = [n if n is not None else rest // len(free) for n in fixed]
+    return ",".join(map(str, counts))
+
+
 def layout_from_args(margs, dims: ModelDims, *, source: str) -> ParallelLayout:
     """The layout a checkpoint was written with; validated like a target layout."""
+    if _get(margs, "pipeline_model_parallel_layout") is not None:
+        raise ConvertError(f"{source}: its args use pipeline_model_parallel_layout, which is not supported "
+                           f"(uneven stages as num_layer_list or decoder_first/last_pipeline_num_layers are)")
     try:
         return ParallelLayout.build(
             dims.num_layers,
@@ -188,7 +241,7 @@ def layout_from_args(margs, dims: ModelDims, *, source: str) -> ParallelLayout:
             pp=int(_get(margs, "pipeline_model_parallel_size", 1)),
             ep=int(_get(margs, "expert_model_parallel_size", 1)),
             vpp_layers=_get(margs, "num_layers_per_virtual_pipeline_stage"),
-            num_layer_list=_get(margs, "num_layer_list"),
+            num_layer_list=_get(margs, "num_layer_list") or _first_last_split(margs),
             noop_layers=_get(margs, "noop_layers"),
             num_heads=dims.num_attention_heads,
             num_query_groups=None if dims.multi_latent_attention else dims.num_query_groups,

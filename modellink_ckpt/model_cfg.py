@@ -41,10 +41,9 @@ class ModelFamily:
                 expert: int | None = None) -> str:
         """HF tensor name of `param` of the logical `module` (e.g. layers_mlp_gate_proj) at `layer`
         (and `expert`); `param=None` when the template names the tensor itself."""
-        try:
-            template = self.hf_modules[module]
-        except KeyError:
-            raise ConvertError(f"model_cfg entry '{self.name}' has no mapping for '{module}'") from None
+        template = self.hf_modules.get(module)
+        if template is None:  # fine between Megatron layouts; `require_hf_names` stops HF input/output
+            return f"{UNMAPPED}{module}"
         if layer is not None:
             template = template.replace("[layer_idx]", f".{layer}")
         if expert is not None:
@@ -53,6 +52,9 @@ class ModelFamily:
 
     def has(self, module: str) -> bool:
         return module in self.hf_modules
+
+
+UNMAPPED = "<unmapped>:"  # the HF name of a module the family does not map
 
 
 def load_family(name: str, cfg_path: str | Path | None = None) -> ModelFamily:

@@ -4,14 +4,27 @@
 the `args` Namespace, dtypes and Megatron enums of real training checkpoints. This unpickler
 allows the few globals a checkpoint needs, turns unknown classes (Megatron enums and configs)
 into inert placeholders that are never imported or called, and refuses anything from modules
-that can reach the system (os, subprocess, builtins functions, ...).
+that can reach the system (os, subprocess, signal functions, builtins functions, ...).
+
+What a Megatron-LM / MindSpeed-LLM training run pickles, and how it is rebuilt:
+- `argparse.Namespace`, containers, numbers, strings: as themselves;
+- torch dtypes, storages, tensors and parameters: through torch's own rebuild functions;
+- numpy arrays and dtypes (the numpy RNG state, pickled through `_codecs.encode`): as numpy objects;
+- members of the standard library's plain-value enums (`args.exit_signal = signal.SIGTERM` is a
+  `signal.Signals`): by a member lookup that takes exactly one value, never the enum's functional
+  API and never anything else from its module (`signal.signal`, `signal.raise_signal` are refused);
+- Megatron's and MindSpeed's own enums and classes (`ModelType`, `AttnBackend`, configs): inert
+  placeholders holding their value; written back under the same name when a conversion stores
+  the training run's args again (`repicklable`).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import enum
 import pickle
+import signal
 import types
 import zipfile
 from pathlib import Path
@@ -73,6 +86,28 @@ def _numpy_allowed() -> dict:
     return allowed
 
 
+def _member_lookup(enum_class: type[enum.Enum], source: str):
+    """Rebuilds a pickled enum member (`REDUCE(EnumClass, (value,))`) by looking the value up:
+    one positional value, nothing else (more arguments would be the functional API, which makes
+    new classes)."""
+
+    def lookup(*args, **kwargs):
+        if len(args) != 1 or kwargs:
+            raise UnsafeCheckpointError(f"{source}: refused to load: {enum_class.__module__}.{enum_class.__qualname__} "
+                                        f"called with {len(args)} argument(s), not as a member lookup")
+        try:
+            return enum_class(args[0])
+        except ValueError:
+            raise UnsafeCheckpointError(f"{source}: refused to load: {args[0]!r} is no member of "
+                                        f"{enum_class.__module__}.{enum_class.__qualname__}") from None
+
+    return lookup
+
+
+# Plain-value enums of the standard library that training args hold (members only).
+_ENUMS = {("signal", cls.__name__): cls
+          for cls in (signal.Signals, signal.Handlers, getattr(signal, "Sigmasks", None)) if cls is not None}
+
 # Modules whose globals could touch the system or run code: refused outright.
 _FORBIDDEN_ROOTS = {
     "os", "posix", "nt", "subprocess", "sys", "shutil", "importlib", "runpy", "code", "codeop", "pty",
@@ -83,19 +118,43 @@ _FORBIDDEN_ROOTS = {
 }
 
 
+# Placeholders from these packages are written back under their own names (`repicklable`):
+# Megatron's and MindSpeed's enums and configs, which the training run that reads the output
+# imports anyway. Anything else met in a checkpoint stays behind: no conversion passes an unknown
+# global on to the next reader.
+REPICKLABLE_ROOTS = {"megatron", "mindspeed", "mindspeed_llm", "modellink", "copyreg"}
+
+
 class Placeholder:
-    """Stands for an object of a class this loader does not import (e.g. a Megatron enum)."""
+    """Stands for an object of a class this loader does not import (e.g. a Megatron enum).
+
+    Made either by calling the class (`REDUCE`: `args` are the call's) or by `cls.__new__`
+    (`NEWOBJ`: `args` are __new__'s); `state` is what `BUILD` gave it."""
 
     _qualname = "?"
+    _module, _name = "?", "?"
+
+    def __new__(cls, *args, **kwargs):
+        obj = super().__new__(cls)
+        obj.args, obj.kwargs, obj.state, obj._called = args, kwargs, None, False
+        return obj
 
     def __init__(self, *args, **kwargs):
-        self.args, self.kwargs, self.state = args, kwargs, None
+        self.args, self.kwargs, self._called = args, kwargs, True
 
     def __setstate__(self, state):
         self.state = state
 
-    def __reduce__(self):  # placeholders must not be re-pickled as something they are not
-        raise TypeError(f"placeholder for {self._qualname} cannot be pickled")
+    def __reduce__(self):
+        """The same global and arguments it was read from (only for `repicklable` classes)."""
+        cls = type(self)
+        if not repicklable(cls) or self.kwargs:
+            raise ConvertError(f"{self._qualname}: an object of an unknown class cannot be written back")
+        if self._called:
+            return (cls, self.args) if self.state is None else (cls, self.args, self.state)
+        import copyreg
+
+        return (copyreg.__newobj__, (cls, *self.args)) + (() if self.state is None else (self.state,))
 
     def __repr__(self):
         shown = ", ".join(map(repr, self.args))
@@ -111,10 +170,20 @@ class Placeholder:
 _placeholders: dict[str, type] = {}
 
 
+def repicklable(cls) -> bool:
+    """Whether `cls` is a placeholder class that may be written back under its own name."""
+    return is_placeholder_class(cls) and cls._module.split(".")[0] in REPICKLABLE_ROOTS
+
+
+def is_placeholder_class(obj) -> bool:
+    return isinstance(obj, type) and issubclass(obj, Placeholder)
+
+
 def placeholder_class(module: str, name: str) -> type:
     qualname = f"{module}.{name}"
     if qualname not in _placeholders:
-        _placeholders[qualname] = type(name, (Placeholder,), {"_qualname": qualname, "__module__": "placeholder"})
+        _placeholders[qualname] = type(name, (Placeholder,), {"_qualname": qualname, "_module": module, "_name": name,
+                                                              "__module__": "placeholder"})
     return _placeholders[qualname]
 
 
@@ -129,6 +198,8 @@ class RestrictedUnpickler(pickle.Unpickler):
         if key in self.allowed:
             found = self.allowed[key]
             return found if found is not None else placeholder_class(module, name)
+        if key in _ENUMS:
+            return _member_lookup(_ENUMS[key], self.source)
         root = module.split(".")[0]
         if root in _FORBIDDEN_ROOTS:
             raise UnsafeCheckpointError(

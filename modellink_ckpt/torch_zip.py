@@ -58,11 +58,26 @@ class TensorRef:
                 (self.storage, 0, torch.Size(self.shape), tuple(reversed(stride)), False, collections.OrderedDict()))
 
 
-class _Pickler(pickle.Pickler):
+class _Pickler(pickle._Pickler):
+    """torch.save's pickle (protocol 2, storages as persistent ids). The pure-Python pickler, so
+    that the placeholders of a training run's args (Megatron enums, never imported here) are
+    written back under their own names; the pickle is small, its speed does not matter."""
+
     def persistent_id(self, obj):
         if isinstance(obj, _StorageRef):
             return ("storage", obj.storage_type, obj.key, "cpu", obj.numel)
         return None
+
+    def save_global(self, obj, name=None):
+        from modellink_ckpt.safe_pickle import is_placeholder_class, repicklable
+
+        if not is_placeholder_class(obj):
+            return super().save_global(obj, name)
+        if not repicklable(obj):
+            raise ConvertError(f"{obj._qualname}: an object of this class cannot be written back (only Megatron's "
+                               f"and MindSpeed's own classes are)")
+        self.write(pickle.GLOBAL + f"{obj._module}\n{obj._name}\n".encode())
+        self.memoize(obj)
 
 
 _STORAGE_TYPES = {

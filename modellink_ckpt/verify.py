@@ -9,13 +9,16 @@ applied to meta tensors.
 
 from __future__ import annotations
 
+import collections
 import json
+import re
 import types
 from pathlib import Path
 
 import torch
 
 from modellink_ckpt import mapping
+from modellink_ckpt.mapping import TensorDtypes
 from modellink_ckpt.errors import ConvertError, UsageError
 from modellink_ckpt.loaders.mg import RANK_FILE, TRACKER, MegatronSource
 from modellink_ckpt.manifest import MANIFEST, check_files, read_manifest
@@ -29,7 +32,7 @@ def expected_mg_files(plan, dtype: torch.dtype) -> dict[str, dict[str, dict[str,
     """{rank folder: {model key: {name: (shape, dtype)}}} that a conversion with `plan` writes."""
     from modellink_ckpt.savers.mg import ShardPlacer
 
-    placer = ShardPlacer(plan)
+    placer = ShardPlacer(plan, TensorDtypes(dtype, cast=plan.params_dtype))
     layout = plan.target_layout
     expected = {layout.rank_dir(*rank): {layout.model_key(v): {} for v in range(layout.vpp)}
                 for rank in layout.ranks()}
@@ -113,6 +116,15 @@ def _verify_mg(root: Path, manifest_check: bool) -> tuple[list[str], str]:
     return problems, summary
 
 
+def _model_dtype(manifest: dict | None, found: dict) -> torch.dtype:
+    """The model's dtype as the manifest records it, else the one most tensors have."""
+    recorded = (manifest or {}).get("dtype")
+    if isinstance(recorded, str) and isinstance(getattr(torch, recorded.replace("torch.", ""), None), torch.dtype):
+        return getattr(torch, recorded.replace("torch.", ""))
+    counts = collections.Counter(dt for _, dt in found.values())
+    return counts.most_common(1)[0][0] if counts else torch.float32
+
+
 def _verify_hf(folder: Path, manifest_check: bool) -> tuple[list[str], str]:
     from modellink_ckpt.savers.hf import hf_tensors
 
@@ -122,7 +134,6 @@ def _verify_hf(folder: Path, manifest_check: bool) -> tuple[list[str], str]:
         problems.append(f"{folder / MANIFEST}: missing (not written by this tool, or tampered with)")
     family = load_family((manifest or {}).get("model_type_hf") or "llama2")
     config = json.loads((folder / "config.json").read_text())
-    dims = dims_from_hf_config(family, config, source=str(folder / "config.json"))
     found = {}
     for path in sorted(folder.glob("*.safetensors")):
         try:
@@ -130,9 +141,14 @@ def _verify_hf(folder: Path, manifest_check: bool) -> tuple[list[str], str]:
                 found[name] = (tuple(shape), dtype)
         except ConvertError as exc:
             problems.append(str(exc))
-    dtype = next(iter(found.values()))[1] if found else torch.float32
+    dims = dims_from_hf_config(family, config, source=str(folder / "config.json"))
+    layers = {int(m.group(1)) for m in (re.search(r"\.layers\.(\d+)\.", name) for name in found) if m}
+    mtp = max(layers, default=-1) + 1 - dims.num_layers  # multi-token-prediction layers follow the decoder's
+    if 0 < mtp <= int(config.get("num_nextn_predict_layers") or 0):
+        dims = dims_from_hf_config(family, config, source=str(folder / "config.json"), overrides={"mtp_num_layers": mtp})
+    dtype = _model_dtype(manifest, found)
     plan = types.SimpleNamespace(family=family, dims=dims)
-    expected = {name: (tuple(shape), dt) for name, shape, dt in hf_tensors(plan, dtype)}
+    expected = {name: (tuple(shape), dt) for name, shape, dt in hf_tensors(plan, TensorDtypes(dtype))}
     problems += _compare(str(folder), found, _with_odd_dtypes(expected, manifest))
     total = (manifest or {}).get("total_bytes", 0)
     summary = (f"{len((manifest or {}).get('files', {}))} files, {total / 1e9:.2f} GB, sha256 as in the manifest; "

@@ -131,9 +131,9 @@ def rank_file(iter_dir: str, tp_rank: int, pp_rank: int, pp_size: int, ep_rank: 
 
 
 def load_rank_checkpoint(path: str, mmap: bool = False) -> Dict[str, Any]:
-    """torch.load with only the Namespace class allowed besides tensors / plain data."""
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    """torch.load as Megatron-LM's training loader does it: the args of a training run hold
+    Megatron enums, a signal.Signals and numpy RNG state (weights_only=False; test inputs only)."""
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
 
 
 def read_args(load_dir: str) -> argparse.Namespace:
@@ -280,6 +280,9 @@ def to_local_names(state: Dict[str, torch.Tensor], transformer_impl: str,
                 if name.endswith(te_name):
                     name = name[: -len(te_name)] + local_name
                     break
+        if not isinstance(tensor, torch.Tensor):  # a local layer's `_extra_state` (None), as training saves it
+            out[name] = tensor
+            continue
         if tensor.is_floating_point():
             tensor = tensor.float()
         m_legacy, m_te = _LEGACY_GROUPED.match(name), _TE_GROUPED.match(name)
@@ -566,7 +569,7 @@ def transformer_config_from_args(args: argparse.Namespace, slots: List[List[List
         num_query_groups=args.num_query_groups if gqa else None,
         kv_channels=getattr(args, "kv_channels", None),
         normalization="RMSNorm",
-        layernorm_epsilon=args.norm_epsilon,
+        layernorm_epsilon=getattr(args, "norm_epsilon", None) or args.layernorm_epsilon,  # Megatron-LM: the latter
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=bool(getattr(args, "add_bias_linear", False)),

@@ -89,6 +89,7 @@ class Spec:
     ep: int = 1
     vpp_layers: Optional[int] = None          # layers per virtual pipeline stage (VPP)
     moe: bool = False
+    expert_bias: bool = False                 # MoE: sigmoid router with an fp32 expert_bias buffer (not a parameter)
     dtype: str = "fp32"                       # "fp32" or "bf16" (bf16 params, fp32 main params)
     grad_reduce_in_fp32: bool = True
     overlap_grad_reduce: bool = True
@@ -127,7 +128,7 @@ class Spec:
     @property
     def label(self) -> str:
         vpp = f"xVPP{self.chunks}" if self.chunks > 1 else ""
-        kind = ("moe" if self.moe else "dense") + ("-tied" if self.tied else "")
+        kind = ("moe" if self.moe else "dense") + ("-tied" if self.tied else "") + ("-bias" if self.expert_bias else "")
         return f"{kind} {self.dtype} TP{self.tp}PP{self.pp}{vpp}EP{self.ep}DP{self.dp}"
 
     def replace(self, **changes) -> "Spec":
@@ -186,6 +187,8 @@ def make_args(spec: Spec) -> argparse.Namespace:
         extra.update(num_experts=spec.experts, moe_router_topk=spec.topk, moe_ffn_hidden_size=spec.moe_ffn,
                      moe_grouped_gemm=False, moe_token_dispatcher_type="allgather",
                      moe_router_load_balancing_type="none", moe_layer_freq=1)
+        if spec.expert_bias:
+            extra.update(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True)
     for key, value in extra.items():
         setattr(args, key, value)
     return args
@@ -261,6 +264,8 @@ def _config(spec: Spec):
                    moe_token_dispatcher_type="allgather", moe_grouped_gemm=False, moe_router_dtype="fp32",
                    moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0,
                    expert_model_parallel_size=spec.ep)
+        if spec.expert_bias:
+            moe.update(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True)
     return TransformerConfig(
         num_layers=spec.num_layers, hidden_size=spec.hidden, ffn_hidden_size=spec.ffn,
         num_attention_heads=spec.heads, num_query_groups=spec.groups, kv_channels=spec.hidden // spec.heads,
@@ -307,6 +312,10 @@ def _randomize(model, ranks: Dict[str, int], chunk: int, tied: bool) -> None:
                 param.copy_(noise)
             else:
                 param.copy_(noise / param.shape[-1] ** 0.5)
+        for name, buffer in model.named_buffers():
+            if name.endswith("router.expert_bias"):  # fp32, the same on every rank (replicated)
+                gen = torch.Generator().manual_seed(zlib.crc32(f"{name}|pp{ranks['pp']}|v{chunk}".encode()))
+                buffer.copy_(0.01 * torch.randn(buffer.shape, generator=gen, dtype=torch.float32))
 
 
 def _build(spec: Spec, randomize: bool):

@@ -232,24 +232,63 @@ def test_deepseek3_mtp_layers_round_trip(tmp_path, hf_models, spelling):
     assert not any(k.startswith(f"model.layers.{layers}.") for k in load_hf_state(plain))
 
 
-def test_router_bias_kept_in_fp32_in_a_bf16_model(tmp_path, hf_models):
-    """DeepSeek-V3 keeps e_score_correction_bias in fp32 next to bf16 weights (as Megatron keeps
-    router.expert_bias): no dtype is changed anywhere, and --verify knows the exception."""
+def _with_router_dtypes(hf_dir, out_dir, router_dtype: torch.dtype):
+    """A copy of a bf16 checkpoint whose routers (`mlp.gate.weight`) are stored in `router_dtype`
+    (transformers 5.24 writes DeepSeek-V3's in fp32, older versions in bf16) and whose expert
+    score bias is fp32 (as DeepSeek-V3 ships it); everything else bf16."""
     import shutil
 
     from safetensors.torch import load_file, save_file
 
-    hf = tmp_path / "hf"
-    shutil.copytree(hf_models("deepseek3"), hf)
-    (weights,) = sorted(hf.glob("*.safetensors"))
-    state = {k: v.float() if "e_score_correction_bias" in k else v for k, v in load_file(weights).items()}
-    save_file(state, weights, metadata={"format": "pt"})
-    mg = hf_to_mg(hf, tmp_path / "mg", "deepseek3", *TP2_EP2_PP2)
-    rank = load_mg_state(mg)["mp_rank_01_001_001"]["model"]
-    assert rank["decoder.layers.1.mlp.router.expert_bias"].dtype == torch.float32
-    assert rank["decoder.layers.1.mlp.router.weight"].dtype == torch.bfloat16
-    back = mg_to_hf(mg, tmp_path / "back", "deepseek3")
+    shutil.copytree(hf_dir, out_dir)
+    for weights in sorted(out_dir.glob("*.safetensors")):
+        state = load_file(weights)
+        for name, value in state.items():
+            if name.endswith("mlp.gate.weight"):
+                state[name] = value.to(router_dtype)
+            elif "e_score_correction_bias" in name:
+                state[name] = value.float()
+            else:
+                state[name] = value.to(torch.bfloat16)
+        save_file(state, weights, metadata={"format": "pt"})
+    return out_dir
+
+
+def _assert_dtypes(state: dict, router_dtype: torch.dtype, what: str) -> None:
+    """Routers in `router_dtype`, expert biases fp32, everything else bf16 (HF or Megatron names)."""
+    for name, value in state.items():
+        if name.endswith(("mlp.gate.weight", "mlp.router.weight")):
+            want = router_dtype
+        elif name.endswith(("e_score_correction_bias", "router.expert_bias")):
+            want = torch.float32
+        else:
+            want = torch.bfloat16
+        assert value.dtype == want, f"{what}: {name} is {value.dtype}, expected {want}"
+
+
+@pytest.mark.parametrize("router_dtype", [torch.float32, torch.bfloat16], ids=["fp32-routers", "bf16-routers"])
+@pytest.mark.parametrize("spelling", ["mindspeed", "mcore"])
+def test_every_tensor_keeps_its_dtype(tmp_path, hf_models, router_dtype, spelling):
+    """DeepSeek-V3 with MTP layers, routers fp32 (transformers >= 5.24) or bf16 (older), expert
+    bias fp32, the rest bf16: hf -> mg -> mg (other layout) -> hf changes no tensor's dtype, in
+    regular and MTP layers alike; --verify accepts every output."""
+    hf_mtp, _ = _with_mtp_layer(hf_models("deepseek3"), tmp_path / "mtp")
+    hf = _with_router_dtypes(hf_mtp, tmp_path / "hf", router_dtype)
+    mtp = ["--mtp-num-layers", "1"]
+    mg = hf_to_mg(hf, tmp_path / "mg", "deepseek3", *TP2_EP2_PP2, *mtp, "--mla-spelling", spelling)
+    for rank, state in load_mg_state(mg).items():
+        _assert_dtypes(state["model"], router_dtype, f"hf->mg {rank}")
+        assert state["args"].params_dtype == torch.bfloat16
+    assert "mtp.layers.0.transformer_layer.mlp.router.weight" in load_mg_state(mg)["mp_rank_00_001_000"]["model"]
+    resharded = mg_to_mg(mg, tmp_path / "mg2", "deepseek3", "--target-expert-parallel-size", "4",
+                         "--target-pipeline-parallel-size", "1", "--moe-grouped-gemm")
+    for rank, state in load_mg_state(resharded).items():
+        _assert_dtypes(state["model"], router_dtype, f"mg->mg {rank}")
+    back = mg_to_hf(resharded, tmp_path / "back", "deepseek3")
     assert_same_tensors(load_hf_state(hf), load_hf_state(back), "mixed dtypes")
-    for folder in (mg, back):
+    for folder in (mg, resharded, back):
         verified = run_cli("--verify", folder)
         assert verified.returncode == 0, verified.stderr
+    # a cast is a cast of everything, and only when asked
+    cast = mg_to_hf(mg, tmp_path / "cast", "deepseek3", "--params-dtype", "fp32")
+    assert {t.dtype for t in load_hf_state(cast).values()} == {torch.float32}

@@ -41,7 +41,7 @@ from util import run_cli, run_convert
 from modellink_ckpt import optim_layout as OL
 from modellink_ckpt import transforms as T
 from modellink_ckpt.errors import ConvertError
-from modellink_ckpt.torch_zip import LazyTensor, load_lazy
+from modellink_ckpt.torch_zip import LazyTensor, load_lazy, loaded
 
 LOSS_TOL = 1e-5
 DENSE = F.Spec()  # fp32, TP1 PP1 DP2, overlap_grad_reduce, bucket_size 20000 -> 7 buckets
@@ -511,14 +511,14 @@ def test_moe_reshard_ep1_to_ep2(fixtures, tmp_path):
 # ----------------------------------------------------------------------------- HF weights from the optimizer
 
 
-def expected_hf_from_masters(root: Path, spec: F.Spec, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def expected_hf_from_masters(root: Path, spec: F.Spec, dtype: torch.dtype, family=None) -> dict[str, torch.Tensor]:
     """The fp32 master weights of the source, named and split as HF wants them (through the
-    converter's mapping rules), cast to `dtype`."""
+    converter's mapping rules), cast to `dtype`; buffers (no master weight) left out."""
     from modellink_ckpt import mapping
     from modellink_ckpt.loaders.mg import MegatronSource
     from modellink_ckpt.model_cfg import load_family
 
-    family = load_family("mixtral" if spec.moe else "llama2")
+    family = family or load_family("mixtral" if spec.moe else "llama2")
     dims = MegatronSource(root / "ckpt").dims()
     full, *_ = read_full(root / "ckpt", spec)
     masters = {name: state["param"] for name, state in full.items()}
@@ -529,6 +529,8 @@ def expected_hf_from_masters(root: Path, spec: F.Spec, dtype: torch.dtype) -> di
                   for r in mapping.layer_rules(family, dims, layer)]
     expected = {}
     for rule in rules:
+        if not OL.is_parameter_name(rule.mcore):
+            continue
         master = masters[rule.mcore][:dims.vocab_size] if rule.tp == "vocab" else masters[rule.mcore]
         for name, part in zip(rule.hf, rule.to_hf(master)):
             expected[name] = T.as_tensor(part).to(dtype)
@@ -610,3 +612,76 @@ def test_example_script_reshards_a_training_checkpoint(fixtures, tmp_path):
         assert abs(got["loss_after"] - want["loss_after"]) < LOSS_TOL
     finally:
         shutil.rmtree(resumed, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- tensors without optimizer state
+
+
+def _expert_biases(ckpt: Path, spec: F.Spec) -> dict[str, torch.Tensor]:
+    """{global name: tensor} of the routers' fp32 expert_bias buffers (EP / TP rank 0's files)."""
+    found = {}
+    for tp, pp, ep in ranks_of(spec):
+        if tp == 0 and ep == 0:
+            model_file = load_lazy(rank_folder(ckpt, spec, tp, pp, ep) / OL.MODEL_FILE)
+            for v in range(spec.chunks):
+                for name, value in model_file[model_key(spec, v)].items():
+                    if name.endswith("router.expert_bias"):
+                        found[to_global(name, spec, pp, v, ep)] = loaded(value)
+    return found
+
+
+@pytest.mark.slow
+def test_moe_expert_bias_buffer_resharded_and_resumed(fixtures, tmp_path):
+    """A sigmoid router's expert_bias is an fp32 buffer with no optimizer state: EP2 -> EP1 keeps
+    it equal, every parameter's state stays exact and megatron-core resumes with the same losses."""
+    spec = F.Spec(moe=True, ep=2, expert_bias=True)
+    root = fixtures(spec)
+    biases = _expert_biases(root / "ckpt", spec)
+    assert len(biases) == spec.num_layers and all(b.dtype == torch.float32 and b.abs().sum() > 0 for b in biases.values())
+    target = spec.replace(ep=1, dp=1, bucket_size=30000)
+    check_resharded(root, spec, target, tmp_path)
+    resharded = _expert_biases(tmp_path / "target", target)
+    assert sorted(resharded) == sorted(biases) and all(torch.equal(resharded[n], biases[n]) for n in biases)
+
+
+@pytest.mark.slow
+def test_bf16_moe_expert_bias_keeps_fp32(fixtures, tmp_path):
+    """bf16 MoE whose routers' expert_bias buffers are fp32: optim -> mg writes the weights in bf16
+    (from the fp32 masters) and the bias in fp32, unchanged; optim -> hf too. (A bf16 resume across an
+    EP change is not compared: the first step's loss matches exactly, but the fp32 gradient sums run
+    in another order at another EP, and bf16 rounding of the updated weights then moves the loss by
+    ~1e-3, with or without expert bias; fp32 resumes exactly, above.)"""
+    import json
+
+    from util import ROOT, load_hf_state, load_mg_state
+
+    spec = F.Spec(moe=True, ep=2, dtype="bf16", expert_bias=True)
+    root = fixtures(spec)
+    biases = _expert_biases(root / "ckpt", spec)
+    target = spec.replace(ep=1, dp=1)
+    convert_to(root, target, tmp_path / "target")
+    for rank, state in load_mg_state(tmp_path / "target").items():
+        for name, value in state["model"].items():
+            want = torch.float32 if name.endswith("expert_bias") else torch.bfloat16
+            assert value.dtype == want, (rank, name, value.dtype)
+    resharded = _expert_biases(tmp_path / "target", target)
+    assert sorted(resharded) == sorted(biases) and all(torch.equal(resharded[n], biases[n]) for n in biases)
+
+    # HF output through a family that names the bias (a JSON entry, as a new family would be)
+    cfg = json.loads((ROOT / "configs" / "checkpoint" / "model_cfg.json").read_text())
+    cfg["model_mappings"]["mixtral-expert-bias"] = {"__base__": "mixtral", "model_hf_key_mapping": {
+        "layers_mlp_router_bias": "model.layers[layer_idx].block_sparse_moe.gate.e_score_correction_bias"}}
+    (tmp_path / "model_cfg.json").write_text(json.dumps(cfg))
+    run_convert("--load-model-type", "optim", "--save-model-type", "hf", "--model-type-hf", "mixtral-expert-bias",
+                "--model-cfg", tmp_path / "model_cfg.json", "--load-dir", root / "ckpt", "--save-dir", tmp_path / "hf")
+    got = load_hf_state(tmp_path / "hf" / "mg2hf")
+    from modellink_ckpt.model_cfg import load_family
+    want = expected_hf_from_masters(root, spec, torch.bfloat16,
+                                    load_family("mixtral-expert-bias", tmp_path / "model_cfg.json"))
+    bias_names = [f"model.layers.{i}.block_sparse_moe.gate.e_score_correction_bias" for i in range(spec.num_layers)]
+    assert sorted(set(got) - set(want)) == bias_names
+    for layer, name in enumerate(bias_names):
+        assert got[name].dtype == torch.float32
+        assert torch.equal(got[name], biases[f"decoder.layers.{layer}.mlp.router.expert_bias"])
+    for name in want:
+        assert got[name].dtype == torch.bfloat16 and torch.equal(got[name], want[name]), name

@@ -81,3 +81,88 @@ def test_streamed_file_reads_back_like_torch_save(tmp_path):
         for k, v in tensors.items():
             assert loaded["model"][k].dtype == v.dtype and torch.equal(loaded["model"][k], v)
     assert load_torch(tmp_path / "x.pt")["args"].n == 1
+
+
+# --- what training runs pickle (Megatron-LM args), and callables smuggled next to it ------------
+
+
+def _call_pickle(module: str, name: str, *args) -> bytes:
+    """A protocol-2 pickle that calls module.name(*args) when loaded (GLOBAL, args tuple, REDUCE)."""
+    arguments = pickle.dumps(tuple(args), protocol=2)[2:-1]  # without PROTO and STOP
+    return b"\x80\x02c" + f"{module}\n{name}\n".encode() + arguments + b"R."
+
+
+def _restricted_load(data: bytes):
+    import io
+
+    from modellink_ckpt.safe_pickle import RestrictedUnpickler
+
+    return RestrictedUnpickler(io.BytesIO(data)).load()
+
+
+def test_signal_enum_members_load_by_lookup():
+    import signal
+
+    assert _restricted_load(pickle.dumps(signal.SIGTERM, protocol=2)) is signal.SIGTERM
+    assert _restricted_load(pickle.dumps({"exit_signal": signal.SIGINT}, protocol=2))["exit_signal"] is signal.SIGINT
+
+
+@pytest.mark.parametrize("module, name, args", [
+    ("signal", "signal", (10, 1)),                       # installs a handler
+    ("signal", "raise_signal", (10,)),
+    ("signal", "pthread_kill", (0, 0)),
+    ("signal", "setitimer", (0, 100.0)),
+    ("signal", "Signals", ("Evil", "A B")),              # the enum's functional API makes classes
+    ("signal", "Signals", (12345,)),                     # not a member
+    ("os", "system", ("true",)),
+    ("builtins", "eval", ("1",)),
+    ("builtins", "getattr", (0, "real")),
+    ("numpy", "load", ("x.npy",)),
+    ("numpy.lib.npyio", "load", ("x.npy",)),
+    ("torch", "load", ("x.pt",)),
+    ("_codecs", "decode", (b"x", "utf-8")),
+])
+def test_callables_next_to_the_allowed_ones_are_refused(module, name, args):
+    import signal
+
+    before = signal.getsignal(signal.SIGUSR1)
+    with pytest.raises(UnsafeCheckpointError, match="refused to load"):
+        _restricted_load(_call_pickle(module, name, *args))
+    assert signal.getsignal(signal.SIGUSR1) == before
+
+
+def test_unknown_classes_stay_inert_and_are_not_written_back(tmp_path):
+    """A class the loader does not know (a Megatron enum, or anything else outside the refused
+    modules) becomes a placeholder that runs nothing; only Megatron's and MindSpeed's are written
+    back under their own names."""
+    marker = tmp_path / "pwned"
+    obj = _restricted_load(_call_pickle("megatron.training.utils", "system", f"touch {marker}"))
+    assert isinstance(obj, Placeholder) and not marker.exists()
+    evil = _restricted_load(_call_pickle("evilpkg", "Backdoor", f"touch {marker}"))
+    assert isinstance(evil, Placeholder) and not marker.exists()
+
+    writer = StreamingTorchWriter(tmp_path / "ok.pt")
+    writer.close({"args": argparse.Namespace(model_type=obj)})
+    from megatron.core.enums import ModelType  # noqa: F401 - megatron is the reader of what we write back
+
+    with pytest.raises(ConvertError, match="evilpkg.Backdoor"):
+        StreamingTorchWriter(tmp_path / "evil.pt").close({"args": argparse.Namespace(x=evil)})
+
+
+def test_training_args_written_back_under_their_own_names(tmp_path):
+    """Megatron enums read as placeholders are written back as the same globals: megatron-core
+    itself reads them as its real classes."""
+    import signal
+
+    from megatron.core.enums import ModelType
+
+    args = argparse.Namespace(model_type=ModelType.encoder_or_decoder, exit_signal=signal.SIGTERM,
+                              params_dtype=torch.bfloat16, rng=np.random.get_state())
+    torch.save({"args": args}, tmp_path / "training.pt")
+    loaded = load_torch(tmp_path / "training.pt")["args"]
+    assert isinstance(loaded.model_type, Placeholder) and loaded.exit_signal is signal.SIGTERM
+    writer = StreamingTorchWriter(tmp_path / "written.pt")
+    writer.close({"args": loaded})
+    back = torch.load(tmp_path / "written.pt", weights_only=False)["args"]
+    assert back.model_type is ModelType.encoder_or_decoder and back.exit_signal is signal.SIGTERM
+    assert back.params_dtype is torch.bfloat16 and np.array_equal(back.rng[1], args.rng[1])

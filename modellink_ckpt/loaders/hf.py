@@ -133,9 +133,11 @@ class HfSource:
         """MTP layers the checkpoint holds beyond the ones asked for (they are left out)."""
         return self.hf_layer_count() - dims.num_layers - dims.mtp_num_layers
 
-    def dtype(self) -> torch.dtype:
-        """The dtype the weights are stored in (of the first tensor)."""
-        return self.shape_dtype(next(iter(self.weight_map)))[1]
+    def dtype(self, family: ModelFamily) -> torch.dtype:
+        """The model's dtype: its embedding's (a few tensors may be stored in another, e.g. the
+        fp32 routers transformers 5.24 writes into a bf16 DeepSeek-V3)."""
+        embedding = family.hf_name("embedding_word_embeddings")
+        return self.shape_dtype(embedding if embedding in self.weight_map else next(iter(self.weight_map)))[1]
 
     def tokenizer_files(self) -> list[Path]:
         return [self.dir / name for name in TOKENIZER_FILES if (self.dir / name).is_file()]
@@ -173,7 +175,7 @@ def load(plan, sender) -> dict:
 
     source = HfSource(plan.load_dir)
     family, dims = plan.family, plan.dims
-    dtype = source.dtype()
+    dtype = source.dtype(family)
     messages = list(mapping.model_messages(family, dims, dtype))
     largest = max(message_bytes(t.nbytes for t in tensors.values()) for _, _, tensors in messages)
     sender.plan(largest)

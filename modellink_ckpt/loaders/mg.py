@@ -9,6 +9,7 @@ config does not explain is an error, so nothing is silently dropped.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -19,6 +20,7 @@ from modellink_ckpt.layout import ParallelLayout
 from modellink_ckpt.megatron_args import dims_from_args, layout_from_args
 from modellink_ckpt.file_io import scratch_tensor
 from modellink_ckpt.lora import merge_lora
+from modellink_ckpt.optim_layout import is_parameter_name
 from modellink_ckpt.torch_zip import LazyTensor, load_lazy, loaded
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -47,11 +49,15 @@ class MegatronSource:
             text = tracker.read_text().strip()
             if text != "release" and not text.isdigit():
                 raise ConvertError(f"{tracker}: expected an iteration number or 'release', found {text[:40]!r}")
+            self.iteration = "release" if text == "release" else int(text)
             self.iter_dir = self.dir / iteration_dir_name(text)
             if not self.iter_dir.is_dir():
                 raise ConvertError(f"{tracker}: points to {self.iter_dir.name}, which does not exist")
         elif any(self.dir.glob(f"mp_rank_*/{RANK_FILE}")):
             self.iter_dir = self.dir  # pointed at the iteration folder itself
+            name = self.dir.name
+            self.iteration = "release" if name == "release" else \
+                int(name[5:]) if name.startswith("iter_") and name[5:].isdigit() else 1
         else:
             raise UsageError(f"{flag} {self.dir}: no {TRACKER} (not a complete Megatron checkpoint)")
         rank_files = sorted(self.iter_dir.glob(f"mp_rank_*/{RANK_FILE}"))
@@ -166,16 +172,25 @@ class MegatronSource:
         _merge_into(shards, kind, out)
         return out
 
-    def dtype_of(self, layout: ParallelLayout, pp_rank: int, vchunk: int, name: str) -> torch.dtype:
-        """The stored dtype of `name`, from TP rank 0's file."""
-        state = self.rank_state(layout, 0, pp_rank)["models"].get(layout.model_key(vchunk), {})
+    def dtype_of(self, layout: ParallelLayout, pp_rank: int, vchunk: int, name: str, ep_rank: int = 0) -> torch.dtype:
+        """The dtype `name` is read in, from TP rank 0's file."""
+        state = self.rank_state(layout, 0, pp_rank, ep_rank)["models"].get(layout.model_key(vchunk), {})
         return state[name].dtype if name in state else torch.float32  # missing: take() reports it
+
+    def stored_dtype(self, layout: ParallelLayout, pp_rank: int, vchunk: int, name: str, ep_rank: int = 0) -> torch.dtype:
+        """The dtype of model weight `name` (from optim, that of the model weight its fp32 master
+        weight stands in for)."""
+        state = self.rank_state(layout, 0, pp_rank, ep_rank)["models"].get(layout.model_key(vchunk), {})
+        tensor = state.get(name)
+        return getattr(tensor, "model_dtype", None) or self.dtype_of(layout, pp_rank, vchunk, name, ep_rank)
 
 
 def _model_entries(state, path) -> dict:
     if not isinstance(state, dict):
         raise ConvertError(f"{path}: not a Megatron checkpoint (no dict inside)")
     models = {k: v for k, v in state.items() if k == "model" or (k.startswith("model") and k[5:].isdigit())}
+    if list(models) == ["model0"]:  # a single virtual chunk, as older writers stored it
+        models = {"model": models["model0"]}
     if not models:
         raise ConvertError(f"{path}: no 'model' entry")
     return models
@@ -246,6 +261,8 @@ def _read_files(source, layout, dims, spelling, rules, files, pp_rank, vchunk, a
     state of the tensors instead of the tensors."""
     tensors = {}
     for file_rule, prefix in files:
+        if state and not is_parameter_name(prefix + file_rule.file):
+            continue  # a buffer (a router's expert_bias): no optimizer state
         name = state_name(prefix + file_rule.file, state)
         try:
             shards = source.shards(layout, pp_rank, vchunk, name, ep_rank=file_rule.ep_rank)
@@ -268,55 +285,91 @@ def _read_files(source, layout, dims, spelling, rules, files, pp_rank, vchunk, a
     return tensors
 
 
-def _layer_tensors(source, layout, family, dims, hf_layer, slot, arena, states=("",)) -> dict[str, torch.Tensor]:
-    """One layer's message tensors (and optimizer `states` of them), read from the stage's files in
-    whatever spelling they use."""
+def _same(part: str) -> str:
+    return part
+
+
+def _layer_sources(source, layout, family, dims, hf_layer, slot) -> list[tuple[dict, list, Callable]]:
+    """[(message rules by name, [(FileRule, name prefix)], message name of a part)] that make the
+    message of HF layer `hf_layer`, in whatever spelling its stage's files use."""
     spelling = source.spelling(layout, slot.pp_rank)
     rules = mapping.layer_rules(family, dims, hf_layer)
-    files = [(f, f"decoder.layers.{slot.local_layer}.") for f in mg_names.layer_file_rules(rules, dims, spelling, layout.ep)]
+    prefix = f"decoder.layers.{slot.local_layer}."
+    return [({r.mcore: r for r in rules}, [(f, prefix) for f in mg_names.layer_file_rules(rules, dims, spelling, layout.ep)],
+             _same)]
+
+
+def _mtp_sources(source, layout, family, dims, k) -> list[tuple[dict, list, Callable]]:
+    """Like `_layer_sources`, for MTP layer `k` (last stage): its decoder layer and its own tensors."""
+    spelling = source.spelling(layout, layout.last_stage[0])
+    rules = mapping.mtp_rules(family, dims, k)
+    (inner, inner_files), (own, own_files) = mg_names.mtp_file_rules(rules, dims, spelling, layout.ep, k)
+    return [({r.mcore: r for r in inner}, inner_files, lambda part: mg_names.MTP_INNER + part),
+            ({r.mcore: r for r in own}, own_files, _same)]
+
+
+def _layer_tensors(source, layout, family, dims, hf_layer, slot, arena, states=("",)) -> dict[str, torch.Tensor]:
+    """One layer's message tensors (and optimizer `states` of them)."""
     tensors = {}
     for state in states:
-        tensors.update(_read_files(source, layout, dims, spelling, {r.mcore: r for r in rules}, files, slot.pp_rank,
-                                   slot.vchunk, arena, where=f"layer {slot.mg_layer}", state=state))
+        for rules, files, rename in _layer_sources(source, layout, family, dims, hf_layer, slot):
+            tensors.update(_read_files(source, layout, dims, source.spelling(layout, slot.pp_rank), rules, files,
+                                       slot.pp_rank, slot.vchunk, arena, where=f"layer {slot.mg_layer}",
+                                       rename=rename, state=state))
     return tensors
 
 
 def _mtp_tensors(source, layout, family, dims, k, arena) -> dict[str, torch.Tensor]:
     """MTP layer `k` from the last stage, with the embedding and output layer copies HF keeps."""
     last_pp, last_chunk = layout.last_stage
-    spelling = source.spelling(layout, last_pp)
-    rules = mapping.mtp_rules(family, dims, k)
-    (inner, inner_files), (own, own_files) = mg_names.mtp_file_rules(rules, dims, spelling, layout.ep, k)
-    tensors = _read_files(source, layout, dims, spelling, {r.mcore: r for r in inner}, inner_files, last_pp,
-                          last_chunk, arena, where=f"MTP layer {k}", rename=lambda part: mg_names.MTP_INNER + part)
-    tensors.update(_read_files(source, layout, dims, spelling, {r.mcore: r for r in own}, own_files, last_pp,
-                               last_chunk, arena, where=f"MTP layer {k}"))
-    first_pp, first_chunk = layout.first_stage
-    output = (first_pp, first_chunk, mapping.EMBEDDING) if dims.tie_word_embeddings else \
-        (last_pp, last_chunk, mapping.OUTPUT_LAYER)
-    for copy, (pp_rank, vchunk, name) in zip(mapping.MTP_COPIES, [(first_pp, first_chunk, mapping.EMBEDDING), output]):
+    tensors = {}
+    for rules, files, rename in _mtp_sources(source, layout, family, dims, k):
+        tensors.update(_read_files(source, layout, dims, source.spelling(layout, last_pp), rules, files, last_pp,
+                                   last_chunk, arena, where=f"MTP layer {k}", rename=rename))
+    for copy, (pp_rank, vchunk, name) in zip(mapping.MTP_COPIES, _vocab_tensors(layout, dims)):
         out = arena.alloc((dims.vocab_size, dims.hidden_size), source.dtype_of(layout, pp_rank, vchunk, name))
         tensors[copy] = source.take(layout, pp_rank, vchunk, name, "vocab", out=out, rows=dims.vocab_size)
     return tensors
 
 
-def _odd_dtypes(source: MegatronSource, plan, dtype: torch.dtype) -> dict:
-    """{message key: dtype} of the layer tensors stored in another dtype than `dtype` (Megatron
-    keeps e.g. the router's expert bias in fp32 in a bf16 model), from the rank files' headers."""
+def _vocab_tensors(layout, dims) -> list[tuple[int, int, str]]:
+    """(stage, chunk, name) of the embedding and of the output layer (the embedding when tied)."""
+    first_pp, first_chunk = layout.first_stage
+    last_pp, last_chunk = layout.last_stage
+    output = (first_pp, first_chunk, mapping.EMBEDDING) if dims.tie_word_embeddings else \
+        (last_pp, last_chunk, mapping.OUTPUT_LAYER)
+    return [(first_pp, first_chunk, mapping.EMBEDDING), output]
+
+
+def _stored_dtypes(source: MegatronSource, plan) -> tuple[torch.dtype, dict]:
+    """(the model's dtype, {message key: dtype} of every message tensor stored in another one),
+    from the rank files' headers: Megatron keeps e.g. a router's expert bias in fp32 in a bf16
+    model, and transformers 5.24 writes DeepSeek-V3's routers in fp32."""
     family, dims, layout = plan.family, plan.dims, plan.source_layout
-    odd = {}
+    (embedding, output), (last_pp, last_chunk) = _vocab_tensors(layout, dims), layout.last_stage
+    model_dtype = source.stored_dtype(layout, *embedding)
+    stored = {mapping.message_key("embeddings", None, mapping.EMBEDDING): model_dtype,
+              mapping.message_key("final_norm", None, mapping.FINAL_NORM):
+                  source.stored_dtype(layout, last_pp, last_chunk, mapping.FINAL_NORM)}
+    if not dims.tie_word_embeddings:
+        stored[mapping.message_key("output_layer", None, mapping.OUTPUT_LAYER)] = source.stored_dtype(layout, *output)
+
+    def scan(kind, layer, pp_rank, vchunk, sources):
+        for rules, files, rename in sources:
+            for file_rule, prefix in files:
+                dtype = source.stored_dtype(layout, pp_rank, vchunk, prefix + file_rule.file, file_rule.ep_rank or 0)
+                stored.update({mapping.message_key(kind, layer, rename(part)): dtype
+                               for part in file_rule.parts if part in rules})
+
     for slot in layout.slots():
-        if slot.hf_layer is None:
-            continue
-        rules = mapping.layer_rules(family, dims, slot.hf_layer)
-        by_name = {rule.mcore: rule for rule in rules}
-        for file_rule in mg_names.layer_file_rules(rules, dims, source.spelling(layout, slot.pp_rank), layout.ep):
-            state = source.rank_state(layout, 0, slot.pp_rank, file_rule.ep_rank or 0)["models"]
-            stored = state.get(layout.model_key(slot.vchunk), {}).get(f"decoder.layers.{slot.local_layer}.{file_rule.file}")
-            if stored is not None and stored.dtype != dtype:
-                odd.update({mapping.message_key("layer", slot.hf_layer, part): stored.dtype
-                            for part in file_rule.parts if part in by_name})
-    return odd
+        if slot.hf_layer is not None:
+            scan("layer", slot.hf_layer, slot.pp_rank, slot.vchunk,
+                 _layer_sources(source, layout, family, dims, slot.hf_layer, slot))
+    for k in range(dims.mtp_num_layers):
+        scan("mtp_layer", k, last_pp, last_chunk, _mtp_sources(source, layout, family, dims, k))
+        for copy, where in zip(mapping.MTP_COPIES, (embedding, output)):
+            stored[mapping.message_key("mtp_layer", k, copy)] = source.stored_dtype(layout, *where)
+    return model_dtype, {key: dtype for key, dtype in stored.items() if dtype != model_dtype}
 
 
 def load(plan, sender) -> dict:
@@ -333,12 +386,13 @@ def stream(plan, sender, source: MegatronSource, states: tuple[str, ...] = (), *
     first_pp, first_chunk = layout.first_stage
     last_pp, last_chunk = layout.last_stage
     every = ("",) + tuple(states)
-    dtype = source.dtype_of(layout, first_pp, first_chunk, mapping.EMBEDDING)
+    carried = source.dtype_of(layout, first_pp, first_chunk, mapping.EMBEDDING)  # fp32 from optim
     state_bytes = 4 * len(states)  # fp32 per element
     sender.plan(max(message_bytes(n for t in tensors.values()
                                   for n in (t.nbytes, *[t.numel() * state_bytes] * bool(states)))
-                    for _, _, tensors in mapping.model_messages(family, dims, dtype)))
-    sender.send("meta", dims=dims.to_dict(), source="mg", dtype=dtype, dtypes=_odd_dtypes(source, plan, dtype), **meta)
+                    for _, _, tensors in mapping.model_messages(family, dims, carried)))
+    dtype, dtypes = _stored_dtypes(source, plan)
+    sender.send("meta", dims=dims.to_dict(), source="mg", dtype=dtype, dtypes=dtypes, **meta)
 
     def take_all(pp_rank, vchunk, name, kind, shape, arena, rows=None, required=True):
         tensors = {}

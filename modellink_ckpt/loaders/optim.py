@@ -27,10 +27,12 @@ CARRIED = ("optimizer", "opt_param_scheduler", "rng_state", "num_floating_point_
 class FlatSlice(LazyTensor):
     """A parameter-shaped piece `[start, start + numel)` of a flat fp32 state vector, read on demand."""
 
-    __slots__ = ("vector",)
+    __slots__ = ("vector", "model_dtype")
 
-    def __init__(self, vector, start: int, shape):
+    def __init__(self, vector, start: int, shape, model_dtype: torch.dtype | None = None):
+        """`model_dtype`: the dtype of the model weight this master weight stands in for."""
         self.vector, self.offset, self.record_offset = vector, int(start), 0
+        self.model_dtype = model_dtype
         self.dtype, self.shape = torch.float32, torch.Size(shape)
         self.file = getattr(vector, "file", None)
         self.stride = tuple(math.prod(self.shape[i + 1:]) for i in range(len(self.shape)))
@@ -95,7 +97,7 @@ class OptimSource(MegatronSource):
                             state[state_name(slot.name, moment)] = state[slot.name]
                         continue
                     vectors = entries[index][gbuf][buffer.dtype_key]
-                    state[slot.name] = FlatSlice(vectors["param"], slot.start, slot.shape)
+                    state[slot.name] = FlatSlice(vectors["param"], slot.start, slot.shape, state[slot.name].dtype)
                     for moment in MOMENTS:
                         state[state_name(slot.name, moment)] = FlatSlice(vectors[moment], slot.start, slot.shape)
                         entry["unused"].add((keys[buffer.chunk], state_name(slot.name, moment)))

@@ -27,15 +27,14 @@ INDEX = "model.safetensors.index.json"
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
-def hf_tensors(plan, dtype: torch.dtype, dtypes: dict | None = None) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
-    """Every HF tensor the saver will write, in arrival order (from the model sizes alone).
-    `dtypes`: the message tensors stored in another dtype than `dtype` ({"kind:layer:name": dtype},
-    e.g. an fp32 router bias in a bf16 model), as the loader reports them."""
+def hf_tensors(plan, dtypes: "mapping.TensorDtypes") -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """Every HF tensor the saver will write, in arrival order, with the dtype it is written in
+    (from the model sizes and the loader's declared dtypes alone)."""
     family, dims = plan.family, plan.dims
     entries = []
-    for kind, layer, tensors in mapping.model_messages(family, dims, dtype):
+    for kind, layer, tensors in mapping.model_messages(family, dims, dtypes.default):
         for rule in mapping.message_rules(kind, family, dims, layer):
-            own = (dtypes or {}).get(mapping.message_key(kind, layer, rule.mcore), dtype)
+            own = dtypes.of(kind, layer, rule.mcore)
             for name, part in zip(rule.hf, rule.to_hf(tensors[rule.mcore])):
                 entries.append((name, tuple(part.shape), own))
     return entries
@@ -129,19 +128,17 @@ def save(plan, receiver) -> dict:
     dims, family = plan.dims, plan.family
     messages = iter(receiver)
     meta = next(messages)
-    dtype = plan.params_dtype or meta["dtype"]
+    dtypes = mapping.TensorDtypes.from_meta(meta, cast=plan.params_dtype)
+    dtype = dtypes.default
     staging = StagedDir(plan.save_dir / HF_SUBDIR, overwrite=plan.overwrite)
-    dtypes = None if plan.params_dtype is not None else meta.get("dtypes")  # a cast makes every dtype one
-    entries = hf_tensors(plan, dtype, dtypes)
+    entries = hf_tensors(plan, dtypes)
     odd_dtypes = {name: str(dt) for name, _, dt in entries if dt != dtype}
     output = ShardedOutput(staging.path, plan_shards(entries, plan.max_shard_bytes))
     progress = tqdm(total=dims.num_layers, desc="saving layers", unit="layer", disable=plan.quiet)
     try:
         for message in messages:
             for rule in mapping.message_rules(message.kind, family, dims, message.get("layer")):
-                full = message.tensors[rule.mcore]
-                if plan.params_dtype is not None and full.is_floating_point():
-                    full = full.to(plan.params_dtype)
+                full = dtypes.apply(message.kind, message.get("layer"), rule.mcore, message.tensors[rule.mcore])
                 for name, part in zip(rule.hf, rule.to_hf(full)):
                     output.add(name, part)
             if message.kind == "layer":

@@ -16,9 +16,9 @@ from tqdm import tqdm
 
 from modellink_ckpt import mapping, mg_names
 from modellink_ckpt import transforms as T
-from modellink_ckpt.loaders.mg import RANK_FILE, TRACKER, iteration_dir_name
+from modellink_ckpt.loaders.mg import RANK_FILE, TRACKER, MegatronSource, iteration_dir_name
 from modellink_ckpt.manifest import write_manifest
-from modellink_ckpt.megatron_args import make_args
+from modellink_ckpt.megatron_args import carry_over, make_args
 from modellink_ckpt.optim_layout import OPTIM_FILE
 from modellink_ckpt.savers.optim_state import STATES, OptimStateWriter
 from modellink_ckpt.staging import StagedDir, occupied, write_text_atomic
@@ -30,9 +30,10 @@ ITERATION = 1
 class RankFiles:
     """The open rank files of the target layout and the tensor references each will hold."""
 
-    def __init__(self, folder: Path, layout, make_rank_args, iteration: int = ITERATION, optim=None):
-        """`optim` (an OptimStateWriter): also write each rank's distributed-optimizer state."""
-        self._folder, self._layout, self._make_args = folder, layout, make_rank_args
+    def __init__(self, folder: Path, layout, args, iteration: int | str = ITERATION, optim=None):
+        """`args`: the stored args of every rank file; `optim` (an OptimStateWriter): also write
+        each rank's distributed-optimizer state."""
+        self._folder, self._layout, self._args = folder, layout, args
         self._iteration, self._optim = iteration, optim
         self._writers: dict[tuple[int, int, int], StreamingTorchWriter] = {}
         self._models: dict[tuple[int, int, int], dict[str, dict]] = {}
@@ -69,7 +70,8 @@ class RankFiles:
 
     def _close(self, rank) -> None:
         writer = self._writers[rank]
-        state = {"args": self._make_args(rank), "checkpoint_version": 3.0, "iteration": self._iteration}
+        state = {"args": self._args, "checkpoint_version": 3.0,
+                 "iteration": 0 if self._iteration == "release" else self._iteration}
         state.update(self._models[rank])
         if self._optim is not None:
             folder = self._folder / self._layout.rank_dir(*rank)
@@ -100,27 +102,39 @@ class ShardPlacer:
     """Where each piece of a message goes in the target layout: pure, also used on meta tensors
     (for `--dry-run` and `--verify`) to know every rank file's keys and shapes without data."""
 
-    def __init__(self, plan):
+    def __init__(self, plan, dtypes: mapping.TensorDtypes):
         self.plan, self.layout, self.dims = plan, plan.target_layout, plan.dims
         self.spelling = plan.target_spelling
         self.states: tuple[str, ...] = ()  # optimizer states placed next to each tensor (from optim)
+        self.dtypes = dtypes  # the dtype each tensor is written in
         self._slot_of = self.layout.slot_of_hf_layer()
         self._layer_files: dict[bool, tuple[dict, list]] = {}
 
-    def cast(self, tensor: torch.Tensor) -> torch.Tensor:
-        if tensor.is_floating_point() and self.plan.params_dtype is not None:
-            return tensor.to(self.plan.params_dtype)
-        return tensor
+    def _written(self, kind: str, layer: int | None, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The message's weights in their written dtypes; next to them, from optim, the fp32
+        master weight as it came (`param:<name>`) and the moments (`exp_avg:<name>`, ...)."""
+        written = {}
+        for name, tensor in tensors.items():
+            if ":" in name:  # an optimizer moment
+                written[name] = tensor
+                continue
+            written[name] = self.dtypes.apply(kind, layer, name, tensor)
+            if self.states and f"{self.states[-1]}:{name}" in tensors:  # buffers (expert_bias) have none
+                written[f"param:{name}"] = tensor
+        return written
 
-    def _state_of(self, tensors: dict, name: str, state: str) -> torch.Tensor:
-        """Message tensor `name` itself (cast as asked), or its optimizer state: the fp32 master
-        weight is the uncast tensor ("param"), the moments travel as `exp_avg:<name>`."""
-        if not state:
-            return self.cast(tensors[name])
-        return tensors[name] if state == "param" else tensors[f"{state}:{name}"]
+    @staticmethod
+    def _states_of(tensors: dict, name: str, states: tuple[str, ...]) -> tuple[str, ...]:
+        """"" (the tensor itself) and those optimizer `states` that message tensor `name` has."""
+        return ("",) + tuple(state for state in states if f"{state}:{name}" in tensors)
+
+    @staticmethod
+    def _state_of(tensors: dict, name: str, state: str) -> torch.Tensor:
+        """Message tensor `name` itself, or its optimizer `state` (of `_written`)."""
+        return tensors[f"{state}:{name}" if state else name]
 
     def _split(self, pp_rank, vchunk, name, tensors, kind, source_name=None):
-        for state in ("",) + self.states:
+        for state in self._states_of(tensors, source_name or name, self.states):
             tensor, split_kind = self._state_of(tensors, source_name or name, state), kind
             if kind == "vocab":
                 tensor, split_kind = T.pad_vocab(tensor, self.plan.padded_vocab), "column"
@@ -148,7 +162,7 @@ class ShardPlacer:
         its EP rank(s)."""
         tp, ep = self.layout.tp, self.layout.ep
         for file_rule, prefix in files:
-            for state in ("",) + self.states:
+            for state in self._states_of(tensors, file_rule.parts[0], self.states):
                 per_part = []
                 for part in file_rule.parts:
                     kind = mg_names.part_tp_kind(rules[part], self.spelling.mla, self.dims, self.layout.etp, tp)
@@ -163,6 +177,7 @@ class ShardPlacer:
 
     def place(self, kind: str, tensors: dict[str, torch.Tensor], layer: int | None = None):
         """Yield (rank, vchunk, name in the rank file, shard) for one message."""
+        tensors = self._written(kind, layer, tensors)
         first_pp, first_chunk = self.layout.first_stage
         last_pp, last_chunk = self.layout.last_stage
         if kind == "embeddings":
@@ -184,7 +199,11 @@ class ShardPlacer:
         (inner, inner_files), (own, own_files) = mg_names.mtp_file_rules(rules, self.dims, self.spelling,
                                                                          self.layout.ep, k)
         prefix = mg_names.MTP_INNER
-        inner_tensors = {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}
+        inner_tensors = {}
+        for name, tensor in tensors.items():
+            state, _, part = name.rpartition(":")
+            if part.startswith(prefix):
+                inner_tensors[f"{state}:{part[len(prefix):]}" if state else part[len(prefix):]] = tensor
         yield from self._place_files(inner_files + own_files, {r.mcore: r for r in inner + own},
                                      {**tensors, **inner_tensors}, last_pp, last_chunk)
 
@@ -195,12 +214,18 @@ class ShardPlacer:
             return slot.pp_rank
         return None
 
-    def rank_args(self, rank, dtype: torch.dtype):
+    def rank_args(self, dtype: torch.dtype, iteration, source_args=None):
+        """The stored args: built from the model and the layout, or, from a Megatron source, the
+        source run's own args with the target's layout fields (`megatron_args.carry_over`)."""
         plan = self.plan
-        return make_args(self.dims, self.layout, padded_vocab=plan.padded_vocab, divisible_by=plan.divisible_by,
+        args = make_args(self.dims, self.layout, padded_vocab=plan.padded_vocab, divisible_by=plan.divisible_by,
                          dtype=dtype, spelling=self.spelling, model_type_hf=plan.family.name,
-                         iteration=ITERATION,
+                         iteration=iteration,
                          tokenizer_model=str(Path(plan.tokenizer_model).resolve()) if plan.tokenizer_model else None)
+        if source_args is None:
+            return args
+        # merged adapters leave a plain model: the run's LoRA settings no longer describe it
+        return carry_over(source_args, args, drop_prefixes=("lora_",) if plan.lora is not None else ())
 
 
 def save(plan, receiver) -> dict:
@@ -208,19 +233,17 @@ def save(plan, receiver) -> dict:
     messages = iter(receiver)
     meta = next(messages)
     assert meta.kind == "meta", meta.kind
-    placer = ShardPlacer(plan)
-    written_dtype: list[torch.dtype] = []
+    placer = ShardPlacer(plan, mapping.TensorDtypes.from_meta(meta, cast=plan.params_dtype))
+    model_dtype = placer.dtypes.default
     odd_dtypes: dict[str, str] = {}
     optim = OptimStateWriter(plan, placer.layout, meta["optim"]) if meta.get("optim") else None
-    iteration = optim.iteration if optim else ITERATION
+    source = MegatronSource(plan.load_dir) if plan.load_type in ("mg", "optim") else None
+    iteration = optim.iteration if optim else source.iteration if source else ITERATION
     if optim:
         placer.states = STATES
-
-    def rank_args(rank):
-        args = placer.rank_args(rank, written_dtype[0] if written_dtype else torch.float32)
-        if optim:
-            vars(args).update(optim.args_update())
-        return args
+    stored_args = placer.rank_args(model_dtype, iteration, source.args if source else None)
+    if optim:
+        vars(stored_args).update(optim.args_update())
 
     # A new target is staged whole (iteration folder and tracker) and appears with one rename;
     # into an existing folder the iteration folder is published first and the tracker last.
@@ -228,14 +251,12 @@ def save(plan, receiver) -> dict:
     staging = StagedDir(plan.save_dir if whole else plan.save_dir / iteration_dir_name(iteration),
                         overwrite=plan.overwrite)
     iteration_dir = staging.path / iteration_dir_name(iteration) if whole else staging.path
-    files = RankFiles(iteration_dir, placer.layout, rank_args, iteration, optim)
+    files = RankFiles(iteration_dir, placer.layout, stored_args, iteration, optim)
     progress = tqdm(total=plan.dims.num_layers, desc="saving layers", unit="layer", disable=plan.quiet)
     try:
         for message in messages:
             for rank, vchunk, name, shard in placer.place(message.kind, message.tensors, message.get("layer")):
-                if not written_dtype and shard.is_floating_point() and "::" not in name:
-                    written_dtype.append(shard.dtype)
-                if "::" not in name and written_dtype and shard.dtype != written_dtype[0]:
+                if "::" not in name and shard.dtype != model_dtype:
                     odd_dtypes[name] = str(shard.dtype)  # kept as stored (e.g. an fp32 router bias)
                 files.put(rank, vchunk, name, shard)
             if message.kind == "layer":
@@ -248,7 +269,7 @@ def save(plan, receiver) -> dict:
         progress.close()
         write_manifest(iteration_dir, files.files, kind="mg", iteration=iteration, model_type_hf=plan.family.name,
                        source={"type": plan.load_type, "dir": str(Path(plan.load_dir).resolve())},
-                       layout=placer.layout.describe(), dtype=str(written_dtype[0] if written_dtype else None),
+                       layout=placer.layout.describe(), dtype=str(model_dtype),
                        vocab_size=plan.dims.vocab_size, padded_vocab_size=plan.padded_vocab, dtypes=odd_dtypes)
         if whole:
             (staging.path / TRACKER).write_text(str(iteration))
