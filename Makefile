@@ -4,20 +4,26 @@ PYTHON ?= $(shell for p in python3 python3.13 python3.12 python3.11 python3.10; 
 	$$p -c 'import sys, ensurepip, venv; assert sys.version_info >= (3, 10)' >/dev/null 2>&1 && { command -v $$p; break; }; done)
 VENV   := .venv
 BIN    := $(VENV)/bin
-MCORE  := megatron-core==0.16.1
+LOCK   := requirements.lock
+# megatron-core is a test-time consumer, installed without its (GPU) extras
+MCORE_RANGE := megatron-core>=0.16.1,<0.17
+# `make test-latest`: the newest versions the ranges allow, in a venv of their own
+LATEST := .venv-latest
 
-.PHONY: setup demo test test-slow test-all bench clean
+.PHONY: setup demo test test-slow test-all test-latest lock bench clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
+# Every package at the exact version of requirements.lock (-c): the same environment on any day.
+$(VENV)/.installed: requirements.txt requirements-dev.txt $(LOCK) pyproject.toml
 	@test -n "$(PYTHON)" || { echo "error: no Python 3.10+ with the venv module found (on Debian: apt-get install python3-venv)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -r requirements.txt -r requirements-dev.txt
-	$(BIN)/pip install -q --no-deps $(MCORE)
+	$(BIN)/pip install -q -c $(LOCK) pip setuptools
+	$(BIN)/pip install -q -c $(LOCK) torch
+	$(BIN)/pip install -q -c $(LOCK) -r requirements.txt -r requirements-dev.txt
+	$(BIN)/pip install -q -c $(LOCK) --no-deps "$(MCORE_RANGE)"
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/python tools/lockcheck.py $(LOCK)
 	touch $@
 
 demo: setup
@@ -32,8 +38,25 @@ test-slow: setup
 test-all: setup
 	$(BIN)/python -m pytest -q --run-slow
 
+# The default suite against the newest versions requirements*.txt allow (torch stays pinned: any
+# other spec pulls CUDA wheels). It reports what changed upstream; CI does not fail on it.
+test-latest:
+	@test -n "$(PYTHON)" || { echo "error: no Python 3.10+ with the venv module found"; exit 1; }
+	test -x $(LATEST)/bin/python || $(PYTHON) -m venv $(LATEST)
+	grep '^torch==' $(LOCK) > $(LATEST)/torch-pin.txt
+	$(LATEST)/bin/pip install -q --upgrade pip
+	$(LATEST)/bin/pip install -q --upgrade --upgrade-strategy eager -c $(LATEST)/torch-pin.txt \
+		-r requirements.txt -r requirements-dev.txt
+	$(LATEST)/bin/pip install -q --upgrade --no-deps "$(MCORE_RANGE)"
+	$(LATEST)/bin/python tools/lockcheck.py --report $(LOCK)
+	$(LATEST)/bin/python -m pytest -q -p no:cacheprovider
+
+# Re-pin requirements.lock from the current venv (after changing requirements*.txt).
+lock: setup
+	$(BIN)/python tools/lockcheck.py --write $(LOCK)
+
 bench: setup
 	$(BIN)/python bench/bench_convert.py
 
 clean:
-	rm -rf $(VENV) demo_out bench_out .pytest_cache
+	rm -rf $(VENV) $(LATEST) demo_out bench_out .pytest_cache
