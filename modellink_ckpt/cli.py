@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import re
 import shutil
@@ -19,13 +18,13 @@ from pathlib import Path
 
 import torch
 
-from modellink_ckpt import pipeline
+from modellink_ckpt import pipeline, registry
 from modellink_ckpt.errors import ConvertError, UsageError
 from modellink_ckpt.layout import ParallelLayout
 from modellink_ckpt.megatron_args import DTYPE_FLAGS
 from modellink_ckpt.mg_names import MLA_SPELLINGS, Spelling
-from modellink_ckpt.model_cfg import ModelDims, ModelFamily, dims_from_hf_config, load_family
-from modellink_ckpt.staging import check_target, remove_stale_partials
+from modellink_ckpt.model_cfg import ModelDims, ModelFamily, load_family
+from modellink_ckpt.staging import remove_stale_partials
 
 
 class _Parser(argparse.ArgumentParser):
@@ -39,8 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="convert_ckpt.py",
         description="Convert checkpoints between Hugging Face and Megatron-Core layouts (TP/PP/VPP/noop).")
     p.add_argument("--model-type", default="GPT", choices=["GPT"], help="only decoder-only GPT models")
-    p.add_argument("--load-model-type", required=True, choices=["hf", "mg", "optim"])
-    p.add_argument("--save-model-type", required=True, choices=["hf", "mg"])
+    p.add_argument("--load-model-type", required=True, choices=sorted(registry.SOURCES))
+    p.add_argument("--save-model-type", required=True, choices=sorted(registry.TARGETS))
     p.add_argument("--model-type-hf", default="llama2", help="entry of configs/checkpoint/model_cfg.json")
     p.add_argument("--model-cfg", dest="model_cfg", default=None,
                    help="another model_cfg.json (default: configs/checkpoint/model_cfg.json)")
@@ -89,6 +88,20 @@ def build_parser() -> argparse.ArgumentParser:
     # accepted for compatibility with existing scripts; they change nothing here
     p.add_argument("--mtp-num-layers", type=int, default=None,
                    help="also convert this many multi-token-prediction layers (DeepSeek-V3)")
+    ms = p.add_argument_group("MindSpore / MindFormers (--load-model-type ms, --save-model-type ms)")
+    ms.add_argument("--ms-format", choices=["safetensors", "ckpt"], default="safetensors",
+                    help="MindSpore output file format (default safetensors, as MindFormers recommends)")
+    ms.add_argument("--ms-naming", choices=["mcore", "legacy", "legacy-concat"], default=None,
+                    help="MindFormers tensor names: mcore (default for output; detected for input), legacy "
+                         "(convert_weight.py models: attention.wq, feed_forward.w1, ...) or legacy-concat (w_qkv)")
+    ms.add_argument("--src-strategy", type=Path, default=None,
+                    help="strategy of a distributed MindSpore source: a strategy file, a merged one, or a folder "
+                         "of ckpt_strategy_rank_*.ckpt")
+    ms.add_argument("--dst-strategy", type=Path, default=None,
+                    help="write a distributed MindSpore checkpoint laid out by this strategy (file or folder); "
+                         "without it the checkpoint is complete")
+    ms.add_argument("--ms-prefix", default="checkpoint_",
+                    help="file name prefix of distributed output: rank_<r>/<prefix><r>.<format>")
     lora = p.add_argument_group("LoRA (with --load-model-type mg)")
     lora.add_argument("--lora-load", type=Path, default=None,
                       help="LoRA checkpoint (full or adapters only) to merge into the --load-dir base")
@@ -146,6 +159,8 @@ class Plan:
     lora_dir: Path | None = None          # --lora-load: adapters kept apart from the base
     save_lora_to_hf: bool = False
     target_ddp: dict = dataclasses.field(default_factory=dict)  # optim -> mg: the resumed run's DDP settings
+    source_options: dict = dataclasses.field(default_factory=dict)  # format-specific facts of the source
+    target_options: dict = dataclasses.field(default_factory=dict)  # format-specific choices for the target
 
     def tokenizer_dir(self) -> Path | None:
         """Where the source's tokenizer files are: the HF folder, or the one the mg args recorded."""
@@ -172,49 +187,10 @@ def _unsupported(args) -> None:
         raise UsageError("--save-lora-to-hf and --load-hf-from-config are exclusive")
     if args.load_model_type == "hf" and args.save_model_type == "hf":
         raise UsageError("--load-model-type hf --save-model-type hf: nothing to convert")
-
-
-def _check_hf_config_matches(plan_dims: ModelDims, family: ModelFamily, folder: Path | None) -> None:
-    """An original config.json used for HF output must describe the model being written."""
-    if folder is None or not (folder / "config.json").is_file():
-        return
-    try:
-        config = json.loads((folder / "config.json").read_text())
-        other = dims_from_hf_config(family, config, source=str(folder / "config.json"))
-    except (ValueError, ConvertError):
-        return  # not an HF config for this family; the saver builds one
-    for field in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "vocab_size"):
-        if getattr(other, field) != getattr(plan_dims, field):
-            raise UsageError(f"{folder / 'config.json'}: describes a different model ({field} "
-                             f"{getattr(other, field)}, the checkpoint has {getattr(plan_dims, field)})")
-
-
-def _lora_plan(args, source) -> tuple:
-    """(LoraSpec, --lora-load folder) when adapters are to be merged or exported, else (None, None)."""
-    if not (args.lora_load or args.save_lora_to_hf or args.lora_r is not None):
-        return None, None
-    from modellink_ckpt.lora import check_same_layout, spec_from_args
-    from modellink_ckpt.loaders.mg import MegatronSource
-
-    adapters = source
-    if args.lora_load:
-        adapters = MegatronSource(args.lora_load, flag="--lora-load")
-        check_same_layout(source.args, adapters.args, args.load_dir, args.lora_load)
-    spec = spec_from_args(adapters.args, r=args.lora_r, alpha=args.lora_alpha,
-                          target_modules=args.lora_target_modules, source=str(args.lora_load or args.load_dir))
-    return spec, args.lora_load
-
-
-def _check_optim_source(args, source, dims) -> None:
-    """A distributed-optimizer checkpoint in a format we read, and a target we can write."""
-    from modellink_ckpt import optim_layout
-
-    optim_layout.check_iteration_dir(source.iter_dir)
-    optim_layout.DdpSettings.from_args(source.args, source=str(source.iter_dir))
-    if dims.mtp_num_layers:
-        raise UsageError("--load-model-type optim: multi-token-prediction layers are not supported")
-    if args.target_data_parallel_size is not None and args.target_data_parallel_size < 1:
-        raise UsageError(f"--target-data-parallel-size {args.target_data_parallel_size}: must be at least 1")
+    if args.src_strategy and args.load_model_type != "ms":
+        raise UsageError("--src-strategy: only for --load-model-type ms")
+    if args.dst_strategy and args.save_model_type != "ms":
+        raise UsageError("--dst-strategy: only for --save-model-type ms")
 
 
 def _expert_layout(args) -> str:
@@ -223,120 +199,86 @@ def _expert_layout(args) -> str:
     return "te_grouped" if args.transformer_impl == "transformer_engine" else "grouped_gemm"
 
 
+def source_request(args, family) -> registry.SourceRequest:
+    """The source's part of the command line."""
+    lora = None
+    if args.lora_load or args.save_lora_to_hf or args.lora_r is not None:
+        lora = {"load": args.lora_load, "r": args.lora_r, "alpha": args.lora_alpha,
+                "target_modules": args.lora_target_modules, "export": args.save_lora_to_hf}
+    return registry.SourceRequest(
+        load_dir=args.load_dir, family=family, save_type=args.save_model_type, quiet=args.quiet,
+        overrides={"add_qkv_bias": args.add_qkv_bias, "add_dense_bias": args.add_dense_bias,
+                   "mtp_num_layers": args.mtp_num_layers},
+        config_dirs=tuple(d for d in (args.hf_cfg_dir, args.save_dir) if d is not None),
+        noop_layers=args.noop_layers if args.save_model_type == "hf" else None, lora=lora,
+        options={"naming": args.ms_naming, "src_strategy": args.src_strategy}
+        if args.load_model_type == "ms" else {})
+
+
+def _target_layout(args, dims, info) -> tuple:
+    """(ParallelLayout, padded vocabulary, divisor) of a Megatron target."""
+    layout = ParallelLayout.build(
+        dims.num_layers, tp=args.target_tensor_parallel_size, pp=args.target_pipeline_parallel_size,
+        ep=args.target_expert_parallel_size, vpp_layers=args.num_layers_per_virtual_pipeline_stage,
+        num_layer_list=args.num_layer_list, noop_layers=args.noop_layers,
+        num_heads=dims.num_attention_heads,
+        num_query_groups=None if dims.multi_latent_attention else dims.num_query_groups,
+        num_experts=dims.num_experts, expert_tp=args.expert_tensor_parallel_size)
+    if args.moe_grouped_gemm and not dims.num_experts:
+        raise UsageError("--moe-grouped-gemm: the model has no experts")
+    divisor = args.make_vocab_size_divisible_by
+    if divisor is None:  # a Megatron source keeps its padding rule (a resumed run, and its state)
+        divisor = info.divisible_by or 1
+    if divisor < 1:
+        raise UsageError("--make-vocab-size-divisible-by must be at least 1")
+    return layout, layout.padded_vocab(dims.vocab_size, divisor), divisor
+
+
 def build_plan(args) -> Plan:
     _unsupported(args)
     family = load_family(args.model_type_hf, args.model_cfg)
-    overrides = {"add_qkv_bias": args.add_qkv_bias, "add_dense_bias": args.add_dense_bias,
-                 "mtp_num_layers": args.mtp_num_layers}
-    source_layout = source_tokenizer = lora = lora_dir = None
-    if args.load_model_type == "hf":
-        from modellink_ckpt.loaders.hf import HfSource
-
-        source = HfSource(args.load_dir)
-        dims = source.dims(family, overrides)
-        skipped = source.unconverted_mtp_layers(dims)
-        if skipped and not args.quiet:
-            print(f"note: {args.load_dir} holds {skipped} multi-token-prediction layer(s) that are not converted; "
-                  f"pass --mtp-num-layers {skipped + dims.mtp_num_layers} to convert them", file=sys.stderr)
-        source_dtype = source.dtype(family)
-    else:
-        from modellink_ckpt.loaders.mg import MegatronSource
-
-        source = MegatronSource(args.load_dir, keep_adapters=args.save_lora_to_hf)
-        lora, lora_dir = _lora_plan(args, source)
-        if lora is not None and not args.save_lora_to_hf:  # merged as the weights are read
-            source = MegatronSource(args.load_dir, lora=lora, lora_dir=lora_dir)
-        vocab = None
-        if not hasattr(source.args, "vocab_size") or source.args.vocab_size is None:
-            for folder in (args.hf_cfg_dir, args.save_dir):  # the true vocabulary is the HF one
-                if folder is not None and (folder / "config.json").is_file():
-                    vocab = json.loads((folder / "config.json").read_text()).get("vocab_size")
-                    break
-        if args.save_model_type == "hf" and args.noop_layers and not getattr(source.args, "noop_layers", None):
-            source.args.noop_layers = args.noop_layers  # a checkpoint whose args do not record them
-        stored_mtp = int(getattr(source.args, "mtp_num_layers", None) or 0)
-        if args.mtp_num_layers is not None and args.mtp_num_layers != stored_mtp:
-            raise UsageError(f"--mtp-num-layers {args.mtp_num_layers}: {args.load_dir} holds {stored_mtp} "
-                             f"multi-token-prediction layer(s) (its stored args)")
-        dims = source.dims(vocab, {**overrides, "mtp_num_layers": None})
-        source_layout = source.layout(dims)
-        recorded = getattr(source.args, "tokenizer_model", None)
-        source_tokenizer = Path(recorded) if isinstance(recorded, str) and Path(recorded).is_file() else None
-        source_dtype = source.dtype_of(source_layout, *source_layout.first_stage, "embedding.word_embeddings.weight")
-        if args.load_model_type == "optim":
-            _check_optim_source(args, source, dims)
-
+    info = registry.source(args.load_model_type).describe(source_request(args, family))
+    dims = info.dims
     if "hf" in (args.load_model_type, args.save_model_type):
         from modellink_ckpt.mapping import require_hf_names
 
         require_hf_names(family, dims)
-    target_layout = padded = None
+    target_layout = padded = divisor = None
     if args.save_model_type == "mg":
-        target_layout = ParallelLayout.build(
-            dims.num_layers, tp=args.target_tensor_parallel_size, pp=args.target_pipeline_parallel_size,
-            ep=args.target_expert_parallel_size, vpp_layers=args.num_layers_per_virtual_pipeline_stage,
-            num_layer_list=args.num_layer_list, noop_layers=args.noop_layers,
-            num_heads=dims.num_attention_heads,
-            num_query_groups=None if dims.multi_latent_attention else dims.num_query_groups,
-            num_experts=dims.num_experts, expert_tp=args.expert_tensor_parallel_size)
-        if args.moe_grouped_gemm and not dims.num_experts:
-            raise UsageError("--moe-grouped-gemm: the model has no experts")
-        if args.make_vocab_size_divisible_by is None:  # a resumed run keeps its padding rule (and its state)
-            args.make_vocab_size_divisible_by = int(getattr(source.args, "make_vocab_size_divisible_by", None) or 1) \
-                if args.load_model_type in ("mg", "optim") else 1
-        if args.make_vocab_size_divisible_by < 1:
-            raise UsageError("--make-vocab-size-divisible-by must be at least 1")
-        padded = target_layout.padded_vocab(dims.vocab_size, args.make_vocab_size_divisible_by)
-        if args.save_dir.resolve() == args.load_dir.resolve():
-            raise UsageError("--save-dir must differ from --load-dir")
-        if (args.save_dir / "latest_checkpointed_iteration.txt").exists():
-            check_target(args.save_dir / "latest_checkpointed_iteration.txt", args.overwrite)
-    else:
-        from modellink_ckpt.savers.hf import HF_SUBDIR
-
-        check_target(args.save_dir / HF_SUBDIR, args.overwrite)
-        _check_hf_config_matches(dims, family, args.hf_cfg_dir or args.save_dir)
+        target_layout, padded, divisor = _target_layout(args, dims, info)
     if args.tokenizer_model and not Path(args.tokenizer_model).is_file():
         raise UsageError(f"--tokenizer-model {args.tokenizer_model}: file not found")
+    if args.load_model_type == "optim" and args.target_data_parallel_size is not None \
+            and args.target_data_parallel_size < 1:
+        raise UsageError(f"--target-data-parallel-size {args.target_data_parallel_size}: must be at least 1")
 
-    return Plan(
+    plan = Plan(
         load_type=args.load_model_type, save_type=args.save_model_type, load_dir=args.load_dir,
-        save_dir=args.save_dir, family=family, dims=dims, source_layout=source_layout,
-        target_layout=target_layout, padded_vocab=padded, divisible_by=args.make_vocab_size_divisible_by or 1,
+        save_dir=args.save_dir, family=family, dims=dims, source_layout=info.layout,
+        target_layout=target_layout, padded_vocab=padded, divisible_by=divisor or 1,
         # from optim the weights are the fp32 master weights, each written in its model weight's dtype
         params_dtype=DTYPE_FLAGS[args.params_dtype] if args.params_dtype else None,
         target_spelling=Spelling(args.transformer_impl, _expert_layout(args), args.mla_spelling),
         tokenizer_model=args.tokenizer_model,
         hf_config_dir=args.hf_cfg_dir, max_queue_size=args.max_queue_size, max_queue_gb=args.max_queue_gb,
         max_shard_bytes=parse_size(args.max_shard_size, "--max-shard-size"), overwrite=args.overwrite,
-        quiet=args.quiet, source_tokenizer=source_tokenizer, source_dtype=source_dtype,
-        lora=lora, lora_dir=lora_dir, save_lora_to_hf=args.save_lora_to_hf,
+        quiet=args.quiet, source_tokenizer=info.tokenizer, source_dtype=info.dtype,
+        lora=info.lora, lora_dir=info.lora_dir, save_lora_to_hf=args.save_lora_to_hf,
         target_ddp={"data_parallel_size": args.target_data_parallel_size,
                     "overlap_grad_reduce": None if args.target_overlap_grad_reduce is None
                     else args.target_overlap_grad_reduce == "on",
-                    "bucket_size": args.target_ddp_bucket_size})
+                    "bucket_size": args.target_ddp_bucket_size},
+        source_options=info.options,
+        target_options={"format": args.ms_format, "naming": args.ms_naming or "mcore", "strategy": args.dst_strategy,
+                        "prefix": args.ms_prefix} if args.save_model_type == "ms" else {})
+    if not plan.save_lora_to_hf:
+        registry.target(plan.save_type).check(plan)
+    return plan
 
 
 def output_files(plan: Plan) -> dict[str, int]:
     """{file relative to the target: bytes of tensor data} that the conversion will write."""
-    dtype = plan.params_dtype or plan.source_dtype
-    if plan.save_type == "mg":
-        from modellink_ckpt.verify import expected_mg_files
-
-        files = {}
-        for rank_dir, models in expected_mg_files(plan, dtype).items():
-            shapes = [shape for names in models.values() for shape, _ in names.values()]
-            files[f"{rank_dir}/model_optim_rng.pt"] = sum(torch.Size(shape).numel() * dt.itemsize
-                                                          for names in models.values() for shape, dt in names.values())
-            if plan.load_type == "optim":  # fp32 master weight + two moments per element (alignment gaps aside)
-                files[f"{rank_dir}/distrib_optim.pt"] = 12 * sum(torch.Size(shape).numel() for shape in shapes)
-        return files
-    from modellink_ckpt.mapping import TensorDtypes
-    from modellink_ckpt.savers.hf import hf_tensors, plan_shards, shard_names
-
-    shards = plan_shards(hf_tensors(plan, TensorDtypes(dtype)), plan.max_shard_bytes)
-    return {name: sum(torch.Size(shape).numel() * dt.itemsize for _, shape, dt in shard)
-            for name, shard in zip(shard_names(len(shards)), shards)}
+    return registry.target(plan.save_type).files(plan)
 
 
 def check_free_space(plan: Plan, files: dict[str, int]) -> None:
@@ -360,7 +302,7 @@ def check_free_space(plan: Plan, files: dict[str, int]) -> None:
 def describe_plan(plan: Plan, files: dict[str, int]) -> str:
     """The `--dry-run` report."""
     dims = plan.dims
-    lines = [f"plan: {plan.load_type} {plan.load_dir} -> {plan.save_type} {_describe(plan)}",
+    lines = [f"plan: {plan.load_type} {plan.load_dir} -> {plan.save_type} {registry.target(plan.save_type).where(plan)}",
              f"model: --model-type-hf {plan.family.name}, {dims.num_layers} layers, hidden {dims.hidden_size}, "
              f"heads {dims.num_attention_heads}/{dims.num_query_groups}, vocab {dims.vocab_size}"
              + (f" padded to {plan.padded_vocab}" if plan.padded_vocab else "")
@@ -379,17 +321,6 @@ def describe_plan(plan: Plan, files: dict[str, int]) -> str:
         lines.append(f"  {name}: {nbytes / 1e6:.1f} MB")
     lines.append(f"total {sum(files.values()) / 1e9:.2f} GB in {len(files)} file(s); nothing written (--dry-run)")
     return "\n".join(lines)
-
-
-def _describe(plan: Plan) -> str:
-    if plan.target_layout is None:
-        return f"{plan.save_dir / 'mg2hf'}"
-    lay = plan.target_layout
-    extra = "".join([f" EP{lay.ep}" if lay.ep > 1 else "", f" ETP{lay.etp}" if lay.etp != lay.tp else "",
-                     f" VPP{lay.vpp}" if lay.vpp_layers else "",
-                     f" layers {','.join(map(str, lay.num_layer_list))}" if lay.num_layer_list else "",
-                     f" noop {','.join(map(str, lay.noop_layers))}" if lay.noop_layers else ""])
-    return f"{plan.save_dir} (TP{lay.tp} PP{lay.pp}{extra})"
 
 
 def convert(argv: list[str] | None = None, start_method: str = "forkserver") -> dict:
@@ -411,11 +342,8 @@ def convert(argv: list[str] | None = None, start_method: str = "forkserver") -> 
         print(describe_plan(plan, files))
         return {"dry_run": True}
     check_free_space(plan, files)
-    from modellink_ckpt.loaders import hf as hf_loader, mg as mg_loader, optim as optim_loader
-    from modellink_ckpt.savers import hf as hf_saver, mg as mg_saver
-
-    load = {"hf": hf_loader.load, "mg": mg_loader.load, "optim": optim_loader.load}[plan.load_type]
-    save = {"hf": hf_saver.save, "mg": mg_saver.save}[plan.save_type]
+    target = registry.target(plan.save_type)
+    load, save = registry.source(plan.load_type).load_function(), target.save_function()
     started = time.monotonic()
     try:
         result = pipeline.run(plan, load, save, start_method)
@@ -423,7 +351,7 @@ def convert(argv: list[str] | None = None, start_method: str = "forkserver") -> 
         remove_stale_partials(plan.save_dir, quiet=True)  # what a killed saver could not remove
         raise
     result["wall_seconds"] = time.monotonic() - started
-    result["describe"] = _describe(plan)
+    result["describe"] = target.where(plan)
     return result
 
 
@@ -455,9 +383,39 @@ def verify_main(argv: list[str]) -> int:
     return 0
 
 
+def inspect_main(argv: list[str]) -> int:
+    """`convert_ckpt.py inspect PATH [--format NAME]`: what a checkpoint is, without converting it."""
+    parser = _Parser(prog="convert_ckpt.py inspect", description="Describe a checkpoint of any registered "
+                     "format: format, family, layout, layers, dtypes, parameter count, bytes per file.")
+    parser.add_argument("path", type=Path)
+    parser.add_argument("--format", choices=sorted(registry.SOURCES), default=None,
+                        help="the format (default: detected)")
+    args = parser.parse_args(argv)
+    try:
+        name = args.format or registry.detect(args.path)
+        facts = registry.source(name).inspect(args.path)
+    except ConvertError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    width = max(map(len, facts))
+    for key, value in facts.items():
+        if isinstance(value, dict) and key in ("files", "dtypes"):
+            total = sum(value.values())
+            print(f"{key:<{width}}  {len(value)} ({_gb(total) if key == 'files' else f'{total:,} elements'})")
+            for item, amount in value.items():
+                shown = _gb(amount) if key == "files" else f"{amount:,}"
+                print(f"{'':<{width}}    {item}: {shown}")
+        else:
+            print(f"{key:<{width}}  {value:,}" if isinstance(value, int) and not isinstance(value, bool)
+                  else f"{key:<{width}}  {value}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
+        if argv[:1] == ["inspect"]:
+            return inspect_main(argv[1:])
         if argv[:1] == ["verify"] or "--verify" in argv:
             return verify_main(argv)
         result = convert(argv, start_method="fork")

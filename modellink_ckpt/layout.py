@@ -188,6 +188,16 @@ class ParallelLayout:
             name += f"_{ep_rank:03d}"
         return name
 
+    def summary(self) -> str:
+        """One line: `TP2 PP2 EP2 VPP2 layers 3,1 noop 4`."""
+        parts = [f"TP{self.tp}", f"PP{self.pp}"]
+        parts += [f"EP{self.ep}"] if self.ep > 1 else []
+        parts += [f"ETP{self.etp}"] if self.etp != self.tp else []
+        parts += [f"VPP{self.vpp}"] if self.vpp_layers else []
+        parts += [f"layers {','.join(map(str, self.num_layer_list))}"] if self.num_layer_list else []
+        parts += [f"noop {','.join(map(str, self.noop_layers))}"] if self.noop_layers else []
+        return " ".join(parts)
+
     def model_key(self, vchunk: int) -> str:
         # one chunk per stage is no virtual pipeline: Megatron then stores `model`, as without VPP
         return f"model{vchunk}" if self.vpp > 1 else "model"

@@ -34,7 +34,7 @@ import torch
 from modellink_ckpt import mapping
 from modellink_ckpt import transforms as T
 from modellink_ckpt.errors import ConvertError, UsageError
-from modellink_ckpt.torch_zip import LazyTensor, loaded
+from modellink_ckpt.formats.torch_zip import LazyTensor, loaded
 
 DEFAULT_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 COLUMN_TARGETS = ("linear_qkv", "linear_fc1")

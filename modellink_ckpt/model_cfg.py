@@ -28,6 +28,7 @@ class ModelFamily:
     settings: dict[str, Any]
     config_keys: dict[str, str]
     hf_modules: dict[str, str]
+    mindspore: dict[str, list] = dataclasses.field(default_factory=dict)  # MindFormers namings (ms_names)
 
     @property
     def qkv_type(self) -> str:
@@ -79,15 +80,34 @@ def load_family(name: str, cfg_path: str | Path | None = None) -> ModelFamily:
         entry = mappings[entry].get("__base__")
 
     merged: dict[str, dict] = {"config_set_value": {}, "config_hf_key_mapping": {}, "model_hf_key_mapping": {}}
+    mindspore: dict[str, list] = {}  # naming -> rules; a derived entry's rule replaces one for the same Megatron tensors
     for entry in reversed(chain):  # base first, so the named entry overrides
         for section, values in merged.items():
             values.update(mappings[entry].get(section, {}))
+        for naming, rules in (mappings[entry].get("mindspore") or {}).items():
+            replaced = {json.dumps(rule.get("mg")) for rule in rules}
+            mindspore[naming] = [r for r in mindspore.get(naming, []) if json.dumps(r.get("mg")) not in replaced] + rules
     settings = merged["config_set_value"]
     if settings.get("qkv_type", "unpack") not in QKV_TYPES:
         raise UsageError(f"{path}: '{name}' has qkv_type {settings['qkv_type']!r}; supported: {', '.join(QKV_TYPES)}")
     if settings.get("fc_type", "gate_up_down") not in FC_TYPES:
         raise UsageError(f"{path}: '{name}' has fc_type {settings['fc_type']!r}; supported: {', '.join(FC_TYPES)}")
-    return ModelFamily(name, settings, merged["config_hf_key_mapping"], merged["model_hf_key_mapping"])
+    return ModelFamily(name, settings, merged["config_hf_key_mapping"], merged["model_hf_key_mapping"], mindspore)
+
+
+def families_for_config(config: dict, cfg_path: str | Path | None = None) -> list[str]:
+    """The family entries whose `hf_model_type` / `hf_architectures` match an HF config.json."""
+    path = Path(cfg_path) if cfg_path else DEFAULT_MODEL_CFG
+    names = [n for n in json.loads(path.read_text())["model_mappings"] if n != "base"]
+    architectures = set(config.get("architectures") or [])
+    by_architecture, by_type = [], []
+    for name in names:
+        settings = load_family(name, cfg_path).settings
+        if architectures & set(settings.get("hf_architectures") or []):
+            by_architecture.append(name)
+        elif config.get("model_type") and settings.get("hf_model_type") == config.get("model_type"):
+            by_type.append(name)
+    return by_architecture or by_type
 
 
 @dataclasses.dataclass(frozen=True)

@@ -52,7 +52,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import torch
 
 from modellink_ckpt.errors import ConvertError
-from modellink_ckpt.torch_zip import LazyTensor, StreamingTorchWriter, load_lazy
+from modellink_ckpt.formats.torch_zip import LazyTensor, StreamingTorchWriter, load_lazy
 from modellink_ckpt.transforms import Rows
 
 STATE_KEYS = ("param", "exp_avg", "exp_avg_sq")

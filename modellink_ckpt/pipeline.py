@@ -25,7 +25,7 @@ import torch
 import torch.multiprocessing as mp
 
 from modellink_ckpt.errors import ConvertError
-from modellink_ckpt.safetensors_io import shared_empty
+from modellink_ckpt.formats.safetensors_io import shared_empty
 from modellink_ckpt.staging import pid_alive
 
 MESSAGE_KINDS = ("meta", "embeddings", "layer", "final_norm", "output_layer", "mtp_layer", "done")
@@ -139,10 +139,12 @@ class Receiver:
             if message.get("arena") is not None and message.tensors:
                 # keep each arena mapped: the next message in it then costs no new mapping
                 self._mapped[message["arena"]] = next(iter(message.tensors.values())).untyped_storage()
+            if message.kind == "done":  # acknowledged first: a saver may stop iterating at "done"
+                self._acks.put(None)
+                yield message
+                return
             yield message
             self._acks.put(message.get("arena"))
-            if message.kind == "done":
-                return
 
 
 def _die_with_parent(caller: int) -> None:

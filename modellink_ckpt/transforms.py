@@ -223,3 +223,41 @@ def pad_vocab(table: torch.Tensor, padded_rows: int):
 def unpad_vocab(table: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Inverse of `pad_vocab`."""
     return table[:vocab_size]
+
+
+# ---- MindFormers layouts (fused and stacked tensors), each with its inverse ------------------------
+
+
+def interleave_halves(fused: torch.Tensor) -> torch.Tensor:
+    """[G; U] -> rows g0, u0, g1, u1, ... (MindFormers' interleaved fc1)."""
+    half = fused.shape[0] // 2
+    return torch.stack([fused[:half], fused[half:]], dim=1).reshape(fused.shape)
+
+
+def deinterleave_halves(interleaved: torch.Tensor) -> torch.Tensor:
+    """Inverse of `interleave_halves`."""
+    half = interleaved.shape[0] // 2
+    pairs = interleaved.reshape(half, 2, *interleaved.shape[1:])
+    return torch.cat([pairs[:, 0], pairs[:, 1]], dim=0)
+
+
+def stack_transposed(blocks: list[torch.Tensor]) -> torch.Tensor:
+    """[x_e (R, C)] -> (E*C, R): every block transposed, stacked (MindFormers' experts weight1/weight2)."""
+    return torch.stack([b.t() for b in blocks]).reshape(-1, blocks[0].shape[0])
+
+
+def unstack_transposed(stacked: torch.Tensor, count: int) -> list[torch.Tensor]:
+    """Inverse of `stack_transposed` for `count` blocks."""
+    rows = stacked.shape[1]
+    return list(stacked.reshape(count, -1, rows).transpose(1, 2).unbind(0))
+
+
+def stack_halves(fused_blocks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[[G_e; U_e]] -> (stack of G_e, stack of U_e): legacy MindFormers Mixtral w1 / w3 [E, F, H]."""
+    halves = [split_gate_up(block) for block in fused_blocks]
+    return torch.stack([g for g, _ in halves]), torch.stack([u for _, u in halves])
+
+
+def unstack_halves(gates: torch.Tensor, ups: torch.Tensor) -> list[torch.Tensor]:
+    """Inverse of `stack_halves`."""
+    return [torch.cat([g, u], dim=0) for g, u in zip(gates.unbind(0), ups.unbind(0))]

@@ -24,8 +24,8 @@ from modellink_ckpt.loaders.mg import RANK_FILE, TRACKER, MegatronSource
 from modellink_ckpt.manifest import MANIFEST, check_files, read_manifest
 from modellink_ckpt.megatron_args import spelling_from_args
 from modellink_ckpt.model_cfg import dims_from_hf_config, load_family
-from modellink_ckpt.torch_zip import LazyTensor, load_lazy
-from modellink_ckpt.safetensors_io import SafetensorsFile
+from modellink_ckpt.formats.torch_zip import LazyTensor, load_lazy
+from modellink_ckpt.formats.safetensors_io import SafetensorsFile
 
 
 def expected_mg_files(plan, dtype: torch.dtype) -> dict[str, dict[str, dict[str, tuple]]]:

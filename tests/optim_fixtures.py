@@ -585,7 +585,7 @@ def _resume_worker(rank, world, out_dir, payload):
     patch_for_distributed_optimizer()
     from megatron.core import parallel_state as ps
 
-    from modellink_ckpt.safe_pickle import load_torch
+    from modellink_ckpt.formats.safe_pickle import load_torch
 
     ps.initialize_model_parallel(spec.tp, spec.pp, virtual_pipeline_model_parallel_size=spec.chunks if spec.chunks > 1 else None,
                                  expert_model_parallel_size=spec.ep)
@@ -695,7 +695,7 @@ def describe(obj, indent: int = 0) -> str:
 if __name__ == "__main__":  # print what megatron-core writes: python optim_fixtures.py [moe] [bf16] [ep2]
     import sys
 
-    from modellink_ckpt.torch_zip import load_lazy
+    from modellink_ckpt.formats.torch_zip import load_lazy
 
     flags = sys.argv[1:]
     spec = Spec(moe="moe" in flags, ep=2 if "ep2" in flags else 1, dtype="bf16" if "bf16" in flags else "fp32")

@@ -17,7 +17,7 @@ from modellink_ckpt.errors import ConvertError, UsageError
 from modellink_ckpt.lora import (LoraSpec, MergedLoraTensor, bf16_ulp, check_same_layout, merge_adapter_shards, merge_lora, merge_weight,
                                  peft_layer_tensors, spec_from_args, write_peft_adapter)
 from modellink_ckpt.model_cfg import ModelDims, load_family
-from modellink_ckpt.torch_zip import load_lazy
+from modellink_ckpt.formats.torch_zip import load_lazy
 from util import run_convert
 
 SPEC = LoraSpec(4, 6.0)

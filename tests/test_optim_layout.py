@@ -41,7 +41,7 @@ from util import run_cli, run_convert
 from modellink_ckpt import optim_layout as OL
 from modellink_ckpt import transforms as T
 from modellink_ckpt.errors import ConvertError
-from modellink_ckpt.torch_zip import LazyTensor, load_lazy, loaded
+from modellink_ckpt.formats.torch_zip import LazyTensor, load_lazy, loaded
 
 LOSS_TOL = 1e-5
 DENSE = F.Spec()  # fp32, TP1 PP1 DP2, overlap_grad_reduce, bucket_size 20000 -> 7 buckets

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from modellink_ckpt.errors import ConvertError, UnsafeCheckpointError
-from modellink_ckpt.safe_pickle import Placeholder, load_torch
-from modellink_ckpt.torch_zip import StreamingTorchWriter
+from modellink_ckpt.formats.safe_pickle import Placeholder, load_torch
+from modellink_ckpt.formats.torch_zip import StreamingTorchWriter
 
 
 class RunsCode:
@@ -95,7 +95,7 @@ def _call_pickle(module: str, name: str, *args) -> bytes:
 def _restricted_load(data: bytes):
     import io
 
-    from modellink_ckpt.safe_pickle import RestrictedUnpickler
+    from modellink_ckpt.formats.safe_pickle import RestrictedUnpickler
 
     return RestrictedUnpickler(io.BytesIO(data)).load()
 

@@ -13,8 +13,8 @@ import torch
 from mcore_harness import mcore_logits
 from modellink_ckpt.demo_models import hf_logits, sample_tokens
 from modellink_ckpt.megatron_args import LAYOUT_FIELDS
-from modellink_ckpt.safe_pickle import Placeholder
-from modellink_ckpt.torch_zip import load_lazy
+from modellink_ckpt.formats.safe_pickle import Placeholder
+from modellink_ckpt.formats.torch_zip import load_lazy
 from util import ROOT, load_mg_state, mg_to_hf, run_cli
 from test_reshard import mg_to_mg
 

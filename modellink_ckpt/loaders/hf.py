@@ -7,16 +7,17 @@ never built and the checkpoint is never held whole.
 from __future__ import annotations
 
 import json
+import sys
 import re
 from pathlib import Path
 
 import torch
 
-from modellink_ckpt import mapping
+from modellink_ckpt import mapping, registry
 from modellink_ckpt.errors import ConvertError, UsageError
 from modellink_ckpt.model_cfg import ModelDims, ModelFamily, dims_from_hf_config
-from modellink_ckpt.torch_zip import LazyTensor, load_lazy
-from modellink_ckpt.safetensors_io import SafetensorsFile
+from modellink_ckpt.formats.torch_zip import LazyTensor, load_lazy
+from modellink_ckpt.formats.safetensors_io import SafetensorsFile
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "vocab.txt",
@@ -192,3 +193,41 @@ def load(plan, sender) -> dict:
         sender.send(kind, tensors, arena, layer=layer)
     sender.send("done")
     return {}
+
+
+class HfSourceFormat(registry.SourceFormat):
+    name = "hf"
+    description = "Hugging Face model folder (*.safetensors or pytorch_model*.bin, config.json)"
+    loader = "modellink_ckpt.loaders.hf:load"
+
+    def describe(self, request: registry.SourceRequest) -> registry.SourceInfo:
+        source = HfSource(request.load_dir)
+        dims = source.dims(request.family, request.overrides)
+        skipped = source.unconverted_mtp_layers(dims)
+        if skipped and not request.quiet:
+            print(f"note: {request.load_dir} holds {skipped} multi-token-prediction layer(s) that are not converted; "
+                  f"pass --mtp-num-layers {skipped + dims.mtp_num_layers} to convert them", file=sys.stderr)
+        return registry.SourceInfo(dims=dims, dtype=source.dtype(request.family))
+
+    def detect(self, path: Path) -> bool:
+        return path.is_dir() and (path / "config.json").is_file() and \
+            (any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin")))
+
+    def inspect(self, path: Path) -> dict:
+        source = HfSource(path)
+        files = {}
+        for name in sorted(set(source.weight_map.values())):
+            files[name] = (path / name).stat().st_size
+        dtypes, params = {}, 0
+        for name in source.weight_map:
+            shape, dtype = source.shape_dtype(name)
+            count = torch.Size(shape).numel()
+            params += count
+            dtypes[str(dtype).replace("torch.", "")] = dtypes.get(str(dtype).replace("torch.", ""), 0) + count
+        config = source.config
+        return {"format": "hf", "model_type": config.get("model_type"), "architectures": config.get("architectures"),
+                "layers": config.get("num_hidden_layers"), "hidden": config.get("hidden_size"),
+                "tensors": len(source.weight_map), "parameters": params, "dtypes": dtypes, "files": files}
+
+
+SOURCE = HfSourceFormat()

@@ -8,12 +8,14 @@ config does not explain is an error, so nothing is silently dropped.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from modellink_ckpt import mapping, mg_names
+from modellink_ckpt import mapping, mg_names, registry
 from modellink_ckpt import transforms as T
 from modellink_ckpt.errors import ConvertError, UsageError
 from modellink_ckpt.layout import ParallelLayout
@@ -21,7 +23,7 @@ from modellink_ckpt.megatron_args import dims_from_args, layout_from_args
 from modellink_ckpt.file_io import scratch_tensor
 from modellink_ckpt.lora import merge_lora
 from modellink_ckpt.optim_layout import is_parameter_name
-from modellink_ckpt.torch_zip import LazyTensor, load_lazy, loaded
+from modellink_ckpt.formats.torch_zip import LazyTensor, load_lazy, loaded
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RANK_FILE = "model_optim_rng.pt"
@@ -443,3 +445,84 @@ def stream(plan, sender, source: MegatronSource, states: tuple[str, ...] = (), *
         source.release(layout, pp_rank)
     sender.send("done")
     return {}
+
+
+class MegatronSourceFormat(registry.SourceFormat):
+    name = "mg"
+    description = "Megatron-Core checkpoint, legacy torch layout (latest_checkpointed_iteration.txt, mp_rank_*)"
+    loader = "modellink_ckpt.loaders.mg:load"
+    source_class = MegatronSource
+
+    def describe(self, request: registry.SourceRequest) -> registry.SourceInfo:
+        lora_request = request.lora or {}
+        source = self.source_class(request.load_dir, keep_adapters=bool(lora_request.get("export")))
+        lora, lora_dir = _lora_plan(request, source)
+        if lora is not None and not lora_request.get("export"):  # merged as the weights are read
+            source = self.source_class(request.load_dir, lora=lora, lora_dir=lora_dir)
+        vocab = None
+        if getattr(source.args, "vocab_size", None) is None:
+            for folder in request.config_dirs:  # the true vocabulary is the HF one
+                if folder is not None and (folder / "config.json").is_file():
+                    vocab = json.loads((folder / "config.json").read_text()).get("vocab_size")
+                    break
+        if request.noop_layers and not getattr(source.args, "noop_layers", None):
+            source.args.noop_layers = request.noop_layers  # a checkpoint whose args do not record them
+        stored_mtp = int(getattr(source.args, "mtp_num_layers", None) or 0)
+        asked_mtp = request.overrides.get("mtp_num_layers")
+        if asked_mtp is not None and asked_mtp != stored_mtp:
+            raise UsageError(f"--mtp-num-layers {asked_mtp}: {request.load_dir} holds {stored_mtp} "
+                             f"multi-token-prediction layer(s) (its stored args)")
+        dims = source.dims(vocab, {**request.overrides, "mtp_num_layers": None})
+        layout = source.layout(dims)
+        recorded = getattr(source.args, "tokenizer_model", None)
+        return registry.SourceInfo(
+            dims=dims, layout=layout,
+            dtype=source.dtype_of(layout, *layout.first_stage, mapping.EMBEDDING),
+            tokenizer=Path(recorded) if isinstance(recorded, str) and Path(recorded).is_file() else None,
+            padded_vocab=source.padded_vocab(),
+            divisible_by=int(getattr(source.args, "make_vocab_size_divisible_by", None) or 1),
+            lora=lora, lora_dir=lora_dir)
+
+    def detect(self, path: Path) -> bool:
+        return (path / TRACKER).is_file() or any(path.glob(f"mp_rank_*/{RANK_FILE}"))
+
+    def inspect(self, path: Path) -> dict:
+        source = MegatronSource(path)
+        dims = source.dims()
+        layout = source.layout(dims)
+        files, dtypes, params = {}, {}, 0
+        for rank in layout.ranks():
+            entry = source.rank_state(layout, *rank)
+            files[str(entry["path"].relative_to(source.iter_dir))] = entry["path"].stat().st_size
+            for state in entry["models"].values():
+                for name, tensor in state.items():
+                    if hasattr(tensor, "dtype") and not name.endswith("_extra_state"):
+                        key = str(tensor.dtype).replace("torch.", "")
+                        dtypes[key] = dtypes.get(key, 0) + tensor.shape.numel()
+                        params += tensor.shape.numel()
+        spelling = source.spelling(layout, 0)
+        return {"format": self.name, "iteration": source.iteration,
+                "family": getattr(source.args, "model_type_hf", None) or "not recorded", "layout": layout.summary(),
+                "spelling": ", ".join(f"{k} {v}" for k, v in dataclasses.asdict(spelling).items()),
+                "layers": dims.num_layers, "hidden": dims.hidden_size,
+                "experts": dims.num_experts or None, "parameters (stored, TP/EP shards summed)": params,
+                "dtypes": dtypes, "files": files}
+
+
+def _lora_plan(request: registry.SourceRequest, source: MegatronSource) -> tuple:
+    """(LoraSpec, --lora-load folder) when adapters are to be merged or exported, else (None, None)."""
+    lora = request.lora
+    if not lora:
+        return None, None
+    from modellink_ckpt.lora import check_same_layout, spec_from_args
+
+    adapters = source
+    if lora.get("load"):
+        adapters = MegatronSource(lora["load"], flag="--lora-load")
+        check_same_layout(source.args, adapters.args, request.load_dir, lora["load"])
+    spec = spec_from_args(adapters.args, r=lora.get("r"), alpha=lora.get("alpha"),
+                          target_modules=lora.get("target_modules"), source=str(lora.get("load") or request.load_dir))
+    return spec, lora.get("load")
+
+
+SOURCE = MegatronSourceFormat()

@@ -12,13 +12,14 @@ messages carry the master weights and, per tensor, `exp_avg:<name>` / `exp_avg_s
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 
 from modellink_ckpt import optim_layout as O
-from modellink_ckpt.errors import ConvertError
-from modellink_ckpt.loaders.mg import MegatronSource, state_name, stream
-from modellink_ckpt.torch_zip import LazyTensor, loaded
+from modellink_ckpt.errors import ConvertError, UsageError
+from modellink_ckpt.loaders.mg import MegatronSource, MegatronSourceFormat, state_name, stream
+from modellink_ckpt.formats.torch_zip import LazyTensor, loaded
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 CARRIED = ("optimizer", "opt_param_scheduler", "rng_state", "num_floating_point_operations_so_far", "iteration")
@@ -106,7 +107,7 @@ class OptimSource(MegatronSource):
     def carried(self) -> dict:
         """What a target `model_optim_rng.pt` carries over: the optimizer's param groups and step,
         the scheduler, the RNG state, the iteration (from TP/PP/EP rank 0's file)."""
-        from modellink_ckpt.torch_zip import load_lazy
+        from modellink_ckpt.formats.torch_zip import load_lazy
 
         first = sorted(self.iter_dir.glob(f"mp_rank_*/{O.MODEL_FILE}"))[0]
         state = load_lazy(first)
@@ -127,3 +128,24 @@ def load(plan, sender) -> dict:
     source = OptimSource(plan.load_dir)
     optim = {**source.carried(), "settings": source.settings, "param_order": source.param_order(plan.source_layout)}
     return stream(plan, sender, source, MOMENTS, optim=optim)
+
+
+class OptimSourceFormat(MegatronSourceFormat):
+    name = "optim"
+    description = "Megatron-Core checkpoint with distributed-optimizer state (distrib_optim.pt per rank)"
+    loader = "modellink_ckpt.loaders.optim:load"
+
+    def describe(self, request):
+        info = super().describe(request)
+        source = MegatronSource(request.load_dir)
+        O.check_iteration_dir(source.iter_dir)
+        O.DdpSettings.from_args(source.args, source=str(source.iter_dir))
+        if info.dims.mtp_num_layers:
+            raise UsageError("--load-model-type optim: multi-token-prediction layers are not supported")
+        return info
+
+    def detect(self, path: Path) -> bool:
+        return super().detect(path) and any(path.glob(f"**/mp_rank_*/{O.OPTIM_FILE}"))
+
+
+SOURCE = OptimSourceFormat()

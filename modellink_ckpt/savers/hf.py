@@ -16,11 +16,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from modellink_ckpt import mapping
+from modellink_ckpt import mapping, registry
+from modellink_ckpt.errors import ConvertError, UsageError
 from modellink_ckpt.manifest import hash_files, write_manifest
-from modellink_ckpt.model_cfg import hf_config_from_dims
-from modellink_ckpt.safetensors_io import SafetensorsWriter
-from modellink_ckpt.staging import StagedDir
+from modellink_ckpt.model_cfg import dims_from_hf_config, hf_config_from_dims
+from modellink_ckpt.formats.safetensors_io import SafetensorsWriter
+from modellink_ckpt.staging import StagedDir, check_target
 
 HF_SUBDIR = "mg2hf"
 INDEX = "model.safetensors.index.json"
@@ -160,3 +161,40 @@ def save(plan, receiver) -> dict:
         raise
     return {"bytes": output.total_bytes, "seconds": time.monotonic() - started, "target": str(target),
             "files": len(output.names), "tokenizer_files": tokenizer}
+
+
+class HfTargetFormat(registry.TargetFormat):
+    name = "hf"
+    description = "Hugging Face safetensors shards, index, config.json and tokenizer in <save-dir>/mg2hf"
+    saver = "modellink_ckpt.savers.hf:save"
+
+    def check(self, plan) -> None:
+        check_target(plan.save_dir / HF_SUBDIR, plan.overwrite)
+        _check_config_matches(plan.dims, plan.family, plan.hf_config_dir or plan.save_dir)
+
+    def files(self, plan) -> dict[str, int]:
+        dtype = plan.params_dtype or plan.source_dtype
+        shards = plan_shards(hf_tensors(plan, mapping.TensorDtypes(dtype)), plan.max_shard_bytes)
+        return {name: sum(torch.Size(shape).numel() * dt.itemsize for _, shape, dt in shard)
+                for name, shard in zip(shard_names(len(shards)), shards)}
+
+    def where(self, plan) -> str:
+        return str(plan.save_dir / HF_SUBDIR)
+
+
+def _check_config_matches(dims, family, folder: Path | None) -> None:
+    """An original config.json used for HF output must describe the model being written."""
+    if folder is None or not (folder / "config.json").is_file():
+        return
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        other = dims_from_hf_config(family, config, source=str(folder / "config.json"))
+    except (ValueError, ConvertError):
+        return  # not an HF config for this family; the saver builds one
+    for field in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "vocab_size"):
+        if getattr(other, field) != getattr(dims, field):
+            raise UsageError(f"{folder / 'config.json'}: describes a different model ({field} "
+                             f"{getattr(other, field)}, the checkpoint has {getattr(dims, field)})")
+
+
+TARGET = HfTargetFormat()

@@ -14,15 +14,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from modellink_ckpt import mapping, mg_names
+from modellink_ckpt import mapping, mg_names, registry
+from modellink_ckpt.errors import UsageError
 from modellink_ckpt import transforms as T
 from modellink_ckpt.loaders.mg import RANK_FILE, TRACKER, MegatronSource, iteration_dir_name
 from modellink_ckpt.manifest import write_manifest
 from modellink_ckpt.megatron_args import carry_over, make_args
 from modellink_ckpt.optim_layout import OPTIM_FILE
 from modellink_ckpt.savers.optim_state import STATES, OptimStateWriter
-from modellink_ckpt.staging import StagedDir, occupied, write_text_atomic
-from modellink_ckpt.torch_zip import StreamingTorchWriter
+from modellink_ckpt.staging import StagedDir, check_target, occupied, write_text_atomic
+from modellink_ckpt.formats.torch_zip import StreamingTorchWriter
 
 ITERATION = 1
 
@@ -285,3 +286,33 @@ def save(plan, receiver) -> dict:
         raise
     return {"bytes": files.bytes_written, "seconds": time.monotonic() - started, "target": str(plan.save_dir),
             "files": len(files.files)}
+
+
+class MegatronTargetFormat(registry.TargetFormat):
+    name = "mg"
+    description = "Megatron-Core checkpoint, legacy torch layout, at the target TP/PP/EP/VPP layout"
+    saver = "modellink_ckpt.savers.mg:save"
+
+    def check(self, plan) -> None:
+        if Path(plan.save_dir).resolve() == Path(plan.load_dir).resolve():
+            raise UsageError("--save-dir must differ from --load-dir")
+        if (plan.save_dir / TRACKER).exists():
+            check_target(plan.save_dir / TRACKER, plan.overwrite)
+
+    def files(self, plan) -> dict[str, int]:
+        from modellink_ckpt.verify import expected_mg_files
+
+        files = {}
+        for rank_dir, models in expected_mg_files(plan, plan.params_dtype or plan.source_dtype).items():
+            shapes = [shape for names in models.values() for shape, _ in names.values()]
+            files[f"{rank_dir}/{RANK_FILE}"] = sum(torch.Size(shape).numel() * dt.itemsize
+                                                   for names in models.values() for shape, dt in names.values())
+            if plan.load_type == "optim":  # fp32 master weight + two moments per element (alignment gaps aside)
+                files[f"{rank_dir}/{OPTIM_FILE}"] = 12 * sum(torch.Size(shape).numel() for shape in shapes)
+        return files
+
+    def where(self, plan) -> str:
+        return f"{plan.save_dir} ({plan.target_layout.summary()})"
+
+
+TARGET = MegatronTargetFormat()

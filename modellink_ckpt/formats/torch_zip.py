@@ -69,7 +69,7 @@ class _Pickler(pickle._Pickler):
         return None
 
     def save_global(self, obj, name=None):
-        from modellink_ckpt.safe_pickle import is_placeholder_class, repicklable
+        from modellink_ckpt.formats.safe_pickle import is_placeholder_class, repicklable
 
         if not is_placeholder_class(obj):
             return super().save_global(obj, name)
@@ -258,7 +258,7 @@ class TorchZipFile:
         self._pickled = pickled
 
     def load(self):
-        from modellink_ckpt.safe_pickle import RestrictedUnpickler
+        from modellink_ckpt.formats.safe_pickle import RestrictedUnpickler
 
         reader = self
 
@@ -310,6 +310,6 @@ def load_lazy(path: str | Path):
     tensors through the restricted unpickler for the old non-zip format."""
     if zipfile.is_zipfile(path):
         return TorchZipFile(path).load()
-    from modellink_ckpt.safe_pickle import load_torch
+    from modellink_ckpt.formats.safe_pickle import load_torch
 
     return load_torch(path, mmap=False)

@@ -1,0 +1,337 @@
+"""Loader for MindSpore / MindFormers checkpoints: `.ckpt` or MindSpore safetensors, complete (one
+file, or shards with `param_name_map.json`) or distributed (`rank_<r>/*.{ckpt,safetensors}`, laid
+out by a strategy file, `--src-strategy`).
+
+Every MindSpore tensor a message needs is assembled whole (from the slices of the ranks that hold
+it, each distinct slice read once) and turned back into Megatron tensors by the family's MindSpore
+naming (`ms_names`). The model's sizes come from an HF `config.json` (next to the checkpoint, as
+our MindSpore output writes one, or `--hf-cfg-dir`). Before anything is sent, every tensor of the
+checkpoint must be explained by the naming or be training state (optimizer moments, step counters).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from modellink_ckpt import mapping, ms_names, registry
+from modellink_ckpt.errors import ConvertError, UsageError
+from modellink_ckpt.formats.ms_ckpt import MsCkptFile
+from modellink_ckpt.formats.ms_strategy import Strategy, load_strategy
+from modellink_ckpt.formats.safetensors_io import SafetensorsFile
+from modellink_ckpt.model_cfg import dims_from_hf_config
+
+SUFFIXES = (".safetensors", ".ckpt")
+NAME_MAP = "param_name_map.json"
+
+
+def _open(path: Path):
+    return MsCkptFile(path) if path.suffix == ".ckpt" else SafetensorsFile(path)
+
+
+def _rank_folders(folder: Path) -> dict[int, Path]:
+    found = {}
+    for sub in folder.glob("rank_*"):
+        if sub.is_dir() and sub.name[5:].isdigit():
+            found[int(sub.name[5:])] = sub
+    return found
+
+
+def _rank_file(folder: Path) -> Path:
+    """The checkpoint of one rank folder: MindSpore takes the last in sorted order; ckpt and
+    safetensors side by side are ambiguous."""
+    kinds = {suffix: sorted(folder.glob(f"*{suffix}")) for suffix in SUFFIXES}
+    if kinds[".ckpt"] and kinds[".safetensors"]:
+        raise ConvertError(f"{folder}: holds both .ckpt and .safetensors files; keep one format per rank folder")
+    files = kinds[".ckpt"] or kinds[".safetensors"]
+    if not files:
+        raise ConvertError(f"{folder}: no .ckpt or .safetensors file")
+    return files[-1]
+
+
+class MsStore:
+    """Every tensor of a MindSpore checkpoint by name, whole: `shape_dtype(name)`, `read(name)`."""
+
+    def __init__(self, path: str | Path, strategy: Strategy | None = None):
+        self.path = Path(path)
+        self.strategy = strategy
+        self.files: list[Path] = []
+        self._where: dict[str, object] = {}       # complete: name -> open file
+        self._ranks: dict[int, object] = {}       # distributed: rank -> open file
+        self._shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        if self.path.is_file():
+            self._complete([self.path])
+        elif not self.path.is_dir():
+            raise UsageError(f"--load-dir {self.path}: no such file or folder")
+        elif _rank_folders(self.path) and len(_rank_folders(self.path)) > 1 or strategy is not None:
+            self._distributed()
+        else:
+            self._complete(self._complete_files())
+
+    # ---- complete checkpoints ----------------------------------------------------------------
+
+    def _complete_files(self) -> list[Path]:
+        folder = self.path
+        ranks = _rank_folders(folder)
+        if ranks:  # a complete checkpoint as MindSpore's tools take one: rank_0/x.ckpt
+            return [_rank_file(ranks[0])]
+        for index in (NAME_MAP, "model.safetensors.index.json"):
+            if (folder / index).is_file():
+                try:
+                    weight_map = json.loads((folder / index).read_text())["weight_map"]
+                except (ValueError, KeyError, TypeError):
+                    raise ConvertError(f"{folder / index}: not a valid index (needs a 'weight_map' object)") from None
+                files = sorted({folder / name for name in weight_map.values()})
+                missing = [f for f in files if not f.is_file()]
+                if missing:
+                    raise ConvertError(f"{folder / index}: lists {missing[0].name}, which is missing")
+                return files
+        kinds = {suffix: sorted(folder.glob(f"*{suffix}")) for suffix in SUFFIXES}
+        if kinds[".ckpt"] and kinds[".safetensors"]:
+            raise ConvertError(f"{folder}: holds both .ckpt and .safetensors files; point --load-dir at one")
+        files = kinds[".ckpt"] or kinds[".safetensors"]
+        if not files:
+            raise UsageError(f"--load-dir {folder}: no MindSpore .ckpt or .safetensors checkpoint found")
+        if len(kinds[".ckpt"]) > 1:
+            raise UsageError(f"--load-dir {folder}: {len(files)} .ckpt files; point --load-dir at one of them")
+        return files
+
+    def _complete(self, files: list[Path]) -> None:
+        self.files = files
+        for path in files:
+            opened = _open(path)
+            for name in opened.keys():
+                if name in self._where:
+                    raise ConvertError(f"{path}: '{name}' is also in {self._where[name].path}")
+                self._where[name] = opened
+                self._shapes[name] = opened.shape_dtype(name)
+
+    # ---- distributed checkpoints -------------------------------------------------------------
+
+    def _distributed(self) -> None:
+        if self.strategy is None:
+            raise UsageError(f"--load-dir {self.path}: a distributed checkpoint (rank_* folders) needs --src-strategy")
+        ranks = _rank_folders(self.path)
+        world = self.strategy.world_size
+        for rank in range(world):
+            if rank not in ranks:
+                raise ConvertError(f"{self.path}: rank_{rank} is missing (the strategy {self.strategy.source} "
+                                   f"has {world} ranks)")
+        extra = sorted(r for r in ranks if r >= world)
+        if extra:
+            raise ConvertError(f"{self.path / f'rank_{extra[0]}'}: not part of the strategy ({world} ranks)")
+        self.files = [_rank_file(ranks[r]) for r in range(world)]
+        self._ranks = {rank: _open(path) for rank, path in enumerate(self.files)}
+        names: dict[str, tuple] = {}
+        for rank, opened in self._ranks.items():
+            for name in opened.keys():
+                if not self.strategy.holds(name, rank):
+                    raise ConvertError(f"{opened.path}: holds '{name}', which the strategy puts on another stage")
+                names.setdefault(name, opened.shape_dtype(name))
+        for name, (stored, dtype) in names.items():
+            layout = self.strategy.layouts.get(name)
+            if layout is None:  # not in the strategy (e.g. step counters): every rank holds it whole
+                self._shapes[name] = (tuple(stored), dtype)
+                continue
+            splits = list(layout.splits())
+            if layout.opt_shard_size and splits:
+                splits[0] *= layout.opt_shards()
+            if len(splits) != len(stored):
+                raise ConvertError(f"{self.strategy.source}: '{name}' has a {len(splits)}-dimensional layout, the "
+                                   f"checkpoint a {len(stored)}-dimensional slice")
+            full = tuple(n * s for n, s in zip(stored, splits))
+            self._shapes[name] = (full, dtype)
+            for rank, opened in self._ranks.items():
+                if self.strategy.holds(name, rank):
+                    if name not in opened:
+                        raise ConvertError(f"{opened.path}: '{name}' is missing (the strategy puts a slice of it here)")
+                    want = tuple(b - a for a, b in self.strategy.slice_of(name, full, rank))
+                    got, got_dtype = opened.shape_dtype(name)
+                    if tuple(got) != want or got_dtype != dtype:
+                        raise ConvertError(f"{opened.path}: '{name}' is {list(got)} {got_dtype}; the strategy "
+                                           f"{self.strategy.source} gives this rank {list(want)} {dtype}")
+
+    # ---- reading -----------------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        return list(self._shapes)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._shapes
+
+    def shape_dtype(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        if name not in self._shapes:
+            raise ConvertError(f"{self.path}: tensor '{name}' not found in the checkpoint")
+        return self._shapes[name]
+
+    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        shape, dtype = self.shape_dtype(name)
+        out = torch.empty(shape, dtype=dtype) if out is None else out
+        if not self._ranks:
+            self._where[name].read_rows(name, 0, shape[0] if shape else 1, out.view(shape) if shape else out)
+            return out
+        layout_rank = self.strategy.sources(name, shape) if name in self.strategy.layouts else {
+            tuple((0, n) for n in shape): 0}
+        for ranges, rank in layout_rank.items():
+            piece_shape = tuple(b - a for a, b in ranges)
+            view = out[tuple(slice(a, b) for a, b in ranges)]
+            if view.is_contiguous():
+                target = view
+            else:
+                target = torch.empty(piece_shape, dtype=dtype)
+            self._ranks[rank].read_rows(name, 0, piece_shape[0] if piece_shape else 1,
+                                        target.view(piece_shape) if piece_shape else target)
+            if target is not view:
+                view.copy_(target)
+        return out
+
+    def verify(self) -> None:
+        """Integrity checks that read whole files (a ckpt's CRC trailer)."""
+        for opened in list(self._where.values()) + list(self._ranks.values()):
+            if isinstance(opened, MsCkptFile):
+                opened.verify_crc()
+
+
+def _config_path(request, path: Path) -> Path:
+    folder = path if path.is_dir() else path.parent
+    for candidate in (folder, *request.config_dirs):
+        if candidate is not None and (Path(candidate) / "config.json").is_file():
+            return Path(candidate) / "config.json"
+    raise UsageError(f"--load-dir {path}: a MindSpore checkpoint holds no model sizes; put the model's HF "
+                     f"config.json next to it or pass --hf-cfg-dir")
+
+
+def message_shapes(naming, family, dims):
+    """(kind, layer, {global Megatron name: shape}) of every message."""
+    for kind, layer, tensors in mapping.model_messages(family, dims, torch.float32):
+        yield kind, layer, {name: tuple(t.shape) for name, t in ms_names.global_message(kind, layer, tensors).items()}
+
+
+def expected_names(naming, family, dims) -> set[str]:
+    expected = set()
+    for kind, layer, tensors in mapping.model_messages(family, dims, torch.float32):
+        expected |= set(ms_names.to_ms(naming, kind, layer, tensors, dims))
+    return expected
+
+
+def check_accounted(store: MsStore, naming, family, dims) -> None:
+    """Every tensor of the checkpoint is one the naming expects or training state; nothing missing."""
+    expected = expected_names(naming, family, dims)
+    present = set(store.names())
+    missing = sorted(expected - present)
+    if missing:
+        raise ConvertError(f"{store.path}: tensor '{missing[0]}' ({len(missing)} in all) is missing for MindSpore "
+                           f"naming '{naming.name}' of --model-type-hf {family.name}")
+    unexplained = sorted(name for name in present - expected if not ms_names.is_training_state(name)
+                         and not _is_adapter(name))
+    if unexplained:
+        raise ConvertError(f"{store.path}: tensor '{unexplained[0]}' ({len(unexplained)} in all) is not explained by "
+                           f"MindSpore naming '{naming.name}' of --model-type-hf {family.name} (another family or "
+                           f"naming? try --ms-naming)")
+
+
+def _is_adapter(name: str) -> bool:
+    return any(mark in name for mark in (".lora_A.", ".lora_B.", "lora_a", "lora_b"))
+
+
+def open_store(path: Path, options: dict) -> MsStore:
+    strategy = options.get("src_strategy")
+    return MsStore(path, load_strategy(strategy) if strategy else None)
+
+
+def read_message(store: MsStore, naming, kind: str, layer, shapes: dict, dims) -> dict[str, torch.Tensor]:
+    return ms_names.from_ms(naming, kind, layer, shapes, dims, store.read)
+
+
+def message_dtypes(store: MsStore, naming, family, dims) -> tuple[torch.dtype, dict]:
+    """(the model's dtype, {message key: dtype} of the tensors stored in another one)."""
+    def meta(name):
+        shape, dtype = store.shape_dtype(name)
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    found = {}
+    for kind, layer, shapes in message_shapes(naming, family, dims):
+        for name, tensor in ms_names.from_ms(naming, kind, layer, shapes, dims, meta).items():
+            found[mapping.message_key(kind, layer, name)] = tensor.dtype
+    model = found[mapping.message_key("embeddings", None, mapping.EMBEDDING)]
+    return model, {key: dtype for key, dtype in found.items() if dtype != model}
+
+
+def load(plan, sender) -> dict:
+    """Stream a MindSpore checkpoint as whole Megatron tensors."""
+    from modellink_ckpt.pipeline import message_bytes
+
+    options = plan.source_options
+    store = open_store(plan.load_dir, options)
+    store.verify()
+    naming = ms_names.load_naming(plan.family, options["naming"])
+    family, dims = plan.family, plan.dims
+    dtype, dtypes = message_dtypes(store, naming, family, dims)
+    messages = list(message_shapes(naming, family, dims))
+    sender.plan(max(message_bytes(torch.Size(s).numel() * 4 for s in shapes.values()) for _, _, shapes in messages))
+    hf_config = json.loads(Path(options["config"]).read_text())
+    sender.send("meta", dims=dims.to_dict(), source="ms", dtype=dtype, dtypes=dtypes, hf_config=hf_config)
+    for kind, layer, shapes in messages:
+        tensors = read_message(store, naming, kind, layer, shapes, dims)
+        sender.send(kind, tensors, layer=layer)
+    sender.send("done")
+    return {}
+
+
+class MsSourceFormat(registry.SourceFormat):
+    name = "ms"
+    description = "MindSpore / MindFormers checkpoint (.ckpt or safetensors; complete, or distributed with a strategy)"
+    loader = "modellink_ckpt.loaders.ms:load"
+
+    def describe(self, request: registry.SourceRequest) -> registry.SourceInfo:
+        options = dict(request.options)
+        store = open_store(request.load_dir, options)
+        config_path = _config_path(request, request.load_dir)
+        try:
+            config = json.loads(config_path.read_text())
+        except ValueError as exc:
+            raise ConvertError(f"{config_path}: not valid JSON ({exc})") from None
+        dims = dims_from_hf_config(request.family, config, source=str(config_path), overrides=request.overrides)
+        if dims.mtp_num_layers:
+            raise UsageError("--load-model-type ms: multi-token-prediction layers are not supported")
+        options["naming"] = options.get("naming") or ms_names.detect_naming(store.names())
+        naming = ms_names.load_naming(request.family, options["naming"])
+        check_accounted(store, naming, request.family, dims)
+        dtype, _ = message_dtypes(store, naming, request.family, dims)
+        options["config"] = str(config_path)
+        return registry.SourceInfo(dims=dims, dtype=dtype, options=options)
+
+    def detect(self, path: Path) -> bool:
+        if path.is_file():
+            return path.suffix in SUFFIXES
+        if not path.is_dir():
+            return False
+        if _rank_folders(path) or (path / NAME_MAP).is_file() or any(path.glob("*.ckpt")):
+            return True
+        return any(SafetensorsFile(f).metadata.get("format") == "ms" for f in sorted(path.glob("*.safetensors"))[:1])
+
+    def inspect(self, path: Path) -> dict:
+        store = MsStore(path) if not _rank_folders(path) or len(_rank_folders(path)) == 1 else None
+        if store is None:
+            ranks = _rank_folders(path)
+            files = {str(_rank_file(ranks[r]).relative_to(path)): _rank_file(ranks[r]).stat().st_size
+                     for r in sorted(ranks)}
+            first = _open(_rank_file(ranks[min(ranks)]))
+            names = list(first.keys())
+            return {"format": "ms (distributed)", "ranks": len(ranks), "naming": ms_names.detect_naming(names),
+                    "tensors on rank 0": len(names), "files": files}
+        dtypes, params = {}, 0
+        for name in store.names():
+            shape, dtype = store.shape_dtype(name)
+            key = str(dtype).replace("torch.", "")
+            dtypes[key] = dtypes.get(key, 0) + torch.Size(shape).numel()
+            params += torch.Size(shape).numel()
+        layers = {n.split(".")[2] for n in store.names() if n.startswith(("decoder.layers.", "model.layers."))}
+        return {"format": "ms", "naming": ms_names.detect_naming(store.names()), "layers": len(layers),
+                "tensors": len(store.names()), "parameters": params, "dtypes": dtypes,
+                "files": {str(f.name): f.stat().st_size for f in store.files}}
+
+
+SOURCE = MsSourceFormat()

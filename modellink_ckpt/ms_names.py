@@ -1,0 +1,234 @@
+"""How MindSpore Transformers (MindFormers) names and lays out a model's tensors, as data.
+
+Messages carry Megatron tensors; a MindFormers checkpoint spells them one of a few ways, each a
+*naming* in `model_cfg.json` (section `mindspore` of a family entry, inherited through
+`__base__`): `mcore` (MindFormers' Megatron-like names; default), `legacy` (the `convert_weight.py`
+models: Llama `attention.wq`, `feed_forward.w1`, ...) and `legacy-concat` (legacy with
+`qkv_concat`: `w_qkv`, `w_gate_hidden`). A naming is a list of rules
+
+    {"ms": <MindSpore name(s)>, "mg": <Megatron name(s)>, "transform": <name>}
+
+with the templates `[layer_idx]` (`.L`, the global layer) and `[expert_idx]` (`.e`). A Megatron
+template with `[expert_idx]` whose MindSpore side has none stands for all experts, in order (a
+stacked tensor). A rule applies where every Megatron tensor it names is in the model; tensors no
+rule names keep their Megatron names under `mcore` and are an error under the legacy namings.
+Transforms are inverse pairs on whole tensors (`transforms.py`), also valid on meta tensors, so the
+files and shapes of a target are known before any data is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+
+from modellink_ckpt import mapping
+from modellink_ckpt import transforms as T
+from modellink_ckpt.errors import ConvertError, UsageError
+
+NAMINGS = ("mcore", "legacy", "legacy-concat")
+LAYER = "decoder.layers"
+
+# MindSpore tensors that are no model weights: training state and router statistics. A source may
+# hold them; they are reported and not converted.
+TRAINING_STATE_PREFIXES = ("adam_m.", "adam_v.", "accu_grads.", "exp_avg.", "exp_avg_sq.", "moments.")
+TRAINING_STATE_NAMES = ("global_step", "epoch_num", "step_num", "scale_sense", "loss_scale", "learning_rate",
+                        "current_iterator_step", "last_overflow_iterator_step", "beta1_power", "beta2_power")
+BUFFER_SUFFIXES = ("router.fi_accu", "router.expert_load", "router.local_tokens_per_expert")
+
+
+def is_training_state(name: str) -> bool:
+    return name.startswith(TRAINING_STATE_PREFIXES) or name in TRAINING_STATE_NAMES or name.endswith(BUFFER_SUFFIXES)
+
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+    """`to_ms(parts, ctx)` -> MindSpore tensors; `from_ms(tensors, part_shapes, ctx)` -> parts."""
+
+    to_ms: Callable
+    from_ms: Callable
+
+
+def _qkv_sizes(ctx):
+    return ctx.num_attention_heads, ctx.num_query_groups, ctx.kv_channels
+
+
+TRANSFORMS = {
+    "rename": Transform(lambda p, c: list(p), lambda t, s, c: list(t)),
+    "interleave_halves": Transform(lambda p, c: [T.interleave_halves(p[0])],
+                                   lambda t, s, c: [T.deinterleave_halves(t[0])]),
+    "split_qkv": Transform(lambda p, c: list(T.split_qkv(p[0], *_qkv_sizes(c))),
+                           lambda t, s, c: [T.merge_qkv(*t, c.num_query_groups)]),
+    "split_halves": Transform(lambda p, c: list(T.split_gate_up(p[0])),
+                              lambda t, s, c: [torch.cat(list(t), dim=0)]),
+    "cat_rows": Transform(lambda p, c: [torch.cat(list(p), dim=0)],
+                          lambda t, s, c: list(torch.split(t[0], [shape[0] for shape in s], dim=0))),
+    "stack_transposed": Transform(lambda p, c: [T.stack_transposed(list(p))],
+                                  lambda t, s, c: T.unstack_transposed(t[0], len(s))),
+    "stack": Transform(lambda p, c: [torch.stack(list(p))], lambda t, s, c: list(t[0].unbind(0))),
+    "stack_halves": Transform(lambda p, c: list(T.stack_halves(list(p))),
+                              lambda t, s, c: T.unstack_halves(t[0], t[1])),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    ms: tuple[str, ...]
+    mg: tuple[str, ...]
+    transform: str = "rename"
+    when: str | None = None  # a ModelDims field that must be true (e.g. "swiglu")
+
+    @classmethod
+    def from_json(cls, entry: dict, where: str) -> "Rule":
+        try:
+            ms, mg = entry["ms"], entry["mg"]
+        except (KeyError, TypeError):
+            raise UsageError(f"{where}: a MindSpore naming rule needs 'ms' and 'mg' ({entry!r})") from None
+        rule = cls(tuple([ms] if isinstance(ms, str) else ms), tuple([mg] if isinstance(mg, str) else mg),
+                   entry.get("transform", "rename"), entry.get("when"))
+        if rule.transform not in TRANSFORMS:
+            raise UsageError(f"{where}: unknown transform {rule.transform!r} (known: {', '.join(TRANSFORMS)})")
+        return rule
+
+
+@dataclasses.dataclass(frozen=True)
+class Instance:
+    """A rule applied to one layer (and expert): concrete names."""
+
+    ms: tuple[str, ...]
+    mg: tuple[str, ...]
+    transform: Transform
+
+
+def _fill(template: str, layer: int | None, expert: int | None = None) -> str:
+    if layer is not None:
+        template = template.replace("[layer_idx]", f".{layer}")
+    if expert is not None:
+        template = template.replace("[expert_idx]", f".{expert}")
+    return template
+
+
+class MsNaming:
+    """One naming of one family: Megatron message tensors <-> MindSpore tensors."""
+
+    def __init__(self, name: str, rules: list[Rule], family: str):
+        self.name, self.rules, self.family = name, rules, family
+        self.keeps_megatron_names = name == "mcore"
+
+    def instances(self, layer: int | None, present: set[str], dims) -> list[Instance]:
+        """The rules that apply to a message whose Megatron (global) names are `present`."""
+        found, num_experts = [], dims.num_experts
+        for rule in self.rules:
+            if rule.when is not None and not getattr(dims, rule.when):
+                continue
+            stacked = any("[expert_idx]" in t for t in rule.mg) and not any("[expert_idx]" in t for t in rule.ms)
+            experts = [None] if stacked or not any("[expert_idx]" in t for t in rule.mg) else range(num_experts)
+            for expert in experts:
+                if stacked:
+                    mg = tuple(_fill(t, layer, e) for t in rule.mg for e in range(num_experts))
+                else:
+                    mg = tuple(_fill(t, layer, expert) for t in rule.mg)
+                if mg and all(name in present for name in mg) and \
+                        all(("[layer_idx]" in t) == (layer is not None) for t in rule.mg):
+                    found.append(Instance(tuple(_fill(t, layer, expert) for t in rule.ms), mg,
+                                          TRANSFORMS[rule.transform]))
+        return found
+
+    def plan(self, kind: str, layer: int | None, message: dict, dims) -> list[Instance]:
+        """Every Megatron tensor of one message, covered once: the rules' instances plus renames."""
+        names = set(message)
+        instances = self.instances(layer, names, dims)
+        covered = [name for inst in instances for name in inst.mg]
+        if len(covered) != len(set(covered)):
+            twice = sorted({n for n in covered if covered.count(n) > 1})[0]
+            raise UsageError(f"model_cfg.json: MindSpore naming '{self.name}' of '{self.family}' names "
+                             f"'{twice}' in two rules")
+        left = sorted(names - set(covered))
+        if left and not self.keeps_megatron_names:
+            raise UsageError(f"MindSpore naming '{self.name}' of --model-type-hf {self.family} has no name for "
+                             f"'{left[0]}' ({len(left)} tensor(s) in all); use --ms-naming mcore or add a rule "
+                             f"to model_cfg.json")
+        return instances + [Instance((name,), (name,), TRANSFORMS["rename"]) for name in left]
+
+
+def global_message(kind: str, layer: int | None, tensors: dict) -> dict:
+    """A message's tensors under their global Megatron names (layer tensors get `decoder.layers.L.`)."""
+    if kind == "layer":
+        return {f"{LAYER}.{layer}.{name}": tensor for name, tensor in tensors.items()}
+    if kind == "mtp_layer":
+        raise UsageError("MindSpore targets and sources: multi-token-prediction layers are not supported")
+    return dict(tensors)
+
+
+def local_name(kind: str, layer: int | None, name: str) -> str:
+    return name[len(f"{LAYER}.{layer}."):] if kind == "layer" else name
+
+
+def to_ms(naming: MsNaming, kind: str, layer: int | None, tensors: dict, dims) -> dict[str, torch.Tensor]:
+    """{MindSpore name: tensor} of one message (works on meta tensors too)."""
+    message = global_message(kind, layer, tensors)
+    out = {}
+    for inst in naming.plan(kind, layer, message, dims):
+        for name, tensor in zip(inst.ms, inst.transform.to_ms([message[n] for n in inst.mg], dims)):
+            out[name] = T.as_tensor(tensor)
+    return out
+
+
+def model_ms_tensors(naming: MsNaming, family, dims, dtypes: "mapping.TensorDtypes"):
+    """(kind, layer, {MindSpore name: meta tensor}) of every message: names, shapes and dtypes of
+    the MindSpore checkpoint, from the model sizes alone."""
+    for kind, layer, tensors in mapping.model_messages(family, dims, dtypes.default):
+        typed = {name: t.to(dtypes.of(kind, layer, name)) for name, t in tensors.items()}
+        yield kind, layer, to_ms(naming, kind, layer, typed, dims)
+
+
+def from_ms(naming: MsNaming, kind: str, layer: int | None, shapes: dict[str, tuple], dims,
+            read: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One message's tensors (local names) from MindSpore tensors that `read(name)` returns;
+    `shapes` are the message tensors' shapes (global names as `global_message` gives them)."""
+    out = {}
+    for inst in naming.plan(kind, layer, shapes, dims):
+        parts = inst.transform.from_ms([read(name) for name in inst.ms], [shapes[n] for n in inst.mg], dims)
+        for name, part in zip(inst.mg, parts):
+            if tuple(part.shape) != tuple(shapes[name]):
+                raise ConvertError(f"MindSpore tensor(s) {', '.join(inst.ms)} give '{name}' {list(part.shape)}, "
+                                   f"expected {list(shapes[name])} (another model or naming?)")
+            out[local_name(kind, layer, name)] = part
+    return out
+
+
+def load_naming(family, name: str) -> MsNaming:
+    """The MindSpore naming `name` of a family (`family.mindspore` from model_cfg.json)."""
+    if name not in NAMINGS:
+        raise UsageError(f"--ms-naming {name}: unknown (known: {', '.join(NAMINGS)})")
+    return MsNaming(name, _rules(family, name, ()), family.name)
+
+
+def _rules(family, name: str, seen: tuple) -> list[Rule]:
+    """The rules of naming `name`; `{"extends": other}` first takes `other`'s, which the naming's
+    own rules replace where they name the same Megatron tensors."""
+    entries = (family.mindspore or {}).get(name)
+    if entries is None:
+        if name == "mcore":
+            return []
+        raise UsageError(f"--model-type-hf {family.name}: model_cfg.json defines no MindSpore naming '{name}'")
+    if name in seen:
+        raise UsageError(f"model_cfg.json '{family.name}': MindSpore naming '{name}' extends itself")
+    rules: list[Rule] = []
+    where = f"model_cfg.json '{family.name}' mindspore.{name}"
+    for entry in entries:
+        if isinstance(entry, dict) and set(entry) == {"extends"}:
+            rules += _rules(family, entry["extends"], seen + (name,))
+            continue
+        rule = Rule.from_json(entry, where)
+        rules = [r for r in rules if r.mg != rule.mg] + [rule]
+    return rules
+
+
+def detect_naming(names) -> str:
+    """`legacy`, `legacy-concat` or `mcore`, from a checkpoint's tensor names."""
+    names = set(names)
+    if any(n.startswith("model.tok_embeddings.") or ".attention." in n and n.startswith("model.layers.") for n in names):
+        return "legacy-concat" if any(".attention.w_qkv." in n for n in names) else "legacy"
+    return "mcore"

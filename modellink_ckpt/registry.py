@@ -1,0 +1,128 @@
+"""One table of checkpoint formats, each a source (read) and/or a target (write) behind one small
+interface; `--load-model-type` / `--save-model-type` pick them by name, `inspect` by detection.
+
+A source describes itself before anything is converted (`describe`: the model's sizes, dtype,
+layout; in the parent process, so every error is found before a byte is written) and streams its
+messages in the loader process (`load(plan, sender)`). A target checks and plans its files
+(`check`, `files`) and writes them in the saver process (`save(plan, receiver)`). Adding a format
+is one module with a source and/or target and one line here. Modules are imported only when their
+format is used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from modellink_ckpt.errors import UsageError
+
+SOURCES = {
+    "hf": "modellink_ckpt.loaders.hf:SOURCE",
+    "mg": "modellink_ckpt.loaders.mg:SOURCE",
+    "optim": "modellink_ckpt.loaders.optim:SOURCE",
+    "ms": "modellink_ckpt.loaders.ms:SOURCE",
+}
+TARGETS = {
+    "hf": "modellink_ckpt.savers.hf:TARGET",
+    "mg": "modellink_ckpt.savers.mg:TARGET",
+    "ms": "modellink_ckpt.savers.ms:TARGET",
+}
+DETECTION_ORDER = ("optim", "mg", "ms", "hf")  # the first source whose `detect` accepts a path
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceRequest:
+    """What the command line asks of a source (the argparse namespace stops in the CLI)."""
+
+    load_dir: Path
+    family: object                                  # model_cfg.ModelFamily
+    overrides: dict                                 # model settings from flags (qkv bias, MTP layers, ...)
+    config_dirs: tuple[Path, ...] = ()              # where an HF config.json may be found (vocabulary, sizes)
+    save_type: str = ""
+    noop_layers: str | None = None                  # a checkpoint's noop layers its args do not record
+    lora: dict | None = None                        # {load, r, alpha, target_modules, export}
+    options: dict = dataclasses.field(default_factory=dict)  # format-specific flags (MindSpore naming, strategy)
+    quiet: bool = False
+
+
+@dataclasses.dataclass
+class SourceInfo:
+    """What a source says about itself."""
+
+    dims: object                                    # model_cfg.ModelDims
+    dtype: torch.dtype
+    layout: object | None = None                    # layout.ParallelLayout of a Megatron source
+    tokenizer: Path | None = None                   # a tokenizer file the source records
+    padded_vocab: int | None = None
+    divisible_by: int | None = None                 # its vocabulary padding rule
+    lora: object | None = None                      # lora.LoraSpec to merge or export
+    lora_dir: Path | None = None
+    options: dict = dataclasses.field(default_factory=dict)  # format-specific facts for the loader
+
+
+class SourceFormat:
+    name = ""
+    description = ""
+    loader = ""  # "module:function" of load(plan, sender), run in the loader process
+
+    def describe(self, request: SourceRequest) -> SourceInfo:
+        raise NotImplementedError
+
+    def detect(self, path: Path) -> bool:
+        return False
+
+    def inspect(self, path: Path) -> dict:
+        """{field: value} for `convert_ckpt.py inspect` (format, family guess, layout, ...)."""
+        raise NotImplementedError
+
+    def load_function(self) -> Callable:
+        return _resolve(self.loader)
+
+
+class TargetFormat:
+    name = ""
+    description = ""
+    saver = ""  # "module:function" of save(plan, receiver), run in the saver process
+
+    def check(self, plan) -> None:
+        """Everything about the target that can be refused before writing (existing output, flags)."""
+
+    def files(self, plan) -> dict[str, int]:
+        """{file relative to the target: bytes} the conversion writes (--dry-run, free space)."""
+        raise NotImplementedError
+
+    def where(self, plan) -> str:
+        """The target, as the summary line names it."""
+        return str(plan.save_dir)
+
+    def save_function(self) -> Callable:
+        return _resolve(self.saver)
+
+
+def _resolve(spec: str):
+    module, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def source(name: str) -> SourceFormat:
+    if name not in SOURCES:
+        raise UsageError(f"--load-model-type {name}: unknown (known: {', '.join(SOURCES)})")
+    return _resolve(SOURCES[name])
+
+
+def target(name: str) -> TargetFormat:
+    if name not in TARGETS:
+        raise UsageError(f"--save-model-type {name}: unknown (known: {', '.join(TARGETS)})")
+    return _resolve(TARGETS[name])
+
+
+def detect(path: Path) -> str:
+    """The name of the source format `path` holds."""
+    for name in DETECTION_ORDER:
+        if source(name).detect(path):
+            return name
+    raise UsageError(f"{path}: not a checkpoint this tool recognises ({', '.join(SOURCES)})")

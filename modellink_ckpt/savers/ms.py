@@ -1,0 +1,229 @@
+"""Saver for MindSpore / MindFormers checkpoints: `.ckpt` or MindSpore safetensors (`--ms-format`),
+complete or distributed by a strategy file (`--dst-strategy`), in the family's MindSpore naming
+(`--ms-naming`: MindFormers mcore by default, or the legacy `convert_weight.py` names).
+
+Layout of `--save-dir`:
+- complete: `model.safetensors` (or shards `model-0000k-of-0000n.safetensors` + `param_name_map.json`
+  beyond `--max-shard-size`) or `model.ckpt`;
+- distributed: `rank_<r>/<prefix><r>.{safetensors,ckpt}` for every rank of the strategy, the
+  strategy file(s) under `strategy/`;
+- plus the model's HF `config.json` (the sizes a MindSpore checkpoint does not record) and the
+  manifest. The folder is staged and published whole.
+
+Every file's tensor list is planned from the model sizes before the first message arrives; each
+tensor is written (sliced per rank) as soon as it arrives, so memory holds one layer.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from modellink_ckpt import mapping, ms_names, registry
+from modellink_ckpt.errors import UsageError
+from modellink_ckpt.formats.ms_ckpt import MsCkptWriter
+from modellink_ckpt.formats.ms_strategy import Strategy, load_strategy
+from modellink_ckpt.formats.safetensors_io import SafetensorsWriter
+from modellink_ckpt.manifest import hash_files, write_manifest
+from modellink_ckpt.savers.hf import _hf_config, plan_shards
+from modellink_ckpt.staging import StagedDir, check_target
+
+NAME_MAP = "param_name_map.json"
+STRATEGY_DIR = "strategy"
+DEFAULT_PREFIX = "checkpoint_"
+
+
+def planned_tensors(plan, dtypes: mapping.TensorDtypes) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """Every MindSpore tensor in arrival order, with shape and dtype (from the model sizes)."""
+    naming = ms_names.load_naming(plan.family, plan.target_options["naming"])
+    return [(name, tuple(t.shape), t.dtype)
+            for _, _, tensors in ms_names.model_ms_tensors(naming, plan.family, plan.dims, dtypes)
+            for name, t in tensors.items()]
+
+
+def rank_tensors(entries, strategy: Strategy, rank: int):
+    """The (name, slice shape, dtype) that rank `rank` holds, in order."""
+    return [(name, tuple(b - a for a, b in strategy.slice_of(name, shape, rank)), dtype)
+            for name, shape, dtype in entries if strategy.holds(name, rank)]
+
+
+class _Files:
+    """The open output files and where each tensor (or its slices) goes."""
+
+    def __init__(self, folder: Path, plan, entries):
+        options = plan.target_options
+        self.folder, self.format = folder, options["format"]
+        self.strategy: Strategy | None = options.get("strategy_obj")
+        self.files: dict[str, tuple[int, str]] = {}
+        self.tensor_bytes = 0
+        self._writers: list[tuple[str, object, object]] = []  # (relative path, writer, rank or None)
+        suffix = ".ckpt" if self.format == "ckpt" else ".safetensors"
+        if self.strategy is not None:
+            prefix = options.get("prefix") or DEFAULT_PREFIX
+            for rank in range(self.strategy.world_size):
+                (folder / f"rank_{rank}").mkdir(parents=True, exist_ok=True)
+                name = f"rank_{rank}/{prefix}{rank}{suffix}"
+                self._writers.append((name, self._open(folder / name, rank_tensors(entries, self.strategy, rank)), rank))
+            self.shards = None
+        elif self.format == "ckpt":  # MindSpore loads a complete checkpoint from one .ckpt
+            name = options.get("file_name") or "model.ckpt"
+            self._writers.append((name, self._open(folder / name, entries), None))
+        else:
+            self.shards = plan_shards(entries, plan.max_shard_bytes)
+            names = [options.get("file_name") or "model.safetensors"] if len(self.shards) == 1 else \
+                [f"model-{k:05d}-of-{len(self.shards):05d}.safetensors" for k in range(1, len(self.shards) + 1)]
+            self._shard_of = {entry[0]: i for i, shard in enumerate(self.shards) for entry in shard}
+            self._names = names
+            self._open_shard = {}
+
+    def _open(self, path: Path, entries):
+        if self.format == "ckpt":
+            return MsCkptWriter(path)
+        return SafetensorsWriter(path, entries, metadata={"format": "ms"})
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if self.strategy is not None:
+            shape = tuple(tensor.shape)
+            for path, writer, rank in self._writers:
+                if self.strategy.holds(name, rank):
+                    ranges = self.strategy.slice_of(name, shape, rank)
+                    writer.add(name, tensor[tuple(slice(a, b) for a, b in ranges)])
+            return
+        if self.format == "ckpt":
+            self._writers[0][1].add(name, tensor)
+            return
+        index = self._shard_of[name]
+        if index not in self._open_shard:
+            self._open_shard[index] = self._open(self.folder / self._names[index], self.shards[index])
+        writer = self._open_shard[index]
+        writer.add(name, tensor)
+        if writer.complete:
+            self.files[self._names[index]] = writer.close()
+            self.tensor_bytes += writer.tensor_bytes
+            del self._open_shard[index]
+
+    def close(self) -> None:
+        for path, writer, _ in self._writers:
+            self.files[path] = writer.close()
+            self.tensor_bytes += writer.tensor_bytes
+        if self.strategy is None and self.format == "safetensors":
+            if self._open_shard:
+                raise RuntimeError("a planned safetensors shard was not completed")
+            if len(self.shards) > 1:  # MindSpore's unified-checkpoint index
+                weight_map = {e[0]: name for name, shard in zip(self._names, self.shards) for e in shard}
+                (self.folder / NAME_MAP).write_text(json.dumps(
+                    {"metadata": {"total_size": self.tensor_bytes}, "weight_map": weight_map}, indent=2) + "\n")
+
+    def abort(self) -> None:
+        for _, writer, _ in self._writers:
+            writer.abort()
+        for writer in getattr(self, "_open_shard", {}).values():
+            writer.abort()
+
+
+def save(plan, receiver) -> dict:
+    started = time.monotonic()
+    messages = iter(receiver)
+    meta = next(messages)
+    dtypes = mapping.TensorDtypes.from_meta(meta, cast=plan.params_dtype)
+    naming = ms_names.load_naming(plan.family, plan.target_options["naming"])
+    entries = planned_tensors(plan, dtypes)
+    staging = StagedDir(plan.save_dir, overwrite=plan.overwrite)
+    files = None
+    progress = tqdm(total=plan.dims.num_layers, desc="saving layers", unit="layer", disable=plan.quiet)
+    try:
+        files = _Files(staging.path, plan, entries)
+        for message in messages:  # (to the end: the receiver acknowledges "done" after it)
+            layer = message.get("layer")
+            typed = {name: dtypes.apply(message.kind, layer, name, t) for name, t in message.tensors.items()}
+            for name, tensor in ms_names.to_ms(naming, message.kind, layer, typed, plan.dims).items():
+                files.add(name, tensor)
+            if message.kind == "layer":
+                progress.update(1)
+        progress.close()
+        files.close()
+        extra = [NAME_MAP] if (staging.path / NAME_MAP).is_file() else []
+        config = _hf_config(plan, meta, dtypes.default)
+        (staging.path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        extra.append("config.json")
+        strategy_file = plan.target_options.get("strategy")
+        if strategy_file:
+            extra += _copy_strategy(Path(strategy_file), staging.path / STRATEGY_DIR)
+        write_manifest(staging.path, {**files.files, **hash_files(staging.path, extra)}, kind="ms",
+                       model_type_hf=plan.family.name, ms_format=files.format, ms_naming=naming.name,
+                       source={"type": plan.load_type, "dir": str(Path(plan.load_dir).resolve())},
+                       dtype=str(dtypes.default), world_size=files.strategy.world_size if files.strategy else None)
+        target = staging.publish()
+    except BaseException:
+        progress.close()
+        if files is not None:
+            files.abort()
+        staging.discard()
+        raise
+    return {"bytes": files.tensor_bytes, "seconds": time.monotonic() - started, "target": str(target),
+            "files": len(files.files)}
+
+
+def _copy_strategy(source: Path, folder: Path) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for path in ([source] if source.is_file() else sorted(p for p in source.iterdir() if p.is_file())):
+        shutil.copy2(path, folder / path.name)
+        copied.append(f"{STRATEGY_DIR}/{path.name}")
+    return copied
+
+
+class MsTargetFormat(registry.TargetFormat):
+    name = "ms"
+    description = "MindSpore / MindFormers checkpoint (.ckpt or safetensors; complete or distributed by a strategy)"
+    saver = "modellink_ckpt.savers.ms:save"
+
+    def check(self, plan) -> None:
+        options = plan.target_options
+        if options.get("format") not in ("safetensors", "ckpt"):
+            raise UsageError(f"--ms-format {options.get('format')}: expected safetensors or ckpt")
+        if plan.dims.mtp_num_layers:
+            raise UsageError("--save-model-type ms: multi-token-prediction layers are not supported")
+        if options.get("strategy"):
+            options["strategy_obj"] = load_strategy(options["strategy"], flag="--dst-strategy")
+        if Path(plan.save_dir).resolve() == Path(plan.load_dir).resolve():
+            raise UsageError("--save-dir must differ from --load-dir")
+        check_target(plan.save_dir, plan.overwrite)
+        entries = planned_tensors(plan, mapping.TensorDtypes(plan.params_dtype or plan.source_dtype))
+        strategy = options.get("strategy_obj")
+        if strategy is not None:
+            names = {name for name, _, _ in entries}
+            unknown = sorted(set(strategy.layouts) - names)
+            if unknown:
+                raise UsageError(f"--dst-strategy {strategy.source}: lays out '{unknown[0]}' ({len(unknown)} in all), "
+                                 f"which this model in naming '{options['naming']}' does not have")
+            for name, shape, _ in entries:
+                if name in strategy.layouts:
+                    strategy.layouts[name].check_shape(shape, name, strategy.source)
+
+    def files(self, plan) -> dict[str, int]:
+        options = plan.target_options
+        entries = planned_tensors(plan, mapping.TensorDtypes(plan.params_dtype or plan.source_dtype))
+        strategy = options.get("strategy_obj")
+        suffix = ".ckpt" if options["format"] == "ckpt" else ".safetensors"
+        if strategy is not None:
+            prefix = options.get("prefix") or DEFAULT_PREFIX
+            return {f"rank_{r}/{prefix}{r}{suffix}": sum(torch.Size(s).numel() * d.itemsize
+                                                          for _, s, d in rank_tensors(entries, strategy, r))
+                    for r in range(strategy.world_size)}
+        total = sum(torch.Size(s).numel() * d.itemsize for _, s, d in entries)
+        return {options.get("file_name") or f"model{suffix}": total}
+
+    def where(self, plan) -> str:
+        options = plan.target_options
+        strategy = options.get("strategy_obj")
+        layout = f"{strategy.world_size} ranks" if strategy else "complete"
+        return f"{plan.save_dir} (MindSpore {options['format']}, {options['naming']} names, {layout})"
+
+
+TARGET = MsTargetFormat()
