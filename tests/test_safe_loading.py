@@ -166,3 +166,52 @@ def test_training_args_written_back_under_their_own_names(tmp_path):
     back = torch.load(tmp_path / "written.pt", weights_only=False)["args"]
     assert back.model_type is ModelType.encoder_or_decoder and back.exit_signal is signal.SIGTERM
     assert back.params_dtype is torch.bfloat16 and np.array_equal(back.rng[1], args.rng[1])
+
+
+def _global(module: str, name: str) -> bytes:
+    return b"c" + f"{module}\n{name}\n".encode()
+
+
+def _getattr_pickle(builtins_name: str, owner: bytes, name: str) -> bytes:
+    """getattr(<owner global>, name) as protocol 2 writes it (Python versions that pickle enum
+    members by name)."""
+    return b"\x80\x02" + _global(builtins_name, "getattr") + owner + pickle.dumps(name, protocol=2)[2:-1] + b"\x86R."
+
+
+@pytest.mark.parametrize("data", [
+    pytest.param(b"\x80\x02" + _global("signal", "Signals") + b"K\x0f\x85R.", id="by-value"),
+    pytest.param(b"\x80\x02" + _global("signal", "SIGTERM") + b".", id="global-member"),
+    pytest.param(_getattr_pickle("__builtin__", _global("signal", "Signals"), "SIGTERM"), id="getattr-py2-name"),
+    pytest.param(_getattr_pickle("builtins", _global("signal", "Signals"), "SIGTERM"), id="getattr"),
+])
+def test_every_pickled_form_of_an_enum_member_loads(data):
+    """Python versions pickle enum members as Signals(15), as the global signal.SIGTERM, or as
+    getattr(Signals, "SIGTERM"): each is rebuilt by a member lookup."""
+    import signal
+
+    assert _restricted_load(data) is signal.SIGTERM
+
+
+def test_megatron_enum_member_by_name_round_trips(tmp_path):
+    from megatron.core.enums import ModelType
+
+    data = _getattr_pickle("__builtin__", _global("megatron.core.enums", "ModelType"), "encoder_or_decoder")
+    member = _restricted_load(data)
+    assert isinstance(member, Placeholder) and "encoder_or_decoder" in repr(member)
+    writer = StreamingTorchWriter(tmp_path / "x.pt")
+    writer.close({"args": argparse.Namespace(model_type=member)})
+    assert torch.load(tmp_path / "x.pt", weights_only=False)["args"].model_type is ModelType.encoder_or_decoder
+
+
+@pytest.mark.parametrize("data", [
+    pytest.param(_getattr_pickle("builtins", _global("signal", "Signals"), "__class__"), id="dunder-of-enum"),
+    pytest.param(_getattr_pickle("builtins", _global("megatron.core.enums", "ModelType"), "_missing_"),
+                 id="private-of-placeholder"),
+    pytest.param(_getattr_pickle("builtins", _global("collections", "OrderedDict"), "fromkeys"), id="method"),
+    pytest.param(b"\x80\x02" + _global("builtins", "getattr") + _global("signal", "Signals")
+                 + pickle.dumps("SIGTERM", protocol=2)[2:-1] + b"K\x00\x87R.", id="three-arguments"),
+    pytest.param(b"\x80\x02" + _global("signal", "SIGTERM") + b"K\x01\x85R.", id="calling-a-member"),
+])
+def test_getattr_serves_member_lookups_only(data):
+    with pytest.raises((UnsafeCheckpointError, TypeError)):
+        _restricted_load(data)

@@ -11,8 +11,10 @@ What a Megatron-LM / MindSpeed-LLM training run pickles, and how it is rebuilt:
 - torch dtypes, storages, tensors and parameters: through torch's own rebuild functions;
 - numpy arrays and dtypes (the numpy RNG state, pickled through `_codecs.encode`): as numpy objects;
 - members of the standard library's plain-value enums (`args.exit_signal = signal.SIGTERM` is a
-  `signal.Signals`): by a member lookup that takes exactly one value, never the enum's functional
-  API and never anything else from its module (`signal.signal`, `signal.raise_signal` are refused);
+  `signal.Signals`), in each way Python versions pickle them (`Signals(15)`, the global
+  `signal.SIGTERM`, `getattr(Signals, "SIGTERM")`): by a member lookup by value or name, never the
+  enum's functional API and never anything else from its module (`signal.signal`,
+  `signal.raise_signal` are refused; `getattr` serves member lookups only);
 - Megatron's and MindSpeed's own enums and classes (`ModelType`, `AttnBackend`, configs): inert
   placeholders holding their value; written back under the same name when a conversion stores
   the training run's args again (`repicklable`).
@@ -86,27 +88,57 @@ def _numpy_allowed() -> dict:
     return allowed
 
 
-def _member_lookup(enum_class: type[enum.Enum], source: str):
-    """Rebuilds a pickled enum member (`REDUCE(EnumClass, (value,))`) by looking the value up:
-    one positional value, nothing else (more arguments would be the functional API, which makes
-    new classes)."""
+class _MemberLookup:
+    """Stands for an allowed enum class in a pickle: calling it (`REDUCE(EnumClass, (value,))`) looks
+    a member up by value, one positional value and nothing else (more arguments would be the
+    functional API, which makes new classes); `getattr` on it looks a member up by name."""
 
-    def lookup(*args, **kwargs):
+    def __init__(self, enum_class: type[enum.Enum], source: str):
+        self.enum_class, self.source = enum_class, source
+
+    def _refuse(self, why: str) -> UnsafeCheckpointError:
+        qualname = f"{self.enum_class.__module__}.{self.enum_class.__qualname__}"
+        return UnsafeCheckpointError(f"{self.source}: refused to load: {qualname} {why}")
+
+    def __call__(self, *args, **kwargs):
         if len(args) != 1 or kwargs:
-            raise UnsafeCheckpointError(f"{source}: refused to load: {enum_class.__module__}.{enum_class.__qualname__} "
-                                        f"called with {len(args)} argument(s), not as a member lookup")
+            raise self._refuse(f"called with {len(args)} argument(s), not as a member lookup")
         try:
-            return enum_class(args[0])
+            return self.enum_class(args[0])
         except ValueError:
-            raise UnsafeCheckpointError(f"{source}: refused to load: {args[0]!r} is no member of "
-                                        f"{enum_class.__module__}.{enum_class.__qualname__}") from None
+            raise self._refuse(f"has no member {args[0]!r}") from None
 
-    return lookup
+    def by_name(self, name: str):
+        if name not in self.enum_class.__members__:
+            raise self._refuse(f"has no member named {name!r}")
+        return self.enum_class.__members__[name]
 
 
 # Plain-value enums of the standard library that training args hold (members only).
 _ENUMS = {("signal", cls.__name__): cls
           for cls in (signal.Signals, signal.Handlers, getattr(signal, "Sigmasks", None)) if cls is not None}
+
+# Their members by name (`signal.SIGTERM`: newer Pythons pickle global enum members that way).
+_ENUM_MEMBERS = {("signal", member.name): member for cls in _ENUMS.values() for member in cls}
+
+
+def _member_by_name(source: str):
+    """`getattr(EnumClass, "NAME")`, as some Python versions pickle enum members, rebuilt as a
+    member lookup by name: of an allowed enum (the member) or of a placeholder class (an inert
+    placeholder member); any other use of getattr is refused."""
+
+    def lookup(owner, name, *default):
+        if default or not isinstance(name, str):
+            raise UnsafeCheckpointError(f"{source}: refused to load: getattr used other than for an enum member")
+        if isinstance(owner, _MemberLookup):
+            return owner.by_name(name)
+        if is_placeholder_class(owner) and name.isidentifier() and not name.startswith("_"):
+            return owner.member(name)
+        raise UnsafeCheckpointError(f"{source}: refused to load: getattr({getattr(owner, '__name__', owner)!r}, "
+                                    f"{name!r}) is no enum member lookup")
+
+    return lookup
+
 
 # Modules whose globals could touch the system or run code: refused outright.
 _FORBIDDEN_ROOTS = {
@@ -136,7 +168,14 @@ class Placeholder:
 
     def __new__(cls, *args, **kwargs):
         obj = super().__new__(cls)
-        obj.args, obj.kwargs, obj.state, obj._called = args, kwargs, None, False
+        obj.args, obj.kwargs, obj.state, obj._called, obj._member = args, kwargs, None, False, None
+        return obj
+
+    @classmethod
+    def member(cls, name: str) -> "Placeholder":
+        """The enum member `name` of the class this stands for (pickled as `getattr(cls, name)`)."""
+        obj = cls.__new__(cls)
+        obj._member = name
         return obj
 
     def __init__(self, *args, **kwargs):
@@ -150,6 +189,8 @@ class Placeholder:
         cls = type(self)
         if not repicklable(cls) or self.kwargs:
             raise ConvertError(f"{self._qualname}: an object of an unknown class cannot be written back")
+        if self._member is not None:
+            return getattr, (cls, self._member)
         if self._called:
             return (cls, self.args) if self.state is None else (cls, self.args, self.state)
         import copyreg
@@ -157,14 +198,17 @@ class Placeholder:
         return (copyreg.__newobj__, (cls, *self.args)) + (() if self.state is None else (self.state,))
 
     def __repr__(self):
+        if self._member is not None:
+            return f"<{self._qualname}.{self._member}>"
         shown = ", ".join(map(repr, self.args))
         return f"<{self._qualname}({shown})>"
 
     def __eq__(self, other):
-        return type(self) is type(other) and self.args == other.args and self.state == other.state
+        return type(self) is type(other) and (self.args, self.state, self._member) == \
+            (other.args, other.state, other._member)
 
     def __hash__(self):
-        return hash((self._qualname, repr(self.args)))
+        return hash((self._qualname, repr(self.args), self._member))
 
 
 _placeholders: dict[str, type] = {}
@@ -199,7 +243,11 @@ class RestrictedUnpickler(pickle.Unpickler):
             found = self.allowed[key]
             return found if found is not None else placeholder_class(module, name)
         if key in _ENUMS:
-            return _member_lookup(_ENUMS[key], self.source)
+            return _MemberLookup(_ENUMS[key], self.source)
+        if key in _ENUM_MEMBERS:
+            return _ENUM_MEMBERS[key]
+        if key in (("builtins", "getattr"), ("__builtin__", "getattr")):
+            return _member_by_name(self.source)
         root = module.split(".")[0]
         if root in _FORBIDDEN_ROOTS:
             raise UnsafeCheckpointError(
