@@ -166,6 +166,39 @@ def verify(path: str | Path, manifest_check: bool = True) -> tuple[list[str], st
         return _verify_mg(path, manifest_check)
     if not (path / MANIFEST).is_file() and (path / "mg2hf" / MANIFEST).is_file():
         path = path / "mg2hf"
+    if (read_manifest(path) or {}).get("kind") == "ms":
+        return _verify_ms(path, manifest_check)
     if (path / "config.json").is_file():
         return _verify_hf(path, manifest_check)
     raise UsageError(f"--verify {path}: neither a Megatron checkpoint (no {TRACKER}) nor an HF folder")
+
+
+def _verify_ms(folder: Path, manifest_check: bool) -> tuple[list[str], str]:
+    """A MindSpore output: files against the manifest; every tensor the naming expects, with its
+    shape and dtype, in the complete file(s) or, sliced by the strategy, in every rank file."""
+    from modellink_ckpt import ms_names
+    from modellink_ckpt.formats.ms_strategy import load_strategy
+    from modellink_ckpt.loaders.ms import MsStore
+
+    manifest = read_manifest(folder)
+    problems = check_files(folder, manifest) if manifest_check else []
+    family = load_family(manifest.get("model_type_hf") or "llama2")
+    config = json.loads((folder / "config.json").read_text())
+    dims = dims_from_hf_config(family, config, source=str(folder / "config.json"))
+    naming = ms_names.load_naming(family, manifest.get("ms_naming") or "mcore")
+    expected = {name: (tuple(t.shape), t.dtype) for _, _, tensors in ms_names.model_ms_tensors(
+        naming, family, dims, TensorDtypes(_model_dtype(manifest, {}))) for name, t in tensors.items()}
+    expected = _with_odd_dtypes(expected, manifest)
+    strategies = sorted((folder / "strategy").glob("*")) if (folder / "strategy").is_dir() else []
+    try:
+        strategy = load_strategy(folder / "strategy") if strategies else None
+        store = MsStore(folder, strategy)
+        found = {name: store.shape_dtype(name) for name in store.names()}
+    except ConvertError as exc:
+        return problems + [str(exc)], "unreadable"
+    problems += _compare(str(folder), {n: (tuple(s), d) for n, (s, d) in found.items()}, expected)
+    total = (manifest or {}).get("total_bytes", 0)
+    layout = f"{strategy.world_size} rank files by the strategy" if strategy else "complete"
+    summary = (f"{len(manifest.get('files', {}))} files, {total / 1e9:.2f} GB, sha256 as in the manifest; "
+               f"{len(found)} tensors ({layout}) match MindSpore naming '{naming.name}' of config.json")
+    return problems, summary

@@ -209,22 +209,29 @@ def message_shapes(naming, family, dims):
         yield kind, layer, {name: tuple(t.shape) for name, t in ms_names.global_message(kind, layer, tensors).items()}
 
 
-def expected_names(naming, family, dims) -> set[str]:
-    expected = set()
+def expected_shapes(naming, family, dims) -> dict[str, tuple[int, ...]]:
+    expected = {}
     for kind, layer, tensors in mapping.model_messages(family, dims, torch.float32):
-        expected |= set(ms_names.to_ms(naming, kind, layer, tensors, dims))
+        expected.update({name: tuple(t.shape) for name, t in ms_names.to_ms(naming, kind, layer, tensors, dims).items()})
     return expected
 
 
 def check_accounted(store: MsStore, naming, family, dims) -> None:
-    """Every tensor of the checkpoint is one the naming expects or training state; nothing missing."""
-    expected = expected_names(naming, family, dims)
+    """Every tensor of the checkpoint is one the naming expects, with the expected shape, or is
+    training state; nothing is missing."""
+    expected = expected_shapes(naming, family, dims)
     present = set(store.names())
-    missing = sorted(expected - present)
+    for name in sorted(present & set(expected)):
+        shape = tuple(store.shape_dtype(name)[0])
+        if shape != expected[name]:
+            how = f" (assembled by the strategy {store.strategy.source})" if store.strategy else ""
+            raise ConvertError(f"{store.path}: '{name}' is {list(shape)}{how}; the model (config.json, naming "
+                               f"'{naming.name}') has {list(expected[name])}")
+    missing = sorted(set(expected) - present)
     if missing:
         raise ConvertError(f"{store.path}: tensor '{missing[0]}' ({len(missing)} in all) is missing for MindSpore "
                            f"naming '{naming.name}' of --model-type-hf {family.name}")
-    unexplained = sorted(name for name in present - expected if not ms_names.is_training_state(name)
+    unexplained = sorted(name for name in present - set(expected) if not ms_names.is_training_state(name)
                          and not _is_adapter(name))
     if unexplained:
         raise ConvertError(f"{store.path}: tensor '{unexplained[0]}' ({len(unexplained)} in all) is not explained by "

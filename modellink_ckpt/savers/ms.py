@@ -157,7 +157,8 @@ def save(plan, receiver) -> dict:
         write_manifest(staging.path, {**files.files, **hash_files(staging.path, extra)}, kind="ms",
                        model_type_hf=plan.family.name, ms_format=files.format, ms_naming=naming.name,
                        source={"type": plan.load_type, "dir": str(Path(plan.load_dir).resolve())},
-                       dtype=str(dtypes.default), world_size=files.strategy.world_size if files.strategy else None)
+                       dtype=str(dtypes.default), world_size=files.strategy.world_size if files.strategy else None,
+                       dtypes={name: str(dt) for name, _, dt in entries if dt != dtypes.default})
         target = staging.publish()
     except BaseException:
         progress.close()

@@ -1,0 +1,156 @@
+"""Checks run by the real MindSpore 2.10 / MindFormers 2.1.0 in the MindSpore test venv (test helper).
+
+    ms_check.py resave SRC DST              mindspore.load_checkpoint(SRC) written again by
+                                            mindspore.save_checkpoint to DST (.ckpt): what MindSpore read
+    ms_check.py transform SRC DST SRC_STRATEGY DST_STRATEGY FORMAT
+                                            mindspore.transform_checkpoints (strategy 'none': complete)
+    ms_check.py by-rank SRC_FILE DST_STRATEGY RANK OUT
+                                            mindspore.transform_checkpoint_by_rank of a complete checkpoint
+    ms_check.py unify SRC STRATEGY DST      mindspore.unified_safetensors (merge distributed safetensors)
+    ms_check.py merge-strategies SRC_DIR DST_FILE
+                                            mindspore.merge_pipeline_strategys
+    ms_check.py mf-qwen3 HF_CONFIG CKPT IDS OUT      MindFormers mcore Qwen3: strict load, logits
+    ms_check.py mf-llama HF_CONFIG CKPT IDS OUT [concat]
+                                            MindFormers legacy Llama: strict load, logits
+    ms_check.py lora-merge SRC_CKPT DST_DIR SCALING  MindFormers' tools/transform_ckpt_lora.py merge
+
+Nothing here imports torch or the converter.
+"""
+
+import json
+import os
+import sys
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _format(path):
+    return "safetensors" if path.endswith(".safetensors") else "ckpt"
+
+
+def resave(src, dst):
+    import mindspore as ms
+
+    params = ms.load_checkpoint(src, format=_format(src))
+    ms.save_checkpoint([{"name": name, "data": param} for name, param in params.items()], dst)
+    print(json.dumps(sorted(params)))
+
+
+def transform(src, dst, src_strategy, dst_strategy, fmt):
+    import mindspore as ms
+
+    none = lambda s: None if s == "none" else s  # noqa: E731
+    ms.transform_checkpoints(src, dst, "checkpoint_", none(src_strategy), none(dst_strategy),
+                             output_format=fmt)
+
+
+def by_rank(src_file, dst_strategy, rank, out):
+    import mindspore as ms
+
+    ms.transform_checkpoint_by_rank(int(rank), {0: src_file}, out, None, dst_strategy)
+
+
+def unify(src, strategy, dst):
+    import mindspore as ms
+
+    ms.unified_safetensors(src, strategy, dst)
+
+
+def merge_strategies(src_dir, dst_file):
+    import mindspore as ms
+
+    ms.merge_pipeline_strategys(src_dir, dst_file)
+
+
+def _run_logits(net, ckpt, ids_path, out):
+    import mindspore as ms
+
+    params = ms.load_checkpoint(ckpt, format=_format(ckpt))
+    missing, unused = ms.load_param_into_net(net, params, strict_load=True)
+    if missing or unused:
+        raise SystemExit(f"strict load failed: missing {missing[:5]}, unused {unused[:5]}")
+    ids = np.load(ids_path).astype(np.int32)
+    logits = net(ms.Tensor(ids, ms.int32))
+    logits = logits[0] if isinstance(logits, tuple) else logits
+    np.save(out, logits.asnumpy().astype(np.float32))
+
+
+def _hf(config_path):
+    with open(config_path) as f:
+        hf = json.load(f)
+    theta = (hf.get("rope_parameters") or {}).get("rope_theta") or hf.get("rope_theta", 10000.0)
+    return hf, theta
+
+
+def mf_qwen3(config_path, ckpt, ids_path, out):
+    sys.path.insert(0, HERE)
+    from mindformers.core.context.build_context import build_context
+
+    build_context({"use_legacy": False, "run_mode": "predict", "use_parallel": False,
+                   "context": {"mode": "GRAPH_MODE", "device_target": "CPU", "device_id": 0},
+                   "parallel": {}, "parallel_config": {}})
+    import mf_cpu_shims
+
+    mf_cpu_shims.apply()
+    from mindformers.models.qwen3.configuration_qwen3 import Qwen3Config
+    from mindformers.models.qwen3.modeling_qwen3_train import TrainingQwen3ForCausalLM
+
+    hf, theta = _hf(config_path)
+    seq = int(np.load(ids_path).shape[1])
+    config = Qwen3Config(
+        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
+        num_hidden_layers=hf["num_hidden_layers"], num_attention_heads=hf["num_attention_heads"],
+        num_key_value_heads=hf["num_key_value_heads"], head_dim=hf["head_dim"], max_position_embeddings=64,
+        seq_length=seq, rms_norm_eps=hf["rms_norm_eps"], rope_theta=theta,
+        tie_word_embeddings=hf.get("tie_word_embeddings", False), compute_dtype="float32", params_dtype="float32",
+        layernorm_compute_dtype="float32", softmax_compute_dtype="float32", rotary_dtype="float32",
+        use_interleaved_weight_layout_mlp=True)
+    net = TrainingQwen3ForCausalLM(config)
+    net.set_train(False)
+    _run_logits(net, ckpt, ids_path, out)
+
+
+def mf_llama(config_path, ckpt, ids_path, out, concat=""):
+    sys.path.insert(0, HERE)
+    import mindspore as ms
+
+    ms.set_context(mode=ms.GRAPH_MODE)
+    ms.set_device("CPU")
+    import mf_cpu_shims
+
+    mf_cpu_shims.apply_legacy()
+    from mindformers.models.llama import LlamaConfig, LlamaForCausalLM
+
+    hf, theta = _hf(config_path)
+    ids = np.load(ids_path)
+    config = LlamaConfig(
+        batch_size=ids.shape[0], seq_length=ids.shape[1], vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"], n_kv_heads=hf["num_key_value_heads"],
+        intermediate_size=hf["intermediate_size"], rms_norm_eps=hf["rms_norm_eps"], theta=theta,
+        max_position_embedding=64, use_flash_attention=False, fused_rms_norm=False, use_past=False,
+        compute_dtype="float32", layernorm_compute_type="float32", softmax_compute_type="float32",
+        rotary_dtype="float32", param_init_type="float32", qkv_concat=concat == "concat", tie_word_embeddings=False)
+    net = LlamaForCausalLM(config)
+    net.set_train(False)
+    _run_logits(net, ckpt, ids_path, out)
+
+
+def lora_merge(src_ckpt, dst_dir, scaling):
+    """MindFormers' own LoRA merge script, run as its users run it."""
+    import subprocess
+
+    import mindformers
+
+    script = os.path.join(os.path.dirname(mindformers.__file__), "tools", "transform_ckpt_lora.py")
+    subprocess.run([sys.executable, script, "--src_ckpt_path_or_dir", src_ckpt, "--dst_ckpt_dir", dst_dir,
+                    "--lora_scaling", scaling], check=True)
+
+
+COMMANDS = {"resave": resave, "transform": transform, "by-rank": by_rank, "unify": unify,
+            "merge-strategies": merge_strategies, "mf-qwen3": mf_qwen3, "mf-llama": mf_llama,
+            "lora-merge": lora_merge}
+
+if __name__ == "__main__":
+    COMMANDS[sys.argv[1]](*sys.argv[2:])

@@ -1,0 +1,319 @@
+"""MindSpore / MindFormers checkpoints without MindSpore: the ckpt and strategy codecs, every
+conversion direction bit-exact, distributed layouts by strategy, and one-line errors.
+
+The real MindSpore and MindFormers check the same files in test_mindspore_consumers.py.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from modellink_ckpt import mapping, ms_names
+from modellink_ckpt.demo_models import build_hf_checkpoint
+from modellink_ckpt.errors import ConvertError
+from modellink_ckpt.formats.ms_ckpt import MsCkptFile, MsCkptWriter, write_ckpt
+from modellink_ckpt.formats.ms_strategy import ParamLayout, load_strategy, write_strategy
+from modellink_ckpt.loaders.ms import MsStore
+from modellink_ckpt.model_cfg import load_family
+from ms_fixtures import write_model_strategy
+from test_reshard import assert_same_checkpoint, mg_to_mg
+from util import (assert_one_line_error, assert_same_tensors, hf_to_mg, load_hf_state, looks_complete, mg_to_hf,
+                  run_cli, run_convert)
+
+
+def hf_to_ms(hf, out, family, *flags) -> Path:
+    run_convert("--load-model-type", "hf", "--save-model-type", "ms", "--model-type-hf", family,
+                "--load-dir", hf, "--save-dir", out, *flags)
+    return Path(out)
+
+
+def ms_to(save_type, ms, out, family, *flags) -> Path:
+    run_convert("--load-model-type", "ms", "--save-model-type", save_type, "--model-type-hf", family,
+                "--load-dir", ms, "--save-dir", out, *flags)
+    return Path(out) / "mg2hf" if save_type == "hf" else Path(out)
+
+
+def read_store(path, strategy=None) -> dict[str, torch.Tensor]:
+    store = MsStore(path, load_strategy(strategy) if strategy else None)
+    return {name: store.read(name) for name in store.names()}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ms_hf")
+    built = {}
+
+    def get(family, dtype=torch.bfloat16):
+        key = (family, dtype)
+        if key not in built:
+            built[key] = build_hf_checkpoint(family, root / f"{family}-{str(dtype)[6:]}", dtype=dtype, num_layers=4,
+                                             tokenizer=False)
+        return built[key]
+    return get
+
+
+# ---- codecs -----------------------------------------------------------------------------------------
+
+
+def test_ckpt_codec_round_trip_with_slices_scalars_and_crc(tmp_path):
+    tensors = {"w": torch.randn(5, 7, dtype=torch.float32), "b": torch.randn(9).to(torch.bfloat16),
+               "s": torch.tensor(3.5), "e": torch.empty(0, 4, dtype=torch.float16), "i": torch.arange(6),
+               "t": torch.randn(7, 5).t()}
+    writer = MsCkptWriter(tmp_path / "x.ckpt", slice_bytes=24)  # every tensor over 24 bytes in pieces
+    for name, value in tensors.items():
+        writer.add(name, value)
+    writer.close()
+    opened = MsCkptFile(tmp_path / "x.ckpt")
+    opened.verify_crc()
+    assert len(opened.entries["w"][2]) == 6  # 140 bytes in 24-byte pieces
+    for name, value in tensors.items():
+        shape, dtype = opened.shape_dtype(name)
+        out = torch.empty(shape, dtype=dtype)
+        opened.read_rows(name, 0, shape[0] if shape else 1, out.view(shape) if shape else out)
+        assert dtype == value.dtype and torch.equal(out, value.contiguous()), name
+
+
+def test_ckpt_corruption_is_found(tmp_path):
+    path = tmp_path / "x.ckpt"
+    write_ckpt(path, {"w": torch.randn(64, 8)})
+    data = bytearray(path.read_bytes())
+    data[100] ^= 0x40
+    (tmp_path / "flipped.ckpt").write_bytes(data)
+    with pytest.raises(ConvertError, match="CRC check failed"):
+        MsCkptFile(tmp_path / "flipped.ckpt").verify_crc()
+    (tmp_path / "cut.ckpt").write_bytes(path.read_bytes()[:700])
+    with pytest.raises(ConvertError, match="truncated or corrupt"):
+        MsCkptFile(tmp_path / "cut.ckpt")
+
+
+@pytest.mark.parametrize("tensor_map, step, size, expected", [
+    ((0, -1), 0, 0, [(0, 4), (4, 8), (0, 4), (4, 8)]),
+    ((1, -1), 0, 0, [(0, 4), (0, 4), (4, 8), (4, 8)]),
+    ((0, -1), 2, 2, [(0, 2), (4, 6), (2, 4), (6, 8)]),
+    ((1, -1), 1, 2, [(0, 2), (2, 4), (4, 6), (6, 8)]),
+    ((-1, -1), 1, 4, [(0, 2), (2, 4), (4, 6), (6, 8)]),
+])
+def test_strategy_slices_match_mindspore(tmp_path, tensor_map, step, size, expected):
+    """The rows each rank holds of an 8-row tensor, dev_matrix [2, 2] (as MindSpore's
+    transform_checkpoints cuts them; see the MindSpore checks for the same against MindSpore)."""
+    write_strategy(tmp_path / "s.ckpt", {"w": ParamLayout((2, 2), tensor_map, step, size)})
+    strategy = load_strategy(tmp_path / "s.ckpt")
+    assert [strategy.slice_of("w", (8, 4), r)[0] for r in range(4)] == expected
+
+
+def test_strategy_json_and_per_stage_folder(tmp_path):
+    layouts = {"a": ParamLayout((1, 2), (0, -1), 0, 0, 0), "b": ParamLayout((1, 2), (-1, 0), 0, 0, 1)}
+    write_strategy(tmp_path / "merged.ckpt", layouts, merged=True)
+    folder = tmp_path / "ranks"
+    folder.mkdir()
+    write_strategy(folder / "ckpt_strategy_rank_0.ckpt", {"a": layouts["a"]}, stage=0)
+    write_strategy(folder / "ckpt_strategy_rank_2.ckpt", {"b": layouts["b"]}, stage=1)
+    as_json = {"current_stage": 0, "parallel_layout_item": {
+        "0-a": {"dev_matrix": [1, 2], "tensor_map": [0, -1], "opt_weight_shard_step": 0, "opt_weight_shard_size": 0},
+        "1-b": {"dev_matrix": [1, 2], "tensor_map": [-1, 0]}}}
+    (tmp_path / "s.json").write_text(json.dumps(as_json))
+    for source in (tmp_path / "merged.ckpt", folder, tmp_path / "s.json"):
+        strategy = load_strategy(source)
+        assert strategy.layouts == layouts and strategy.world_size == 4, source
+
+
+# ---- conversions ------------------------------------------------------------------------------------
+
+CASES = [
+    pytest.param("qwen3", "mcore", "safetensors", id="qwen3-mcore-safetensors"),
+    pytest.param("qwen3", "mcore", "ckpt", id="qwen3-mcore-ckpt"),
+    pytest.param("llama2", "legacy", "ckpt", id="llama-legacy-ckpt"),
+    pytest.param("qwen25", "legacy-concat", "safetensors", id="qwen25-legacy-concat", marks=pytest.mark.slow),
+    pytest.param("qwen25", "legacy", "ckpt", id="qwen25-legacy", marks=pytest.mark.slow),
+    pytest.param("mixtral", "mcore", "safetensors", id="mixtral-mcore"),
+    pytest.param("mixtral", "legacy", "ckpt", id="mixtral-legacy", marks=pytest.mark.slow),
+    pytest.param("qwen3-moe", "mcore", "ckpt", id="qwen3-moe-mcore", marks=pytest.mark.slow),
+    pytest.param("deepseek3", "mcore", "safetensors", id="deepseek3-mcore"),
+    pytest.param("deepseek3", "mcore", "ckpt", id="deepseek3-mcore-ckpt", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("family, naming, fmt", CASES)
+def test_hf_to_ms_to_hf_is_bit_exact(tmp_path, models, family, naming, fmt):
+    hf = models(family)
+    ms = hf_to_ms(hf, tmp_path / "ms", family, "--ms-format", fmt, "--ms-naming", naming)
+    assert ms_names.detect_naming(read_store(ms)) == naming
+    back = ms_to("hf", ms, tmp_path / "back", family)
+    assert_same_tensors(load_hf_state(hf), load_hf_state(back), f"{family} {naming} {fmt}")
+    for folder in (ms, back):
+        verified = run_cli("--verify", folder)
+        assert verified.returncode == 0, verified.stderr
+
+
+def test_mindformers_layouts_of_the_fused_tensors(tmp_path, models):
+    """mcore names with MindFormers' layouts: per-group qkv (as Megatron), fc1 rows interleaved
+    g0,u0,g1,u1,..., experts stacked transposed ([E*H, 2F] / [E*F, H]); DeepSeek-V3 MLA qkv
+    concatenated [q_a; kv_a] and kv norm named k_layernorm."""
+    hf = load_hf_state(models("mixtral", torch.float32))
+    ms = read_store(hf_to_ms(models("mixtral", torch.float32), tmp_path / "mix", "mixtral"))
+    gate = hf["model.layers.1.block_sparse_moe.experts.2.w1.weight"]
+    up = hf["model.layers.1.block_sparse_moe.experts.2.w3.weight"]
+    down = hf["model.layers.1.block_sparse_moe.experts.2.w2.weight"]
+    hidden, ffn = gate.shape[1], gate.shape[0]
+    weight1 = ms["decoder.layers.1.mlp.experts.weight1"].reshape(-1, hidden, 2 * ffn)
+    assert torch.equal(weight1[2], torch.cat([gate.t(), up.t()], dim=1))
+    assert torch.equal(ms["decoder.layers.1.mlp.experts.weight2"].reshape(-1, ffn, hidden)[2], down.t())
+
+    hf = load_hf_state(models("qwen3", torch.float32))
+    ms = read_store(hf_to_ms(models("qwen3", torch.float32), tmp_path / "q3", "qwen3"))
+    fc1 = ms["decoder.layers.0.mlp.linear_fc1.weight"]
+    assert torch.equal(fc1[0::2], hf["model.layers.0.mlp.gate_proj.weight"])
+    assert torch.equal(fc1[1::2], hf["model.layers.0.mlp.up_proj.weight"])
+
+    hf = load_hf_state(models("deepseek3", torch.float32))
+    ms = read_store(hf_to_ms(models("deepseek3", torch.float32), tmp_path / "ds", "deepseek3"))
+    assert torch.equal(ms["decoder.layers.0.self_attention.linear_qkv.weight"],
+                       torch.cat([hf["model.layers.0.self_attn.q_a_proj.weight"],
+                                  hf["model.layers.0.self_attn.kv_a_proj_with_mqa.weight"]]))
+    assert torch.equal(ms["decoder.layers.0.self_attention.k_layernorm.weight"],
+                       hf["model.layers.0.self_attn.kv_a_layernorm.weight"])
+
+
+TP2PP2 = ["--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2"]
+
+
+@pytest.mark.parametrize("family", ["llama2", pytest.param("mixtral", marks=pytest.mark.slow)])
+def test_mg_to_ms_to_mg_equals_direct(tmp_path, models, family):
+    hf = models(family)
+    mg = hf_to_mg(hf, tmp_path / "mg", family, *TP2PP2)
+    ms = run_convert("--load-model-type", "mg", "--save-model-type", "ms", "--model-type-hf", family,
+                     "--load-dir", mg, "--save-dir", tmp_path / "ms", "--ms-format", "ckpt")
+    assert ms["files"] == 1
+    back = ms_to("mg", tmp_path / "ms", tmp_path / "back", family, *TP2PP2)
+    assert_same_checkpoint(back, hf_to_mg(hf, tmp_path / "direct", family, *TP2PP2))
+
+
+def _strategy_for(tmp_path, hf, family, naming="mcore", **layout):
+    """A hand-written strategy for the MindSpore tensors of this model."""
+    family_cfg = load_family(family)
+    config = json.loads((Path(hf) / "config.json").read_text())
+    from modellink_ckpt.model_cfg import dims_from_hf_config
+
+    dims = dims_from_hf_config(family_cfg, config)
+    entries = [(name, tuple(t.shape)) for _, _, tensors in ms_names.model_ms_tensors(
+        ms_names.load_naming(family_cfg, naming), family_cfg, dims, mapping.TensorDtypes(torch.float32))
+        for name, t in tensors.items()]
+    name = "_".join(f"{k}{v}" for k, v in layout.items())
+    return write_model_strategy(tmp_path / f"strategy_{name}.ckpt", entries, dims.num_layers, **layout), entries
+
+
+LAYOUTS = {"mp2": dict(mp=2), "dp2mp2-opt": dict(dp=2, mp=2, opt_shard=True), "pp2mp2": dict(pp=2, mp=2)}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("family", ["qwen3", pytest.param("mixtral", marks=pytest.mark.slow)])
+def test_distributed_output_holds_the_strategy_slices(tmp_path, models, family, layout):
+    """hf -> distributed MindSpore: each rank file holds exactly its slices of the complete
+    checkpoint; the distributed checkpoint converts back to HF bit-exactly and to another
+    strategy (ms -> ms) equal to converting straight to that one."""
+    hf = models(family)
+    strategy, entries = _strategy_for(tmp_path, hf, family, **LAYOUTS[layout])
+    complete = read_store(hf_to_ms(hf, tmp_path / "complete", family))
+    dist = hf_to_ms(hf, tmp_path / "dist", family, "--dst-strategy", strategy, "--ms-format", "ckpt")
+    loaded = load_strategy(strategy)
+    assert sorted(p.name for p in dist.glob("rank_*")) == sorted(f"rank_{r}" for r in range(loaded.world_size))
+    for rank in range(loaded.world_size):
+        (path,) = (dist / f"rank_{rank}").glob("*.ckpt")
+        assert path.name == f"checkpoint_{rank}.ckpt"
+        opened = MsCkptFile(path)
+        for name, full in complete.items():
+            if not loaded.holds(name, rank):
+                assert name not in opened
+                continue
+            ranges = loaded.slice_of(name, tuple(full.shape), rank)
+            shape, dtype = opened.shape_dtype(name)
+            got = torch.empty(shape, dtype=dtype)
+            opened.read_rows(name, 0, shape[0], got)
+            assert torch.equal(got, full[tuple(slice(a, b) for a, b in ranges)]), (rank, name)
+    back = ms_to("hf", dist, tmp_path / "back", family, "--src-strategy", strategy)
+    assert_same_tensors(load_hf_state(hf), load_hf_state(back), f"{family} {layout}")
+    other, _ = _strategy_for(tmp_path, hf, family, mp=4)
+    resharded = ms_to("ms", dist, tmp_path / "resharded", family, "--src-strategy", strategy,
+                      "--dst-strategy", other)
+    direct = hf_to_ms(hf, tmp_path / "direct", family, "--dst-strategy", other)
+    for rank in range(4):
+        a = read_store(resharded / f"rank_{rank}")
+        b = read_store(direct / f"rank_{rank}")
+        assert_same_tensors(a, b, f"rank {rank}")
+    merged = ms_to("ms", dist, tmp_path / "merged", family, "--src-strategy", strategy)
+    assert_same_tensors(read_store(merged), complete, "distributed -> complete")
+
+
+# ---- bad input ----------------------------------------------------------------------------------------
+
+
+def _cli(*argv):
+    return run_cli("--model-type-hf", "qwen3", *argv)
+
+
+def test_bad_mindspore_input_is_one_line(tmp_path, models):
+    hf = models("qwen3")
+    strategy, _ = _strategy_for(tmp_path, hf, "qwen3", mp=2)
+    dist = hf_to_ms(hf, tmp_path / "dist", "qwen3", "--dst-strategy", strategy, "--ms-format", "ckpt")
+    complete = hf_to_ms(hf, tmp_path / "complete", "qwen3", "--ms-format", "ckpt")
+    cases = {}
+    # a truncated ckpt, and one with a flipped byte (CRC)
+    cut = Path(shutil.copytree(complete, tmp_path / "cut"))
+    data = (cut / "model.ckpt").read_bytes()
+    (cut / "model.ckpt").write_bytes(data[:len(data) // 2])
+    cases["truncated"] = (["--load-dir", cut], "truncated or corrupt")
+    flipped = Path(shutil.copytree(complete, tmp_path / "flipped"))
+    data = bytearray((flipped / "model.ckpt").read_bytes())
+    data[len(data) // 2] ^= 1
+    (flipped / "model.ckpt").write_bytes(data)
+    cases["crc"] = (["--load-dir", flipped], "CRC check failed")
+    # distributed: no strategy, an empty strategy, a strategy for other shapes, a missing rank file,
+    # both formats in one rank folder
+    cases["no strategy"] = (["--load-dir", dist], "needs --src-strategy")
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    cases["empty strategy"] = (["--load-dir", dist, "--src-strategy", tmp_path / "empty.ckpt"], "empty strategy")
+    wrong, _ = _strategy_for(tmp_path, hf, "qwen3", mp=4)
+    cases["other strategy"] = (["--load-dir", dist, "--src-strategy", wrong], "rank_2 is missing")
+    other_mp2 = tmp_path / "rows.ckpt"
+    write_strategy(other_mp2, {"embedding.word_embeddings.weight": ParamLayout((2,), (-1, 0))})
+    cases["disagreeing strategy"] = (["--load-dir", dist, "--src-strategy", other_mp2], "strategy")
+    missing = Path(shutil.copytree(dist, tmp_path / "missing"))
+    shutil.rmtree(missing / "rank_1")
+    cases["missing rank"] = (["--load-dir", missing, "--src-strategy", strategy], "rank_1 is missing")
+    both = Path(shutil.copytree(dist, tmp_path / "both"))
+    (both / "rank_0" / "extra.safetensors").write_bytes(b"")
+    cases["both formats"] = (["--load-dir", both, "--src-strategy", strategy], "both .ckpt and .safetensors")
+    for what, (flags, message) in cases.items():
+        out = tmp_path / f"out-{what.replace(' ', '-')}"
+        result = _cli("--load-model-type", "ms", "--save-model-type", "hf", *flags, "--save-dir", out)
+        line = assert_one_line_error(result.returncode, result.stderr, what)
+        assert message in line, (what, line)
+        assert not looks_complete(out), what
+    # a target strategy for another model: rows that do not divide, a tensor the model lacks
+    odd_rows = tmp_path / "odd.ckpt"
+    write_strategy(odd_rows, {"embedding.word_embeddings.weight": ParamLayout((2,), (0, -1))})  # 503 rows
+    stranger = tmp_path / "stranger.ckpt"
+    write_strategy(stranger, {"decoder.layers.9.mlp.linear_fc1.weight": ParamLayout((2,), (0, -1))})
+    for bad, message in ((odd_rows, "does not split into [2, 1] equal slices"), (stranger, "does not have")):
+        result = _cli("--load-model-type", "hf", "--save-model-type", "ms", "--load-dir", hf, "--dst-strategy", bad,
+                      "--save-dir", tmp_path / "out-dst")
+        assert message in assert_one_line_error(result.returncode, result.stderr)
+        assert not looks_complete(tmp_path / "out-dst")
+
+
+def test_unexplained_mindspore_tensor_is_refused(tmp_path, models):
+    """A tensor no rule of the naming explains stops the conversion and is named; training state
+    (optimizer moments, step counters) is recognised and left out."""
+    ms = hf_to_ms(models("qwen3"), tmp_path / "ms", "qwen3", "--ms-format", "ckpt")
+    state = read_store(ms)
+    write_ckpt(ms / "model.ckpt", {**state, "adam_m.decoder.final_layernorm.weight": torch.zeros(64),
+                                   "global_step": torch.tensor(3)})
+    out = ms_to("hf", ms, tmp_path / "ok", "qwen3")
+    assert "model.norm.weight" in load_hf_state(out)
+    write_ckpt(ms / "model.ckpt", {**state, "decoder.layers.0.mlp.extra_bias": torch.zeros(4)})
+    result = _cli("--load-model-type", "ms", "--save-model-type", "hf", "--load-dir", ms,
+                  "--save-dir", tmp_path / "bad")
+    assert "decoder.layers.0.mlp.extra_bias" in assert_one_line_error(result.returncode, result.stderr)
