@@ -13,6 +13,8 @@ Steps (all selected ones run in one invocation, after the page cache has been wa
   hf2mg  HF -> Megatron-Core at --layout (default TP2PP2; MoE shapes TP2PP2EP2)
   mg2hf  the source checkpoint (TP2PP2; MoE TP2PP2EP2) -> HF, into a fresh folder holding a copy of config.json
   mg2mg  the source checkpoint -> --mg2mg-layout (default TP1PP4; MoE shapes TP1PP4EP4)
+  hf2ms  HF -> a complete MindSpore safetensors checkpoint (MindFormers mcore names)
+  ms2hf  that MindSpore checkpoint -> HF
 
 For every run the whole process tree (the command and all its descendants) is sampled from /proc
 every --interval seconds; the table reports the peak of the summed RSS and of the summed PSS.
@@ -67,7 +69,7 @@ SHAPES = {
                       num_attention_heads=8, num_key_value_heads=4, vocab_size=1024, max_position_embeddings=512,
                       rms_norm_eps=1e-05, rope_theta=1000000.0, num_local_experts=4, num_experts_per_tok=2),
 }
-STEPS = ("copy", "hf2mg", "mg2hf", "mg2mg")
+STEPS = ("copy", "hf2mg", "mg2hf", "mg2mg", "hf2ms", "ms2hf")
 # Per family: the default layouts (TP, PP, EP) of hf2mg (--layout) and of mg2mg (--mg2mg-layout), and the
 # Megatron checkpoint mg2hf and mg2mg start from. Dense: TP2PP2, TP1PP4 and TP2PP2; MoE: the same with
 # the experts spread over EP2 (hf2mg, source) and EP4 (mg2mg: TP1PP4EP4, each rank file holds 1/16 of
@@ -481,6 +483,10 @@ def mg_complete(folder: Path, tp: int, pp: int, ep: int = 1) -> bool:
                for t in range(tp) for p in range(pp) for e in range(ep))
 
 
+def ms_complete(folder: Path) -> bool:
+    return (folder / "convert_manifest.json").is_file() and any(folder.glob("model*.safetensors"))
+
+
 def hf_complete(folder: Path) -> bool:
     out = folder / "mg2hf"
     if not (out / "config.json").is_file() or not list(out.glob("model*.safetensors")):
@@ -555,6 +561,7 @@ class Bench:
         self.hf = self.work / f"hf-{shape_name}"
         self.runs = self.work / f"runs-{shape_name}"
         self.mg_src = self.runs / f"mg-src-{self.name(self.source).lower()}"
+        self.ms_src = self.runs / "ms-src"
         self.converter = [sys.executable, str(Path(args.converter).resolve())]
         self.layers = shape["num_hidden_layers"]
 
@@ -588,6 +595,22 @@ class Bench:
             log(f"could not make the source checkpoint (rc {run['rc']}):\n{run['output_tail']}")
         return ok
 
+    def hf2ms_cmd(self, out: Path) -> list[str]:
+        return self.convert_cmd("--load-model-type", "hf", "--save-model-type", "ms", "--load-dir", self.hf,
+                                "--save-dir", out)
+
+    def ensure_ms_source(self) -> bool:
+        """The MindSpore checkpoint ms2hf reads (kept from hf2ms, else made untimed)."""
+        if ms_complete(self.ms_src):
+            return True
+        remove(self.ms_src)
+        log("making the MindSpore source checkpoint (untimed)")
+        run = measure(self.hf2ms_cmd(self.ms_src), self.runs, self.args.interval, self.args.settle)
+        ok = run["rc"] == 0 and ms_complete(self.ms_src)
+        if not ok:
+            log(f"could not make the MindSpore source checkpoint (rc {run['rc']}):\n{run['output_tail']}")
+        return ok
+
     def step(self, key: str) -> dict:
         layout, layout2 = self.args.layout, self.args.mg2mg_layout
         if key == "copy":
@@ -610,6 +633,17 @@ class Bench:
             def prepare():
                 out.mkdir(parents=True)
                 shutil.copy2(self.hf / "config.json", out / "config.json")
+        elif key == "hf2ms":
+            label, source, out = "hf→ms (MindSpore safetensors, complete)", self.hf, self.runs / "ms-out"
+            cmd = self.hf2ms_cmd(out)
+            complete = lambda: ms_complete(out)  # noqa: E731
+            prepare = None
+        elif key == "ms2hf":
+            label, source, out = "ms→hf", self.ms_src, self.runs / "hf-from-ms"
+            cmd = self.convert_cmd("--load-model-type", "ms", "--save-model-type", "hf", "--load-dir", self.ms_src,
+                                   "--save-dir", out)
+            complete = lambda: hf_complete(out)  # noqa: E731
+            prepare = None
         else:
             label = f"mg→mg {self.name(self.source)}→{self.name(layout2)}"
             source, out = self.mg_src, self.runs / f"mg-{self.name(layout2).lower()}"
@@ -620,6 +654,10 @@ class Bench:
         if "--num-layer-list" in cmd:
             label += " (" + cmd[cmd.index("--num-layer-list") + 1] + ")"
         result = {"step": key, "label": label, "command": shown(cmd), "runs": []}
+        if source == self.ms_src and not self.ensure_ms_source():
+            result["status"] = "FAILED"
+            result["error"] = "no MindSpore source checkpoint (hf→ms failed)"
+            return result
         if source == self.mg_src and not self.ensure_mg_source():
             result["status"] = "FAILED"
             result["error"] = f"no source checkpoint (hf→mg {self.name(self.source)} failed)"
@@ -632,7 +670,7 @@ class Bench:
             read_cache(source)
             run = measure(cmd, self.runs, self.args.interval, self.args.settle)
             run["complete"] = run["rc"] == 0 and complete()
-            written = out / "mg2hf" if key == "mg2hf" else out
+            written = out / "mg2hf" if key in ("mg2hf", "ms2hf") else out
             run["bytes"], run["largest_file_bytes"] = dir_bytes(written), largest_file(written)
             result["runs"].append(run)
             state = "ok" if run["complete"] else f"FAILED (rc {run['rc']}{', output incomplete' if run['rc'] == 0 else ''})"
@@ -645,6 +683,8 @@ class Bench:
                 log("  " + run["output_tail"].strip().replace("\n", "\n  "))
             if keep_as_source and run["complete"] and not self.mg_src.exists():
                 os.replace(out, self.mg_src)
+            elif key == "hf2ms" and run["complete"] and not self.ms_src.exists():
+                os.replace(out, self.ms_src)
             else:
                 remove(out)
         good = [r for r in result["runs"] if r["complete"]]

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import os
 import re
+import resource
 import shutil
 import sys
 import time
@@ -102,13 +103,16 @@ def build_parser() -> argparse.ArgumentParser:
                          "without it the checkpoint is complete")
     ms.add_argument("--ms-prefix", default="checkpoint_",
                     help="file name prefix of distributed output: rank_<r>/<prefix><r>.<format>")
-    lora = p.add_argument_group("LoRA (with --load-model-type mg)")
+    lora = p.add_argument_group("LoRA (with --load-model-type mg or ms)")
     lora.add_argument("--lora-load", type=Path, default=None,
                       help="LoRA checkpoint (full or adapters only) to merge into the --load-dir base")
     lora.add_argument("--lora-r", type=int, default=None, help="LoRA rank (default: the one the checkpoint records)")
     lora.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the recorded one)")
     lora.add_argument("--lora-target-modules", nargs="*", default=None,
                       help="linear_qkv linear_proj linear_fc1 linear_fc2 (default: the recorded ones, else all four)")
+    lora.add_argument("--lora-scaling", type=float, default=None,
+                      help="MindSpore sources: merge MindFormers LoRA adapters with W + scaling * B @ A "
+                           "(MindFormers' convention; or give --lora-r and --lora-alpha)")
     lora.add_argument("--save-lora-to-hf", action="store_true",
                       help="export only the adapters, as a PEFT adapter folder in <save-dir>/mg2hf")
     lora.add_argument("--load-checkpoint-loosely", action="store_true",
@@ -178,9 +182,11 @@ def _unsupported(args) -> None:
         if value is not None and not (args.load_model_type == "optim" and args.save_model_type == "mg"):
             raise UsageError(f"{flag}: only for --load-model-type optim --save-model-type mg (it shapes the "
                              f"optimizer state, not the weights)")
-    lora_flags = args.lora_load or args.save_lora_to_hf or args.lora_r is not None
-    if lora_flags and args.load_model_type != "mg":
-        raise UsageError("--lora-load / --lora-r / --save-lora-to-hf need --load-model-type mg")
+    lora_flags = args.lora_load or args.save_lora_to_hf or args.lora_r is not None or args.lora_scaling is not None
+    if lora_flags and args.load_model_type not in ("mg", "ms"):
+        raise UsageError("--lora-load / --lora-r / --lora-scaling / --save-lora-to-hf need --load-model-type mg or ms")
+    if args.lora_scaling is not None and args.load_model_type != "ms":
+        raise UsageError("--lora-scaling: MindFormers' LoRA scaling, for --load-model-type ms (Megatron: --lora-alpha)")
     if args.save_lora_to_hf and args.save_model_type != "hf":
         raise UsageError("--save-lora-to-hf writes a PEFT adapter: use it with --save-model-type hf")
     if args.save_lora_to_hf and args.load_hf_from_config:
@@ -202,8 +208,8 @@ def _expert_layout(args) -> str:
 def source_request(args, family) -> registry.SourceRequest:
     """The source's part of the command line."""
     lora = None
-    if args.lora_load or args.save_lora_to_hf or args.lora_r is not None:
-        lora = {"load": args.lora_load, "r": args.lora_r, "alpha": args.lora_alpha,
+    if args.lora_load or args.save_lora_to_hf or args.lora_r is not None or args.lora_scaling is not None:
+        lora = {"load": args.lora_load, "r": args.lora_r, "alpha": args.lora_alpha, "scaling": args.lora_scaling,
                 "target_modules": args.lora_target_modules, "export": args.save_lora_to_hf}
     return registry.SourceRequest(
         load_dir=args.load_dir, family=family, save_type=args.save_model_type, quiet=args.quiet,
@@ -211,7 +217,7 @@ def source_request(args, family) -> registry.SourceRequest:
                    "mtp_num_layers": args.mtp_num_layers},
         config_dirs=tuple(d for d in (args.hf_cfg_dir, args.save_dir) if d is not None),
         noop_layers=args.noop_layers if args.save_model_type == "hf" else None, lora=lora,
-        options={"naming": args.ms_naming, "src_strategy": args.src_strategy}
+        options={"naming": args.ms_naming, "src_strategy": args.src_strategy, "lora": lora}
         if args.load_model_type == "ms" else {})
 
 
@@ -411,16 +417,23 @@ def inspect_main(argv: list[str]) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def summary_line(result: dict) -> str:
+    """The one line a finished conversion ends with."""
+    seconds = result["wall_seconds"]
+    if "peak_rss_loader" in result:  # the loader and saver processes
+        peaks = (result["peak_rss_loader"], result.get("peak_rss_saver", 0))
+        memory = f"peak memory loader {_gb(peaks[0])} / saver {_gb(peaks[1])} (max {_gb(max(peaks))})"
+    else:  # done in this process
+        memory = f"peak memory {_gb(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)}"
+    return (f"done: wrote {_gb(result['bytes'])} in {result['files']} file(s) to {result['describe']} "
+            f"in {seconds:.1f} s ({result['bytes'] / 1e9 / max(seconds, 1e-9):.2f} GB/s), {memory}")
+
+
+def run_guarded(action) -> int:
+    """Run `action()` (a result dict to summarise, or an exit code) with the error contract: one
+    line on stderr and a non-zero exit, a traceback only with CONVERT_CKPT_DEBUG=1."""
     try:
-        if argv[:1] == ["inspect"]:
-            return inspect_main(argv[1:])
-        if argv[:1] == ["verify"] or "--verify" in argv:
-            return verify_main(argv)
-        result = convert(argv, start_method="fork")
-        if result.get("dry_run"):
-            return 0
+        result = action()
     except ConvertError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -433,13 +446,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: internal error: {type(exc).__name__}: {exc} (set CONVERT_CKPT_DEBUG=1 for the traceback)",
               file=sys.stderr)
         return 1
-    seconds = result["wall_seconds"]
-    peak = max(result.get("peak_rss_loader", 0), result.get("peak_rss_saver", 0))
-    print(f"done: wrote {_gb(result['bytes'])} in {result['files']} file(s) to {result['describe']} "
-          f"in {seconds:.1f} s ({result['bytes'] / 1e9 / max(seconds, 1e-9):.2f} GB/s), "
-          f"peak memory loader {_gb(result.get('peak_rss_loader', 0))} / saver {_gb(result.get('peak_rss_saver', 0))}"
-          f" (max {_gb(peak)})")
+    if isinstance(result, int):
+        return result
+    if not result.get("dry_run"):
+        print(summary_line(result))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["inspect"]:
+        return inspect_main(argv[1:])
+    if argv[:1] == ["verify"] or "--verify" in argv:
+        return verify_main(argv)
+    return run_guarded(lambda: convert(argv, start_method="fork"))
 
 
 if __name__ == "__main__":

@@ -158,3 +158,17 @@ def test_mindformers_legacy_llama_matches_hf(tmp_path, hf_models, naming):
     assert diff <= 1e-4
     back = ms_to("hf", ms, tmp_path / "back", "llama2")
     assert_same_tensors(load_hf_state(hf), load_hf_state(back), naming)
+
+
+@pytest.mark.parametrize("style, naming, family, targets", [
+    ("mcore", "mcore", "qwen3", "MCORE_TARGETS"), ("mindpet", "legacy", "llama2", "LEGACY_TARGETS")])
+def test_our_lora_merge_equals_mindformers_tool(tmp_path, hf_models, style, naming, family, targets):
+    """MindFormers' own tools/transform_ckpt_lora.py and our merge give the same weights."""
+    import test_mindspore_format as F
+
+    ms = hf_to_ms(hf_models(family), tmp_path / "ms", family, "--ms-format", "ckpt", "--ms-naming", naming)
+    F.add_adapters(ms, style, getattr(F, targets))
+    run_ms("lora-merge", ms / "model.ckpt", tmp_path / "theirs", "4", cwd=tmp_path / "run")
+    ours = ms_to("ms", ms, tmp_path / "ours", family, "--lora-scaling", "4", "--ms-format", "ckpt", "--ms-naming", naming)
+    theirs = read_store(next((tmp_path / "theirs").glob("*.ckpt")))
+    assert_same_tensors(read_store(ours), theirs, f"{style} merge")

@@ -317,3 +317,138 @@ def test_unexplained_mindspore_tensor_is_refused(tmp_path, models):
     result = _cli("--load-model-type", "ms", "--save-model-type", "hf", "--load-dir", ms,
                   "--save-dir", tmp_path / "bad")
     assert "decoder.layers.0.mlp.extra_bias" in assert_one_line_error(result.returncode, result.stderr)
+
+
+# ---- LoRA ---------------------------------------------------------------------------------------------
+
+
+def add_adapters(ms_dir: Path, style: str, targets, r: int = 4, seed: int = 0) -> dict:
+    """Random adapters (`style`: mcore `.lora_A.weight`, `mindpet` or `tk` deltas) on the MindSpore
+    tensors `targets` of the complete ckpt in `ms_dir`; returns {base: (A, B)}."""
+    suffixes = {"mcore": (".lora_A.weight", ".lora_B.weight"), "mindpet": (".mindpet_delta_lora_a", ".mindpet_delta_lora_b"),
+                "tk": (".tk_delta_lora_a", ".tk_delta_lora_b")}[style]
+    state = read_store(ms_dir)
+    gen = torch.Generator().manual_seed(seed)
+    added = {}
+    for base in targets:
+        out, inp = state[base].shape
+        a = (torch.randn(r, inp, generator=gen) * 0.1).to(state[base].dtype)
+        b = (torch.randn(out, r, generator=gen) * 0.1).to(state[base].dtype)
+        stem = base[:-len(".weight")]
+        state[stem + suffixes[0]], state[stem + suffixes[1]] = a, b
+        added[base] = (a, b)
+    write_ckpt(next(ms_dir.glob("model.ckpt")), state)
+    return added
+
+
+MCORE_TARGETS = ["decoder.layers.0.self_attention.linear_qkv.weight", "decoder.layers.1.mlp.linear_fc1.weight",
+                 "decoder.layers.1.self_attention.linear_proj.weight"]
+LEGACY_TARGETS = ["model.layers.0.attention.wq.weight", "model.layers.1.feed_forward.w1.weight",
+                  "model.layers.1.attention.wo.weight"]
+
+
+@pytest.mark.parametrize("style, naming, family, targets", [
+    ("mcore", "mcore", "qwen3", MCORE_TARGETS),
+    ("mindpet", "legacy", "llama2", LEGACY_TARGETS),
+    ("tk", "legacy", "llama2", LEGACY_TARGETS),
+])
+def test_mindformers_lora_merge_and_export(tmp_path, models, style, naming, family, targets):
+    """Adapters merged as MindFormers merges them (W + scaling * B @ A, in fp32, in W's dtype) at
+    any target; exported as a PEFT adapter that peft loads, whose merge gives the same HF weights."""
+    hf = models(family, torch.float32)
+    ms = hf_to_ms(hf, tmp_path / "ms", family, "--ms-format", "ckpt", "--ms-naming", naming)
+    base = read_store(ms)
+    adapters = add_adapters(ms, style, targets)
+    scaling = 0.5
+    merged = ms_to("ms", ms, tmp_path / "merged", family, "--lora-scaling", scaling, "--ms-format", "ckpt",
+                   "--ms-naming", naming)
+    got = read_store(merged)
+    for name, weight in base.items():
+        want = weight if name not in adapters else weight + scaling * adapters[name][1] @ adapters[name][0]
+        assert torch.equal(got[name], want.to(weight.dtype)), name
+    # unmerged adapters are refused by name; r/alpha work like --lora-scaling
+    result = _cli("--load-model-type", "ms", "--save-model-type", "hf", "--load-dir", ms, "--save-dir",
+                  tmp_path / "refused", "--model-type-hf", family)
+    assert "holds LoRA adapters" in assert_one_line_error(result.returncode, result.stderr)
+    merged_hf = ms_to("hf", ms, tmp_path / "merged_hf", family, "--lora-r", 4, "--lora-alpha", 2)
+    plain_hf = ms_to("hf", merged, tmp_path / "plain_hf", family)
+    assert_same_tensors(load_hf_state(merged_hf), load_hf_state(plain_hf), "r/alpha = scaling")
+
+    run_convert("--load-model-type", "ms", "--save-model-type", "hf", "--model-type-hf", family, "--load-dir", ms,
+                "--save-dir", tmp_path / "adapter", "--save-lora-to-hf", "--lora-scaling", scaling)
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
+    peft_merged = PeftModel.from_pretrained(model, tmp_path / "adapter" / "mg2hf").merge_and_unload().state_dict()
+    for name, tensor in load_hf_state(merged_hf).items():
+        assert torch.allclose(peft_merged[name], tensor, atol=1e-6, rtol=0), name
+
+
+# ---- MindFormers users' command lines -------------------------------------------------------------------
+
+
+def _script(name, *argv):
+    import subprocess
+    import sys
+
+    from util import ROOT
+
+    return subprocess.run([sys.executable, str(ROOT / name), *map(str, argv), "--quiet"], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)
+
+
+def test_convert_weight_command_line(tmp_path, models):
+    """`convert_weight.py --model llama --input_path HF --output_path X.ckpt` and back with
+    --reversed (to a torch state dict file, as MindFormers writes, and to an HF folder)."""
+    hf = models("llama2")
+    out = tmp_path / "ms_weights" / "llama.ckpt"
+    out.parent.mkdir()
+    result = _script("convert_weight.py", "--model", "llama", "--input_path", hf, "--output_path", out)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.parent.iterdir()) == ["llama.ckpt"]
+    assert "model.layers.0.attention.wq.weight" in read_store(out)
+    back = tmp_path / "llama.bin"
+    result = _script("convert_weight.py", "--model", "llama", "--reversed", "--input_path", out, "--output_path", back,
+                     "--config", Path(hf) / "config.json")
+    assert result.returncode == 0, result.stderr
+    assert_same_tensors(load_hf_state(hf), torch.load(back, weights_only=True), "convert_weight --reversed")
+    result = _script("convert_weight.py", "--model", "llama", "--reversed", "--input_path", out,
+                     "--output_path", tmp_path / "hf_back", "--config", hf, "--dtype", "fp32")
+    assert result.returncode == 0, result.stderr
+    assert {t.dtype for t in load_hf_state(tmp_path / "hf_back").values()} == {torch.float32}
+    # one-line errors: an unknown model, an existing output, no config for --reversed
+    for argv, message in ((["--model", "glm-n", "--input_path", hf, "--output_path", tmp_path / "x.ckpt"], "--model glm-n"),
+                          (["--model", "llama", "--input_path", hf, "--output_path", out], "already exists"),
+                          (["--model", "llama", "--reversed", "--input_path", out, "--output_path", tmp_path / "y"],
+                           "config.json")):
+        result = _script("convert_weight.py", *argv)
+        assert message in assert_one_line_error(result.returncode, result.stderr), argv
+
+
+def test_transform_checkpoint_command_line(tmp_path, models):
+    """`transform_checkpoint.py` splits a complete checkpoint by a strategy, re-shards and merges,
+    tensor by tensor, equal to the converter's own distributed output."""
+    hf = models("qwen3")
+    mp2, _ = _strategy_for(tmp_path, hf, "qwen3", mp=2)
+    pp2, _ = _strategy_for(tmp_path, hf, "qwen3", pp=2, mp=2)
+    complete = hf_to_ms(hf, tmp_path / "complete", "qwen3", "--ms-format", "ckpt")
+    result = _script("transform_checkpoint.py", "--src_checkpoint", complete / "model.ckpt",
+                     "--dst_checkpoint_dir", tmp_path / "mp2", "--dst_strategy", mp2)
+    assert result.returncode == 0, result.stderr
+    direct = hf_to_ms(hf, tmp_path / "direct", "qwen3", "--ms-format", "ckpt", "--dst-strategy", mp2)
+    for rank in range(2):
+        assert_same_tensors(read_store(tmp_path / "mp2" / f"rank_{rank}" / f"checkpoint_{rank}.ckpt"),
+                            read_store(direct / f"rank_{rank}" / f"checkpoint_{rank}.ckpt"), f"rank {rank}")
+    result = _script("transform_checkpoint.py", "--src_checkpoint", tmp_path / "mp2", "--src_strategy", mp2,
+                     "--dst_checkpoint", tmp_path / "pp2", "--dst_strategy", pp2, "--world_size", 4, "--prefix", "qwen3_")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "pp2" / "rank_3" / "qwen3_3.ckpt").is_file()
+    result = _script("transform_checkpoint.py", "--src_checkpoint", tmp_path / "pp2", "--src_strategy", pp2,
+                     "--dst_checkpoint_dir", tmp_path / "merged", "--dst_strategy", "None")
+    assert result.returncode == 0, result.stderr
+    assert_same_tensors(read_store(tmp_path / "merged" / "model.ckpt"), read_store(complete), "merged back")
+    result = _script("transform_checkpoint.py", "--src_checkpoint", complete / "model.ckpt", "--dst_checkpoint_dir",
+                     tmp_path / "bad", "--dst_strategy", mp2, "--world_size", 8)
+    assert "--world_size 8" in assert_one_line_error(result.returncode, result.stderr)
+    assert not looks_complete(tmp_path / "bad") and not (tmp_path / "bad").exists()

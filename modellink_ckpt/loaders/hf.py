@@ -225,7 +225,10 @@ class HfSourceFormat(registry.SourceFormat):
             params += count
             dtypes[str(dtype).replace("torch.", "")] = dtypes.get(str(dtype).replace("torch.", ""), 0) + count
         config = source.config
+        from modellink_ckpt.model_cfg import families_for_config
+
         return {"format": "hf", "model_type": config.get("model_type"), "architectures": config.get("architectures"),
+                "family (--model-type-hf)": ", ".join(families_for_config(config)) or "no matching entry",
                 "layers": config.get("num_hidden_layers"), "hidden": config.get("hidden_size"),
                 "tensors": len(source.weight_map), "parameters": params, "dtypes": dtypes, "files": files}
 

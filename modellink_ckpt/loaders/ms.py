@@ -22,6 +22,7 @@ from modellink_ckpt.formats.ms_ckpt import MsCkptFile
 from modellink_ckpt.formats.ms_strategy import Strategy, load_strategy
 from modellink_ckpt.formats.safetensors_io import SafetensorsFile
 from modellink_ckpt.model_cfg import dims_from_hf_config
+from modellink_ckpt.ms_lora import MsLora, find_adapters, is_adapter, merged
 
 SUFFIXES = (".safetensors", ".ckpt")
 NAME_MAP = "param_name_map.json"
@@ -194,6 +195,40 @@ class MsStore:
                 opened.verify_crc()
 
 
+class LoraMergedStore:
+    """A store whose weights come with their MindFormers LoRA adapters merged in (`ms_lora`); the
+    adapters sit in the same checkpoint or in another (`--lora-load`)."""
+
+    def __init__(self, base: MsStore, adapters: MsStore, lora: MsLora):
+        self.base, self._adapter_store, self.lora = base, adapters, lora
+        self.path, self.strategy, self.files = base.path, base.strategy, base.files
+        self.adapters = find_adapters(adapters.names(), set(base.names()), str(adapters.path))
+        if not self.adapters:
+            raise UsageError(f"{adapters.path}: no LoRA adapters to merge (lora_A/lora_B, mindpet_delta_lora_a/b, "
+                             f"tk_delta_lora_a/b)")
+
+    def names(self) -> list[str]:
+        return [name for name in self.base.names() if not is_adapter(name)]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.base and not is_adapter(name)
+
+    def shape_dtype(self, name: str):
+        return self.base.shape_dtype(name)
+
+    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        weight = self.base.read(name)
+        if name in self.adapters:
+            a_name, b_name = self.adapters[name]
+            weight = merged(weight, self._adapter_store.read(a_name), self._adapter_store.read(b_name), self.lora, name)
+        return weight if out is None else out.copy_(weight)
+
+    def verify(self) -> None:
+        self.base.verify()
+        if self._adapter_store is not self.base:
+            self._adapter_store.verify()
+
+
 def _config_path(request, path: Path) -> Path:
     folder = path if path.is_dir() else path.parent
     for candidate in (folder, *request.config_dirs):
@@ -232,20 +267,22 @@ def check_accounted(store: MsStore, naming, family, dims) -> None:
         raise ConvertError(f"{store.path}: tensor '{missing[0]}' ({len(missing)} in all) is missing for MindSpore "
                            f"naming '{naming.name}' of --model-type-hf {family.name}")
     unexplained = sorted(name for name in present - set(expected) if not ms_names.is_training_state(name)
-                         and not _is_adapter(name))
+                         and not is_adapter(name))
     if unexplained:
         raise ConvertError(f"{store.path}: tensor '{unexplained[0]}' ({len(unexplained)} in all) is not explained by "
                            f"MindSpore naming '{naming.name}' of --model-type-hf {family.name} (another family or "
                            f"naming? try --ms-naming)")
 
 
-def _is_adapter(name: str) -> bool:
-    return any(mark in name for mark in (".lora_A.", ".lora_B.", "lora_a", "lora_b"))
-
-
-def open_store(path: Path, options: dict) -> MsStore:
+def open_store(path: Path, options: dict):
+    """The checkpoint at `path`; with `options["lora"]` its weights merged with their adapters."""
     strategy = options.get("src_strategy")
-    return MsStore(path, load_strategy(strategy) if strategy else None)
+    store = MsStore(path, load_strategy(strategy) if strategy else None)
+    lora = options.get("lora")
+    if not lora or lora.get("export"):
+        return store
+    adapters = MsStore(lora["load"], load_strategy(strategy) if strategy else None) if lora.get("load") else store
+    return LoraMergedStore(store, adapters, MsLora.from_flags(lora.get("scaling"), lora.get("r"), lora.get("alpha")))
 
 
 def read_message(store: MsStore, naming, kind: str, layer, shapes: dict, dims) -> dict[str, torch.Tensor]:
@@ -303,6 +340,9 @@ class MsSourceFormat(registry.SourceFormat):
         dims = dims_from_hf_config(request.family, config, source=str(config_path), overrides=request.overrides)
         if dims.mtp_num_layers:
             raise UsageError("--load-model-type ms: multi-token-prediction layers are not supported")
+        if not options.get("lora") and any(is_adapter(name) for name in store.names()):
+            raise UsageError(f"--load-dir {request.load_dir}: holds LoRA adapters; pass --lora-scaling (or --lora-r "
+                             f"and --lora-alpha) to merge them, or --save-lora-to-hf to export them")
         options["naming"] = options.get("naming") or ms_names.detect_naming(store.names())
         naming = ms_names.load_naming(request.family, options["naming"])
         check_accounted(store, naming, request.family, dims)

@@ -52,30 +52,31 @@ def rank_tensors(entries, strategy: Strategy, rank: int):
             for name, shape, dtype in entries if strategy.holds(name, rank)]
 
 
-class _Files:
-    """The open output files and where each tensor (or its slices) goes."""
+class MsFiles:
+    """The open output files of a MindSpore checkpoint (complete, or a rank file per rank of
+    `strategy`) and where each tensor, or its slices, goes. `entries`: every tensor in arrival
+    order [(name, shape, dtype)]."""
 
-    def __init__(self, folder: Path, plan, entries):
-        options = plan.target_options
-        self.folder, self.format = folder, options["format"]
-        self.strategy: Strategy | None = options.get("strategy_obj")
+    def __init__(self, folder: Path, fmt: str, entries, *, strategy: Strategy | None = None,
+                 prefix: str | None = None, max_shard_bytes: int = 5 * 10**9, file_name: str | None = None):
+        self.folder, self.format, self.strategy = folder, fmt, strategy
         self.files: dict[str, tuple[int, str]] = {}
         self.tensor_bytes = 0
         self._writers: list[tuple[str, object, object]] = []  # (relative path, writer, rank or None)
         suffix = ".ckpt" if self.format == "ckpt" else ".safetensors"
         if self.strategy is not None:
-            prefix = options.get("prefix") or DEFAULT_PREFIX
+            prefix = prefix or DEFAULT_PREFIX
             for rank in range(self.strategy.world_size):
                 (folder / f"rank_{rank}").mkdir(parents=True, exist_ok=True)
                 name = f"rank_{rank}/{prefix}{rank}{suffix}"
                 self._writers.append((name, self._open(folder / name, rank_tensors(entries, self.strategy, rank)), rank))
             self.shards = None
         elif self.format == "ckpt":  # MindSpore loads a complete checkpoint from one .ckpt
-            name = options.get("file_name") or "model.ckpt"
+            name = file_name or "model.ckpt"
             self._writers.append((name, self._open(folder / name, entries), None))
         else:
-            self.shards = plan_shards(entries, plan.max_shard_bytes)
-            names = [options.get("file_name") or "model.safetensors"] if len(self.shards) == 1 else \
+            self.shards = plan_shards(entries, max_shard_bytes)
+            names = [file_name or "model.safetensors"] if len(self.shards) == 1 else \
                 [f"model-{k:05d}-of-{len(self.shards):05d}.safetensors" for k in range(1, len(self.shards) + 1)]
             self._shard_of = {entry[0]: i for i, shard in enumerate(self.shards) for entry in shard}
             self._names = names
@@ -137,7 +138,9 @@ def save(plan, receiver) -> dict:
     files = None
     progress = tqdm(total=plan.dims.num_layers, desc="saving layers", unit="layer", disable=plan.quiet)
     try:
-        files = _Files(staging.path, plan, entries)
+        options = plan.target_options
+        files = MsFiles(staging.path, options["format"], entries, strategy=options.get("strategy_obj"),
+                        prefix=options.get("prefix"), max_shard_bytes=plan.max_shard_bytes)
         for message in messages:  # (to the end: the receiver acknowledges "done" after it)
             layer = message.get("layer")
             typed = {name: dtypes.apply(message.kind, layer, name, t) for name, t in message.tensors.items()}

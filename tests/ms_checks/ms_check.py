@@ -144,6 +144,7 @@ def lora_merge(src_ckpt, dst_dir, scaling):
     import mindformers
 
     script = os.path.join(os.path.dirname(mindformers.__file__), "tools", "transform_ckpt_lora.py")
+    os.makedirs(dst_dir, exist_ok=True)  # the tool writes into it without creating it
     subprocess.run([sys.executable, script, "--src_ckpt_path_or_dir", src_ckpt, "--dst_ckpt_dir", dst_dir,
                     "--lora_scaling", scaling], check=True)
 

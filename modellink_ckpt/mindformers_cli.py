@@ -1,0 +1,149 @@
+"""MindFormers users' own command lines, running this converter:
+
+    python convert_weight.py --model llama|qwen|mixtral|deepseek [--reversed] --input_path IN --output_path OUT
+                             [--dtype fp16|bf16|fp32] [--config HF_CONFIG]
+    python transform_checkpoint.py --src_checkpoint SRC [--src_strategy S] --dst_checkpoint_dir DST
+                                   [--dst_strategy D] [--prefix checkpoint_] [--world_size N]
+
+`convert_weight.py` converts between an HF folder and one complete MindSpore checkpoint file in the
+names MindFormers' own `convert_weight.py` uses for that model (legacy for llama, qwen, mixtral;
+mcore for deepseek, as MindFormers 2.x has it). `--reversed` writes HF again: an HF folder, or, for
+an output path ending in `.bin` / `.pt` / `.pth`, one torch state-dict file as MindFormers writes.
+A MindSpore checkpoint records no model sizes: the reversed direction reads the HF `config.json`
+next to the checkpoint (our output writes one) or `--config`.
+
+`transform_checkpoint.py` re-shards between strategies tensor by tensor (`ms_reshard`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from modellink_ckpt.cli import _Parser, convert, run_guarded
+from modellink_ckpt.errors import UsageError
+
+# MindFormers' --model value -> (model_cfg.json family, MindSpore naming)
+MODELS = {"llama": ("llama2", "legacy"), "qwen": ("qwen25", "legacy"), "mixtral": ("mixtral", "legacy"),
+          "deepseek": ("deepseek3", "mcore")}
+DTYPES = {"fp16": "fp16", "float16": "fp16", "bf16": "bf16", "bfloat16": "bf16", "fp32": "fp32", "float32": "fp32"}
+TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+
+
+def _staging(path: Path) -> Path:
+    return path.parent / f".{path.name}.convert-{os.getpid()}"
+
+
+def convert_weight(argv: list[str] | None = None) -> dict:
+    p = _Parser(prog="convert_weight.py", description="MindFormers' convert_weight.py command line: HF <-> "
+                "MindSpore Transformers weights, run by this converter")
+    p.add_argument("--model", required=True, help=f"one of {', '.join(MODELS)} (glm-n: not yet supported)")
+    p.add_argument("--reversed", action="store_true", help="MindSpore -> HF")
+    p.add_argument("--input_path", required=True, type=Path)
+    p.add_argument("--output_path", required=True, type=Path)
+    p.add_argument("--dtype", default=None, help="fp16, bf16 or fp32 (default: keep the source's)")
+    p.add_argument("--config", type=Path, default=None, help="the HF config.json (or its folder), for --reversed")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    for ignored in ("--n_head", "--hidden_size", "--layers", "--is_pretrain", "--telechat_type"):
+        p.add_argument(ignored, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.model not in MODELS:
+        raise UsageError(f"--model {args.model}: supported here: {', '.join(MODELS)}")
+    if args.dtype is not None and args.dtype.lower() not in DTYPES:
+        raise UsageError(f"--dtype {args.dtype}: expected fp16, bf16 or fp32")
+    family, naming = MODELS[args.model]
+    out = args.output_path
+    if out.exists() and not args.overwrite:
+        raise UsageError(f"--output_path {out}: already exists; pass --overwrite to replace it")
+    common = ["--model-type-hf", family, "--ms-naming", naming, "--load-dir", str(args.input_path)]
+    common += ["--params-dtype", DTYPES[args.dtype.lower()]] if args.dtype else []
+    common += ["--quiet"] if args.quiet else []
+    stage = _staging(out)
+    shutil.rmtree(stage, ignore_errors=True)
+    try:
+        if not args.reversed:  # HF folder -> one MindSpore file
+            fmt = "safetensors" if out.suffix == ".safetensors" else "ckpt"
+            result = convert(["--load-model-type", "hf", "--save-model-type", "ms", "--ms-format", fmt,
+                              "--save-dir", str(stage), *common], start_method="fork")
+            (stage / f"model.{fmt}").replace(out)
+        else:
+            config = args.config.parent if args.config and args.config.is_file() else args.config
+            extra = ["--hf-cfg-dir", str(config)] if config else []
+            result = convert(["--load-model-type", "ms", "--save-model-type", "hf", "--save-dir", str(stage),
+                              *extra, *common], start_method="fork")
+            folder = stage / "mg2hf"
+            if out.suffix in TORCH_SUFFIXES:
+                _safetensors_to_torch(folder, out)
+            else:
+                if out.exists():
+                    shutil.rmtree(out)
+                folder.replace(out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    result["describe"] = str(out)
+    return result
+
+
+def _safetensors_to_torch(folder: Path, out: Path) -> None:
+    """The HF output as one `torch.save` state dict (what MindFormers' reversed conversion writes),
+    tensor by tensor; written beside `out` and renamed into place."""
+    from modellink_ckpt.formats.safetensors_io import SafetensorsFile
+    from modellink_ckpt.formats.torch_zip import StreamingTorchWriter
+
+    import torch
+
+    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
+    writer = StreamingTorchWriter(partial)
+    try:
+        refs = {}
+        for path in sorted(folder.glob("*.safetensors")):
+            opened = SafetensorsFile(path)
+            for name in opened.keys():
+                shape, dtype = opened.shape_dtype(name)
+                tensor = torch.empty(shape, dtype=dtype)
+                opened.read_rows(name, 0, shape[0] if shape else 1, tensor.view(shape) if shape else tensor)
+                refs[name] = writer.add_tensor(tensor)
+        writer.close(refs)
+        partial.replace(out)
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def transform_checkpoint(argv: list[str] | None = None) -> dict:
+    from modellink_ckpt.ms_reshard import reshard
+
+    p = _Parser(prog="transform_checkpoint.py", description="MindFormers' transform_checkpoint.py command line: "
+                "split, merge or re-shard MindSpore checkpoints between strategies, run by this converter")
+    p.add_argument("--src_checkpoint", required=True, type=Path,
+                   help="a complete checkpoint file, or a folder of rank_<r>/ folders")
+    p.add_argument("--dst_checkpoint_dir", "--dst_checkpoint", dest="dst", required=True, type=Path)
+    p.add_argument("--src_strategy", type=Path, default=None)
+    p.add_argument("--dst_strategy", type=Path, default=None)
+    p.add_argument("--prefix", default="checkpoint_")
+    p.add_argument("--world_size", type=int, default=None)
+    p.add_argument("--rank_id", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--transform_process_num", "--process_num", dest="process_num", type=int, default=1,
+                   help="accepted; all ranks are written in one pass")
+    p.add_argument("--transform_by_rank", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    if args.src_strategy is not None and str(args.src_strategy) == "None":  # transform_checkpoint.sh passes None
+        args.src_strategy = None
+    if args.dst_strategy is not None and str(args.dst_strategy) == "None":
+        args.dst_strategy = None
+    return reshard(args.src_checkpoint, args.dst, src_strategy=args.src_strategy, dst_strategy=args.dst_strategy,
+                   prefix=args.prefix, world_size=args.world_size, overwrite=args.overwrite, quiet=args.quiet)
+
+
+def convert_weight_main() -> int:
+    return run_guarded(lambda: convert_weight(sys.argv[1:]))
+
+
+def transform_checkpoint_main() -> int:
+    return run_guarded(lambda: transform_checkpoint(sys.argv[1:]))
