@@ -92,9 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     ms = p.add_argument_group("MindSpore / MindFormers (--load-model-type ms, --save-model-type ms)")
     ms.add_argument("--ms-format", choices=["safetensors", "ckpt"], default="safetensors",
                     help="MindSpore output file format (default safetensors, as MindFormers recommends)")
-    ms.add_argument("--ms-naming", choices=["mcore", "legacy", "legacy-concat"], default=None,
-                    help="MindFormers tensor names: mcore (default for output; detected for input), legacy "
-                         "(convert_weight.py models: attention.wq, feed_forward.w1, ...) or legacy-concat (w_qkv)")
+    ms.add_argument("--ms-naming", default=None,
+                    help="MindFormers tensor names: mcore (default for output; detected for input), mcore-contiguous "
+                         "(fc1 not interleaved), legacy (convert_weight.py models: attention.wq, feed_forward.w1, ...) "
+                         "or legacy-concat (w_qkv, w_gate_hidden); any naming model_cfg.json defines")
     ms.add_argument("--src-strategy", type=Path, default=None,
                     help="strategy of a distributed MindSpore source: a strategy file, a merged one, or a folder "
                          "of ckpt_strategy_rank_*.ckpt")

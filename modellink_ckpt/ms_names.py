@@ -2,7 +2,8 @@
 
 Messages carry Megatron tensors; a MindFormers checkpoint spells them one of a few ways, each a
 *naming* in `model_cfg.json` (section `mindspore` of a family entry, inherited through
-`__base__`): `mcore` (MindFormers' Megatron-like names; default), `legacy` (the `convert_weight.py`
+`__base__`): `mcore` (MindFormers' Megatron-like names; default), `mcore-contiguous` (the same with
+`use_interleaved_weight_layout_mlp: False`: fc1 as [gate; up]), `legacy` (the `convert_weight.py`
 models: Llama `attention.wq`, `feed_forward.w1`, ...) and `legacy-concat` (legacy with
 `qkv_concat`: `w_qkv`, `w_gate_hidden`). A naming is a list of rules
 
@@ -27,7 +28,7 @@ from modellink_ckpt import mapping
 from modellink_ckpt import transforms as T
 from modellink_ckpt.errors import ConvertError, UsageError
 
-NAMINGS = ("mcore", "legacy", "legacy-concat")
+NAMINGS = ("mcore", "mcore-contiguous", "legacy", "legacy-concat")  # defined in the base entry
 LAYER = "decoder.layers"
 
 # MindSpore tensors that are no model weights: training state and router statistics. A source may
@@ -114,7 +115,7 @@ class MsNaming:
 
     def __init__(self, name: str, rules: list[Rule], family: str):
         self.name, self.rules, self.family = name, rules, family
-        self.keeps_megatron_names = name == "mcore"
+        self.keeps_megatron_names = name.startswith("mcore")
 
     def instances(self, layer: int | None, present: set[str], dims) -> list[Instance]:
         """The rules that apply to a message whose Megatron (global) names are `present`."""
@@ -200,8 +201,9 @@ def from_ms(naming: MsNaming, kind: str, layer: int | None, shapes: dict[str, tu
 
 def load_naming(family, name: str) -> MsNaming:
     """The MindSpore naming `name` of a family (`family.mindspore` from model_cfg.json)."""
-    if name not in NAMINGS:
-        raise UsageError(f"--ms-naming {name}: unknown (known: {', '.join(NAMINGS)})")
+    known = sorted(set(NAMINGS) | set(family.mindspore or {}))
+    if name not in known:
+        raise UsageError(f"--ms-naming {name}: unknown for --model-type-hf {family.name} (known: {', '.join(known)})")
     return MsNaming(name, _rules(family, name, ()), family.name)
 
 
@@ -227,7 +229,8 @@ def _rules(family, name: str, seen: tuple) -> list[Rule]:
 
 
 def detect_naming(names) -> str:
-    """`legacy`, `legacy-concat` or `mcore`, from a checkpoint's tensor names."""
+    """`legacy`, `legacy-concat` or `mcore`, from a checkpoint's tensor names (`mcore-contiguous`
+    has `mcore`'s names: a checkpoint in it needs `--ms-naming mcore-contiguous`)."""
     names = set(names)
     if any(n.startswith("model.tok_embeddings.") or ".attention." in n and n.startswith("model.layers.") for n in names):
         return "legacy-concat" if any(".attention.w_qkv." in n for n in names) else "legacy"

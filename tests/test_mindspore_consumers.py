@@ -122,12 +122,13 @@ def _mf_logits(tmp_path, command, hf, ckpt, *extra) -> tuple[float, float]:
     return (got - reference).abs().max().item(), reference.abs().max().item()
 
 
-@pytest.mark.parametrize("fmt", ["safetensors", "ckpt"])
-def test_mindformers_mcore_qwen3_matches_hf(tmp_path, hf_models, fmt):
+@pytest.mark.parametrize("fmt, naming", [("safetensors", "mcore"), ("ckpt", "mcore"), ("ckpt", "mcore-contiguous")])
+def test_mindformers_mcore_qwen3_matches_hf(tmp_path, hf_models, fmt, naming):
     hf = hf_models("qwen3")
-    ms = hf_to_ms(hf, tmp_path / "ms", "qwen3", "--ms-format", fmt)
-    diff, scale = _mf_logits(tmp_path, "mf-qwen3", hf, next(ms.glob(f"model.{fmt}")))
-    print(f"MindFormers mcore Qwen3 ({fmt}): max |logit diff| {diff:.2e} (logits up to {scale:.2f})")
+    ms = hf_to_ms(hf, tmp_path / "ms", "qwen3", "--ms-format", fmt, "--ms-naming", naming)
+    diff, scale = _mf_logits(tmp_path, "mf-qwen3", hf, next(ms.glob(f"model.{fmt}")),
+                             "contiguous" if naming == "mcore-contiguous" else "interleaved")
+    print(f"MindFormers {naming} Qwen3 ({fmt}): max |logit diff| {diff:.2e} (logits up to {scale:.2f})")
     assert diff <= 5e-3  # its attention casts q/k/v to fp16 (reference notes)
 
 

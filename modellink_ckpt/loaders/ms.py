@@ -229,6 +229,14 @@ class LoraMergedStore:
             self._adapter_store.verify()
 
 
+def _recorded_naming(path: Path) -> str | None:
+    """The naming our own output recorded in its manifest: names alone cannot tell MindFormers'
+    interleaved fc1 (`mcore`) from the contiguous one (`mcore-contiguous`)."""
+    from modellink_ckpt.manifest import read_manifest
+
+    return (read_manifest(path if path.is_dir() else path.parent) or {}).get("ms_naming")
+
+
 def _config_path(request, path: Path) -> Path:
     folder = path if path.is_dir() else path.parent
     for candidate in (folder, *request.config_dirs):
@@ -343,7 +351,8 @@ class MsSourceFormat(registry.SourceFormat):
         if not options.get("lora") and any(is_adapter(name) for name in store.names()):
             raise UsageError(f"--load-dir {request.load_dir}: holds LoRA adapters; pass --lora-scaling (or --lora-r "
                              f"and --lora-alpha) to merge them, or --save-lora-to-hf to export them")
-        options["naming"] = options.get("naming") or ms_names.detect_naming(store.names())
+        options["naming"] = options.get("naming") or _recorded_naming(request.load_dir) or \
+            ms_names.detect_naming(store.names())
         naming = ms_names.load_naming(request.family, options["naming"])
         check_accounted(store, naming, request.family, dims)
         dtype, _ = message_dtypes(store, naming, request.family, dims)

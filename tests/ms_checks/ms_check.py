@@ -9,7 +9,8 @@
     ms_check.py unify SRC STRATEGY DST      mindspore.unified_safetensors (merge distributed safetensors)
     ms_check.py merge-strategies SRC_DIR DST_FILE
                                             mindspore.merge_pipeline_strategys
-    ms_check.py mf-qwen3 HF_CONFIG CKPT IDS OUT      MindFormers mcore Qwen3: strict load, logits
+    ms_check.py mf-qwen3 HF_CONFIG CKPT IDS OUT [interleaved|contiguous]
+                                            MindFormers mcore Qwen3: strict load, logits
     ms_check.py mf-llama HF_CONFIG CKPT IDS OUT [concat]
                                             MindFormers legacy Llama: strict load, logits
     ms_check.py lora-merge SRC_CKPT DST_DIR SCALING  MindFormers' tools/transform_ckpt_lora.py merge
@@ -84,7 +85,7 @@ def _hf(config_path):
     return hf, theta
 
 
-def mf_qwen3(config_path, ckpt, ids_path, out):
+def mf_qwen3(config_path, ckpt, ids_path, out, fc1_layout="interleaved"):
     sys.path.insert(0, HERE)
     from mindformers.core.context.build_context import build_context
 
@@ -106,7 +107,7 @@ def mf_qwen3(config_path, ckpt, ids_path, out):
         seq_length=seq, rms_norm_eps=hf["rms_norm_eps"], rope_theta=theta,
         tie_word_embeddings=hf.get("tie_word_embeddings", False), compute_dtype="float32", params_dtype="float32",
         layernorm_compute_dtype="float32", softmax_compute_dtype="float32", rotary_dtype="float32",
-        use_interleaved_weight_layout_mlp=True)
+        use_interleaved_weight_layout_mlp=fc1_layout == "interleaved")
     net = TrainingQwen3ForCausalLM(config)
     net.set_train(False)
     _run_logits(net, ckpt, ids_path, out)
