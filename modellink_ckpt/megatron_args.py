@@ -101,6 +101,8 @@ LAYOUT_FIELDS = (
     "num_layer_list", "noop_layers", "padded_vocab_size", "make_vocab_size_divisible_by", "transformer_impl",
     "moe_grouped_gemm", "mla_spelling", "params_dtype", "bf16", "fp16",
 )
+# How the checkpoint is stored (`--ckpt-format`): set for the target where the source recorded it
+FORMAT_FIELDS = ("ckpt_format", "use_dist_ckpt")
 # Megatron-LM's other ways to write an uneven pipeline split: replaced by num_layer_list
 PIPELINE_SPLIT_FIELDS = ("decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers")
 # What our reader needs and a training run may not have stored
@@ -108,9 +110,9 @@ READER_FIELDS = ("vocab_size",)
 
 
 def carry_over(source_args: argparse.Namespace, target_args: argparse.Namespace, *,
-               drop_prefixes: tuple[str, ...] = ()) -> argparse.Namespace:
+               drop_prefixes: tuple[str, ...] = (), ckpt_format: str = "torch") -> argparse.Namespace:
     """The source run's args with the target's layout fields (`target_args` as `make_args` builds
-    them); fields starting with `drop_prefixes` removed (a merged LoRA's `lora_*`)."""
+    them) and storage format; fields starting with `drop_prefixes` removed (a merged LoRA's `lora_*`)."""
     args = argparse.Namespace(**{k: v for k, v in vars(source_args).items()
                                  if not (drop_prefixes and k.startswith(drop_prefixes))})
     for name in LAYOUT_FIELDS:
@@ -118,6 +120,10 @@ def carry_over(source_args: argparse.Namespace, target_args: argparse.Namespace,
     for name in PIPELINE_SPLIT_FIELDS:
         if getattr(args, name, None) is not None:
             setattr(args, name, None)
+    if hasattr(args, "ckpt_format"):
+        args.ckpt_format = ckpt_format
+    if hasattr(args, "use_dist_ckpt"):
+        args.use_dist_ckpt = ckpt_format != "torch"
     for name in READER_FIELDS:
         if getattr(args, name, None) is None and getattr(target_args, name, None) is not None:
             setattr(args, name, getattr(target_args, name))

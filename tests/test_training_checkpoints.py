@@ -102,3 +102,33 @@ def test_training_checkpoint_smuggling_a_signal_function_is_refused(training_ckp
     line = assert_one_line_error(result.returncode, result.stderr)
     assert "signal.signal" in line and str(path) in line
     assert not looks_complete(tmp_path / "out")
+
+
+# ---- the same training run saved as torch_dist (megatron-core's dist_checkpointing store) -------------
+
+
+@pytest.fixture
+def training_dist(tmp_path) -> Path:
+    return Path(shutil.copytree(FIXTURES / "torch_dist", tmp_path / "training_dist"))
+
+
+def test_torch_dist_training_checkpoint_converts_like_the_torch_one(training_ckpt, training_dist, tmp_path):
+    """The run's torch_dist save gives the same HF tensors as its torch save (whose HF logits
+    match Megatron-Core above), and reshards into a legacy checkpoint that Megatron-Core loads
+    with the training checkpoint's logits and the training run's args."""
+    from util import assert_same_tensors, load_hf_state
+
+    from_dist = mg_to_hf(training_dist, tmp_path / "from_dist", "llama2")
+    from_torch = mg_to_hf(training_ckpt, tmp_path / "from_torch", "llama2")
+    assert_same_tensors(load_hf_state(from_dist), load_hf_state(from_torch), "torch_dist vs torch")
+    out = mg_to_mg(training_dist, tmp_path / "legacy_tp2", "llama2", "--target-tensor-parallel-size", "2")
+    tokens = sample_tokens(VOCAB, batch=2, seq=8)
+    diff = (mcore_logits(out, tokens)[..., :VOCAB] - mcore_logits(training_ckpt, tokens)[..., :VOCAB]).abs().max().item()
+    assert diff <= 1e-4, f"max |logit diff| {diff:.3g}"
+    from modellink_ckpt.megatron_args import FORMAT_FIELDS
+
+    args = load_lazy(out / "iter_0000007" / "mp_rank_00" / "model_optim_rng.pt")["args"]
+    source = load_lazy(training_dist / "iter_0000007" / "common.pt")["args"]
+    changed = {k for k in set(vars(args)) | set(vars(source)) if getattr(args, k, None) != getattr(source, k, None)}
+    assert changed <= set(LAYOUT_FIELDS) | set(FORMAT_FIELDS), sorted(changed - set(LAYOUT_FIELDS))
+    assert (source.ckpt_format, args.ckpt_format, args.use_dist_ckpt) == ("torch_dist", "torch", False)

@@ -228,33 +228,65 @@ class LazyTensor:
         return flat.as_strided(self.shape, self.stride).clone()
 
 
+class _Window(io.RawIOBase):
+    """Bytes [start, start + length) of a file, as a file of their own (a torch.save blob inside a
+    torch.distributed.checkpoint data file)."""
+
+    def __init__(self, raw, start: int, length: int):
+        self._raw, self._start, self._length, self._pos = raw, start, length, 0
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self._pos = {0: 0, 1: self._pos, 2: self._length}[whence] + offset
+        return self._pos
+
+    def read(self, size: int = -1) -> bytes:
+        size = self._length - self._pos if size is None or size < 0 else min(size, self._length - self._pos)
+        self._raw.seek(self._start + self._pos)
+        data = self._raw.read(max(size, 0))
+        self._pos += len(data)
+        return data
+
+
 class TorchZipFile:
     """A `torch.save` zip file read without torch.load: the pickle through the restricted unpickler,
-    every tensor as a `LazyTensor`."""
+    every tensor as a `LazyTensor`. `start`/`length`: a blob inside a larger file."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, start: int = 0, length: int | None = None):
         self.path = Path(path)
         self._reader = FileReader(self.path)
+        where = f"{self.path}" + (f" (bytes {start}+{length})" if start or length is not None else "")
         try:
-            with zipfile.ZipFile(self.path) as archive, open(self.path, "rb") as raw:
+            size = self.path.stat().st_size
+            length = size - start if length is None else length
+            if start + length > size:
+                raise ConvertError(f"{where}: truncated: the blob ends past the end of the file")
+            with open(self.path, "rb") as raw, zipfile.ZipFile(_Window(raw, start, length)) as archive:
                 self._records = {}
                 for info in archive.infolist():
-                    raw.seek(info.header_offset)
+                    raw.seek(start + info.header_offset)
                     local = raw.read(30)
                     if len(local) < 30 or local[:4] != b"PK\x03\x04":
-                        raise ConvertError(f"{self.path}: corrupt zip entry '{info.filename}'")
+                        raise ConvertError(f"{where}: corrupt zip entry '{info.filename}'")
                     name_len, extra_len = struct.unpack("<HH", local[26:30])
                     self._records[info.filename.split("/", 1)[-1]] = (
-                        info.header_offset + 30 + name_len + extra_len, info.file_size)
-                offset, length = self._records["data.pkl"]
+                        start + info.header_offset + 30 + name_len + extra_len, info.file_size)
+                offset, record_length = self._records["data.pkl"]
                 raw.seek(offset)
-                pickled = raw.read(length)  # tensor records carry no CRC (see StreamingTorchWriter)
+                pickled = raw.read(record_length)  # tensor records carry no CRC (see StreamingTorchWriter)
         except (zipfile.BadZipFile, StopIteration, OSError, ValueError, KeyError) as exc:
-            raise ConvertError(f"{self.path}: cannot read checkpoint ({exc or type(exc).__name__})") from None
-        size = self.path.stat().st_size
-        for name, (offset, length) in self._records.items():
-            if offset + length > size:
-                raise ConvertError(f"{self.path}: truncated: record '{name}' ends past the end of the file")
+            raise ConvertError(f"{where}: cannot read checkpoint ({exc or type(exc).__name__})") from None
+        for name, (offset, record_length) in self._records.items():
+            if offset + record_length > start + length:
+                raise ConvertError(f"{where}: truncated: record '{name}' ends past the end of the file")
         self._pickled = pickled
 
     def load(self):

@@ -33,6 +33,29 @@ def iteration_dir_name(iteration: int | str) -> str:
     return "release" if iteration == "release" else f"iter_{int(iteration):07d}"
 
 
+def find_iteration(directory: Path, flag: str = "--load-dir") -> tuple[int | str, Path]:
+    """(iteration, its folder) of a Megatron checkpoint: from the tracker file, or `directory` is
+    the iteration folder itself (rank files, or a torch_dist store)."""
+    from modellink_ckpt.formats.torch_dist import is_torch_dist
+
+    if not directory.is_dir():
+        raise UsageError(f"{flag} {directory}: not a directory")
+    tracker = directory / TRACKER
+    if tracker.is_file():
+        text = tracker.read_text().strip()
+        if text != "release" and not text.isdigit():
+            raise ConvertError(f"{tracker}: expected an iteration number or 'release', found {text[:40]!r}")
+        iter_dir = directory / iteration_dir_name(text)
+        if not iter_dir.is_dir():
+            raise ConvertError(f"{tracker}: points to {iter_dir.name}, which does not exist")
+        return ("release" if text == "release" else int(text)), iter_dir
+    if any(directory.glob(f"mp_rank_*/{RANK_FILE}")) or is_torch_dist(directory):
+        name = directory.name
+        return ("release" if name == "release" else
+                int(name[5:]) if name.startswith("iter_") and name[5:].isdigit() else 1), directory
+    raise UsageError(f"{flag} {directory}: no {TRACKER} (not a complete Megatron checkpoint)")
+
+
 class MegatronSource:
     """A Megatron checkpoint directory: its tracker, stored args and rank files."""
 
@@ -44,24 +67,7 @@ class MegatronSource:
         self.dir = Path(directory)
         self._lora, self._lora_source = lora, MegatronSource(lora_dir, flag="--lora-load") if lora_dir else None
         self._keep_adapters = keep_adapters
-        if not self.dir.is_dir():
-            raise UsageError(f"{flag} {self.dir}: not a directory")
-        tracker = self.dir / TRACKER
-        if tracker.is_file():
-            text = tracker.read_text().strip()
-            if text != "release" and not text.isdigit():
-                raise ConvertError(f"{tracker}: expected an iteration number or 'release', found {text[:40]!r}")
-            self.iteration = "release" if text == "release" else int(text)
-            self.iter_dir = self.dir / iteration_dir_name(text)
-            if not self.iter_dir.is_dir():
-                raise ConvertError(f"{tracker}: points to {self.iter_dir.name}, which does not exist")
-        elif any(self.dir.glob(f"mp_rank_*/{RANK_FILE}")):
-            self.iter_dir = self.dir  # pointed at the iteration folder itself
-            name = self.dir.name
-            self.iteration = "release" if name == "release" else \
-                int(name[5:]) if name.startswith("iter_") and name[5:].isdigit() else 1
-        else:
-            raise UsageError(f"{flag} {self.dir}: no {TRACKER} (not a complete Megatron checkpoint)")
+        self.iteration, self.iter_dir = find_iteration(self.dir, flag)
         rank_files = sorted(self.iter_dir.glob(f"mp_rank_*/{RANK_FILE}"))
         if not rank_files:
             raise ConvertError(f"{self.iter_dir}: no mp_rank_*/{RANK_FILE} files")
@@ -376,7 +382,7 @@ def _stored_dtypes(source: MegatronSource, plan) -> tuple[torch.dtype, dict]:
 
 def load(plan, sender) -> dict:
     """Stream a Megatron checkpoint as whole (TP-merged, unpadded) Megatron tensors."""
-    return stream(plan, sender, MegatronSource(plan.load_dir, lora=plan.lora, lora_dir=plan.lora_dir))
+    return stream(plan, sender, SOURCE.open(plan.load_dir, lora=plan.lora, lora_dir=plan.lora_dir))
 
 
 def stream(plan, sender, source: MegatronSource, states: tuple[str, ...] = (), **meta) -> dict:
@@ -451,14 +457,19 @@ class MegatronSourceFormat(registry.SourceFormat):
     name = "mg"
     description = "Megatron-Core checkpoint, legacy torch layout (latest_checkpointed_iteration.txt, mp_rank_*)"
     loader = "modellink_ckpt.loaders.mg:load"
-    source_class = MegatronSource
+
+    def open(self, directory, **kwargs) -> MegatronSource:
+        """Legacy rank files or a torch_dist store."""
+        from modellink_ckpt.loaders.torch_dist import open_megatron
+
+        return open_megatron(directory, **kwargs)
 
     def describe(self, request: registry.SourceRequest) -> registry.SourceInfo:
         lora_request = request.lora or {}
-        source = self.source_class(request.load_dir, keep_adapters=bool(lora_request.get("export")))
+        source = self.open(request.load_dir, keep_adapters=bool(lora_request.get("export")))
         lora, lora_dir = _lora_plan(request, source)
         if lora is not None and not lora_request.get("export"):  # merged as the weights are read
-            source = self.source_class(request.load_dir, lora=lora, lora_dir=lora_dir)
+            source = self.open(request.load_dir, lora=lora, lora_dir=lora_dir)
         vocab = None
         if getattr(source.args, "vocab_size", None) is None:
             for folder in request.config_dirs:  # the true vocabulary is the HF one
@@ -484,10 +495,12 @@ class MegatronSourceFormat(registry.SourceFormat):
             lora=lora, lora_dir=lora_dir)
 
     def detect(self, path: Path) -> bool:
-        return (path / TRACKER).is_file() or any(path.glob(f"mp_rank_*/{RANK_FILE}"))
+        from modellink_ckpt.formats.torch_dist import is_torch_dist
+
+        return (path / TRACKER).is_file() or any(path.glob(f"mp_rank_*/{RANK_FILE}")) or is_torch_dist(path)
 
     def inspect(self, path: Path) -> dict:
-        source = MegatronSource(path)
+        source = self.open(path)
         dims = source.dims()
         layout = source.layout(dims)
         files, dtypes, params = {}, {}, 0
@@ -500,8 +513,10 @@ class MegatronSourceFormat(registry.SourceFormat):
                         key = str(tensor.dtype).replace("torch.", "")
                         dtypes[key] = dtypes.get(key, 0) + tensor.shape.numel()
                         params += tensor.shape.numel()
+        if hasattr(source, "store"):  # torch_dist: the store's files, not rank files
+            files = {p.name: p.stat().st_size for p in sorted(source.iter_dir.iterdir()) if p.is_file()}
         spelling = source.spelling(layout, 0)
-        return {"format": self.name, "iteration": source.iteration,
+        return {"format": "mg (torch_dist)" if hasattr(source, "store") else self.name, "iteration": source.iteration,
                 "family": getattr(source.args, "model_type_hf", None) or "not recorded", "layout": layout.summary(),
                 "spelling": ", ".join(f"{k} {v}" for k, v in dataclasses.asdict(spelling).items()),
                 "layers": dims.num_layers, "hidden": dims.hidden_size,

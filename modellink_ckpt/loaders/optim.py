@@ -135,6 +135,9 @@ class OptimSourceFormat(MegatronSourceFormat):
     description = "Megatron-Core checkpoint with distributed-optimizer state (distrib_optim.pt per rank)"
     loader = "modellink_ckpt.loaders.optim:load"
 
+    def open(self, directory, **kwargs) -> MegatronSource:
+        return MegatronSource(directory, **kwargs)  # distrib_optim.pt sits beside legacy rank files
+
     def describe(self, request):
         info = super().describe(request)
         source = MegatronSource(request.load_dir)

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from modellink_ckpt import mapping, mg_names, registry
 from modellink_ckpt.errors import UsageError
 from modellink_ckpt import transforms as T
-from modellink_ckpt.loaders.mg import RANK_FILE, TRACKER, MegatronSource, iteration_dir_name
+from modellink_ckpt.loaders.mg import RANK_FILE, TRACKER, iteration_dir_name
 from modellink_ckpt.manifest import write_manifest
 from modellink_ckpt.megatron_args import carry_over, make_args
 from modellink_ckpt.optim_layout import OPTIM_FILE
@@ -238,7 +238,7 @@ def save(plan, receiver) -> dict:
     model_dtype = placer.dtypes.default
     odd_dtypes: dict[str, str] = {}
     optim = OptimStateWriter(plan, placer.layout, meta["optim"]) if meta.get("optim") else None
-    source = MegatronSource(plan.load_dir) if plan.load_type in ("mg", "optim") else None
+    source = registry.source(plan.load_type).open(plan.load_dir) if plan.load_type in ("mg", "optim") else None
     iteration = optim.iteration if optim else source.iteration if source else ITERATION
     if optim:
         placer.states = STATES
