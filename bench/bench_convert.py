@@ -15,6 +15,8 @@ Steps (all selected ones run in one invocation, after the page cache has been wa
   mg2mg  the source checkpoint -> --mg2mg-layout (default TP1PP4; MoE shapes TP1PP4EP4)
   hf2ms  HF -> a complete MindSpore safetensors checkpoint (MindFormers mcore names)
   ms2hf  that MindSpore checkpoint -> HF
+  hf2dist  HF -> Megatron torch_dist (--ckpt-format torch_dist, vocabulary padded for --layout's TP)
+  dist2hf  that torch_dist checkpoint -> HF
 
 For every run the whole process tree (the command and all its descendants) is sampled from /proc
 every --interval seconds; the table reports the peak of the summed RSS and of the summed PSS.
@@ -69,7 +71,7 @@ SHAPES = {
                       num_attention_heads=8, num_key_value_heads=4, vocab_size=1024, max_position_embeddings=512,
                       rms_norm_eps=1e-05, rope_theta=1000000.0, num_local_experts=4, num_experts_per_tok=2),
 }
-STEPS = ("copy", "hf2mg", "mg2hf", "mg2mg", "hf2ms", "ms2hf")
+STEPS = ("copy", "hf2mg", "mg2hf", "mg2mg", "hf2ms", "ms2hf", "hf2dist", "dist2hf")
 # Per family: the default layouts (TP, PP, EP) of hf2mg (--layout) and of mg2mg (--mg2mg-layout), and the
 # Megatron checkpoint mg2hf and mg2mg start from. Dense: TP2PP2, TP1PP4 and TP2PP2; MoE: the same with
 # the experts spread over EP2 (hf2mg, source) and EP4 (mg2mg: TP1PP4EP4, each rank file holds 1/16 of
@@ -483,6 +485,10 @@ def mg_complete(folder: Path, tp: int, pp: int, ep: int = 1) -> bool:
                for t in range(tp) for p in range(pp) for e in range(ep))
 
 
+def dist_complete(folder: Path) -> bool:
+    return (folder / "latest_checkpointed_iteration.txt").is_file() and any(folder.glob("iter_*/metadata.json"))
+
+
 def ms_complete(folder: Path) -> bool:
     return (folder / "convert_manifest.json").is_file() and any(folder.glob("model*.safetensors"))
 
@@ -562,6 +568,7 @@ class Bench:
         self.runs = self.work / f"runs-{shape_name}"
         self.mg_src = self.runs / f"mg-src-{self.name(self.source).lower()}"
         self.ms_src = self.runs / "ms-src"
+        self.dist_src = self.runs / "dist-src"
         self.converter = [sys.executable, str(Path(args.converter).resolve())]
         self.layers = shape["num_hidden_layers"]
 
@@ -598,6 +605,22 @@ class Bench:
     def hf2ms_cmd(self, out: Path) -> list[str]:
         return self.convert_cmd("--load-model-type", "hf", "--save-model-type", "ms", "--load-dir", self.hf,
                                 "--save-dir", out)
+
+    def hf2dist_cmd(self, out: Path) -> list[str]:
+        return self.convert_cmd("--load-model-type", "hf", "--save-model-type", "mg", "--ckpt-format", "torch_dist",
+                                "--load-dir", self.hf, "--save-dir", out)
+
+    def ensure_dist_source(self) -> bool:
+        """The torch_dist checkpoint dist2hf reads (kept from hf2dist, else made untimed)."""
+        if dist_complete(self.dist_src):
+            return True
+        remove(self.dist_src)
+        log("making the torch_dist source checkpoint (untimed)")
+        run = measure(self.hf2dist_cmd(self.dist_src), self.runs, self.args.interval, self.args.settle)
+        ok = run["rc"] == 0 and dist_complete(self.dist_src)
+        if not ok:
+            log(f"could not make the torch_dist source checkpoint (rc {run['rc']}):\n{run['output_tail']}")
+        return ok
 
     def ensure_ms_source(self) -> bool:
         """The MindSpore checkpoint ms2hf reads (kept from hf2ms, else made untimed)."""
@@ -638,6 +661,17 @@ class Bench:
             cmd = self.hf2ms_cmd(out)
             complete = lambda: ms_complete(out)  # noqa: E731
             prepare = None
+        elif key == "hf2dist":
+            label, source, out = "hf→mg torch_dist", self.hf, self.runs / "dist-out"
+            cmd = self.hf2dist_cmd(out)
+            complete = lambda: dist_complete(out)  # noqa: E731
+            prepare = None
+        elif key == "dist2hf":
+            label, source, out = "mg torch_dist→hf", self.dist_src, self.runs / "hf-from-dist"
+            cmd = self.convert_cmd("--load-model-type", "mg", "--save-model-type", "hf", "--load-dir", self.dist_src,
+                                   "--save-dir", out)
+            complete = lambda: hf_complete(out)  # noqa: E731
+            prepare = None
         elif key == "ms2hf":
             label, source, out = "ms→hf", self.ms_src, self.runs / "hf-from-ms"
             cmd = self.convert_cmd("--load-model-type", "ms", "--save-model-type", "hf", "--load-dir", self.ms_src,
@@ -654,6 +688,10 @@ class Bench:
         if "--num-layer-list" in cmd:
             label += " (" + cmd[cmd.index("--num-layer-list") + 1] + ")"
         result = {"step": key, "label": label, "command": shown(cmd), "runs": []}
+        if source == self.dist_src and not self.ensure_dist_source():
+            result["status"] = "FAILED"
+            result["error"] = "no torch_dist source checkpoint (hf→torch_dist failed)"
+            return result
         if source == self.ms_src and not self.ensure_ms_source():
             result["status"] = "FAILED"
             result["error"] = "no MindSpore source checkpoint (hf→ms failed)"
@@ -670,7 +708,7 @@ class Bench:
             read_cache(source)
             run = measure(cmd, self.runs, self.args.interval, self.args.settle)
             run["complete"] = run["rc"] == 0 and complete()
-            written = out / "mg2hf" if key in ("mg2hf", "ms2hf") else out
+            written = out / "mg2hf" if key in ("mg2hf", "ms2hf", "dist2hf") else out
             run["bytes"], run["largest_file_bytes"] = dir_bytes(written), largest_file(written)
             result["runs"].append(run)
             state = "ok" if run["complete"] else f"FAILED (rc {run['rc']}{', output incomplete' if run['rc'] == 0 else ''})"
@@ -685,6 +723,8 @@ class Bench:
                 os.replace(out, self.mg_src)
             elif key == "hf2ms" and run["complete"] and not self.ms_src.exists():
                 os.replace(out, self.ms_src)
+            elif key == "hf2dist" and run["complete"] and not self.dist_src.exists():
+                os.replace(out, self.dist_src)
             else:
                 remove(out)
         good = [r for r in result["runs"] if r["complete"]]

@@ -40,7 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert checkpoints between Hugging Face and Megatron-Core layouts (TP/PP/VPP/noop).")
     p.add_argument("--model-type", default="GPT", choices=["GPT"], help="only decoder-only GPT models")
     p.add_argument("--load-model-type", required=True, choices=sorted(registry.SOURCES))
-    p.add_argument("--save-model-type", required=True, choices=sorted(registry.TARGETS))
+    p.add_argument("--save-model-type", required=True, choices=sorted(set(registry.TARGETS) - {"torch_dist"}))
+    p.add_argument("--ckpt-format", choices=["torch", "torch_dist"], default="torch",
+                   help="Megatron output: the legacy torch layout (rank files; default) or torch_dist (megatron-core's "
+                        "dist_checkpointing store, Megatron-LM's default --ckpt-format); inputs are detected")
     p.add_argument("--model-type-hf", default="llama2", help="entry of configs/checkpoint/model_cfg.json")
     p.add_argument("--model-cfg", dest="model_cfg", default=None,
                    help="another model_cfg.json (default: configs/checkpoint/model_cfg.json)")
@@ -164,6 +167,7 @@ class Plan:
     lora_dir: Path | None = None          # --lora-load: adapters kept apart from the base
     save_lora_to_hf: bool = False
     target_ddp: dict = dataclasses.field(default_factory=dict)  # optim -> mg: the resumed run's DDP settings
+    target_format: str = ""  # the registry's target (save_type, or torch_dist for mg --ckpt-format torch_dist)
     source_options: dict = dataclasses.field(default_factory=dict)  # format-specific facts of the source
     target_options: dict = dataclasses.field(default_factory=dict)  # format-specific choices for the target
 
@@ -196,6 +200,10 @@ def _unsupported(args) -> None:
         raise UsageError("--load-model-type hf --save-model-type hf: nothing to convert")
     if args.src_strategy and args.load_model_type != "ms":
         raise UsageError("--src-strategy: only for --load-model-type ms")
+    if args.ckpt_format == "torch_dist" and args.save_model_type != "mg":
+        raise UsageError("--ckpt-format torch_dist: only for --save-model-type mg")
+    if args.ckpt_format == "torch_dist" and args.load_model_type == "optim":
+        raise UsageError("--ckpt-format torch_dist: optimizer state is written in the torch layout only")
     if args.dst_strategy and args.save_model_type != "ms":
         raise UsageError("--dst-strategy: only for --save-model-type ms")
 
@@ -275,17 +283,19 @@ def build_plan(args) -> Plan:
                     "overlap_grad_reduce": None if args.target_overlap_grad_reduce is None
                     else args.target_overlap_grad_reduce == "on",
                     "bucket_size": args.target_ddp_bucket_size},
+        target_format="torch_dist" if args.save_model_type == "mg" and args.ckpt_format == "torch_dist"
+        else args.save_model_type,
         source_options=info.options,
         target_options={"format": args.ms_format, "naming": args.ms_naming or "mcore", "strategy": args.dst_strategy,
                         "prefix": args.ms_prefix} if args.save_model_type == "ms" else {})
     if not plan.save_lora_to_hf:
-        registry.target(plan.save_type).check(plan)
+        registry.target(plan.target_format).check(plan)
     return plan
 
 
 def output_files(plan: Plan) -> dict[str, int]:
     """{file relative to the target: bytes of tensor data} that the conversion will write."""
-    return registry.target(plan.save_type).files(plan)
+    return registry.target(plan.target_format).files(plan)
 
 
 def check_free_space(plan: Plan, files: dict[str, int]) -> None:
@@ -309,7 +319,7 @@ def check_free_space(plan: Plan, files: dict[str, int]) -> None:
 def describe_plan(plan: Plan, files: dict[str, int]) -> str:
     """The `--dry-run` report."""
     dims = plan.dims
-    lines = [f"plan: {plan.load_type} {plan.load_dir} -> {plan.save_type} {registry.target(plan.save_type).where(plan)}",
+    lines = [f"plan: {plan.load_type} {plan.load_dir} -> {plan.save_type} {registry.target(plan.target_format).where(plan)}",
              f"model: --model-type-hf {plan.family.name}, {dims.num_layers} layers, hidden {dims.hidden_size}, "
              f"heads {dims.num_attention_heads}/{dims.num_query_groups}, vocab {dims.vocab_size}"
              + (f" padded to {plan.padded_vocab}" if plan.padded_vocab else "")
@@ -349,7 +359,7 @@ def convert(argv: list[str] | None = None, start_method: str = "forkserver") -> 
         print(describe_plan(plan, files))
         return {"dry_run": True}
     check_free_space(plan, files)
-    target = registry.target(plan.save_type)
+    target = registry.target(plan.target_format)
     load, save = registry.source(plan.load_type).load_function(), target.save_function()
     started = time.monotonic()
     try:

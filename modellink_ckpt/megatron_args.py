@@ -103,10 +103,19 @@ LAYOUT_FIELDS = (
 )
 # How the checkpoint is stored (`--ckpt-format`): set for the target where the source recorded it
 FORMAT_FIELDS = ("ckpt_format", "use_dist_ckpt")
+# What the checkpoint holds besides the weights: a weights-only output says it has no optimizer
+# and no RNG state, so that Megatron-LM does not ask for them when it resumes
+CONTENT_FIELDS = ("no_save_optim", "no_save_rng")
 # Megatron-LM's other ways to write an uneven pipeline split: replaced by num_layer_list
 PIPELINE_SPLIT_FIELDS = ("decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers")
 # What our reader needs and a training run may not have stored
 READER_FIELDS = ("vocab_size",)
+
+
+def mark_weights_only(args: argparse.Namespace) -> argparse.Namespace:
+    for name in CONTENT_FIELDS:
+        setattr(args, name, True)
+    return args
 
 
 def carry_over(source_args: argparse.Namespace, target_args: argparse.Namespace, *,

@@ -29,6 +29,7 @@ SOURCES = {
 TARGETS = {
     "hf": "modellink_ckpt.savers.hf:TARGET",
     "mg": "modellink_ckpt.savers.mg:TARGET",
+    "torch_dist": "modellink_ckpt.savers.torch_dist:TARGET",  # --save-model-type mg --ckpt-format torch_dist
     "ms": "modellink_ckpt.savers.ms:TARGET",
 }
 DETECTION_ORDER = ("optim", "mg", "ms", "hf")  # the first source whose `detect` accepts a path

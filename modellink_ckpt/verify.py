@@ -162,6 +162,11 @@ def verify(path: str | Path, manifest_check: bool = True) -> tuple[list[str], st
     path = Path(path)
     if not path.is_dir():
         raise UsageError(f"--verify {path}: not a directory")
+    from modellink_ckpt.formats.torch_dist import is_torch_dist
+    from modellink_ckpt.loaders.mg import find_iteration
+
+    if (path / TRACKER).is_file() and is_torch_dist(find_iteration(path)[1]) or is_torch_dist(path):
+        return _verify_dist(find_iteration(path)[1], manifest_check)
     if (path / TRACKER).is_file() or any(path.glob(f"mp_rank_*/{RANK_FILE}")):
         return _verify_mg(path, manifest_check)
     if not (path / MANIFEST).is_file() and (path / "mg2hf" / MANIFEST).is_file():
@@ -201,4 +206,39 @@ def _verify_ms(folder: Path, manifest_check: bool) -> tuple[list[str], str]:
     layout = f"{strategy.world_size} rank files by the strategy" if strategy else "complete"
     summary = (f"{len(manifest.get('files', {}))} files, {total / 1e9:.2f} GB, sha256 as in the manifest; "
                f"{len(found)} tensors ({layout}) match MindSpore naming '{naming.name}' of config.json")
+    return problems, summary
+
+
+def _verify_dist(folder: Path, manifest_check: bool) -> tuple[list[str], str]:
+    """A torch_dist output: files against the manifest; every key the model needs (tensors with
+    their global shape and dtype, extra-state objects) in the store, nothing else."""
+    from modellink_ckpt.formats.torch_dist import TorchDistStore
+    from modellink_ckpt.megatron_args import dims_from_args
+    from modellink_ckpt.savers.torch_dist import DistKeys, object_key
+
+    manifest = read_manifest(folder)
+    problems = check_files(folder, manifest) if manifest and manifest_check else []
+    if manifest is None:
+        problems.append(f"{folder / MANIFEST}: missing (not written by this tool, or tampered with)")
+    store = TorchDistStore(folder)
+    margs = store.common()["args"]
+    family = load_family(getattr(margs, "model_type_hf", None) or (manifest or {}).get("model_type_hf") or "llama2")
+    dims = dims_from_args(margs, source=str(folder))
+    dtype = getattr(margs, "params_dtype", torch.float32)
+    plan = types.SimpleNamespace(family=family, dims=dims, padded_vocab=int(getattr(margs, "padded_vocab_size")),
+                                 target_spelling=spelling_from_args(margs))
+    keys = DistKeys(plan)
+    expected, objects = {}, set()
+    for kind, layer, tensors in mapping.model_messages(family, dims, dtype if isinstance(dtype, torch.dtype)
+                                                       else torch.float32):
+        chunks, extra = keys.layer(layer, tensors) if kind == "layer" else (keys.plain(kind, tensors), [])
+        expected.update({key: (tuple(shape), t.dtype) for key, shape, _, t in chunks})
+        objects |= {object_key(key, shape, offsets) for key, shape, offsets in extra}
+    found = {key: (tuple(t.shape), t.dtype) for key, t in store.tensors.items()}
+    problems += _compare(str(folder), found, _with_odd_dtypes(expected, manifest))
+    problems += [f"{folder}: missing object '{k}'" for k in sorted(objects - set(store.objects))]
+    problems += [f"{folder}: unexpected object '{k}'" for k in sorted(set(store.objects) - objects)]
+    total = (manifest or {}).get("total_bytes", 0)
+    summary = (f"{len((manifest or {}).get('files', {}))} files, {total / 1e9:.2f} GB, sha256 as in the manifest; "
+               f"{len(found)} tensors and {len(store.objects)} objects match the stored args (torch_dist)")
     return problems, summary

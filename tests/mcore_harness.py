@@ -496,7 +496,9 @@ def moe_config_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
         moe_ffn_hidden_size=_opt_int(getattr(args, "moe_ffn_hidden_size", None)) or args.ffn_hidden_size,
         moe_shared_expert_intermediate_size=shared,
         moe_shared_expert_gate=bool(getattr(args, "moe_shared_expert_gate", False)) and shared is not None,
-        moe_layer_freq=moe_layer_pattern(args),
+        # an all-MoE stack as a training run configures it (an int): megatron then stacks its layers
+        # in dist checkpoints; a mixed stack needs the list (and gets per-layer keys)
+        moe_layer_freq=1 if all(moe_layer_pattern(args)) else moe_layer_pattern(args),
         moe_router_score_function=score,
         moe_router_pre_softmax=pre_softmax,
         moe_router_enable_expert_bias=bool(getattr(args, "moe_router_enable_expert_bias", False)),
@@ -630,7 +632,9 @@ def _logits_worker(rank: int, world: int, out_dir: str, payload: Dict[str, Any])
     config = transformer_config_from_args(args, slots)
     mla = bool(getattr(config, "multi_latent_attention", False))
 
-    checkpoint = load_rank_checkpoint(rank_file(payload["iter_dir"], tp_rank, pp_rank, pp_size, ep_rank, ep_size))
+    from_store = payload.get("dist", False)  # a torch_dist checkpoint
+    checkpoint = None if from_store else load_rank_checkpoint(rank_file(payload["iter_dir"], tp_rank, pp_rank, pp_size,
+                                                                   ep_rank, ep_size))
     impl = getattr(args, "transformer_impl", "local")
     tied = not args.untie_embeddings_and_output_weights
 
@@ -666,11 +670,27 @@ def _logits_worker(rank: int, world: int, out_dir: str, payload: Dict[str, Any])
                 raise RuntimeError(f"layer numbering: local {local} has layer_number {layers[local].layer_number}, expected {global_id + 1}")
             if global_id in noop:
                 layers[local] = NoopTransformerLayer(layers[local].layer_number)
-        state = to_local_names(checkpoint["model" if chunks == 1 else f"model{v}"], impl, args)
-        model.load_state_dict(state, strict=True)
+        if not from_store:
+            state = to_local_names(checkpoint["model" if chunks == 1 else f"model{v}"], impl, args)
+            model.load_state_dict(state, strict=True)
         model.eval()
         models.append(model)
     del checkpoint
+    if payload.get("save_dist"):  # megatron-core itself saves the loaded model as torch_dist
+        from megatron.core import dist_checkpointing
+
+        torch.cuda.synchronize = lambda *a, **k: None
+        state = {f"model{v}": model.sharded_state_dict() for v, model in enumerate(models)}
+        state.update(args=payload["args"], iteration=1, checkpoint_version=3.0)
+        dist_checkpointing.save(state, payload["save_dist"])
+    if from_store:  # megatron-core's own dist_checkpointing, strict: every key requested and every key used
+        from megatron.core import dist_checkpointing
+        from megatron.core.dist_checkpointing.validation import StrictHandling
+
+        sharded = {f"model{v}": model.sharded_state_dict() for v, model in enumerate(models)}
+        loaded = dist_checkpointing.load(sharded, payload["iter_dir"], strict=StrictHandling.RAISE_ALL)
+        for v, model in enumerate(models):
+            model.load_state_dict(loaded[f"model{v}"], strict=True)
 
     b, s = tokens.shape
     position_ids = torch.arange(s).unsqueeze(0).expand(b, s)
@@ -700,10 +720,41 @@ def _logits_worker(rank: int, world: int, out_dir: str, payload: Dict[str, Any])
 # ----------------------------------------------------------------------------- public API
 
 
-def mcore_logits(load_dir, tokens: torch.LongTensor, timeout: float = 300) -> torch.Tensor:
-    """tokens [b, s] -> logits [b, s, padded_vocab] (fp32, gathered over TP), from the checkpoint at load_dir."""
+def mcore_save_dist(load_dir, save_dir, timeout: float = 300) -> None:
+    """Load a legacy checkpoint into megatron-core's GPTModel (at its own layout) and save it with
+    megatron-core's `dist_checkpointing.save`: a torch_dist checkpoint as megatron itself writes it."""
+    save_dir = os.fspath(save_dir)
+    iter_dir = os.path.join(save_dir, "iter_0000001")
+    os.makedirs(iter_dir, exist_ok=True)
+    mcore_logits(load_dir, torch.zeros(1, 4, dtype=torch.long), timeout=timeout, save_dist=iter_dir)
+    with open(os.path.join(save_dir, TRACKER_FILE), "w") as f:
+        f.write("1")
+
+
+def read_dist_args(load_dir: str) -> argparse.Namespace:
+    """The args in common.pt of a torch_dist checkpoint (as megatron's training loader reads them)."""
+    return torch.load(os.path.join(iteration_dir(load_dir), "common.pt"), map_location="cpu",
+                      weights_only=False)["args"]
+
+
+def mcore_logits(load_dir, tokens: torch.LongTensor, timeout: float = 300, layout: Optional[Dict[str, Any]] = None,
+                 save_dist: Optional[str] = None) -> torch.Tensor:
+    """tokens [b, s] -> logits [b, s, padded_vocab] (fp32, gathered over TP), from the checkpoint at load_dir.
+
+    A torch_dist checkpoint is layout-independent: `layout` ({tp, pp, vpp_layers, ep}) says at which
+    layout megatron-core builds the model and loads it with `dist_checkpointing.load`."""
     load_dir = os.fspath(load_dir)
-    args = read_args(load_dir)
+    dist = os.path.exists(os.path.join(iteration_dir(load_dir), "metadata.json"))
+    args = read_dist_args(load_dir) if dist else read_args(load_dir)
+    if dist:
+        layout = layout or {}
+        args = argparse.Namespace(**vars(args))
+        args.tensor_model_parallel_size = layout.get("tp", 1)
+        args.pipeline_model_parallel_size = layout.get("pp", 1)
+        args.num_layers_per_virtual_pipeline_stage = layout.get("vpp_layers")
+        args.expert_model_parallel_size = layout.get("ep", 1)
+        args.expert_tensor_parallel_size = None
+        args.num_layer_list = None
     layer_slots(args)  # validate the layout before spawning
     it_dir = iteration_dir(load_dir)
     tp_size, pp_size = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
@@ -717,7 +768,7 @@ def mcore_logits(load_dir, tokens: torch.LongTensor, timeout: float = 300) -> to
             "MLA is checked at TP = 1 only: without Transformer Engine megatron-core splits the MLA "
             "down-projections across TP, unlike real checkpoints (check TP > 1 by round trip)")
     moe_layer_pattern(args)  # validate before spawning
-    for tp in range(tp_size):
+    for tp in range(tp_size if not dist else 0):
         for pp in range(pp_size):
             for ep in range(ep_size):
                 path = rank_file(it_dir, tp, pp, pp_size, ep, ep_size)
@@ -726,7 +777,7 @@ def mcore_logits(load_dir, tokens: torch.LongTensor, timeout: float = 300) -> to
     tokens = torch.as_tensor(tokens, dtype=torch.long)
     if tokens.dim() != 2:
         raise ValueError(f"tokens must be [b, s], got {tuple(tokens.shape)}")
-    payload = {"args": args, "tokens": tokens.clone(), "iter_dir": it_dir}
+    payload = {"args": args, "tokens": tokens.clone(), "iter_dir": it_dir, "dist": dist, "save_dist": save_dist}
     out_dir = spawn_ranks(_logits_worker, tp_size * pp_size * ep_size, payload, timeout=timeout)
     try:
         return torch.load(os.path.join(out_dir, LOGITS_FILE), weights_only=True)

@@ -100,3 +100,116 @@ def test_bad_torch_dist_input_is_one_line(dist, tmp_path):
         assert message in line, (name, line)
         assert not looks_complete(out), name
     assert not marker.exists()
+
+
+# ---- writing torch_dist, loaded by megatron-core's own dist_checkpointing -------------------------------
+
+from mcore_harness import mcore_logits  # noqa: E402
+from modellink_ckpt.demo_models import build_hf_checkpoint, hf_logits, sample_tokens  # noqa: E402
+from test_reshard import assert_same_checkpoint, mg_to_mg  # noqa: E402
+from util import assert_same_tensors, hf_to_mg, load_hf_state, mg_to_hf, run_convert  # noqa: E402
+
+DIST = ["--ckpt-format", "torch_dist"]
+
+
+def to_dist(source, out, family, load_type="hf", *flags) -> Path:
+    run_convert("--load-model-type", load_type, "--save-model-type", "mg", "--model-type-hf", family,
+                "--load-dir", source, "--save-dir", out, *DIST, *flags)
+    return Path(out)
+
+
+@pytest.mark.parametrize("family, layout, flags", [
+    pytest.param("llama2", {"tp": 1}, [], id="tp1"),
+    pytest.param("llama2", {"tp": 2}, ["--target-tensor-parallel-size", "2"], id="tp2"),
+    pytest.param("qwen25", {"pp": 2}, [], id="pp2", marks=pytest.mark.slow),
+    pytest.param("qwen3", {"pp": 2, "vpp_layers": 1}, [], id="pp2-vpp2", marks=pytest.mark.slow),
+    pytest.param("mixtral", {"ep": 2}, [], id="mixtral-ep2"),
+])
+def test_megatron_core_loads_our_torch_dist_strictly(tmp_path, family, layout, flags):
+    """hf -> torch_dist, loaded by megatron-core's dist_checkpointing.load(strict=RAISE_ALL) into
+    a GPTModel at TP1 / TP2 / PP2 / PP2xVPP2 / EP2: logits within 1e-4 of HF; the stored
+    vocabulary is padded as Megatron pads it for the target TP (a wrong row count would load
+    silently, so it is compared)."""
+    hf = build_hf_checkpoint(family, tmp_path / "hf", tokenizer=False)
+    out = to_dist(hf, tmp_path / "dist", family, "hf", *flags)
+    from modellink_ckpt.formats.torch_dist import TorchDistStore
+
+    store = TorchDistStore(out / "iter_0000001")
+    tp = int(flags[flags.index("--target-tensor-parallel-size") + 1]) if flags else 1
+    assert store.tensors["embedding.word_embeddings.weight"].shape[0] == -(-503 // tp) * tp
+    tokens = sample_tokens(503, batch=2, seq=8)
+    expected = hf_logits(hf, tokens)
+    got = mcore_logits(out, tokens, layout=layout)[..., :503]
+    diff = (got - expected).abs().max().item()
+    assert diff <= 1e-4, f"{family} {layout}: max |logit diff| {diff:.3g}"
+    verified = run_cli("--verify", out)
+    assert verified.returncode == 0, verified.stderr
+
+
+@pytest.mark.parametrize("family, flags", [
+    pytest.param("llama2", ["--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2"], id="tp2pp2"),
+    pytest.param("mixtral", ["--target-expert-parallel-size", "2", "--target-pipeline-parallel-size", "2"],
+                 id="mixtral-ep2pp2"),
+    pytest.param("qwen3", ["--target-pipeline-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"],
+                 id="pp2-vpp2", marks=pytest.mark.slow),
+])
+def test_torch_and_torch_dist_round_trips_are_bit_exact(tmp_path, family, flags):
+    hf = build_hf_checkpoint(family, tmp_path / "hf", tokenizer=False, dtype=torch.bfloat16)
+    legacy = hf_to_mg(hf, tmp_path / "legacy", family, *flags)
+    dist = to_dist(legacy, tmp_path / "dist", family, "mg", *flags)
+    back = mg_to_mg(dist, tmp_path / "back", family, *flags)
+    assert_same_checkpoint(back, legacy)
+    assert_same_tensors(load_hf_state(hf), load_hf_state(mg_to_hf(to_dist(hf, tmp_path / "dist2", family),
+                                                                  tmp_path / "hf_back", family)), "hf->dist->hf")
+
+
+def test_megatron_reads_common_pt_with_weights_only(tmp_path):
+    """megatron-core 0.16.1 loads common.pt with weights_only=True (its SAFE_GLOBALS registered):
+    what we write loads there, for args we build and for a training run's args carried over
+    (Megatron enums, signal.Signals, dtypes)."""
+    import signal
+
+    from megatron.core import dist_checkpointing
+    from megatron.core.enums import ModelType
+
+    training = Path(shutil.copytree(ROOT / "tests" / "fixtures" / "megatron-lm-core_v0.16.1" / "torch",
+                                    tmp_path / "training"))
+    carried = to_dist(training, tmp_path / "carried", "llama2", "mg")
+    hf = build_hf_checkpoint("llama2", tmp_path / "hf", tokenizer=False)
+    built = to_dist(hf, tmp_path / "built", "llama2")
+    for out, iteration in ((carried, 7), (built, 1)):
+        common = dist_checkpointing.load_common_state_dict(str(out / f"iter_{iteration:07d}"))
+        assert common["iteration"] == iteration and common["checkpoint_version"] == 3.0
+        assert common["args"].no_save_optim and common["args"].no_save_rng
+        assert common["args"].ckpt_format == "torch_dist"
+    args = dist_checkpointing.load_common_state_dict(str(carried / "iter_0000007"))["args"]
+    assert args.model_type is ModelType.encoder_or_decoder and args.exit_signal is signal.SIGTERM
+
+
+@pytest.mark.parametrize("family, flags", [
+    pytest.param("mixtral", ["--target-expert-parallel-size", "2"], id="mixtral-ep2"),
+    pytest.param("llama2", ["--target-tensor-parallel-size", "2"], id="dense-tp2", marks=pytest.mark.slow),
+])
+def test_torch_dist_saved_by_megatron_core_reads_like_the_torch_format(tmp_path, family, flags):
+    """megatron-core's own dist_checkpointing.save of a model (EP2 MoE, TP2 dense) -> hf and -> mg
+    torch: tensor by tensor what the same weights give from the torch format."""
+    from mcore_harness import mcore_save_dist
+
+    hf = build_hf_checkpoint(family, tmp_path / "hf", tokenizer=False)
+    legacy = hf_to_mg(hf, tmp_path / "legacy", family, *flags)
+    mcore_save_dist(legacy, tmp_path / "saved")
+    assert_same_tensors(load_hf_state(mg_to_hf(tmp_path / "saved", tmp_path / "from_dist", family)),
+                        load_hf_state(mg_to_hf(legacy, tmp_path / "from_torch", family)), "megatron's torch_dist")
+    assert_same_checkpoint(mg_to_mg(tmp_path / "saved", tmp_path / "mg_from_dist", family, *flags), legacy)
+
+
+@pytest.mark.slow
+def test_deepseek3_torch_dist_with_per_layer_keys(tmp_path):
+    """DeepSeek-V3 (dense first layer, MoE after, MLA): megatron-core stores per-layer keys; it
+    loads ours strictly at TP1 with the HF logits, and round-trips bit-exactly."""
+    hf = build_hf_checkpoint("deepseek3", tmp_path / "hf", tokenizer=False)
+    out = to_dist(hf, tmp_path / "dist", "deepseek3", "hf", "--mla-spelling", "mcore")
+    tokens = sample_tokens(503, batch=2, seq=8)
+    diff = (mcore_logits(out, tokens)[..., :503] - hf_logits(hf, tokens)).abs().max().item()
+    assert diff <= 1e-4, diff
+    assert_same_tensors(load_hf_state(hf), load_hf_state(mg_to_hf(out, tmp_path / "back", "deepseek3")), "deepseek3")

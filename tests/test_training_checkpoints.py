@@ -12,7 +12,7 @@ import torch
 
 from mcore_harness import mcore_logits
 from modellink_ckpt.demo_models import hf_logits, sample_tokens
-from modellink_ckpt.megatron_args import LAYOUT_FIELDS
+from modellink_ckpt.megatron_args import CONTENT_FIELDS, FORMAT_FIELDS, LAYOUT_FIELDS
 from modellink_ckpt.formats.safe_pickle import Placeholder
 from modellink_ckpt.formats.torch_zip import load_lazy
 from util import ROOT, load_mg_state, mg_to_hf, run_cli
@@ -72,7 +72,9 @@ def test_training_checkpoint_reshards_and_keeps_its_args(training_ckpt, tmp_path
         assert state["iteration"] == 7
         changed = {k for k in set(vars(args)) | set(vars(source))
                    if getattr(args, k, None) != getattr(source, k, None)}
-        assert changed <= set(LAYOUT_FIELDS), f"{rank}: non-layout args changed: {sorted(changed - set(LAYOUT_FIELDS))}"
+        allowed = set(LAYOUT_FIELDS) | set(CONTENT_FIELDS)  # and what the checkpoint holds: weights only
+        assert changed <= allowed, f"{rank}: non-layout args changed: {sorted(changed - allowed)}"
+        assert args.no_save_optim and args.no_save_rng
         assert args.exit_signal == source.exit_signal and type(args.model_type) is type(source.model_type)
         assert args.model_type == source.model_type and args.attention_backend == source.attention_backend
         assert args.make_vocab_size_divisible_by == 128  # as the run computes it at the new TP
@@ -125,10 +127,9 @@ def test_torch_dist_training_checkpoint_converts_like_the_torch_one(training_ckp
     tokens = sample_tokens(VOCAB, batch=2, seq=8)
     diff = (mcore_logits(out, tokens)[..., :VOCAB] - mcore_logits(training_ckpt, tokens)[..., :VOCAB]).abs().max().item()
     assert diff <= 1e-4, f"max |logit diff| {diff:.3g}"
-    from modellink_ckpt.megatron_args import FORMAT_FIELDS
-
     args = load_lazy(out / "iter_0000007" / "mp_rank_00" / "model_optim_rng.pt")["args"]
     source = load_lazy(training_dist / "iter_0000007" / "common.pt")["args"]
     changed = {k for k in set(vars(args)) | set(vars(source)) if getattr(args, k, None) != getattr(source, k, None)}
-    assert changed <= set(LAYOUT_FIELDS) | set(FORMAT_FIELDS), sorted(changed - set(LAYOUT_FIELDS))
+    allowed = set(LAYOUT_FIELDS) | set(FORMAT_FIELDS) | set(CONTENT_FIELDS)
+    assert changed <= allowed, sorted(changed - allowed)
     assert (source.ckpt_format, args.ckpt_format, args.use_dist_ckpt) == ("torch_dist", "torch", False)

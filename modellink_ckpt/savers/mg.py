@@ -19,7 +19,7 @@ from modellink_ckpt.errors import UsageError
 from modellink_ckpt import transforms as T
 from modellink_ckpt.loaders.mg import RANK_FILE, TRACKER, iteration_dir_name
 from modellink_ckpt.manifest import write_manifest
-from modellink_ckpt.megatron_args import carry_over, make_args
+from modellink_ckpt.megatron_args import carry_over, make_args, mark_weights_only
 from modellink_ckpt.optim_layout import OPTIM_FILE
 from modellink_ckpt.savers.optim_state import STATES, OptimStateWriter
 from modellink_ckpt.staging import StagedDir, check_target, occupied, write_text_atomic
@@ -245,6 +245,8 @@ def save(plan, receiver) -> dict:
     stored_args = placer.rank_args(model_dtype, iteration, source.args if source else None)
     if optim:
         vars(stored_args).update(optim.args_update())
+    else:
+        mark_weights_only(stored_args)
 
     # A new target is staged whole (iteration folder and tracker) and appears with one rename;
     # into an existing folder the iteration folder is published first and the tracker last.
