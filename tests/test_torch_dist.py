@@ -159,8 +159,13 @@ def test_torch_and_torch_dist_round_trips_are_bit_exact(tmp_path, family, flags)
     dist = to_dist(legacy, tmp_path / "dist", family, "mg", *flags)
     back = mg_to_mg(dist, tmp_path / "back", family, *flags)
     assert_same_checkpoint(back, legacy)
-    assert_same_tensors(load_hf_state(hf), load_hf_state(mg_to_hf(to_dist(hf, tmp_path / "dist2", family),
-                                                                  tmp_path / "hf_back", family)), "hf->dist->hf")
+    dist2 = to_dist(hf, tmp_path / "dist2", family)
+    assert_same_tensors(load_hf_state(hf), load_hf_state(mg_to_hf(dist2, tmp_path / "hf_back", family)), "hf->dist->hf")
+    run_convert("--load-model-type", "mg", "--save-model-type", "ms", "--model-type-hf", family, "--load-dir", dist2,
+                "--save-dir", tmp_path / "ms")  # every target works from torch_dist: MindSpore too
+    run_convert("--load-model-type", "ms", "--save-model-type", "hf", "--model-type-hf", family, "--load-dir",
+                tmp_path / "ms", "--save-dir", tmp_path / "ms_back")
+    assert_same_tensors(load_hf_state(hf), load_hf_state(tmp_path / "ms_back" / "mg2hf"), "hf->dist->ms->hf")
 
 
 def test_megatron_reads_common_pt_with_weights_only(tmp_path):

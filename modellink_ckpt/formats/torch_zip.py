@@ -100,10 +100,14 @@ class StreamingTorchWriter:
     `obj` may hold the references returned by `add_tensor` wherever a tensor would be.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, sink: HashedFile | None = None):
+        """`sink`: append the zip to this open file instead (a blob of a larger file, as
+        torch.distributed.checkpoint stores tensors; its offsets count from the blob's start)."""
         self.path = Path(path)
         self._archive = self.path.stem  # torch names the top folder of the zip after the file
-        self._file = HashedFile(self.path)
+        self._file = sink if sink is not None else HashedFile(self.path)
+        self._owns_file = sink is None
+        self._base = self._file.size
         self._offset = 0
         self._entries: list[tuple[bytes, int, int, int]] = []  # (name, local header offset, size, crc32)
         self._count = 0
@@ -113,7 +117,7 @@ class StreamingTorchWriter:
 
     def _write(self, data) -> None:
         self._file.write(data)
-        self._offset = self._file.size
+        self._offset = self._file.size - self._base
 
     def _record(self, name: str, data: bytes) -> None:
         self._record_start(name, len(data), zlib.crc32(data))
@@ -170,7 +174,10 @@ class StreamingTorchWriter:
         self._record("version", b"3\n")
         self._record(".data/serialization_id", uuid.uuid4().hex.encode())
         self._central_directory()
-        self.size, self.sha256 = self._file.close()
+        if self._owns_file:
+            self.size, self.sha256 = self._file.close()
+        else:
+            self.size, self.sha256 = self._offset, None
 
     def abort(self) -> None:
         self._file.abort()

@@ -13,7 +13,6 @@ args say so, `no_save_optim` / `no_save_rng`).
 
 from __future__ import annotations
 
-import io
 import json
 import pickle
 import time
@@ -110,11 +109,12 @@ class StoreWriter:
         self.objects: dict[str, tuple[int, int]] = {}
         self.tensor_bytes = 0
 
-    def _blob(self, obj) -> tuple[int, int]:
-        buffer = io.BytesIO()
-        torch.save(obj, buffer)
+    def _blob(self, obj, tensor: torch.Tensor | None = None) -> tuple[int, int]:
+        """A torch.save blob of `obj` (or of `tensor`, its bytes written straight from its memory)
+        appended to the data file: (offset, length)."""
         start = self._file.size
-        self._file.write(buffer.getbuffer())
+        writer = StreamingTorchWriter(self.folder / DATA_FILE, sink=self._file)
+        writer.close(writer.add_tensor(tensor) if tensor is not None else obj)
         return start, self._file.size - start
 
     def add_chunk(self, key: str, shape: tuple, offsets: tuple, tensor: torch.Tensor) -> None:
@@ -124,8 +124,7 @@ class StoreWriter:
         if entry["shape"] != shape or entry["dtype"] != tensor.dtype:
             raise UsageError(f"torch_dist key '{key}': {list(shape)} {tensor.dtype} does not match its other chunks "
                              f"({list(entry['shape'])} {entry['dtype']})")
-        # a copy of its own: torch.save writes a view's whole storage
-        where = self._blob(tensor.detach().reshape(sizes).contiguous().clone())
+        where = self._blob(None, T.as_tensor(tensor).detach().reshape(sizes))
         entry["chunks"].append((offsets, sizes) + where)
         self.tensor_bytes += tensor.numel() * tensor.element_size()
 
