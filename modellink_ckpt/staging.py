@@ -125,3 +125,28 @@ def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.parent / f".{path.name}.partial-{os.getpid()}"
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+class StagedIteration:
+    """A Megatron checkpoint's iteration folder, staged. A new target is staged whole (iteration
+    folder and tracker) and appears with one rename; into an existing checkpoint folder the
+    iteration folder is published first and the tracker written last, as training does."""
+
+    def __init__(self, save_dir: Path, iteration_dir_name: str, tracker: str, overwrite: bool):
+        self.save_dir, self.tracker = Path(save_dir), tracker
+        self.whole = not occupied(self.save_dir)
+        self._staged = StagedDir(self.save_dir if self.whole else self.save_dir / iteration_dir_name,
+                                 overwrite=overwrite)
+        self.folder = self._staged.path / iteration_dir_name if self.whole else self._staged.path
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def publish(self, iteration) -> None:
+        if self.whole:
+            (self._staged.path / self.tracker).write_text(str(iteration))
+            self._staged.publish()
+        else:
+            self._staged.publish()
+            write_text_atomic(self.save_dir / self.tracker, str(iteration))
+
+    def discard(self) -> None:
+        self._staged.discard()

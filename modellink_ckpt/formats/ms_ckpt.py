@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from modellink_ckpt.errors import ConvertError
+from modellink_ckpt.formats import protobuf_wire as W
 from modellink_ckpt.file_io import FileReader, HashedFile, tensor_bytes
 from modellink_ckpt.transforms import Rows
 
@@ -39,34 +40,16 @@ CRC_MARK = b"crc_num"
 CRC_TRAILER = len(CRC_MARK) + 10   # marker + the CRC-32 as 10 big-endian bytes
 
 
-def _varint(value: int) -> bytes:
-    if value < 0:
-        value += 1 << 64
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def _field(number: int, wire: int) -> bytes:
-    return _varint(number << 3 | wire)
-
-
 def _value_header(tag: str, dims: tuple[int, ...], type_name: str, content_bytes: int) -> bytes:
     """A serialized `Checkpoint{value: [Value{tag, tensor}]}` up to (not including) the raw bytes."""
-    tensor = b"".join(_field(1, 0) + _varint(d) for d in dims)           # dims, unpacked as MindSpore writes
-    tensor += _field(2, 2) + _varint(len(type_name)) + type_name.encode()
-    tensor += _field(3, 2) + _varint(content_bytes)
+    tensor = b"".join(W.key(1, 0) + W.encode_varint(d) for d in dims)           # dims, unpacked as MindSpore writes
+    tensor += W.key(2, 2) + W.encode_varint(len(type_name)) + type_name.encode()
+    tensor += W.key(3, 2) + W.encode_varint(content_bytes)
     tensor_len = len(tensor) + content_bytes
     name = tag.encode()
-    value = _field(1, 2) + _varint(len(name)) + name + _field(2, 2) + _varint(tensor_len)
+    value = W.key(1, 2) + W.encode_varint(len(name)) + name + W.key(2, 2) + W.encode_varint(tensor_len)
     value_len = len(value) + tensor_len
-    return _field(1, 2) + _varint(value_len) + value + tensor
+    return W.key(1, 2) + W.encode_varint(value_len) + value + tensor
 
 
 class MsCkptWriter:
@@ -122,18 +105,8 @@ class _Cursor:
         self.data, self.path, self.pos, self.end = data, path, start, end
 
     def varint(self) -> int:
-        shift = result = 0
-        while True:
-            if self.pos >= self.end:
-                raise ConvertError(f"{self.path}: truncated or corrupt ckpt (a record ends early at byte {self.pos})")
-            byte = self.data[self.pos]
-            self.pos += 1
-            result |= (byte & 0x7F) << shift
-            if not byte & 0x80:
-                return result
-            shift += 7
-            if shift > 63:
-                raise ConvertError(f"{self.path}: corrupt ckpt (bad varint at byte {self.pos})")
+        value, self.pos = W.read_varint(self.data, self.pos, self.end, str(self.path))
+        return value
 
     def length_delimited(self) -> tuple[int, int]:
         length = self.varint()

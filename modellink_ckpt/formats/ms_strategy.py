@@ -25,6 +25,7 @@ import re
 from pathlib import Path
 
 from modellink_ckpt.errors import ConvertError, UsageError
+from modellink_ckpt.formats import protobuf_wire as W
 
 _MERGED_NAME = re.compile(r"^(\d+)-(.+)$")
 
@@ -38,18 +39,8 @@ def _fields(data: bytes, where: str) -> list[tuple[int, int, int | bytes]]:
 
     def varint() -> int:
         nonlocal pos
-        shift = result = 0
-        while True:
-            if pos >= len(data):
-                raise ConvertError(f"{where}: corrupt strategy file (truncated varint)")
-            byte = data[pos]
-            pos += 1
-            result |= (byte & 0x7F) << shift
-            if not byte & 0x80:
-                return result
-            shift += 7
-            if shift > 70:
-                raise ConvertError(f"{where}: corrupt strategy file (bad varint)")
+        value, pos = W.read_varint(data, pos, len(data), where)
+        return value
 
     while pos < len(data):
         key = varint()
@@ -69,60 +60,27 @@ def _fields(data: bytes, where: str) -> list[tuple[int, int, int | bytes]]:
     return out
 
 
-def _signed(value: int, bits: int = 64) -> int:
-    return value - (1 << bits) if value >= 1 << (bits - 1) else value
-
-
 def _ints(message: bytes, where: str) -> list[int]:
     """The repeated `dim = 1` of DevMatrix / TensorMap / ..., packed or not."""
     values = []
     for field, wire, value in _fields(message, where):
         if field == 1 and wire == 0:
-            values.append(_signed(value))
+            values.append(W.signed(value))
         elif field == 1 and wire == 2:
-            values += [_signed(v) for v in _packed_values(value, where)]
+            values += [W.signed(v) for v in _packed_values(value, where)]
     return values
 
 
 def _packed_values(data: bytes, where: str) -> list[int]:
     values, pos = [], 0
     while pos < len(data):
-        shift = result = 0
-        while True:
-            if pos >= len(data):
-                raise ConvertError(f"{where}: corrupt strategy file (truncated packed field)")
-            byte = data[pos]
-            pos += 1
-            result |= (byte & 0x7F) << shift
-            if not byte & 0x80:
-                break
-            shift += 7
-        values.append(result)
+        value, pos = W.read_varint(data, pos, len(data), where)
+        values.append(value)
     return values
 
 
-def _varint(value: int) -> bytes:
-    if value < 0:
-        value += 1 << 64
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def _message(number: int, body: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(body)) + body
-
-
-def _scalar(number: int, value: int) -> bytes:
-    return _varint(number << 3) + _varint(value)
-
-
 def _ints_message(values) -> bytes:
-    return b"".join(_scalar(1, v) for v in values)
+    return b"".join(W.scalar(1, v) for v in values)
 
 
 # ---- the model ----------------------------------------------------------------------------------
@@ -244,11 +202,11 @@ def _layout_of(message: bytes, where: str) -> tuple[ParamLayout, dict]:
         elif field == 4:
             extra["offset"] += _ints(value, where)
         elif field == 5:
-            extra["field"] = _signed(value, 32)
+            extra["field"] = W.signed(value, 32)
         elif field == 6:
-            step = _signed(value, 32)
+            step = W.signed(value, 32)
         elif field == 7:
-            size = _signed(value, 32)
+            size = W.signed(value, 32)
     if len(dev) != 1 or not maps:
         raise ConvertError(f"{where}: a parameter layout without one device matrix and a tensor map")
     return ParamLayout(tuple(dev[0]), tuple(maps[0]), step, size), {**extra, "maps": len(maps)}
@@ -351,14 +309,14 @@ def write_strategy(path: str | Path, layouts: dict[str, ParamLayout], stage: int
     """A strategy file as MindSpore writes one (`merged`: pipeline-merged names `<stage>-<param>`;
     else the layouts of one stage, `stage`)."""
     stages = sorted({layout.stage for layout in layouts.values()}) if merged else [stage or 0]
-    body = _scalar(1, 1 if merged else (stage or 0))
+    body = W.scalar(1, 1 if merged else (stage or 0))
     for s in stages:  # MindSpore refuses a file without a strategy item carrying the stage
-        strategys = _scalar(1, s) + _message(2, _message(1, _ints_message([1])))
-        body += _message(2, _message(1, f"Default/stage-{s}".encode()) + _message(2, strategys))
+        strategys = W.scalar(1, s) + W.message(2, W.message(1, _ints_message([1])))
+        body += W.message(2, W.message(1, f"Default/stage-{s}".encode()) + W.message(2, strategys))
     for name, layout in layouts.items():
-        item = (_message(1, _ints_message(layout.dev_matrix)) + _message(2, _ints_message(layout.tensor_map))
-                + _message(3, b"") + _message(4, b"") + _scalar(5, 0)
-                + _scalar(6, layout.opt_shard_step) + _scalar(7, layout.opt_shard_size))
+        item = (W.message(1, _ints_message(layout.dev_matrix)) + W.message(2, _ints_message(layout.tensor_map))
+                + W.message(3, b"") + W.message(4, b"") + W.scalar(5, 0)
+                + W.scalar(6, layout.opt_shard_step) + W.scalar(7, layout.opt_shard_size))
         key = f"{layout.stage}-{name}" if merged else name
-        body += _message(3, _message(1, key.encode()) + _message(2, item))
+        body += W.message(3, W.message(1, key.encode()) + W.message(2, item))
     Path(path).write_bytes(body)

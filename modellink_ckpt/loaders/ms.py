@@ -40,16 +40,20 @@ def _rank_folders(folder: Path) -> dict[int, Path]:
     return found
 
 
-def _rank_file(folder: Path) -> Path:
-    """The checkpoint of one rank folder: MindSpore takes the last in sorted order; ckpt and
-    safetensors side by side are ambiguous."""
+def _checkpoint_files(folder: Path, error=ConvertError) -> list[Path]:
+    """The .ckpt or the .safetensors files of a folder, sorted; both side by side are ambiguous."""
     kinds = {suffix: sorted(folder.glob(f"*{suffix}")) for suffix in SUFFIXES}
     if kinds[".ckpt"] and kinds[".safetensors"]:
-        raise ConvertError(f"{folder}: holds both .ckpt and .safetensors files; keep one format per rank folder")
+        raise ConvertError(f"{folder}: holds both .ckpt and .safetensors files; keep one format per folder")
     files = kinds[".ckpt"] or kinds[".safetensors"]
     if not files:
-        raise ConvertError(f"{folder}: no .ckpt or .safetensors file")
-    return files[-1]
+        raise error(f"{folder}: no MindSpore .ckpt or .safetensors file")
+    return files
+
+
+def _rank_file(folder: Path) -> Path:
+    """The checkpoint of one rank folder: MindSpore takes the last in sorted order."""
+    return _checkpoint_files(folder)[-1]
 
 
 class MsStore:
@@ -89,13 +93,8 @@ class MsStore:
                 if missing:
                     raise ConvertError(f"{folder / index}: lists {missing[0].name}, which is missing")
                 return files
-        kinds = {suffix: sorted(folder.glob(f"*{suffix}")) for suffix in SUFFIXES}
-        if kinds[".ckpt"] and kinds[".safetensors"]:
-            raise ConvertError(f"{folder}: holds both .ckpt and .safetensors files; point --load-dir at one")
-        files = kinds[".ckpt"] or kinds[".safetensors"]
-        if not files:
-            raise UsageError(f"--load-dir {folder}: no MindSpore .ckpt or .safetensors checkpoint found")
-        if len(kinds[".ckpt"]) > 1:
+        files = _checkpoint_files(folder, UsageError)
+        if len(files) > 1 and files[0].suffix == ".ckpt":
             raise UsageError(f"--load-dir {folder}: {len(files)} .ckpt files; point --load-dir at one of them")
         return files
 

@@ -22,7 +22,7 @@ from modellink_ckpt.manifest import write_manifest
 from modellink_ckpt.megatron_args import carry_over, make_args, mark_weights_only
 from modellink_ckpt.optim_layout import OPTIM_FILE
 from modellink_ckpt.savers.optim_state import STATES, OptimStateWriter
-from modellink_ckpt.staging import StagedDir, check_target, occupied, write_text_atomic
+from modellink_ckpt.staging import StagedIteration, check_target
 from modellink_ckpt.formats.torch_zip import StreamingTorchWriter
 
 ITERATION = 1
@@ -248,12 +248,8 @@ def save(plan, receiver) -> dict:
     else:
         mark_weights_only(stored_args)
 
-    # A new target is staged whole (iteration folder and tracker) and appears with one rename;
-    # into an existing folder the iteration folder is published first and the tracker last.
-    whole = not occupied(plan.save_dir)
-    staging = StagedDir(plan.save_dir if whole else plan.save_dir / iteration_dir_name(iteration),
-                        overwrite=plan.overwrite)
-    iteration_dir = staging.path / iteration_dir_name(iteration) if whole else staging.path
+    staging = StagedIteration(plan.save_dir, iteration_dir_name(iteration), TRACKER, plan.overwrite)
+    iteration_dir = staging.folder
     files = RankFiles(iteration_dir, placer.layout, stored_args, iteration, optim)
     progress = tqdm(total=plan.dims.num_layers, desc="saving layers", unit="layer", disable=plan.quiet)
     try:
@@ -274,12 +270,7 @@ def save(plan, receiver) -> dict:
                        source={"type": plan.load_type, "dir": str(Path(plan.load_dir).resolve())},
                        layout=placer.layout.describe(), dtype=str(model_dtype),
                        vocab_size=plan.dims.vocab_size, padded_vocab_size=plan.padded_vocab, dtypes=odd_dtypes)
-        if whole:
-            (staging.path / TRACKER).write_text(str(iteration))
-            staging.publish()
-        else:
-            staging.publish()
-            write_text_atomic(plan.save_dir / TRACKER, str(iteration))
+        staging.publish(iteration)
     except BaseException:
         progress.close()
         if optim:

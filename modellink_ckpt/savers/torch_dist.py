@@ -30,7 +30,7 @@ from modellink_ckpt.formats.torch_zip import StreamingTorchWriter
 from modellink_ckpt.loaders.mg import TRACKER, iteration_dir_name
 from modellink_ckpt.manifest import hash_files, write_manifest
 from modellink_ckpt.megatron_args import carry_over, make_args, mark_weights_only
-from modellink_ckpt.staging import StagedDir, check_target, occupied
+from modellink_ckpt.staging import StagedIteration, check_target
 
 DATA_FILE = "__0_0.distcp"
 LAYERS = "decoder.layers."
@@ -177,11 +177,8 @@ def save(plan, receiver) -> dict:
     keys = DistKeys(plan)
     iteration = registry.source(plan.load_type).open(plan.load_dir).iteration \
         if plan.load_type in ("mg", "optim") else ITERATION
-    whole = not occupied(plan.save_dir)
-    staging = StagedDir(plan.save_dir if whole else plan.save_dir / iteration_dir_name(iteration),
-                        overwrite=plan.overwrite)
-    folder = staging.path / iteration_dir_name(iteration) if whole else staging.path
-    folder.mkdir(parents=True, exist_ok=True)
+    staging = StagedIteration(plan.save_dir, iteration_dir_name(iteration), TRACKER, plan.overwrite)
+    folder = staging.folder
     store = StoreWriter(folder)
     progress = tqdm(total=plan.dims.num_layers, desc="saving layers", unit="layer", disable=plan.quiet)
     try:
@@ -214,14 +211,7 @@ def save(plan, receiver) -> dict:
                        source={"type": plan.load_type, "dir": str(Path(plan.load_dir).resolve())},
                        layout=plan.target_layout.describe(), dtype=str(dtypes.default),
                        vocab_size=plan.dims.vocab_size, padded_vocab_size=plan.padded_vocab)
-        if whole:
-            (staging.path / TRACKER).write_text(str(iteration))
-            staging.publish()
-        else:
-            from modellink_ckpt.staging import write_text_atomic
-
-            staging.publish()
-            write_text_atomic(plan.save_dir / TRACKER, str(iteration))
+        staging.publish(iteration)
     except BaseException:
         progress.close()
         store.abort()
