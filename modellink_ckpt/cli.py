@@ -407,6 +407,7 @@ def inspect_main(argv: list[str]) -> int:
     parser.add_argument("path", type=Path)
     parser.add_argument("--format", choices=sorted(registry.SOURCES), default=None,
                         help="the format (default: detected)")
+    parser.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)  # as every other command takes
     args = parser.parse_args(argv)
     try:
         name = args.format or registry.detect(args.path)

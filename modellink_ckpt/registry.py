@@ -104,6 +104,16 @@ class TargetFormat:
         return _resolve(self.saver)
 
 
+def census(shapes_and_dtypes) -> tuple[dict[str, int], int]:
+    """({dtype name: elements}, total elements) of (shape, dtype) pairs, for `inspect`."""
+    dtypes, total = {}, 0
+    for shape, dtype in shapes_and_dtypes:
+        count, key = torch.Size(shape).numel(), str(dtype).replace("torch.", "")
+        dtypes[key] = dtypes.get(key, 0) + count
+        total += count
+    return dtypes, total
+
+
 def _resolve(spec: str):
     module, _, attr = spec.partition(":")
     return getattr(importlib.import_module(module), attr)

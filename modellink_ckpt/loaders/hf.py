@@ -218,12 +218,7 @@ class HfSourceFormat(registry.SourceFormat):
         files = {}
         for name in sorted(set(source.weight_map.values())):
             files[name] = (path / name).stat().st_size
-        dtypes, params = {}, 0
-        for name in source.weight_map:
-            shape, dtype = source.shape_dtype(name)
-            count = torch.Size(shape).numel()
-            params += count
-            dtypes[str(dtype).replace("torch.", "")] = dtypes.get(str(dtype).replace("torch.", ""), 0) + count
+        dtypes, params = registry.census(source.shape_dtype(name) for name in source.weight_map)
         config = source.config
         from modellink_ckpt.model_cfg import families_for_config
 

@@ -503,16 +503,13 @@ class MegatronSourceFormat(registry.SourceFormat):
         source = self.open(path)
         dims = source.dims()
         layout = source.layout(dims)
-        files, dtypes, params = {}, {}, 0
+        files, tensors = {}, []
         for rank in layout.ranks():
             entry = source.rank_state(layout, *rank)
             files[str(entry["path"].relative_to(source.iter_dir))] = entry["path"].stat().st_size
-            for state in entry["models"].values():
-                for name, tensor in state.items():
-                    if hasattr(tensor, "dtype") and not name.endswith("_extra_state"):
-                        key = str(tensor.dtype).replace("torch.", "")
-                        dtypes[key] = dtypes.get(key, 0) + tensor.shape.numel()
-                        params += tensor.shape.numel()
+            tensors += [(t.shape, t.dtype) for state in entry["models"].values() for name, t in state.items()
+                        if hasattr(t, "dtype") and not name.endswith("_extra_state")]
+        dtypes, params = registry.census(tensors)
         if hasattr(source, "store"):  # torch_dist: the store's files, not rank files
             files = {p.name: p.stat().st_size for p in sorted(source.iter_dir.iterdir()) if p.is_file()}
         spelling = source.spelling(layout, 0)

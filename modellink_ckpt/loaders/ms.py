@@ -377,12 +377,7 @@ class MsSourceFormat(registry.SourceFormat):
             names = list(first.keys())
             return {"format": "ms (distributed)", "ranks": len(ranks), "naming": ms_names.detect_naming(names),
                     "tensors on rank 0": len(names), "files": files}
-        dtypes, params = {}, 0
-        for name in store.names():
-            shape, dtype = store.shape_dtype(name)
-            key = str(dtype).replace("torch.", "")
-            dtypes[key] = dtypes.get(key, 0) + torch.Size(shape).numel()
-            params += torch.Size(shape).numel()
+        dtypes, params = registry.census(store.shape_dtype(name) for name in store.names())
         layers = {n.split(".")[2] for n in store.names() if n.startswith(("decoder.layers.", "model.layers."))}
         return {"format": "ms", "naming": ms_names.detect_naming(store.names()), "layers": len(layers),
                 "tensors": len(store.names()), "parameters": params, "dtypes": dtypes,

@@ -1,0 +1,33 @@
+"""`convert_ckpt.py inspect PATH`: every registered source format describes itself, detected."""
+
+import shutil
+
+import torch
+
+from modellink_ckpt.demo_models import build_hf_checkpoint
+from util import ROOT, assert_one_line_error, hf_to_mg, run_cli, run_convert
+
+
+def _facts(path) -> dict[str, str]:
+    result = run_cli("inspect", path)
+    assert result.returncode == 0, result.stderr
+    return {line.split("  ", 1)[0].strip(): line.split("  ", 1)[1].strip()
+            for line in result.stdout.splitlines() if line.strip() and not line.startswith(" ")}
+
+
+def test_inspect_every_format(tmp_path):
+    hf = build_hf_checkpoint("qwen3", tmp_path / "hf", tokenizer=False, dtype=torch.bfloat16)
+    mg = hf_to_mg(hf, tmp_path / "mg", "qwen3", "--target-tensor-parallel-size", "2")
+    run_convert("--load-model-type", "hf", "--save-model-type", "ms", "--model-type-hf", "qwen3", "--load-dir", hf,
+                "--save-dir", tmp_path / "ms")
+    dist = shutil.copytree(ROOT / "tests" / "fixtures" / "megatron-lm-core_v0.16.1" / "torch_dist", tmp_path / "dist")
+    facts = {name: _facts(path) for name, path in
+             (("hf", hf), ("mg", mg), ("ms", tmp_path / "ms"), ("dist", dist))}
+    assert facts["hf"]["format"] == "hf" and facts["hf"]["family (--model-type-hf)"] == "qwen3"
+    assert facts["mg"]["format"] == "mg" and facts["mg"]["layout"] == "TP2 PP1"
+    assert facts["ms"]["format"] == "ms" and facts["ms"]["naming"] == "mcore"
+    assert facts["dist"]["format"] == "mg (torch_dist)" and facts["dist"]["iteration"] == "7"
+    assert facts["hf"]["parameters"] == facts["ms"]["parameters"]  # the same model, its bytes counted alike
+    assert facts["hf"]["dtypes"].startswith("1 ")
+    result = run_cli("inspect", tmp_path / "nothing-here")
+    assert "not a checkpoint this tool recognises" in assert_one_line_error(result.returncode, result.stderr)
