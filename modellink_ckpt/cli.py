@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import re
 import resource
@@ -24,7 +25,7 @@ from modellink_ckpt.errors import ConvertError, UsageError
 from modellink_ckpt.layout import ParallelLayout
 from modellink_ckpt.megatron_args import DTYPE_FLAGS
 from modellink_ckpt.mg_names import MLA_SPELLINGS, Spelling
-from modellink_ckpt.model_cfg import ModelDims, ModelFamily, load_family
+from modellink_ckpt.model_cfg import DEFAULT_FAMILY, ModelDims, ModelFamily, families_for_config, load_family
 from modellink_ckpt.staging import remove_stale_partials
 
 
@@ -44,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt-format", choices=["torch", "torch_dist"], default="torch",
                    help="Megatron output: the legacy torch layout (rank files; default) or torch_dist (megatron-core's "
                         "dist_checkpointing store, Megatron-LM's default --ckpt-format); inputs are detected")
-    p.add_argument("--model-type-hf", default="llama2", help="entry of configs/checkpoint/model_cfg.json")
+    p.add_argument("--model-type-hf", default=None,
+                   help="entry of configs/checkpoint/model_cfg.json (default: the one the source's config.json or "
+                        "stored args name, printed)")
     p.add_argument("--model-cfg", dest="model_cfg", default=None,
                    help="another model_cfg.json (default: configs/checkpoint/model_cfg.json)")
     p.add_argument("--load-dir", required=True, type=Path)
@@ -249,9 +252,35 @@ def _target_layout(args, dims, info) -> tuple:
     return layout, layout.padded_vocab(dims.vocab_size, divisor), divisor
 
 
+def resolve_family(args) -> ModelFamily:
+    """--model-type-hf, or the family the source says it is (HF config.json, a Megatron run's
+    args), or the one an HF config.json for the output names; said when not given."""
+    if args.model_type_hf:
+        return load_family(args.model_type_hf, args.model_cfg)
+    found = registry.source(args.load_model_type).family_hint(args.load_dir, args.model_cfg)
+    if found is None:
+        for folder in (args.hf_cfg_dir, args.save_dir if args.save_model_type == "hf" else None):
+            if folder is not None and (folder / "config.json").is_file():
+                matching = families_for_config(_read_json(folder / "config.json"), args.model_cfg)
+                if matching:
+                    found = matching[0], f"from {folder / 'config.json'}"
+                    break
+    name, how = found or (DEFAULT_FAMILY, "the default; pass --model-type-hf to choose")
+    if not args.quiet:
+        print(f"family: --model-type-hf {name} ({how})", flush=True)
+    return load_family(name, args.model_cfg)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise ConvertError(f"{path}: not valid JSON ({exc})") from None
+
+
 def build_plan(args) -> Plan:
     _unsupported(args)
-    family = load_family(args.model_type_hf, args.model_cfg)
+    family = resolve_family(args)
     info = registry.source(args.load_model_type).describe(source_request(args, family))
     dims = info.dims
     if "hf" in (args.load_model_type, args.save_model_type):

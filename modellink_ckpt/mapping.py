@@ -8,13 +8,14 @@ saver carry the Megatron tensors whole (TP = 1, unpadded vocabulary), keyed by t
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+import re
+from typing import Callable, Iterable
 
 import torch
 
 from modellink_ckpt import transforms as T
-from modellink_ckpt.errors import UsageError
-from modellink_ckpt.model_cfg import UNMAPPED, ModelDims, ModelFamily
+from modellink_ckpt.errors import ConvertError, UsageError
+from modellink_ckpt.model_cfg import UNMAPPED, ModelDims, ModelFamily, dims_from_hf_config, family_names, load_family
 
 Tensors = list[torch.Tensor]
 
@@ -335,3 +336,72 @@ def message_rules(kind: str, family: ModelFamily, dims: ModelDims, layer: int | 
     if kind == "mtp_layer":
         return mtp_rules(family, dims, layer)
     return []
+
+
+# HF tensors a checkpoint may hold that no conversion needs, because they are derived from others:
+# nothing else may be left behind (`unconverted_hf_tensors`).
+DERIVABLE = {
+    "rotary inv_freq (recomputed from the rope settings)": re.compile(r"(^|\.)rotary_emb\.inv_freq$"),
+}
+TIED_OUTPUT_COPY = "the output layer of a model with tied embeddings (a copy of the embedding)"
+_HF_LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+
+def hf_layer_of(name: str) -> int | None:
+    match = _HF_LAYER.search(name)
+    return int(match.group(1)) if match else None
+
+
+def consumed_hf_names(family: ModelFamily, dims: ModelDims) -> set[str]:
+    """Every HF tensor the family's rules read for this model."""
+    names = set()
+    for kind, layer, _ in model_messages(family, dims, torch.float32):
+        for rule in message_rules(kind, family, dims, layer):
+            names.update(rule.hf)
+    return names
+
+
+def derivable_reason(family: ModelFamily, dims: ModelDims, name: str) -> str | None:
+    """Why HF tensor `name` may be left out, or None when it carries weights of its own."""
+    for reason, pattern in DERIVABLE.items():
+        if pattern.search(name):
+            return reason
+    if dims.tie_word_embeddings and name == family.hf_name("output_layer"):
+        return TIED_OUTPUT_COPY
+    return None
+
+
+def hf_accounting(family: ModelFamily, dims: ModelDims, names: Iterable[str],
+                  skipped_layers: Iterable[int] = ()) -> tuple[list[str], list[str]]:
+    """(missing, left over): the HF tensors the family needs that `names` lacks, and the ones of
+    `names` it would not convert (neither derivable nor in an HF layer `skipped_layers` leaves out
+    on request), each in checkpoint order."""
+    names = list(names)
+    needed = consumed_hf_names(family, dims)
+    present, skipped = set(names), set(skipped_layers)
+    missing = sorted(needed - present, key=_natural)
+    left = [n for n in sorted(present - needed, key=_natural)
+            if derivable_reason(family, dims, n) is None and hf_layer_of(n) not in skipped]
+    return missing, left
+
+
+def _natural(name: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def families_fitting(config: dict, names: Iterable[str], cfg_path=None, skipped_layers: Iterable[int] = (),
+                     candidates: Iterable[str] | None = None) -> list[str]:
+    """The families (of `candidates`, default all) that convert exactly the HF tensors `names`:
+    nothing missing, nothing left behind."""
+    names, fitting = list(names), []
+    for name in family_names(cfg_path) if candidates is None else candidates:
+        family = load_family(name, cfg_path)
+        try:
+            dims = dims_from_hf_config(family, config, overrides={"mtp_num_layers": None})
+        except (ConvertError, KeyError, TypeError, ValueError):
+            continue  # the config lacks what this family needs: not a fit
+        mtp_layers = {layer for layer in map(hf_layer_of, names) if layer is not None and layer >= dims.num_layers}
+        missing, left = hf_accounting(family, dims, names, set(skipped_layers) | mtp_layers)
+        if not missing and not left:
+            fitting.append(name)
+    return fitting

@@ -13,7 +13,7 @@ import torch
 from modellink_ckpt.errors import ConvertError
 from modellink_ckpt.layout import ParallelLayout, parse_int_list
 from modellink_ckpt.mg_names import Spelling
-from modellink_ckpt.model_cfg import ModelDims
+from modellink_ckpt.model_cfg import COMPUTE_ARGS, ModelDims, in_use
 
 DTYPE_FLAGS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -23,7 +23,7 @@ def make_args(dims: ModelDims, layout: ParallelLayout, *, padded_vocab: int, div
               tokenizer_model: str | None = None) -> argparse.Namespace:
     moe = bool(dims.num_experts)
     moe_slots = {slot.mg_layer for slot in layout.slots() if slot.hf_layer in dims.moe_layers}
-    return argparse.Namespace(
+    args = argparse.Namespace(
         num_layers=layout.num_layers,
         hidden_size=dims.hidden_size,
         ffn_hidden_size=dims.ffn_hidden_size,
@@ -33,11 +33,9 @@ def make_args(dims: ModelDims, layout: ParallelLayout, *, padded_vocab: int, div
         kv_channels=dims.kv_channels,
         max_position_embeddings=dims.max_position_embeddings,
         seq_length=dims.max_position_embeddings,
-        position_embedding_type="rope",
         rotary_base=dims.rotary_base,
         normalization=dims.normalization,
         norm_epsilon=dims.norm_epsilon,
-        swiglu=dims.swiglu,
         add_bias_linear=dims.add_dense_bias,
         add_qkv_bias=dims.add_qkv_bias,
         qk_layernorm=dims.qk_layernorm,
@@ -90,6 +88,56 @@ def make_args(dims: ModelDims, layout: ParallelLayout, *, padded_vocab: int, div
         mtp_num_layers=dims.mtp_num_layers or None,
         iteration=iteration,
     )
+    for name, value in compute_args(dims).items():
+        setattr(args, name, value)
+    return args
+
+
+def compute_args(dims: ModelDims) -> dict:
+    """What the model computes with, as Megatron / MindSpeed-LLM args: every COMPUTE_ARGS field
+    (the ones not in use at their off value, so a reader knows they were considered) and the
+    Megatron-Core spellings of the same facts."""
+    values = {**COMPUTE_ARGS, **dims.computes}
+    act, gated = values["hidden_act"], dims.swiglu
+    values.update(
+        swiglu=gated and act == "silu",
+        gated_linear_unit=gated,
+        geglu=gated and act.startswith("gelu"),
+        gelu_tanh=act in GELU_TANH,
+        squared_relu=act == "relu2",
+        use_rotary_position_embeddings=values["position_embedding_type"] == "rope",
+        # Megatron-Core: llama3 scaling as use_rope_scaling, linear as a sequence interpolation factor
+        use_rope_scaling=values["rope_scaling_type"] == "llama3",
+        rotary_scaling_factor=values["rope_scaling_factor"] if values["rope_scaling_type"] == "llama3" else None,
+        rotary_seq_len_interpolation_factor=values["rope_scaling_factor"]
+        if values["rope_scaling_type"] == "linear" else None,
+    )
+    return values
+
+
+GELU_TANH = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")
+
+
+def _computes_from_args(margs) -> dict:
+    """The inverse of `compute_args`: COMPUTE_ARGS from stored args, ours or a training run's (which
+    may hold only the Megatron-Core spellings)."""
+    values = {name: getattr(margs, name, None) for name in COMPUTE_ARGS}
+    if values["rope_scaling_type"] is None:
+        if _get(margs, "use_rope_scaling", False):  # Megatron-Core's llama3 scaling and its fixed factors
+            values.update(rope_scaling_type="llama3",
+                          rope_scaling_factor=float(_get(margs, "rotary_scaling_factor",
+                                                         _get(margs, "rope_scaling_factor", 8.0))),
+                          low_freq_factor=1.0, high_freq_factor=4.0,
+                          rope_scaling_original_max_position_embeddings=8192)
+        elif _get(margs, "rotary_seq_len_interpolation_factor") is not None:
+            values.update(rope_scaling_type="linear",
+                          rope_scaling_factor=float(margs.rotary_seq_len_interpolation_factor))
+    if values["hidden_act"] is None:
+        if _get(margs, "squared_relu", False):
+            values["hidden_act"] = "relu2"
+        elif _get(margs, "geglu", False) or not _get(margs, "swiglu", True):
+            values["hidden_act"] = "gelu_pytorch_tanh" if _get(margs, "gelu_tanh", False) else "gelu"
+    return in_use(values)
 
 
 # Fields that say how a checkpoint is laid out and stored. A conversion between Megatron layouts
@@ -175,9 +223,10 @@ def dims_from_args(margs, *, source: str, vocab_size: int | None = None) -> Mode
         add_qkv_bias=bool(_get(margs, "add_qkv_bias", False)),
         add_dense_bias=bool(_get(margs, "add_bias_linear", False)),
         qk_layernorm=bool(_get(margs, "qk_layernorm", False)),
-        swiglu=bool(_get(margs, "swiglu", True)),
+        swiglu=bool(_get(margs, "gated_linear_unit", _get(margs, "swiglu", True) or _get(margs, "geglu", False))),
         normalization=str(_get(margs, "normalization", "RMSNorm")),
         mtp_num_layers=int(_get(margs, "mtp_num_layers", 0)),
+        computes=_computes_from_args(margs),
         **_moe_and_mla_from_args(margs, num_layers, noop),
     )
 

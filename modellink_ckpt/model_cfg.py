@@ -16,6 +16,54 @@ from modellink_ckpt.errors import ConvertError, UsageError
 
 DEFAULT_MODEL_CFG = Path(__file__).resolve().parent.parent / "configs" / "checkpoint" / "model_cfg.json"
 
+# What a model computes with besides its sizes and parts: Megatron / MindSpeed-LLM argument name ->
+# its value when the feature is off (such a value is not stored). The base entry of model_cfg.json
+# says where each sits in an HF config.json (`config_hf_key_mapping`; a family may move one), and a
+# family may fix one (`config_set_value`, e.g. Gemma's zero-centred norms).
+COMPUTE_ARGS = {
+    "position_embedding_type": "rope",           # rope, alibi or none
+    "rotary_percent": 1.0,                       # partial rotary: the share of each head that rotates
+    "rotary_interleaved": False,                 # rotate (x0, x1), (x2, x3), ... rather than two halves
+    "rope_scaling_type": None,                   # linear, dynamic, yarn, longrope, llama3
+    "rope_scaling_factor": None,
+    "rope_scaling_original_max_position_embeddings": None,
+    "low_freq_factor": None,                     # llama3
+    "high_freq_factor": None,
+    "rope_scaling_beta_fast": None,              # yarn
+    "rope_scaling_beta_slow": None,
+    "rope_scaling_mscale": None,
+    "rope_scaling_mscale_all_dim": None,
+    "rope_scaling_attention_factor": None,       # yarn, longrope
+    "long_factor": None,                         # longrope
+    "short_factor": None,
+    "hidden_act": "silu",                        # the MLP activation (gated or not: the family's swiglu)
+    "layernorm_zero_centered_gamma": False,      # norms scale by (1 + w)
+    "input_embeds_norm": False,                  # embeddings scaled by sqrt(hidden) (Gemma)
+    "embedding_multiplier_scale": None,          # embeddings scaled by this (MiniCPM scale_emb, Granite)
+    "residual_multiplier": None,                 # Granite
+    "scale_depth": None,                         # MiniCPM: residual branches scaled by scale_depth / sqrt(layers)
+    "dim_model_base": None,                      # MiniCPM: logits divided by hidden / dim_model_base
+    "output_multiplier_scale": None,             # logits multiplied (Cohere logit_scale) ...
+    "logits_scaling": None,                      # ... or divided (Granite)
+    "attention_multiplier": None,                # Granite: the softmax scale
+    "query_pre_attn_scalar": None,               # Gemma 2/3: the softmax scale is query_pre_attn_scalar ** -0.5
+    "attn_logit_softcapping": None,              # Gemma 2
+    "output_logit_softcapping": None,            # Gemma 2 final logits
+    "sliding_window": None,                      # attention window (tokens)
+    "use_sliding_window": False,                 # Qwen2 family switch
+    "max_window_layers": None,                   # Qwen2: layers from this index on use the window
+    "attention_layer_types": None,               # per layer: sliding_attention / full_attention
+    # not computed with, but a config rebuilt without them may name ids outside the vocabulary
+    "bos_token_id": None,
+    "eos_token_id": None,
+    "pad_token_id": None,
+}
+# HF keys of the rope dict (transformers 5 `rope_parameters`, 4.x `rope_scaling`)
+ROPE_DICT_KEYS = ("rope_type", "type", "factor", "original_max_position_embeddings", "low_freq_factor",
+                  "high_freq_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor",
+                  "long_factor", "short_factor", "partial_rotary_factor")
+
+DEFAULT_FAMILY = "llama2"  # when nothing says which family a checkpoint is
 QKV_TYPES = ("unpack", "pack_gqa", "pack_self")
 FC_TYPES = ("gate_up_down", "gate_up", "h_to_4h")
 
@@ -29,6 +77,7 @@ class ModelFamily:
     config_keys: dict[str, str]
     hf_modules: dict[str, str]
     mindspore: dict[str, list] = dataclasses.field(default_factory=dict)  # MindFormers namings (ms_names)
+    cfg_path: str | None = None  # the model_cfg.json it comes from (None: the built-in one)
 
     @property
     def qkv_type(self) -> str:
@@ -92,13 +141,19 @@ def load_family(name: str, cfg_path: str | Path | None = None) -> ModelFamily:
         raise UsageError(f"{path}: '{name}' has qkv_type {settings['qkv_type']!r}; supported: {', '.join(QKV_TYPES)}")
     if settings.get("fc_type", "gate_up_down") not in FC_TYPES:
         raise UsageError(f"{path}: '{name}' has fc_type {settings['fc_type']!r}; supported: {', '.join(FC_TYPES)}")
-    return ModelFamily(name, settings, merged["config_hf_key_mapping"], merged["model_hf_key_mapping"], mindspore)
+    return ModelFamily(name, settings, merged["config_hf_key_mapping"], merged["model_hf_key_mapping"], mindspore,
+                       str(cfg_path) if cfg_path else None)
+
+
+def family_names(cfg_path: str | Path | None = None) -> list[str]:
+    """The family entries of a model_cfg.json, in file order (`base` is a template, not a family)."""
+    path = Path(cfg_path) if cfg_path else DEFAULT_MODEL_CFG
+    return [n for n in json.loads(path.read_text())["model_mappings"] if n != "base"]
 
 
 def families_for_config(config: dict, cfg_path: str | Path | None = None) -> list[str]:
     """The family entries whose `hf_model_type` / `hf_architectures` match an HF config.json."""
-    path = Path(cfg_path) if cfg_path else DEFAULT_MODEL_CFG
-    names = [n for n in json.loads(path.read_text())["model_mappings"] if n != "base"]
+    names = family_names(cfg_path)
     architectures = set(config.get("architectures") or [])
     by_architecture, by_type = [], []
     for name in names:
@@ -155,6 +210,8 @@ class ModelDims:
     v_head_dim: int = 0
     # DeepSeek-V3 multi-token prediction: layers after the decoder (HF model.layers.{num_layers + k})
     mtp_num_layers: int = 0
+    # what the model computes with besides its sizes: {COMPUTE_ARGS name: value}, features in use only
+    computes: dict = dataclasses.field(default_factory=dict)
 
     @property
     def qkv_rows(self) -> int:
@@ -175,6 +232,17 @@ class ModelDims:
         if "moe_layers" in values:
             values["moe_layers"] = tuple(values["moe_layers"])
         return cls(**values)
+
+
+def in_use(values: dict) -> dict:
+    """The COMPUTE_ARGS of `values` that change what the model computes (not None, not off)."""
+    used = {}
+    for name, value in values.items():
+        if value is None or value == COMPUTE_ARGS[name] or (name == "rope_scaling_type" and value == "default") \
+                or (name == "attention_layer_types" and set(value) == {"full_attention"}):
+            continue
+        used[name] = list(value) if isinstance(value, tuple) else value
+    return used
 
 
 def _hf_value(config: dict, key: str):
@@ -206,6 +274,8 @@ def dims_from_hf_config(family: ModelFamily, config: dict, *, source: str = "con
                                f"(needed for --model-type-hf {family.name})")
     settings = dict(family.settings)
     settings.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    computes = in_use({**{k: values.get(k) for k in COMPUTE_ARGS}, **{k: settings[k] for k in COMPUTE_ARGS
+                                                                      if k in settings}})
     heads = int(values["num_attention_heads"])
     return ModelDims(
         num_layers=int(values["num_layers"]),
@@ -219,19 +289,36 @@ def dims_from_hf_config(family: ModelFamily, config: dict, *, source: str = "con
         norm_epsilon=float(values.get("norm_epsilon", 1e-6)),
         rotary_base=float(values.get("rotary_base", 10000.0)),
         tie_word_embeddings=bool(values.get("tie_word_embeddings", settings.get("tie_word_embeddings", False))),
-        add_qkv_bias=bool(settings.get("add_qkv_bias", False)),
-        add_dense_bias=bool(settings.get("add_dense_bias", False)),
-        qk_layernorm=bool(settings.get("qk_layernorm", False)),
+        add_qkv_bias=_part("add_qkv_bias", values, settings, overrides),
+        add_dense_bias=_part("add_dense_bias", values, settings, overrides),
+        qk_layernorm=_part("qk_layernorm", values, settings, overrides),
         swiglu=bool(settings.get("swiglu", True)),
         normalization=str(settings.get("normalization", "RMSNorm")),
         mtp_num_layers=int(settings.get("mtp_num_layers") or 0),
-        **_moe_and_mla(values, settings, int(values["num_layers"])),
+        computes=computes,
+        **_moe_and_mla(values, settings, int(values["num_layers"]), family, source),
     )
 
 
-def _moe_and_mla(values: dict, settings: dict, num_layers: int) -> dict:
+def _part(name: str, values: dict, settings: dict, overrides: dict | None) -> bool:
+    """Whether the model has an optional part: a flag asks for it, else config.json says (where the
+    family maps a key for it, e.g. GLM-4.5's attention_bias / use_qk_norm), else the family does."""
+    flag = (overrides or {}).get(name)
+    if flag is not None:
+        return bool(flag)
+    return bool(values[name] if values.get(name) is not None else settings.get(name, False))
+
+
+def _moe_and_mla(values: dict, settings: dict, num_layers: int, family: ModelFamily, source: str) -> dict:
     """The MoE and MLA fields of ModelDims from the mapped HF config values and family settings."""
     fields: dict[str, Any] = {}
+    needed = ("kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim") \
+        if settings.get("multi_latent_attention") else ()
+    for arg in needed + (("topk_group",) if int(values.get("n_group") or 1) > 1 else ()):
+        if values.get(arg) is None:
+            key = family.config_keys.get(arg, arg)
+            raise ConvertError(f"{source}: missing {key if isinstance(key, str) else key[0]!r} "
+                               f"(needed for --model-type-hf {family.name})")
     experts = int(values.get("num_experts") or 0)
     if experts:
         dense_first = int(values.get("first_k_dense_replace") or settings.get("first_k_dense_replace") or 0)
@@ -295,14 +382,20 @@ def hf_config_from_dims(family: ModelFamily, dims: ModelDims, dtype_name: str) -
     config: dict[str, Any] = {
         "architectures": list(family.settings.get("hf_architectures", ["LlamaForCausalLM"])),
         "model_type": family.settings.get("hf_model_type", "llama"),
-        "hidden_act": "silu",
+        "hidden_act": dims.computes.get("hidden_act", "silu"),
         "dtype": dtype_name,
     }
+    by_arg.update(dims.computes)
+    rope = {"rope_type": "default"}
     for arg, keys in family.config_keys.items():
-        if arg in by_arg:
-            config[keys if isinstance(keys, str) else keys[0]] = by_arg[arg]
-    if "rope_theta" in config:  # transformers 5 spelling; it also reads the 4.x one
-        config["rope_parameters"] = {"rope_type": "default", "rope_theta": config.pop("rope_theta")}
+        if arg in by_arg and (arg not in COMPUTE_ARGS or arg in dims.computes):
+            key = keys if isinstance(keys, str) else keys[0]
+            if key in ROPE_DICT_KEYS or key == "rope_theta":  # transformers 5 nests these; it reads 4.x too
+                rope[key] = by_arg[arg]
+            else:
+                config[key] = by_arg[arg]
+    if len(rope) > 1:
+        config["rope_parameters"] = rope
     if dims.add_qkv_bias and family.settings.get("hf_model_type") in (None, "llama", "mistral"):
         config["attention_bias"] = True
     return config

@@ -76,6 +76,10 @@ class SourceFormat:
     def detect(self, path: Path) -> bool:
         return False
 
+    def family_hint(self, path: Path, cfg_path=None) -> tuple[str, str] | None:
+        """(model_cfg.json entry, how it was found) when the checkpoint says which family it is."""
+        return None
+
     def inspect(self, path: Path) -> dict:
         """{field: value} for `convert_ckpt.py inspect` (format, family guess, layout, ...)."""
         raise NotImplementedError

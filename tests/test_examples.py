@@ -17,6 +17,10 @@ from util import ROOT, assert_same_tensors, load_hf_state
                                                     ("deepseek3", "deepseek3", 4)])
 def test_example_scripts_round_trip(tmp_path, folder, family, layers):
     hf = build_hf_checkpoint(family, tmp_path / "hf", num_layers=layers)
+    if family == "deepseek3":  # as downloaded: with its multi-token-prediction layer
+        from test_moe import _with_mtp_layer
+
+        hf, _ = _with_mtp_layer(hf, tmp_path / "hf_mtp")
     original = load_hf_state(hf)
     env = {**os.environ, "HF_DIR": str(hf), "MCORE_DIR": str(tmp_path / "mcore"),
            "SRC_DIR": str(tmp_path / "mcore"), "NUM_LAYER_LIST": "1,3", "DST_DIR": str(tmp_path / "mcore2"),

@@ -23,7 +23,7 @@ def test_inspect_every_format(tmp_path):
     dist = shutil.copytree(ROOT / "tests" / "fixtures" / "megatron-lm-core_v0.16.1" / "torch_dist", tmp_path / "dist")
     facts = {name: _facts(path) for name, path in
              (("hf", hf), ("mg", mg), ("ms", tmp_path / "ms"), ("dist", dist))}
-    assert facts["hf"]["format"] == "hf" and facts["hf"]["family (--model-type-hf)"] == "qwen3"
+    assert facts["hf"]["format"] == "hf" and facts["hf"]["family (--model-type-hf)"].startswith("qwen3 (from config.json")
     assert facts["mg"]["format"] == "mg" and facts["mg"]["layout"] == "TP2 PP1"
     assert facts["ms"]["format"] == "ms" and facts["ms"]["naming"] == "mcore"
     assert facts["dist"]["format"] == "mg (torch_dist)" and facts["dist"]["iteration"] == "7"

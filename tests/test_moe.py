@@ -227,8 +227,9 @@ def test_deepseek3_mtp_layers_round_trip(tmp_path, hf_models, spelling):
     assert load_mg_state(mg)["mp_rank_00_001_001"]["args"].mtp_num_layers == 1
     back = mg_to_hf(mg, tmp_path / "back", "deepseek3")
     assert_same_tensors(load_hf_state(hf), load_hf_state(back), f"MTP {spelling}")
-    # without --mtp-num-layers the MTP layer is left out (with a note), the model converts
-    plain = mg_to_hf(hf_to_mg(hf, tmp_path / "mg_plain", "deepseek3"), tmp_path / "back_plain", "deepseek3")
+    # --mtp-num-layers 0 leaves the MTP layer out on purpose (without the flag: refused, test_accounting)
+    plain = mg_to_hf(hf_to_mg(hf, tmp_path / "mg_plain", "deepseek3", "--mtp-num-layers", "0"), tmp_path / "back_plain",
+                     "deepseek3")
     assert not any(k.startswith(f"model.layers.{layers}.") for k in load_hf_state(plain))
 
 

@@ -7,13 +7,12 @@ never built and the checkpoint is never held whole.
 from __future__ import annotations
 
 import json
-import sys
 import re
 from pathlib import Path
 
 import torch
 
-from modellink_ckpt import mapping, registry
+from modellink_ckpt import mapping, quantized, registry
 from modellink_ckpt.errors import ConvertError, UsageError
 from modellink_ckpt.model_cfg import ModelDims, ModelFamily, dims_from_hf_config
 from modellink_ckpt.formats.torch_zip import LazyTensor, load_lazy
@@ -53,9 +52,10 @@ class TorchStateFile:
 
 
 class HfSource:
-    """An HF model directory: its config and where each tensor lives."""
+    """An HF model directory: its config and where each tensor lives. FP8 weights with block scales
+    read as `dequantize_to` (default: the model's dtype)."""
 
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | Path, dequantize_to: torch.dtype | None = None):
         self.dir = Path(directory)
         if not self.dir.is_dir():
             raise UsageError(f"--load-dir {self.dir}: not a directory")
@@ -68,6 +68,31 @@ class HfSource:
             raise ConvertError(f"{config_path}: not valid JSON ({exc})") from None
         self._open: dict[str, object] = {}
         self.weight_map = self._find_weights()
+        self._dequantize_to = dequantize_to
+        self.quantized = self._find_quantized()  # {FP8 weight: (stored dtype, scale dtype)}
+
+    def _find_quantized(self) -> dict:
+        scales = {name for name in self.weight_map if name.endswith(quantized.SCALE_SUFFIX)}
+        if not scales:
+            return {}
+        self.block = quantized.block_size(self.config, str(self.dir / "config.json"))
+        found = {}
+        for scale in scales:
+            weight = scale[:-len(quantized.SCALE_SUFFIX)]
+            if weight not in self.weight_map:
+                raise ConvertError(f"{self.dir}: '{scale}' scales '{weight}', which the checkpoint lacks")
+            (shape, stored), (scale_shape, scale_dtype) = map(self.stored_shape_dtype, (weight, scale))
+            if stored not in quantized.FP8_DTYPES:
+                raise ConvertError(f"{self.dir}: '{weight}' is {str(stored).replace('torch.', '')} but has a "
+                                   f"block scale; only FP8 weights are dequantized")
+            quantized.check_scale(weight, shape, scale_shape, self.block, str(self.dir))
+            found[weight] = (stored, scale_dtype)
+        return found
+
+    def tensor_names(self) -> list[str]:
+        """The checkpoint's tensors, FP8 block scales aside (they are read with their weights)."""
+        return [name for name in self.weight_map
+                if not (name.endswith(quantized.SCALE_SUFFIX) and name[:-len(quantized.SCALE_SUFFIX)] in self.quantized)]
 
     def _find_weights(self) -> dict[str, str]:
         """{tensor name: file name}, from an index json or by listing the weight files."""
@@ -109,10 +134,28 @@ class HfSource:
             raise ConvertError(f"{self.dir / file_name}: tensor '{name}' (listed in the index) is missing")
         return source
 
-    def shape_dtype(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+    def stored_shape_dtype(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
         return self._locate(name).shape_dtype(name)
 
+    def shape_dtype(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """Shape and dtype as read (an FP8 weight: dequantized)."""
+        shape, dtype = self.stored_shape_dtype(name)
+        if name in self.quantized:
+            return shape, self._dequantize_to or self.dtype()
+        if dtype in quantized.FP8_DTYPES:
+            raise ConvertError(f"{self.dir}: '{name}' is {str(dtype).replace('torch.', '')} without a block scale "
+                               f"('{quantized.scale_name(name)}'); it cannot be dequantized")
+        return shape, dtype
+
     def read_rows(self, name: str, start: int, stop: int, out: torch.Tensor) -> None:
+        if name in self.quantized:
+            stored, scale_dtype = self.quantized[name]
+            quantized.dequantize_rows(self._read_stored, name, self.stored_shape_dtype(name)[0], start, stop, out,
+                                      self.block, stored, scale_dtype)
+        else:
+            self._read_stored(name, start, stop, out)
+
+    def _read_stored(self, name: str, start: int, stop: int, out: torch.Tensor) -> None:
         self._locate(name).read_rows(name, start, stop, out)
 
     def hf_layer_count(self) -> int:
@@ -131,14 +174,44 @@ class HfSource:
         return dims
 
     def unconverted_mtp_layers(self, dims: ModelDims) -> int:
-        """MTP layers the checkpoint holds beyond the ones asked for (they are left out)."""
+        """MTP layers the checkpoint holds beyond the ones asked for."""
         return self.hf_layer_count() - dims.num_layers - dims.mtp_num_layers
 
-    def dtype(self, family: ModelFamily) -> torch.dtype:
+    def check_accounted(self, family: ModelFamily, dims: ModelDims, mtp_asked: bool) -> None:
+        """Stop unless the family converts every tensor of the checkpoint (or it is derivable, or
+        in an MTP layer the user chose to leave out) and finds every tensor it needs."""
+        skipped = self.unconverted_mtp_layers(dims)
+        if skipped and not mtp_asked:
+            first = dims.num_layers + dims.mtp_num_layers
+            raise UsageError(f"--load-dir {self.dir}: holds {skipped} multi-token-prediction layer(s) "
+                             f"(model.layers.{first}.*); pass --mtp-num-layers {skipped + dims.mtp_num_layers} to "
+                             f"convert them, or --mtp-num-layers {dims.mtp_num_layers} to leave them out")
+        kept = dims.num_layers + dims.mtp_num_layers
+        missing, left = mapping.hf_accounting(family, dims, self.tensor_names(), range(kept, kept + skipped))
+        if not missing and not left:
+            return
+        from modellink_ckpt.model_cfg import families_for_config
+
+        named = families_for_config(self.config, family.cfg_path)  # the ones config.json names come first
+        fitting = sorted(mapping.families_fitting(self.config, self.tensor_names(), family.cfg_path),
+                         key=lambda name: name not in named)
+        hint = (f"families that convert it whole: {', '.join(fitting)}" if fitting
+                else "no family in the model config converts it whole")
+        if left:
+            shown = ", ".join(left[:3]) + (f" and {len(left) - 3} more" if len(left) > 3 else "")
+            raise UsageError(f"--load-dir {self.dir}: --model-type-hf {family.name} would leave behind "
+                             f"{len(left)} tensor(s): {shown} ({hint})")
+        raise UsageError(f"--load-dir {self.dir}: --model-type-hf {family.name} needs tensor '{missing[0]}' "
+                         f"({len(missing)} missing in all) ({hint})")
+
+    def dtype(self, family: ModelFamily | None = None) -> torch.dtype:
         """The model's dtype: its embedding's (a few tensors may be stored in another, e.g. the
-        fp32 routers transformers 5.24 writes into a bf16 DeepSeek-V3)."""
-        embedding = family.hf_name("embedding_word_embeddings")
-        return self.shape_dtype(embedding if embedding in self.weight_map else next(iter(self.weight_map)))[1]
+        fp32 routers transformers 5.24 writes into a bf16 DeepSeek-V3; FP8 weights read as this)."""
+        embedding = family.hf_name("embedding_word_embeddings") if family else "model.embed_tokens.weight"
+        if embedding not in self.weight_map:
+            embedding = next((n for n in self.weight_map if n not in self.quantized), next(iter(self.weight_map)))
+        dtype = self.stored_shape_dtype(embedding)[1]
+        return torch.bfloat16 if dtype in quantized.FP8_DTYPES else dtype
 
     def tokenizer_files(self) -> list[Path]:
         return [self.dir / name for name in TOKENIZER_FILES if (self.dir / name).is_file()]
@@ -174,7 +247,7 @@ def load(plan, sender) -> dict:
     """Stream the HF checkpoint in `plan.load_dir` as whole Megatron tensors."""
     from modellink_ckpt.pipeline import message_bytes
 
-    source = HfSource(plan.load_dir)
+    source = HfSource(plan.load_dir, dequantize_to=plan.params_dtype)
     family, dims = plan.family, plan.dims
     dtype = source.dtype(family)
     messages = list(mapping.model_messages(family, dims, dtype))
@@ -186,7 +259,8 @@ def load(plan, sender) -> dict:
             own = source.shape_dtype(rule.hf[0])[1]
             if own != dtype:
                 dtypes[mapping.message_key(kind, layer, rule.mcore)] = own
-    sender.send("meta", dims=dims.to_dict(), source="hf", hf_config=source.config, dtype=dtype, dtypes=dtypes)
+    config = {k: v for k, v in source.config.items() if k != "quantization_config"}  # written dequantized
+    sender.send("meta", dims=dims.to_dict(), source="hf", hf_config=config, dtype=dtype, dtypes=dtypes)
     for kind, layer, _ in messages:
         arena = sender.arena()
         tensors = _gather(source, mapping.message_rules(kind, family, dims, layer), dims, arena)
@@ -203,11 +277,27 @@ class HfSourceFormat(registry.SourceFormat):
     def describe(self, request: registry.SourceRequest) -> registry.SourceInfo:
         source = HfSource(request.load_dir)
         dims = source.dims(request.family, request.overrides)
-        skipped = source.unconverted_mtp_layers(dims)
-        if skipped and not request.quiet:
-            print(f"note: {request.load_dir} holds {skipped} multi-token-prediction layer(s) that are not converted; "
-                  f"pass --mtp-num-layers {skipped + dims.mtp_num_layers} to convert them", file=sys.stderr)
+        source.check_accounted(request.family, dims, mtp_asked=request.overrides.get("mtp_num_layers") is not None)
         return registry.SourceInfo(dims=dims, dtype=source.dtype(request.family))
+
+    def family_hint(self, path: Path, cfg_path=None) -> tuple[str, str] | None:
+        """The family of an HF folder: the one entry whose `hf_model_type` / `hf_architectures`
+        match config.json and that converts every tensor; else any entry that converts every tensor."""
+        from modellink_ckpt.model_cfg import families_for_config
+
+        source = HfSource(path)
+        said = f"config.json model_type {source.config.get('model_type')!r}"
+        matching = families_for_config(source.config, cfg_path)
+        fitting = mapping.families_fitting(source.config, source.tensor_names(), cfg_path, candidates=matching)
+        if fitting:
+            return fitting[0], f"from {said}"
+        if matching:
+            return matching[0], f"from {said}"  # its accounting will say what does not fit
+        fitting = mapping.families_fitting(source.config, source.tensor_names(), cfg_path)
+        if fitting:
+            return fitting[0], f"by its tensor names; no entry names {said}"
+        raise UsageError(f"--load-dir {path}: no entry of the model config matches {said} or converts its "
+                         f"tensors; pass --model-type-hf (see README: model families)")
 
     def detect(self, path: Path) -> bool:
         return path.is_dir() and (path / "config.json").is_file() and \
@@ -218,12 +308,14 @@ class HfSourceFormat(registry.SourceFormat):
         files = {}
         for name in sorted(set(source.weight_map.values())):
             files[name] = (path / name).stat().st_size
-        dtypes, params = registry.census(source.shape_dtype(name) for name in source.weight_map)
+        dtypes, params = registry.census(source.stored_shape_dtype(name) for name in source.weight_map)
         config = source.config
-        from modellink_ckpt.model_cfg import families_for_config
-
+        try:
+            family = "{} ({})".format(*self.family_hint(path))
+        except UsageError:
+            family = "no entry converts it"
         return {"format": "hf", "model_type": config.get("model_type"), "architectures": config.get("architectures"),
-                "family (--model-type-hf)": ", ".join(families_for_config(config)) or "no matching entry",
+                "family (--model-type-hf)": family,
                 "layers": config.get("num_hidden_layers"), "hidden": config.get("hidden_size"),
                 "tensors": len(source.weight_map), "parameters": params, "dtypes": dtypes, "files": files}
 

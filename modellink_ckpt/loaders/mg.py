@@ -494,6 +494,10 @@ class MegatronSourceFormat(registry.SourceFormat):
             divisible_by=int(getattr(source.args, "make_vocab_size_divisible_by", None) or 1),
             lora=lora, lora_dir=lora_dir)
 
+    def family_hint(self, path: Path, cfg_path=None) -> tuple[str, str] | None:
+        recorded = getattr(self.open(path).args, "model_type_hf", None)
+        return (recorded, "recorded in its args") if isinstance(recorded, str) else None
+
     def detect(self, path: Path) -> bool:
         from modellink_ckpt.formats.torch_dist import is_torch_dist
 

@@ -358,6 +358,20 @@ class MsSourceFormat(registry.SourceFormat):
         options["config"] = str(config_path)
         return registry.SourceInfo(dims=dims, dtype=dtype, options=options)
 
+    def family_hint(self, path: Path, cfg_path=None) -> tuple[str, str] | None:
+        from modellink_ckpt.manifest import read_manifest
+        from modellink_ckpt.model_cfg import families_for_config
+
+        folder = path if path.is_dir() else path.parent
+        recorded = (read_manifest(folder) or {}).get("model_type_hf")
+        if isinstance(recorded, str):
+            return recorded, "recorded in its manifest"
+        if (folder / "config.json").is_file():
+            matching = families_for_config(json.loads((folder / "config.json").read_text()), cfg_path)
+            if matching:
+                return matching[0], f"from {folder / 'config.json'}"
+        return None
+
     def detect(self, path: Path) -> bool:
         if path.is_file():
             return path.suffix in SUFFIXES

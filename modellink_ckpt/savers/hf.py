@@ -102,7 +102,7 @@ def _hf_config(plan, meta, dtype: torch.dtype) -> dict:
             break
     else:
         config = meta.get("hf_config") or hf_config_from_dims(plan.family, plan.dims, _DTYPE_NAMES.get(dtype, "float32"))
-    config = dict(config)
+    config = {k: v for k, v in config.items() if k != "quantization_config"}  # the weights are never quantized
     dtype_key = "torch_dtype" if "torch_dtype" in config and "dtype" not in config else "dtype"
     config[dtype_key] = _DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
     return config

@@ -5,6 +5,7 @@ set -euo pipefail
 HF_DIR=${HF_DIR:-./model_from_hf/deepseek-v3-hf/}
 MCORE_DIR=${MCORE_DIR:-./model_weights/deepseek-v3-mcore/}
 NUM_LAYER_LIST=${NUM_LAYER_LIST:-31,30}
+MTP_NUM_LAYERS=${MTP_NUM_LAYERS:-1}  # DeepSeek-V3's multi-token-prediction layer (model.layers.61); 0 leaves it out
 
 python convert_ckpt.py \
     --model-type GPT \
@@ -14,6 +15,7 @@ python convert_ckpt.py \
     --target-pipeline-parallel-size 2 \
     --target-expert-parallel-size 2 \
     --num-layer-list "${NUM_LAYER_LIST}" \
+    --mtp-num-layers "${MTP_NUM_LAYERS}" \
     --model-type-hf deepseek3 \
     --use-mcore-models \
     --load-dir "${HF_DIR}" \
