@@ -35,11 +35,11 @@ FAMILIES = {
     "glm45-air": ("Glm4MoeConfig", dict(head_dim=16, partial_rotary_factor=0.5, attention_bias=True, n_routed_experts=4,
                                         num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
                                         first_k_dense_replace=1, n_group=1, topk_group=1, routed_scaling_factor=2.5,
-                                        use_qk_norm=False), False),
+                                        use_qk_norm=False), True),
     "glm45": ("Glm4MoeConfig", dict(head_dim=16, partial_rotary_factor=0.5, attention_bias=True, n_routed_experts=4,
                                     num_experts_per_tok=2,
                                     moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1, n_group=1,
-                                    topk_group=1, routed_scaling_factor=2.5, use_qk_norm=True), False),
+                                    topk_group=1, routed_scaling_factor=2.5, use_qk_norm=True), True),
 }
 
 
