@@ -78,3 +78,53 @@ def test_family_in_megatron_core_matches_hf(tmp_path, family):
     expected = hf_logits(hf, tokens)
     diff = (mcore_logits(mg, tokens)[..., :VOCAB] - expected).abs().max().item()
     assert diff <= 1e-4, f"{family}: {diff}"
+
+
+def test_internlm2_by_name_equals_the_llama_it_repacks(tmp_path):
+    """InternLM2 has no transformers class: its checkpoint is built here by name and shape from a
+    Llama model (wqkv packs each KV group as [its q heads; k; v], `feed_forward.w1/w3/w2`). Converted
+    as `internlm2` it must give exactly the rank files the Llama gives (which Megatron-Core checks),
+    and convert back to InternLM2's own names bit for bit."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from util import load_mg_state
+
+    config = transformers.LlamaConfig(**COMMON)
+    llama = tmp_path / "llama"
+    randomize_(AutoModelForCausalLM.from_config(config), seed=5).save_pretrained(llama)
+    state = load_file(llama / "model.safetensors")
+    heads, groups, d = COMMON["num_attention_heads"], COMMON["num_key_value_heads"], 8
+    renames = {"model.embed_tokens.": "model.tok_embeddings.", "lm_head.": "output.",
+               ".self_attn.o_proj.": ".attention.wo.", ".mlp.gate_proj.": ".feed_forward.w1.",
+               ".mlp.up_proj.": ".feed_forward.w3.", ".mlp.down_proj.": ".feed_forward.w2.",
+               ".input_layernorm.": ".attention_norm.", ".post_attention_layernorm.": ".ffn_norm."}
+    internlm = {}
+    for name, tensor in state.items():
+        if ".self_attn.q_proj." in name:
+            q = tensor.view(groups, heads // groups, d, -1)
+            k = state[name.replace("q_proj", "k_proj")].view(groups, 1, d, -1)
+            v = state[name.replace("q_proj", "v_proj")].view(groups, 1, d, -1)
+            internlm[name.replace("self_attn.q_proj", "attention.wqkv")] = torch.cat([q, k, v], 1).reshape(-1, q.shape[-1])
+        elif ".self_attn.k_proj." in name or ".self_attn.v_proj." in name:
+            continue
+        else:
+            for old, new in renames.items():
+                name = name.replace(old, new)
+            internlm[name] = tensor
+    source = tmp_path / "internlm2"
+    source.mkdir()
+    save_file(internlm, source / "model.safetensors", metadata={"format": "pt"})
+    hf_config = json.loads((llama / "config.json").read_text())
+    hf_config.update(model_type="internlm2", architectures=["InternLM2ForCausalLM"], bias=False)
+    (source / "config.json").write_text(json.dumps(hf_config))
+
+    layout = ("--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2")
+    from_llama = load_mg_state(hf_to_mg(llama, tmp_path / "mg_llama", "llama2", *layout))
+    from_internlm = load_mg_state(hf_to_mg(source, tmp_path / "mg_internlm", "internlm2", *layout))
+    for rank, files in from_llama.items():
+        assert_same_tensors(files["model"], from_internlm[rank]["model"], rank)
+    back = mg_to_hf(tmp_path / "mg_internlm", tmp_path / "fresh", "internlm2")
+    assert_same_tensors(internlm, load_hf_state(back))
+    assert json.loads((back / "config.json").read_text())["model_type"] == "internlm2"
