@@ -107,6 +107,23 @@ def test_signal_enum_members_load_by_lookup():
     assert _restricted_load(pickle.dumps({"exit_signal": signal.SIGINT}, protocol=2))["exit_signal"] is signal.SIGINT
 
 
+def test_enum_members_are_written_by_value_on_every_python(tmp_path):
+    """Our writer pickles an enum member as `Signals(15)` whatever the running Python's default
+    (Debian's 3.11.2 writes the bare global `signal.SIGTERM`, which torch's weights_only loader,
+    megatron's common.pt reader, refuses); torch loads it with only the enum class allowed."""
+    import signal
+    import zipfile
+
+    path = tmp_path / "args.pt"
+    writer = StreamingTorchWriter(path)
+    writer.close({"args": argparse.Namespace(exit_signal=signal.SIGTERM)})
+    with zipfile.ZipFile(path) as archive:
+        pickled = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+    assert b"signal\nSIGTERM" not in pickled
+    with torch.serialization.safe_globals([argparse.Namespace, signal.Signals]):
+        assert torch.load(path, weights_only=True)["args"].exit_signal is signal.SIGTERM
+
+
 @pytest.mark.parametrize("module, name, args", [
     ("signal", "signal", (10, 1)),                       # installs a handler
     ("signal", "raise_signal", (10,)),

@@ -11,6 +11,7 @@ carry no CRC-32 (as with torch's own writer when CRCs are off): the manifest's s
 from __future__ import annotations
 
 import collections
+import enum
 import io
 import pickle
 import struct
@@ -62,6 +63,14 @@ class _Pickler(pickle._Pickler):
     """torch.save's pickle (protocol 2, storages as persistent ids). The pure-Python pickler, so
     that the placeholders of a training run's args (Megatron enums, never imported here) are
     written back under their own names; the pickle is small, its speed does not matter."""
+
+    def reducer_override(self, obj):
+        # An enum member (a training run's exit signal) by value, `Signals(15)`, whatever this
+        # Python's default: Debian's 3.11.2 writes the bare global `signal.SIGTERM`, which
+        # torch.load(weights_only=True) -- megatron's common.pt loader -- refuses.
+        if isinstance(obj, enum.Enum):
+            return type(obj), (obj.value,)
+        return NotImplemented
 
     def persistent_id(self, obj):
         if isinstance(obj, _StorageRef):
