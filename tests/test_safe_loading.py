@@ -120,8 +120,13 @@ def test_enum_members_are_written_by_value_on_every_python(tmp_path):
     with zipfile.ZipFile(path) as archive:
         pickled = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
     assert b"signal\nSIGTERM" not in pickled
-    with torch.serialization.safe_globals([argparse.Namespace, signal.Signals]):
-        assert torch.load(path, weights_only=True)["args"].exit_signal is signal.SIGTERM
+    registered = torch.serialization.get_safe_globals()  # torch's safe_globals() drops its classes on exit
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace, signal.Signals]):
+            assert torch.load(path, weights_only=True)["args"].exit_signal is signal.SIGTERM
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(registered)
 
 
 @pytest.mark.parametrize("module, name, args", [
