@@ -210,12 +210,19 @@ def layer_rules(family: ModelFamily, dims: ModelDims, layer: int) -> list[Tensor
     hf, h = family.hf_name, dims.hidden_size
     attention = _mla_rules if dims.multi_latent_attention else _attention_rules
     mlp = _moe_rules if dims.is_moe_layer(layer) else _dense_mlp_rules
+    # sandwich norms (GLM-4-0414, Gemma 2/3): each sublayer's output is normed before the residual add
+    post_attn = [_rename("post_attn_norm.weight", hf("layers_self_attention_post_attention_layernorm", "weight", layer),
+                         "replicated", (h,))] if dims.post_norm else []
+    post_mlp = [_rename("post_mlp_layernorm.weight", hf("layers_self_attention_post_mlp_layernorm", "weight", layer),
+                        "replicated", (h,))] if dims.post_norm else []
     return [
         _rename("input_layernorm.weight", hf("layers_input_layernorm", "weight", layer), "replicated", (h,)),
         *attention(family, dims, layer),
+        *post_attn,
         _rename("pre_mlp_layernorm.weight", hf("layers_self_attention_pre_mlp_layernorm", "weight", layer),
                 "replicated", (h,)),
         *mlp(family, dims, layer),
+        *post_mlp,
     ]
 
 

@@ -188,6 +188,7 @@ class ModelDims:
     qk_layernorm: bool
     swiglu: bool
     normalization: str = "RMSNorm"
+    post_norm: bool = False                   # sandwich norms: one more norm after attention and after the MLP
     # mixture of experts (num_experts 0: a dense model)
     num_experts: int = 0
     moe_ffn_hidden_size: int = 0
@@ -292,6 +293,7 @@ def dims_from_hf_config(family: ModelFamily, config: dict, *, source: str = "con
         add_qkv_bias=_part("add_qkv_bias", values, settings, overrides),
         add_dense_bias=_part("add_dense_bias", values, settings, overrides),
         qk_layernorm=_part("qk_layernorm", values, settings, overrides),
+        post_norm=_part("post_norm", values, settings, overrides),
         swiglu=bool(settings.get("swiglu", True)),
         normalization=str(settings.get("normalization", "RMSNorm")),
         mtp_num_layers=int(settings.get("mtp_num_layers") or 0),

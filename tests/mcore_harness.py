@@ -559,6 +559,10 @@ def transformer_config_from_args(args: argparse.Namespace, slots: List[List[List
         raise NotImplementedError("only swiglu MLPs")
     if getattr(args, "use_rope_scaling", False) or getattr(args, "rope_scaling_type", None):
         raise NotImplementedError("rope scaling is not mapped by this harness")
+    for unsupported in ("post_norm", "layernorm_zero_centered_gamma", "input_embeds_norm", "attn_logit_softcapping",
+                        "output_logit_softcapping", "sliding_window"):
+        if getattr(args, unsupported, None):
+            raise NotImplementedError(f"{unsupported}: a stock GPTModel does not express it")
     gqa = getattr(args, "group_query_attention", False)
     moe = moe_config_kwargs(args)
     mla = mla_config_kwargs(args)
@@ -577,6 +581,7 @@ def transformer_config_from_args(args: argparse.Namespace, slots: List[List[List
         add_bias_linear=bool(getattr(args, "add_bias_linear", False)),
         add_qkv_bias=bool(getattr(args, "add_qkv_bias", False)),
         qk_layernorm=bool(getattr(args, "qk_layernorm", False)),
+        rotary_interleaved=bool(getattr(args, "rotary_interleaved", False)),  # MLA: overridden below
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=chunks if chunks > 1 else None,

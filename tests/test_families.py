@@ -30,6 +30,17 @@ FAMILIES = {
                                                      short_factor=[1.0, 1.5, 2.0, 4.0],
                                                      long_factor=[2.0, 3.0, 5.0, 8.0])), False),
     "gemma": ("GemmaConfig", dict(head_dim=8, hidden_act="gelu_pytorch_tanh"), False),
+    "phi3.5": ("Phi3Config", dict(), True),
+    # Gemma 2: sandwich norms (post_attention_layernorm is the norm *after* attention), attention and
+    # final logit soft-capping, query_pre_attn_scalar, sliding window on every other layer
+    "gemma2": ("Gemma2Config", dict(head_dim=16, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=24,
+                                    attn_logit_softcapping=5.0, final_logit_softcapping=3.0, sliding_window=3),
+               False),
+    # GLM-4-9B (hf): fused gate_up, qkv bias, half-rotary heads rotated in interleaved pairs
+    "glm": ("GlmConfig", dict(head_dim=16, partial_rotary_factor=0.5), True),
+    # GLM-4-0414: GLM plus sandwich norms (post_self_attn_layernorm, post_mlp_layernorm)
+    "glm4": ("Glm4Config", dict(head_dim=16, partial_rotary_factor=0.5, attention_bias=False), False),
+    "glm4_9b": ("Glm4Config", dict(head_dim=16, partial_rotary_factor=0.5, attention_bias=True), False),
     # GLM-4.5: DeepSeek-V3-style MoE (sigmoid router with a score bias, shared experts, dense first
     # layers) on plain attention with qkv bias and half-rotary heads; GLM-4.5 itself adds q/k norms
     "glm45-air": ("Glm4MoeConfig", dict(head_dim=16, partial_rotary_factor=0.5, attention_bias=True, n_routed_experts=4,
