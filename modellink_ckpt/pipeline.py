@@ -164,6 +164,17 @@ def _quiet_thread_errors() -> None:
     if not os.environ.get("CONVERT_CKPT_DEBUG"):
         sys.excepthook = lambda *args: None
         threading.excepthook = lambda args: None
+    sys.unraisablehook = _unraisable
+
+
+def _unraisable(unraisable) -> None:
+    """The parent's stop (SIGTERM -> SystemExit) can land inside a finalizer (a progress bar's
+    __del__), where Python only prints it and carries on: exit for real, without the printout
+    (the parent removes what the stopped process had staged)."""
+    if isinstance(unraisable.exc_value, SystemExit):
+        os._exit(unraisable.exc_value.code if isinstance(unraisable.exc_value.code, int) else 1)
+    if os.environ.get("CONVERT_CKPT_DEBUG"):
+        sys.__unraisablehook__(unraisable)
 
 
 def _peak_rss_bytes() -> int:
