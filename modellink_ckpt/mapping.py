@@ -20,6 +20,7 @@ from modellink_ckpt.model_cfg import UNMAPPED, ModelDims, ModelFamily, dims_from
 Tensors = list[torch.Tensor]
 
 EMBEDDING = "embedding.word_embeddings.weight"
+EMBEDDING_NORM = "embedding.word_embeddings.norm."  # + weight / bias: BLOOM's LayerNorm after the embedding
 FINAL_NORM = "decoder.final_layernorm.weight"
 OUTPUT_LAYER = "output_layer.weight"
 
@@ -207,31 +208,42 @@ def _moe_rules(family: ModelFamily, dims: ModelDims, layer: int) -> list[TensorR
 
 def layer_rules(family: ModelFamily, dims: ModelDims, layer: int) -> list[TensorRule]:
     """Rules for HF layer `layer` (its Megatron tensors are layer-relative: `self_attention...`)."""
-    hf, h = family.hf_name, dims.hidden_size
     attention = _mla_rules if dims.multi_latent_attention else _attention_rules
     mlp = _moe_rules if dims.is_moe_layer(layer) else _dense_mlp_rules
     # sandwich norms (GLM-4-0414, Gemma 2/3): each sublayer's output is normed before the residual add
-    post_attn = [_rename("post_attn_norm.weight", hf("layers_self_attention_post_attention_layernorm", "weight", layer),
-                         "replicated", (h,))] if dims.post_norm else []
-    post_mlp = [_rename("post_mlp_layernorm.weight", hf("layers_self_attention_post_mlp_layernorm", "weight", layer),
-                        "replicated", (h,))] if dims.post_norm else []
+    post_attn = _norm("post_attn_norm.weight", "layers_self_attention_post_attention_layernorm", family, dims,
+                      layer) if dims.post_norm else []
+    post_mlp = _norm("post_mlp_layernorm.weight", "layers_self_attention_post_mlp_layernorm", family, dims,
+                     layer) if dims.post_norm else []
     return [
-        _rename("input_layernorm.weight", hf("layers_input_layernorm", "weight", layer), "replicated", (h,)),
+        *_norm("input_layernorm.weight", "layers_input_layernorm", family, dims, layer),
         *attention(family, dims, layer),
         *post_attn,
-        _rename("pre_mlp_layernorm.weight", hf("layers_self_attention_pre_mlp_layernorm", "weight", layer),
-                "replicated", (h,)),
+        *_norm("pre_mlp_layernorm.weight", "layers_self_attention_pre_mlp_layernorm", family, dims, layer),
         *mlp(family, dims, layer),
         *post_mlp,
     ]
 
 
+def _norm(mcore: str, module: str, family: ModelFamily, dims: ModelDims, layer: int | None = None,
+          size: int | None = None) -> list[TensorRule]:
+    """A norm's weight, and its bias for LayerNorms with one (`norm_has_bias`); `mcore` ends in `.weight`."""
+    shape = (size or dims.hidden_size,)
+    rules = [_rename(mcore, family.hf_name(module, "weight", layer), "replicated", shape)]
+    if dims.norm_has_bias:
+        rules.append(_rename(mcore[:-len("weight")] + "bias", family.hf_name(module, "bias", layer), "replicated", shape))
+    return rules
+
+
 def embedding_rules(family: ModelFamily, dims: ModelDims) -> list[TensorRule]:
-    return [_rename(EMBEDDING, family.hf_name("embedding_word_embeddings"), "vocab", (dims.vocab_size, dims.hidden_size))]
+    rules = [_rename(EMBEDDING, family.hf_name("embedding_word_embeddings"), "vocab", (dims.vocab_size, dims.hidden_size))]
+    if dims.embed_layernorm:
+        rules += _norm(EMBEDDING_NORM + "weight", "embedding_word_embeddings_norm", family, dims)
+    return rules
 
 
 def final_norm_rules(family: ModelFamily, dims: ModelDims) -> list[TensorRule]:
-    return [_rename(FINAL_NORM, family.hf_name("final_layernorm"), "replicated", (dims.hidden_size,))]
+    return _norm(FINAL_NORM, "final_layernorm", family, dims)
 
 
 def output_rules(family: ModelFamily, dims: ModelDims) -> list[TensorRule]:
@@ -351,13 +363,6 @@ DERIVABLE = {
     "rotary inv_freq (recomputed from the rope settings)": re.compile(r"(^|\.)rotary_emb\.inv_freq$"),
 }
 TIED_OUTPUT_COPY = "the output layer of a model with tied embeddings (a copy of the embedding)"
-_HF_LAYER = re.compile(r"\.layers\.(\d+)\.")
-
-
-def hf_layer_of(name: str) -> int | None:
-    match = _HF_LAYER.search(name)
-    return int(match.group(1)) if match else None
-
 
 def consumed_hf_names(family: ModelFamily, dims: ModelDims) -> set[str]:
     """Every HF tensor the family's rules read for this model."""
@@ -388,7 +393,7 @@ def hf_accounting(family: ModelFamily, dims: ModelDims, names: Iterable[str],
     present, skipped = set(names), set(skipped_layers)
     missing = sorted(needed - present, key=_natural)
     left = [n for n in sorted(present - needed, key=_natural)
-            if derivable_reason(family, dims, n) is None and hf_layer_of(n) not in skipped]
+            if derivable_reason(family, dims, n) is None and family.layer_of(n) not in skipped]
     return missing, left
 
 
@@ -407,7 +412,7 @@ def families_fitting(config: dict, names: Iterable[str], cfg_path=None, skipped_
             dims = dims_from_hf_config(family, config, overrides={"mtp_num_layers": None})
         except (ConvertError, KeyError, TypeError, ValueError):
             continue  # the config lacks what this family needs: not a fit
-        mtp_layers = {layer for layer in map(hf_layer_of, names) if layer is not None and layer >= dims.num_layers}
+        mtp_layers = {layer for layer in map(family.layer_of, names) if layer is not None and layer >= dims.num_layers}
         missing, left = hf_accounting(family, dims, names, set(skipped_layers) | mtp_layers)
         if not missing and not left:
             fitting.append(name)

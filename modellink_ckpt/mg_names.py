@@ -73,10 +73,11 @@ def _unstack_fc2(count: int):
 
 def _te_name(name: str, rules_by_name: dict, dims) -> str:
     """The Transformer Engine spelling of a layer-relative local name."""
-    if name == "input_layernorm.weight" and not dims.multi_latent_attention:
-        return "self_attention.linear_qkv.layer_norm_weight"
-    if name == "pre_mlp_layernorm.weight" and "mlp.linear_fc1.weight" in rules_by_name:
-        return "mlp.linear_fc1.layer_norm_weight"  # MoE layers keep their own norm
+    stem, _, param = name.rpartition(".")
+    if stem == "input_layernorm" and not dims.multi_latent_attention:
+        return f"self_attention.linear_qkv.layer_norm_{param}"
+    if stem == "pre_mlp_layernorm" and "mlp.linear_fc1.weight" in rules_by_name:
+        return f"mlp.linear_fc1.layer_norm_{param}"  # MoE layers keep their own norm
     if name == "self_attention.q_layernorm.weight" and dims.multi_latent_attention:
         return "self_attention.linear_q_up_proj.layer_norm_weight"
     if name == "self_attention.kv_layernorm.weight":

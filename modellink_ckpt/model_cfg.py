@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,13 @@ class ModelFamily:
     def has(self, module: str) -> bool:
         return module in self.hf_modules
 
+    def layer_of(self, hf_name: str) -> int | None:
+        """The HF layer an HF tensor belongs to (`model.layers.3.` / BLOOM's `transformer.h.3.`), or None."""
+        template = self.hf_modules.get("layers_input_layernorm", "model.layers[layer_idx]")
+        prefix = template.split("[layer_idx]")[0]
+        match = re.match(re.escape(prefix) + r"\.(\d+)\.", hf_name)
+        return int(match.group(1)) if match else None
+
 
 UNMAPPED = "<unmapped>:"  # the HF name of a module the family does not map
 
@@ -189,6 +197,8 @@ class ModelDims:
     swiglu: bool
     normalization: str = "RMSNorm"
     post_norm: bool = False                   # sandwich norms: one more norm after attention and after the MLP
+    norm_has_bias: bool = False               # LayerNorms with a bias (every norm of the model)
+    embed_layernorm: bool = False             # a norm right after the embedding (BLOOM)
     # mixture of experts (num_experts 0: a dense model)
     num_experts: int = 0
     moe_ffn_hidden_size: int = 0
@@ -294,6 +304,8 @@ def dims_from_hf_config(family: ModelFamily, config: dict, *, source: str = "con
         add_dense_bias=_part("add_dense_bias", values, settings, overrides),
         qk_layernorm=_part("qk_layernorm", values, settings, overrides),
         post_norm=_part("post_norm", values, settings, overrides),
+        norm_has_bias=_part("norm_has_bias", values, settings, overrides),
+        embed_layernorm=_part("embed_layernorm", values, settings, overrides),
         swiglu=bool(settings.get("swiglu", True)),
         normalization=str(settings.get("normalization", "RMSNorm")),
         mtp_num_layers=int(settings.get("mtp_num_layers") or 0),

@@ -75,6 +75,7 @@ only, see ``_patch_megatron_for_cpu``):
 from __future__ import annotations
 
 import argparse
+from functools import partial
 import ast
 import datetime
 import math
@@ -553,10 +554,14 @@ def transformer_config_from_args(args: argparse.Namespace, slots: List[List[List
             if v == chunks - 1 and p == pp - 1:
                 stage = stage + ["loss"]
             layout.append(stage)
-    if getattr(args, "normalization", "RMSNorm") != "RMSNorm":
-        raise NotImplementedError(f"normalization {args.normalization!r}")
-    if not getattr(args, "swiglu", True):
-        raise NotImplementedError("only swiglu MLPs")
+    normalization = getattr(args, "normalization", "RMSNorm")
+    if normalization not in ("RMSNorm", "LayerNorm"):
+        raise NotImplementedError(f"normalization {normalization!r}")
+    act = getattr(args, "hidden_act", None) or ("silu" if getattr(args, "swiglu", True) else "gelu")
+    activations = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh")}
+    if act not in activations:
+        raise NotImplementedError(f"hidden_act {act!r}")
+    gated = bool(getattr(args, "gated_linear_unit", getattr(args, "swiglu", True)))
     if getattr(args, "use_rope_scaling", False) or getattr(args, "rope_scaling_type", None):
         raise NotImplementedError("rope scaling is not mapped by this harness")
     for unsupported in ("post_norm", "layernorm_zero_centered_gamma", "input_embeds_norm", "attn_logit_softcapping",
@@ -574,10 +579,10 @@ def transformer_config_from_args(args: argparse.Namespace, slots: List[List[List
         num_attention_heads=args.num_attention_heads,
         num_query_groups=args.num_query_groups if gqa else None,
         kv_channels=getattr(args, "kv_channels", None),
-        normalization="RMSNorm",
+        normalization=normalization,
         layernorm_epsilon=getattr(args, "norm_epsilon", None) or args.layernorm_epsilon,  # Megatron-LM: the latter
-        gated_linear_unit=True,
-        activation_func=F.silu,
+        gated_linear_unit=gated,
+        activation_func=activations[act],
         add_bias_linear=bool(getattr(args, "add_bias_linear", False)),
         add_qkv_bias=bool(getattr(args, "add_qkv_bias", False)),
         qk_layernorm=bool(getattr(args, "qk_layernorm", False)),
@@ -649,7 +654,8 @@ def _logits_worker(rank: int, world: int, out_dir: str, payload: Dict[str, Any])
         if chunks > 1:
             parallel_state.set_virtual_pipeline_model_parallel_rank(v)
         spec = get_gpt_decoder_block_spec(
-            config, use_transformer_engine=False, normalization="RMSNorm", vp_stage=vp_stage, pp_rank=pp_rank
+            config, use_transformer_engine=False, normalization=config.normalization, vp_stage=vp_stage,
+            pp_rank=pp_rank
         )
         if mla:
             _use_causal_attention_stand_in(spec)

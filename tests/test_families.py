@@ -41,6 +41,10 @@ FAMILIES = {
     # GLM-4-0414: GLM plus sandwich norms (post_self_attn_layernorm, post_mlp_layernorm)
     "glm4": ("Glm4Config", dict(head_dim=16, partial_rotary_factor=0.5, attention_bias=False), False),
     "glm4_9b": ("Glm4Config", dict(head_dim=16, partial_rotary_factor=0.5, attention_bias=True), False),
+    # StarCoder2: LayerNorms with biases (final norm too), biases on every linear, non-gated GELU c_fc/c_proj
+    "starcoder2": ("Starcoder2Config", dict(hidden_act="gelu_pytorch_tanh", use_bias=True), True),
+    # BLOOM: ALiBi, a LayerNorm after the embedding, fused per-head qkv (Megatron's own order), 4h MLP
+    "bloom": ("BloomConfig", dict(), False),
     # GLM-4.5: DeepSeek-V3-style MoE (sigmoid router with a score bias, shared experts, dense first
     # layers) on plain attention with qkv bias and half-rotary heads; GLM-4.5 itself adds q/k norms
     "glm45-air": ("Glm4MoeConfig", dict(head_dim=16, partial_rotary_factor=0.5, attention_bias=True, n_routed_experts=4,
@@ -56,7 +60,8 @@ FAMILIES = {
 
 def _build(family, folder):
     cls, extra, _ = FAMILIES[family]
-    config = getattr(transformers, cls)(**{**COMMON, **extra})
+    common = {k: v for k, v in COMMON.items() if not (cls == "BloomConfig" and k == "intermediate_size")}  # 4h
+    config = getattr(transformers, cls)(**{**common, **extra})
     model = randomize_(AutoModelForCausalLM.from_config(config), seed=11)
     model.save_pretrained(folder)
     return folder

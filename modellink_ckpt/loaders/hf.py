@@ -7,7 +7,6 @@ never built and the checkpoint is never held whole.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
@@ -158,13 +157,13 @@ class HfSource:
     def _read_stored(self, name: str, start: int, stop: int, out: torch.Tensor) -> None:
         self._locate(name).read_rows(name, start, stop, out)
 
-    def hf_layer_count(self) -> int:
-        indices = {int(m.group(1)) for m in (re.search(r"\.layers\.(\d+)\.", k) for k in self.weight_map) if m}
+    def hf_layer_count(self, family: ModelFamily) -> int:
+        indices = {i for i in map(family.layer_of, self.weight_map) if i is not None}
         return max(indices) + 1 if indices else 0
 
     def dims(self, family: ModelFamily, overrides: dict | None = None) -> ModelDims:
         dims = dims_from_hf_config(family, self.config, source=str(self.dir / "config.json"), overrides=overrides)
-        found = self.hf_layer_count()
+        found = self.hf_layer_count(family)
         mtp_found = found - dims.num_layers
         if mtp_found and mtp_found != int(self.config.get("num_nextn_predict_layers") or 0):
             raise ConvertError(f"{self.dir}: config.json says {dims.num_layers} layers but the weights hold {found}")
@@ -173,14 +172,14 @@ class HfSource:
                              f"{mtp_found} multi-token-prediction layer(s)")
         return dims
 
-    def unconverted_mtp_layers(self, dims: ModelDims) -> int:
+    def unconverted_mtp_layers(self, family: ModelFamily, dims: ModelDims) -> int:
         """MTP layers the checkpoint holds beyond the ones asked for."""
-        return self.hf_layer_count() - dims.num_layers - dims.mtp_num_layers
+        return self.hf_layer_count(family) - dims.num_layers - dims.mtp_num_layers
 
     def check_accounted(self, family: ModelFamily, dims: ModelDims, mtp_asked: bool) -> None:
         """Stop unless the family converts every tensor of the checkpoint (or it is derivable, or
         in an MTP layer the user chose to leave out) and finds every tensor it needs."""
-        skipped = self.unconverted_mtp_layers(dims)
+        skipped = self.unconverted_mtp_layers(family, dims)
         if skipped and not mtp_asked:
             first = dims.num_layers + dims.mtp_num_layers
             raise UsageError(f"--load-dir {self.dir}: holds {skipped} multi-token-prediction layer(s) "

@@ -356,11 +356,11 @@ def _stored_dtypes(source: MegatronSource, plan) -> tuple[torch.dtype, dict]:
     family, dims, layout = plan.family, plan.dims, plan.source_layout
     (embedding, output), (last_pp, last_chunk) = _vocab_tensors(layout, dims), layout.last_stage
     model_dtype = source.stored_dtype(layout, *embedding)
-    stored = {mapping.message_key("embeddings", None, mapping.EMBEDDING): model_dtype,
-              mapping.message_key("final_norm", None, mapping.FINAL_NORM):
-                  source.stored_dtype(layout, last_pp, last_chunk, mapping.FINAL_NORM)}
-    if not dims.tie_word_embeddings:
-        stored[mapping.message_key("output_layer", None, mapping.OUTPUT_LAYER)] = source.stored_dtype(layout, *output)
+    stored = {}
+    for kind, (pp_rank, vchunk) in (("embeddings", layout.first_stage), ("final_norm", (last_pp, last_chunk)),
+                                    ("output_layer", (last_pp, last_chunk))):
+        for rule in mapping.message_rules(kind, family, dims):
+            stored[mapping.message_key(kind, None, rule.mcore)] = source.stored_dtype(layout, pp_rank, vchunk, rule.mcore)
 
     def scan(kind, layer, pp_rank, vchunk, sources):
         for rules, files, rename in sources:
@@ -420,11 +420,16 @@ def stream(plan, sender, source: MegatronSource, states: tuple[str, ...] = (), *
     if plan.save_type == "mg" and plan.padded_vocab == source.padded_vocab():
         rows = plan.padded_vocab
 
-    def send_vocab(kind, pp_rank, vchunk, name):
-        arena = sender.arena()
-        sender.send(kind, take_all(pp_rank, vchunk, name, "vocab", (rows, dims.hidden_size), arena, rows=rows), arena)
+    def send_plain(kind, pp_rank, vchunk):
+        """A message of the tensors outside the layers (a vocabulary table, a norm and its bias)."""
+        arena, tensors = sender.arena(), {}
+        for rule in mapping.message_rules(kind, family, dims):
+            shape = (rows, *rule.shape[1:]) if rule.tp == "vocab" else rule.shape
+            tensors.update(take_all(pp_rank, vchunk, rule.mcore, rule.tp, shape, arena,
+                                    rows=rows if rule.tp == "vocab" else None))
+        sender.send(kind, tensors, arena)
 
-    send_vocab("embeddings", first_pp, first_chunk, mapping.EMBEDDING)
+    send_plain("embeddings", first_pp, first_chunk)
     for slot in layout.slots():
         if slot.hf_layer is None:
             continue
@@ -435,15 +440,13 @@ def stream(plan, sender, source: MegatronSource, states: tuple[str, ...] = (), *
                 and slot.pp_rank != last_pp:
             source.release(layout, slot.pp_rank)
 
-    arena = sender.arena()
-    sender.send("final_norm", take_all(last_pp, last_chunk, mapping.FINAL_NORM, "replicated", (dims.hidden_size,),
-                                       arena), arena)
+    send_plain("final_norm", last_pp, last_chunk)
     if dims.tie_word_embeddings:  # the last stage's copy (PP > 1) is only checked off, never sent
         for state in every:
             source.take(layout, last_pp, last_chunk, state_name(mapping.OUTPUT_LAYER, state), "vocab",
                         rows=rows, required=False)
     else:
-        send_vocab("output_layer", last_pp, last_chunk, mapping.OUTPUT_LAYER)
+        send_plain("output_layer", last_pp, last_chunk)
     for k in range(dims.mtp_num_layers):
         arena = sender.arena()
         sender.send("mtp_layer", _mtp_tensors(source, layout, family, dims, k, arena), arena, layer=k)

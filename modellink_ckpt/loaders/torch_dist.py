@@ -113,9 +113,11 @@ class TorchDistSource(MegatronSource):
                 names[key] = DistRegion(self.store, key, ())
         for layer in range(num_layers):  # on MoE layers the local spec spells pre_mlp_layernorm as fc1's norm
             prefix = f"decoder.layers.{layer}."
-            fused = prefix + "mlp.linear_fc1.layer_norm_weight"
-            if fused in names and prefix + "mlp.router.weight" in names and prefix + "mlp.linear_fc1.weight" not in names:
-                names[prefix + "pre_mlp_layernorm.weight"] = names.pop(fused)
+            for param in ("weight", "bias"):
+                fused = prefix + "mlp.linear_fc1.layer_norm_" + param
+                if fused in names and prefix + "mlp.router.weight" in names \
+                        and prefix + "mlp.linear_fc1.weight" not in names:
+                    names[prefix + "pre_mlp_layernorm." + param] = names.pop(fused)
         return names
 
     def _add_layer(self, names: dict, key: str, layer: int, suffix: str, index: tuple, shape) -> None:

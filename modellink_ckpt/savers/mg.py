@@ -182,13 +182,15 @@ class ShardPlacer:
         first_pp, first_chunk = self.layout.first_stage
         last_pp, last_chunk = self.layout.last_stage
         if kind == "embeddings":
-            yield from self._split(first_pp, first_chunk, mapping.EMBEDDING, tensors, "vocab")
+            for rule in mapping.embedding_rules(self.plan.family, self.dims):  # the table, BLOOM's norm after it
+                yield from self._split(first_pp, first_chunk, rule.mcore, tensors, rule.tp)
             if self.dims.tie_word_embeddings and self.layout.pp > 1:  # the last stage keeps its own copy
                 yield from self._split(last_pp, last_chunk, mapping.OUTPUT_LAYER, tensors, "vocab", mapping.EMBEDDING)
         elif kind == "layer":
             yield from self._place_layer(layer, tensors)
         elif kind == "final_norm":
-            yield from self._split(last_pp, last_chunk, mapping.FINAL_NORM, tensors, "replicated")
+            for rule in mapping.final_norm_rules(self.plan.family, self.dims):
+                yield from self._split(last_pp, last_chunk, rule.mcore, tensors, rule.tp)
         elif kind == "output_layer":
             yield from self._split(last_pp, last_chunk, mapping.OUTPUT_LAYER, tensors, "vocab")
         elif kind == "mtp_layer":

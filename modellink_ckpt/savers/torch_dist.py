@@ -58,8 +58,8 @@ class DistKeys:
 
     def _layer_key(self, layer: int, file: str, moe: bool) -> tuple[str, tuple, tuple]:
         """(key, leading global dims, leading offsets) of a layer tensor spelled `file`."""
-        if self.local and moe and file == "pre_mlp_layernorm.weight" and not self.dims.multi_latent_attention:
-            file = "mlp.linear_fc1.layer_norm_weight"  # the local spec's keys map, on MoE layers too
+        if self.local and moe and file.startswith("pre_mlp_layernorm.") and not self.dims.multi_latent_attention:
+            file = "mlp.linear_fc1.layer_norm_" + file.rpartition(".")[2]  # the local spec's keys map, on MoE layers too
         lead_shape, lead_offsets = ((self.num_layers,), (layer,)) if self.stacked else ((), ())
         prefix = LAYERS if self.stacked else f"{LAYERS}{layer}."
         if file.startswith("mlp.experts.local_experts."):
@@ -82,13 +82,14 @@ class DistKeys:
         return out, objects
 
     def plain(self, kind: str, tensors: dict):
-        if kind in ("embeddings", "output_layer"):
-            name = mapping.EMBEDDING if kind == "embeddings" else mapping.OUTPUT_LAYER
-            table = T.as_tensor(T.pad_vocab(tensors[name], self.plan.padded_vocab))
-            return [(name, tuple(table.shape), (0, 0), table)]
-        if kind == "final_norm":
-            tensor = tensors[mapping.FINAL_NORM]
-            return [(mapping.FINAL_NORM, tuple(tensor.shape), (0,), tensor)]
+        if kind in ("embeddings", "output_layer", "final_norm"):
+            out = []
+            for rule in mapping.message_rules(kind, self.plan.family, self.plan.dims):
+                tensor = tensors[rule.mcore]
+                if rule.tp == "vocab":
+                    tensor = T.as_tensor(T.pad_vocab(tensor, self.plan.padded_vocab))
+                out.append((rule.mcore, tuple(tensor.shape), (0,) * tensor.dim(), tensor))
+            return out
         raise UsageError(f"--ckpt-format torch_dist: {kind} messages (multi-token prediction) are not supported")
 
 
