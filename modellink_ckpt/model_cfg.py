@@ -104,6 +104,10 @@ class ModelFamily:
     def has(self, module: str) -> bool:
         return module in self.hf_modules
 
+    def config_key(self, arg: str) -> str:
+        """The config.json key (first spelling) an argument is read from."""
+        return config_key_spellings(self.config_keys.get(arg, arg))[0][0]
+
     def layer_of(self, hf_name: str) -> int | None:
         """The HF layer an HF tensor belongs to (`model.layers.3.` / BLOOM's `transformer.h.3.`), or None."""
         template = self.hf_modules.get("layers_input_layernorm", "model.layers[layer_idx]")
@@ -256,6 +260,20 @@ def in_use(values: dict) -> dict:
     return used
 
 
+def config_key_spellings(keys) -> list[tuple[str, float | None]]:
+    """[(config.json key, scale)] of one `config_hf_key_mapping` entry: a key, a list of alternative
+    spellings, or {"key": ..., "scale": s} for a value stored in other units (Qwen-1's
+    intermediate_size is twice the MLP width: scale 0.5; ChatGLM's rope_ratio is rotary_base / 1e4)."""
+    if isinstance(keys, dict):
+        return [(keys["key"], float(keys["scale"]))]
+    return [(key, None) for key in ([keys] if isinstance(keys, str) else keys)]
+
+
+def _scaled(value, scale: float):
+    scaled = value * scale
+    return int(scaled) if isinstance(value, int) and float(scaled).is_integer() else scaled
+
+
 def _hf_value(config: dict, key: str):
     """A value of an HF config, in either the transformers 4 or 5 spelling.
 
@@ -274,14 +292,14 @@ def dims_from_hf_config(family: ModelFamily, config: dict, *, source: str = "con
     """Read a model's sizes from its HF `config.json` through the family's key mapping."""
     values: dict[str, Any] = {}
     for arg, keys in family.config_keys.items():
-        for key in [keys] if isinstance(keys, str) else keys:  # a list: alternative spellings
+        for key, scale in config_key_spellings(keys):
             value = _hf_value(config, key)
             if value is not None:
-                values[arg] = value
+                values[arg] = value if scale is None else _scaled(value, scale)
                 break
     for required in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size"):
         if required not in values:
-            raise ConvertError(f"{source}: missing '{family.config_keys.get(required, required)}' "
+            raise ConvertError(f"{source}: missing '{family.config_key(required)}' "
                                f"(needed for --model-type-hf {family.name})")
     settings = dict(family.settings)
     settings.update({k: v for k, v in (overrides or {}).items() if v is not None})
@@ -330,8 +348,7 @@ def _moe_and_mla(values: dict, settings: dict, num_layers: int, family: ModelFam
         if settings.get("multi_latent_attention") else ()
     for arg in needed + (("topk_group",) if int(values.get("n_group") or 1) > 1 else ()):
         if values.get(arg) is None:
-            key = family.config_keys.get(arg, arg)
-            raise ConvertError(f"{source}: missing {key if isinstance(key, str) else key[0]!r} "
+            raise ConvertError(f"{source}: missing '{family.config_key(arg)}' "
                                f"(needed for --model-type-hf {family.name})")
     experts = int(values.get("num_experts") or 0)
     if experts:
@@ -403,11 +420,12 @@ def hf_config_from_dims(family: ModelFamily, dims: ModelDims, dtype_name: str) -
     rope = {"rope_type": "default"}
     for arg, keys in family.config_keys.items():
         if arg in by_arg and (arg not in COMPUTE_ARGS or arg in dims.computes):
-            key = keys if isinstance(keys, str) else keys[0]
+            key, scale = config_key_spellings(keys)[0]
+            value = by_arg[arg] if scale is None else _scaled(by_arg[arg], 1 / scale)
             if key in ROPE_DICT_KEYS or key == "rope_theta":  # transformers 5 nests these; it reads 4.x too
-                rope[key] = by_arg[arg]
+                rope[key] = value
             else:
-                config[key] = by_arg[arg]
+                config[key] = value
     if len(rope) > 1:
         config["rope_parameters"] = rope
     if dims.add_qkv_bias and family.settings.get("hf_model_type") in (None, "llama", "mistral"):

@@ -96,51 +96,88 @@ def test_family_in_megatron_core_matches_hf(tmp_path, family):
     assert diff <= 1e-4, f"{family}: {diff}"
 
 
-def test_internlm2_by_name_equals_the_llama_it_repacks(tmp_path):
-    """InternLM2 has no transformers class: its checkpoint is built here by name and shape from a
-    Llama model (wqkv packs each KV group as [its q heads; k; v], `feed_forward.w1/w3/w2`). Converted
-    as `internlm2` it must give exactly the rank files the Llama gives (which Megatron-Core checks),
-    and convert back to InternLM2's own names bit for bit."""
+def _group_qkv(q, k, v, groups):
+    """InternLM2's wqkv: per KV group [its q heads; k; v] (Megatron's own order)."""
+    d = 8  # head_dim of COMMON (64 / 8)
+    q, k, v = (t.reshape(groups, -1, d, *t.shape[1:]) for t in (q, k, v))
+    return torch.cat([q, k, v], 1).reshape(-1, *q.shape[3:])
+
+
+# family without a transformers class -> (the class-backed family whose model it repacks, its config
+# arguments, {fused name: (q, k, v) names} joiner, name replacements, config.json changes)
+REPACKED = {
+    # InternLM2 / 2.5: wqkv in Megatron's per-group order, feed_forward.w1/w3/w2
+    "internlm2": ("llama2", "LlamaConfig", dict(), "group",
+                  {"model.embed_tokens.": "model.tok_embeddings.", "lm_head.": "output.",
+                   ".self_attn.o_proj.": ".attention.wo.", ".mlp.gate_proj.": ".feed_forward.w1.",
+                   ".mlp.up_proj.": ".feed_forward.w3.", ".mlp.down_proj.": ".feed_forward.w2.",
+                   ".input_layernorm.": ".attention_norm.", ".post_attention_layernorm.": ".ffn_norm.",
+                   ".self_attn.qkv.": ".attention.wqkv."},
+                  dict(model_type="internlm2", architectures=["InternLM2ForCausalLM"], bias=False)),
+    # Qwen-1: fused [Q; K; V] c_attn with bias, mlp.w2 = gate, w1 = up, intermediate_size = 2 x the MLP width
+    "qwen": ("qwen25", "Qwen2Config", dict(num_key_value_heads=8), "cat",
+             {"model.embed_tokens.": "transformer.wte.", "model.layers.": "transformer.h.", "model.norm.": "transformer.ln_f.",
+              ".self_attn.o_proj.": ".attn.c_proj.", ".mlp.gate_proj.": ".mlp.w2.", ".mlp.up_proj.": ".mlp.w1.",
+              ".mlp.down_proj.": ".mlp.c_proj.", ".input_layernorm.": ".ln_1.", ".post_attention_layernorm.": ".ln_2.",
+              ".self_attn.qkv.": ".attn.c_attn."},
+             dict(model_type="qwen", architectures=["QWenLMHeadModel"], intermediate_size=2 * 96,
+                  layer_norm_epsilon=1e-6, rotary_emb_base=10000.0, kv_channels=8)),
+    # ChatGLM3 / GLM-4-9B (chat): the model transformers ports as `glm`, under THUDM's own names
+    "chatglm3": ("glm", "GlmConfig", dict(head_dim=8, partial_rotary_factor=0.5), "cat",
+                 {"model.embed_tokens.": "transformer.embedding.word_embeddings.",
+                  "model.layers.": "transformer.encoder.layers.", "model.norm.": "transformer.encoder.final_layernorm.",
+                  "lm_head.": "transformer.output_layer.", ".self_attn.o_proj.": ".self_attention.dense.",
+                  ".mlp.gate_up_proj.": ".mlp.dense_h_to_4h.", ".mlp.down_proj.": ".mlp.dense_4h_to_h.",
+                  ".self_attn.qkv.": ".self_attention.query_key_value."},
+                 dict(model_type="chatglm", architectures=["ChatGLMModel"], num_layers=4, multi_query_attention=True,
+                      multi_query_group_num=2, padded_vocab_size=VOCAB, ffn_hidden_size=96, kv_channels=8,
+                      seq_length=64, layernorm_epsilon=1e-5, add_qkv_bias=True, rope_ratio=1.0)),
+}
+
+
+@pytest.mark.parametrize("family", list(REPACKED))
+def test_family_without_a_class_equals_the_model_it_repacks(tmp_path, family):
+    """Built by name and shape from a model transformers has a class for: converted as `family` it
+    gives exactly the rank files (and what the args say the model computes) of the class-backed
+    family (which Megatron-Core checks), and converts back to its own names bit for bit."""
     import json
 
     from safetensors.torch import load_file, save_file
 
     from util import load_mg_state
 
-    config = transformers.LlamaConfig(**COMMON)
-    llama = tmp_path / "llama"
-    randomize_(AutoModelForCausalLM.from_config(config), seed=5).save_pretrained(llama)
-    state = load_file(llama / "model.safetensors")
-    heads, groups, d = COMMON["num_attention_heads"], COMMON["num_key_value_heads"], 8
-    renames = {"model.embed_tokens.": "model.tok_embeddings.", "lm_head.": "output.",
-               ".self_attn.o_proj.": ".attention.wo.", ".mlp.gate_proj.": ".feed_forward.w1.",
-               ".mlp.up_proj.": ".feed_forward.w3.", ".mlp.down_proj.": ".feed_forward.w2.",
-               ".input_layernorm.": ".attention_norm.", ".post_attention_layernorm.": ".ffn_norm."}
-    internlm = {}
+    base_family, cls, extra, join, renames, config_update = REPACKED[family]
+    base = tmp_path / "base"
+    config = getattr(transformers, cls)(**{**COMMON, **extra})
+    randomize_(AutoModelForCausalLM.from_config(config), seed=5).save_pretrained(base)
+    state = load_file(base / "model.safetensors")
+    repacked = {}
     for name, tensor in state.items():
-        if ".self_attn.q_proj." in name:
-            q = tensor.view(groups, heads // groups, d, -1)
-            k = state[name.replace("q_proj", "k_proj")].view(groups, 1, d, -1)
-            v = state[name.replace("q_proj", "v_proj")].view(groups, 1, d, -1)
-            internlm[name.replace("self_attn.q_proj", "attention.wqkv")] = torch.cat([q, k, v], 1).reshape(-1, q.shape[-1])
-        elif ".self_attn.k_proj." in name or ".self_attn.v_proj." in name:
+        if ".self_attn.k_proj." in name or ".self_attn.v_proj." in name:
             continue
-        else:
-            for old, new in renames.items():
-                name = name.replace(old, new)
-            internlm[name] = tensor
-    source = tmp_path / "internlm2"
+        if ".self_attn.q_proj." in name:
+            q, k, v = (state[name.replace("q_proj", x)] for x in ("q_proj", "k_proj", "v_proj"))
+            tensor = _group_qkv(q, k, v, config.num_key_value_heads) if join == "group" else torch.cat([q, k, v])
+            name = name.replace("q_proj", "qkv")
+        for old, new in renames.items():
+            name = name.replace(old, new)
+        repacked[name] = tensor
+    source = tmp_path / family
     source.mkdir()
-    save_file(internlm, source / "model.safetensors", metadata={"format": "pt"})
-    hf_config = json.loads((llama / "config.json").read_text())
-    hf_config.update(model_type="internlm2", architectures=["InternLM2ForCausalLM"], bias=False)
-    (source / "config.json").write_text(json.dumps(hf_config))
+    save_file(repacked, source / "model.safetensors", metadata={"format": "pt"})
+    hf_config = json.loads((base / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**hf_config, **config_update}))
 
     layout = ("--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2")
-    from_llama = load_mg_state(hf_to_mg(llama, tmp_path / "mg_llama", "llama2", *layout))
-    from_internlm = load_mg_state(hf_to_mg(source, tmp_path / "mg_internlm", "internlm2", *layout))
-    for rank, files in from_llama.items():
-        assert_same_tensors(files["model"], from_internlm[rank]["model"], rank)
-    back = mg_to_hf(tmp_path / "mg_internlm", tmp_path / "fresh", "internlm2")
-    assert_same_tensors(internlm, load_hf_state(back))
-    assert json.loads((back / "config.json").read_text())["model_type"] == "internlm2"
+    expected = load_mg_state(hf_to_mg(base, tmp_path / "mg_base", base_family, *layout))
+    got = load_mg_state(hf_to_mg(source, tmp_path / "mg", family, *layout))
+    for rank, files in expected.items():
+        assert_same_tensors(files["model"], got[rank]["model"], rank)
+        for field in ("ffn_hidden_size", "num_query_groups", "kv_channels", "rotary_base", "rotary_percent",
+                      "rotary_interleaved", "add_qkv_bias", "swiglu"):
+            assert getattr(files["args"], field) == getattr(got[rank]["args"], field), field
+    back = mg_to_hf(tmp_path / "mg", tmp_path / "fresh", family)
+    assert_same_tensors(repacked, load_hf_state(back))
+    rebuilt = json.loads((back / "config.json").read_text())
+    assert rebuilt["model_type"] == config_update["model_type"]
+    assert all(rebuilt.get(k) == v for k, v in config_update.items() if k in ("intermediate_size", "rope_ratio"))
