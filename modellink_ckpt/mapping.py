@@ -43,6 +43,7 @@ class TensorRule:
     split: Callable[[torch.Tensor], list] | None = None
     targets: Callable[[torch.Tensor], list] | None = None  # per part: [(row_start, row_stop, view of out)]
     expert: int | None = None
+    fold: Callable[[torch.Tensor], torch.Tensor] | None = None  # in place, once read from HF (no inverse)
 
     @property
     def is_rename(self) -> bool:
@@ -249,7 +250,10 @@ def final_norm_rules(family: ModelFamily, dims: ModelDims) -> list[TensorRule]:
 def output_rules(family: ModelFamily, dims: ModelDims) -> list[TensorRule]:
     if dims.tie_word_embeddings:
         return []
-    return [_rename(OUTPUT_LAYER, family.hf_name("output_layer"), "vocab", (dims.vocab_size, dims.hidden_size))]
+    rule = _rename(OUTPUT_LAYER, family.hf_name("output_layer"), "vocab", (dims.vocab_size, dims.hidden_size))
+    if family.settings.get("normalize_output_layer"):  # Baichuan2's NormHead
+        rule = dataclasses.replace(rule, fold=T.normalize_rows_)
+    return [rule]
 
 
 def tp_kind(rules: list[TensorRule]) -> dict[str, str]:

@@ -205,6 +205,13 @@ TP_SPLIT = {
 
 # ---- vocabulary padding ----------------------------------------------------------------------
 
+def normalize_rows_(table: torch.Tensor) -> torch.Tensor:
+    """Baichuan2's NormHead folded into the weights: each output row divided by its L2 norm, in the
+    table's dtype, as the model does in its forward. One way only: the model normalizes again, and
+    a normalized row stays one, so the HF side keeps the folded rows."""
+    return table.copy_(torch.nn.functional.normalize(table, dim=-1))
+
+
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
     multiple = max(1, divisible_by) * tp
     return -(-vocab_size // multiple) * multiple

@@ -132,6 +132,12 @@ REPACKED = {
                  dict(model_type="chatglm", architectures=["ChatGLMModel"], num_layers=4, multi_query_attention=True,
                       multi_query_group_num=2, padded_vocab_size=VOCAB, ffn_hidden_size=96, kv_channels=8,
                       seq_length=64, layernorm_epsilon=1e-5, add_qkv_bias=True, rope_ratio=1.0)),
+    # Baichuan-7B: llama with a fused [Q; K; V] W_pack
+    "baichuan": ("llama2", "LlamaConfig", dict(num_key_value_heads=8), "cat", {".self_attn.qkv.": ".self_attn.W_pack."},
+                 dict(model_type="baichuan", architectures=["BaiChuanForCausalLM"])),
+    # Baichuan2-7B: the same plus NormHead, folded into the rows on the way in (the base is normalized alike)
+    "baichuan2": ("llama2", "LlamaConfig", dict(num_key_value_heads=8), "cat", {".self_attn.qkv.": ".self_attn.W_pack."},
+                  dict(model_type="baichuan", architectures=["BaichuanForCausalLM"])),
 }
 
 
@@ -165,6 +171,9 @@ def test_family_without_a_class_equals_the_model_it_repacks(tmp_path, family):
     source = tmp_path / family
     source.mkdir()
     save_file(repacked, source / "model.safetensors", metadata={"format": "pt"})
+    if family == "baichuan2":  # NormHead: the model the family stands for divides each output row by its norm
+        state["lm_head.weight"] = torch.nn.functional.normalize(state["lm_head.weight"], dim=-1)
+        save_file(state, base / "model.safetensors", metadata={"format": "pt"})
     hf_config = json.loads((base / "config.json").read_text())
     (source / "config.json").write_text(json.dumps({**hf_config, **config_update}))
 
@@ -177,6 +186,8 @@ def test_family_without_a_class_equals_the_model_it_repacks(tmp_path, family):
                       "rotary_interleaved", "add_qkv_bias", "swiglu"):
             assert getattr(files["args"], field) == getattr(got[rank]["args"], field), field
     back = mg_to_hf(tmp_path / "mg", tmp_path / "fresh", family)
+    if family == "baichuan2":  # the folded rows come back (NormHead normalizes them again, to themselves)
+        repacked["lm_head.weight"] = state["lm_head.weight"]
     assert_same_tensors(repacked, load_hf_state(back))
     rebuilt = json.loads((back / "config.json").read_text())
     assert rebuilt["model_type"] == config_update["model_type"]

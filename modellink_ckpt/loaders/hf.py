@@ -238,6 +238,8 @@ def _gather(source: HfSource, rules: list[mapping.TensorRule], dims: ModelDims, 
         except RuntimeError as exc:
             raise ConvertError(f"{source.dir}: cannot build {rule.mcore} {list(expected)} from {described} "
                                f"({str(exc).splitlines()[0]})") from None
+        if rule.fold is not None:
+            rule.fold(out)
         tensors[rule.mcore] = out
     return tensors
 
