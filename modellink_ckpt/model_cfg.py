@@ -346,6 +346,9 @@ def _moe_and_mla(values: dict, settings: dict, num_layers: int, family: ModelFam
     fields: dict[str, Any] = {}
     needed = ("kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim") \
         if settings.get("multi_latent_attention") else ()
+    for arg in needed:  # a family may fix a size its config.json lacks (MiniCPM3's v_head_dim)
+        if values.get(arg) is None and settings.get(arg) is not None:
+            values[arg] = settings[arg]
     for arg in needed + (("topk_group",) if int(values.get("n_group") or 1) > 1 else ()):
         if values.get(arg) is None:
             raise ConvertError(f"{source}: missing '{family.config_key(arg)}' "

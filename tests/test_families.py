@@ -41,6 +41,10 @@ FAMILIES = {
     # GLM-4-0414: GLM plus sandwich norms (post_self_attn_layernorm, post_mlp_layernorm)
     "glm4": ("Glm4Config", dict(head_dim=16, partial_rotary_factor=0.5, attention_bias=False), False),
     "glm4_9b": ("Glm4Config", dict(head_dim=16, partial_rotary_factor=0.5, attention_bias=True), False),
+    # MiniCPM3: multi-latent attention on a dense MLP, tied, embedding / residual / logit multipliers
+    "minicpm3": ("MiniCPM3Config", dict(num_key_value_heads=8, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8,
+                                        qk_rope_head_dim=8, v_head_dim=8, scale_emb=12, scale_depth=1.4,
+                                        dim_model_base=16), False),
     # StarCoder2: LayerNorms with biases (final norm too), biases on every linear, non-gated GELU c_fc/c_proj
     "starcoder2": ("Starcoder2Config", dict(hidden_act="gelu_pytorch_tanh", use_bias=True), True),
     # BLOOM: ALiBi, a LayerNorm after the embedding, fused per-head qkv (Megatron's own order), 4h MLP
@@ -132,6 +136,10 @@ REPACKED = {
                  dict(model_type="chatglm", architectures=["ChatGLMModel"], num_layers=4, multi_query_attention=True,
                       multi_query_group_num=2, padded_vocab_size=VOCAB, ffn_hidden_size=96, kv_channels=8,
                       seq_length=64, layernorm_epsilon=1e-5, add_qkv_bias=True, rope_ratio=1.0)),
+    # MiniCPM (2B): Llama's names, tied, with MiniCPM's multipliers (carried in the args)
+    "minicpm": ("llama2", "LlamaConfig", dict(tie_word_embeddings=True), "unpacked", {},
+                dict(model_type="minicpm", architectures=["MiniCPMForCausalLM"], scale_emb=12, scale_depth=1.4,
+                     dim_model_base=16)),
     # Baichuan-7B: llama with a fused [Q; K; V] W_pack
     "baichuan": ("llama2", "LlamaConfig", dict(num_key_value_heads=8), "cat", {".self_attn.qkv.": ".self_attn.W_pack."},
                  dict(model_type="baichuan", architectures=["BaiChuanForCausalLM"])),
@@ -159,9 +167,9 @@ def test_family_without_a_class_equals_the_model_it_repacks(tmp_path, family):
     state = load_file(base / "model.safetensors")
     repacked = {}
     for name, tensor in state.items():
-        if ".self_attn.k_proj." in name or ".self_attn.v_proj." in name:
+        if join != "unpacked" and (".self_attn.k_proj." in name or ".self_attn.v_proj." in name):
             continue
-        if ".self_attn.q_proj." in name:
+        if join != "unpacked" and ".self_attn.q_proj." in name:
             q, k, v = (state[name.replace("q_proj", x)] for x in ("q_proj", "k_proj", "v_proj"))
             tensor = _group_qkv(q, k, v, config.num_key_value_heads) if join == "group" else torch.cat([q, k, v])
             name = name.replace("q_proj", "qkv")
@@ -191,4 +199,5 @@ def test_family_without_a_class_equals_the_model_it_repacks(tmp_path, family):
     assert_same_tensors(repacked, load_hf_state(back))
     rebuilt = json.loads((back / "config.json").read_text())
     assert rebuilt["model_type"] == config_update["model_type"]
-    assert all(rebuilt.get(k) == v for k, v in config_update.items() if k in ("intermediate_size", "rope_ratio"))
+    carried = ("intermediate_size", "rope_ratio", "scale_emb", "scale_depth", "dim_model_base")
+    assert all(rebuilt.get(k) == v for k, v in config_update.items() if k in carried)
