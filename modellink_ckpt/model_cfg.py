@@ -54,6 +54,7 @@ COMPUTE_ARGS = {
     "use_sliding_window": False,                 # Qwen2 family switch
     "max_window_layers": None,                   # Qwen2: layers from this index on use the window
     "attention_layer_types": None,               # per layer: sliding_attention / full_attention
+    "rope_local_base_freq": None,                # Gemma 3: the rope base of the sliding-window layers
     # not computed with, but a config rebuilt without them may name ids outside the vocabulary
     "bos_token_id": None,
     "eos_token_id": None,
@@ -282,8 +283,13 @@ def _hf_value(config: dict, key: str):
     if key in config and config[key] is not None:
         return config[key]
     for nested in ("rope_parameters", "rope_scaling"):
-        if isinstance(config.get(nested), dict) and key in config[nested]:
-            return config[nested][key]
+        rope = config.get(nested)
+        if isinstance(rope, dict) and isinstance(rope.get("full_attention"), dict):  # one per layer type (Gemma 3)
+            if key == "rope_local_base_freq":
+                return (rope.get("sliding_attention") or {}).get("rope_theta")
+            rope = rope["full_attention"]
+        if isinstance(rope, dict) and key in rope:
+            return rope[key]
     return None
 
 
@@ -429,6 +435,9 @@ def hf_config_from_dims(family: ModelFamily, dims: ModelDims, dtype_name: str) -
                 rope[key] = value
             else:
                 config[key] = value
+    if "rope_local_base_freq" in config:  # Gemma 3: a rope per layer type, the local one plain
+        local = config.pop("rope_local_base_freq")
+        rope = {"full_attention": rope, "sliding_attention": {"rope_type": "default", "rope_theta": local}}
     if len(rope) > 1:
         config["rope_parameters"] = rope
     if dims.add_qkv_bias and family.settings.get("hf_model_type") in (None, "llama", "mistral"):

@@ -36,6 +36,14 @@ FAMILIES = {
     "gemma2": ("Gemma2Config", dict(head_dim=16, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=24,
                                     attn_logit_softcapping=5.0, final_logit_softcapping=3.0, sliding_window=3),
                False),
+    # Gemma 3 (text): Gemma 2's norms plus per-head q/k norms, a rope per layer type (local base, linear
+    # scaling on the global layers), 5:1 sliding window, no soft-capping
+    "gemma3": ("Gemma3TextConfig", dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=3,
+                                        layer_types=["sliding_attention", "full_attention"] * 2,
+                                        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0,
+                                                                            "rope_theta": 5e5},
+                                                         "sliding_attention": {"rope_type": "default",
+                                                                               "rope_theta": 100.0}}), False),
     # GLM-4-9B (hf): fused gate_up, qkv bias, half-rotary heads rotated in interleaved pairs
     "glm": ("GlmConfig", dict(head_dim=16, partial_rotary_factor=0.5), True),
     # GLM-4-0414: GLM plus sandwich norms (post_self_attn_layernorm, post_mlp_layernorm)
