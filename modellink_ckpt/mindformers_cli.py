@@ -1,13 +1,14 @@
 """MindFormers users' own command lines, running this converter:
 
-    python convert_weight.py --model llama|qwen|mixtral|deepseek [--reversed] --input_path IN --output_path OUT
+    python convert_weight.py --model llama|qwen|mixtral|glm-n|deepseek [--reversed] --input_path IN --output_path OUT
                              [--dtype fp16|bf16|fp32] [--config HF_CONFIG]
     python transform_checkpoint.py --src_checkpoint SRC [--src_strategy S] --dst_checkpoint_dir DST
                                    [--dst_strategy D] [--prefix checkpoint_] [--world_size N]
 
 `convert_weight.py` converts between an HF folder and one complete MindSpore checkpoint file in the
-names MindFormers' own `convert_weight.py` uses for that model (legacy for llama, qwen, mixtral;
-mcore for deepseek, as MindFormers 2.x has it). `--reversed` writes HF again: an HF folder, or, for
+names MindFormers' own `convert_weight.py` uses for that model (legacy for llama, qwen, mixtral and
+glm-n -- GLM-4-9B in the ChatGLM format, with MindFormers' default qkv_concat / mlp_concat --; mcore
+for deepseek, as MindFormers 2.x has it). `--reversed` writes HF again: an HF folder, or, for
 an output path ending in `.bin` / `.pt` / `.pth`, one torch state-dict file as MindFormers writes.
 A MindSpore checkpoint records no model sizes: the reversed direction reads the HF `config.json`
 next to the checkpoint (our output writes one) or `--config`.
@@ -28,7 +29,7 @@ from modellink_ckpt.errors import UsageError
 
 # MindFormers' --model value -> (model_cfg.json family, MindSpore naming)
 MODELS = {"llama": ("llama2", "legacy"), "qwen": ("qwen25", "legacy"), "mixtral": ("mixtral", "legacy"),
-          "deepseek": ("deepseek3", "mcore")}
+          "glm-n": ("chatglm3", "legacy"), "deepseek": ("deepseek3", "mcore")}
 DTYPES = {"fp16": "fp16", "float16": "fp16", "bf16": "bf16", "bfloat16": "bf16", "fp32": "fp32", "float32": "fp32"}
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 
@@ -40,7 +41,7 @@ def _staging(path: Path) -> Path:
 def convert_weight(argv: list[str] | None = None) -> dict:
     p = _Parser(prog="convert_weight.py", description="MindFormers' convert_weight.py command line: HF <-> "
                 "MindSpore Transformers weights, run by this converter")
-    p.add_argument("--model", required=True, help=f"one of {', '.join(MODELS)} (glm-n: not yet supported)")
+    p.add_argument("--model", required=True, help=f"one of {', '.join(MODELS)}")
     p.add_argument("--reversed", action="store_true", help="MindSpore -> HF")
     p.add_argument("--input_path", required=True, type=Path)
     p.add_argument("--output_path", required=True, type=Path)

@@ -61,6 +61,10 @@ TRANSFORMS = {
                                    lambda t, s, c: [T.deinterleave_halves(t[0])]),
     "split_qkv": Transform(lambda p, c: list(T.split_qkv(p[0], *_qkv_sizes(c))),
                            lambda t, s, c: [T.merge_qkv(*t, c.num_query_groups)]),
+    # one tensor, [Q; K; V] one after the other (ChatGLM's query_key_value) <-> Megatron's per-group order
+    "contiguous_qkv": Transform(lambda p, c: [torch.cat(list(T.split_qkv(p[0], *_qkv_sizes(c))), dim=0)],
+                                lambda t, s, c: [T.merge_qkv(*T.unpack_hf_qkv(t[0], *_qkv_sizes(c)),
+                                                             c.num_query_groups)]),
     "split_halves": Transform(lambda p, c: list(T.split_gate_up(p[0])),
                               lambda t, s, c: [torch.cat(list(t), dim=0)]),
     "cat_rows": Transform(lambda p, c: [torch.cat(list(p), dim=0)],
@@ -229,9 +233,11 @@ def _rules(family, name: str, seen: tuple) -> list[Rule]:
 
 
 def detect_naming(names) -> str:
-    """`legacy`, `legacy-concat` or `mcore`, from a checkpoint's tensor names (`mcore-contiguous`
+    """`legacy`, `legacy-concat`, `legacy-split` or `mcore`, from a checkpoint's tensor names (`mcore-contiguous`
     has `mcore`'s names: a checkpoint in it needs `--ms-naming mcore-contiguous`)."""
     names = set(names)
     if any(n.startswith("model.tok_embeddings.") or ".attention." in n and n.startswith("model.layers.") for n in names):
         return "legacy-concat" if any(".attention.w_qkv." in n for n in names) else "legacy"
+    if any(n.startswith("transformer.encoder.") for n in names):  # ChatGLM's names (convert_weight.py --model glm-n)
+        return "legacy-split" if any(".self_attention.wq." in n for n in names) else "legacy"
     return "mcore"

@@ -157,19 +157,15 @@ REPACKED = {
 }
 
 
-@pytest.mark.parametrize("family", list(REPACKED))
-def test_family_without_a_class_equals_the_model_it_repacks(tmp_path, family):
-    """Built by name and shape from a model transformers has a class for: converted as `family` it
-    gives exactly the rank files (and what the args say the model computes) of the class-backed
-    family (which Megatron-Core checks), and converts back to its own names bit for bit."""
+def build_repacked(family, root):
+    """(its folder, its tensors, the class-backed model's folder) of a `REPACKED` family's tiny
+    checkpoint, built by name and shape from a model transformers has a class for."""
     import json
 
     from safetensors.torch import load_file, save_file
 
-    from util import load_mg_state
-
-    base_family, cls, extra, join, renames, config_update = REPACKED[family]
-    base = tmp_path / "base"
+    _, cls, extra, join, renames, config_update = REPACKED[family]
+    base = root / "base"
     config = getattr(transformers, cls)(**{**COMMON, **extra})
     randomize_(AutoModelForCausalLM.from_config(config), seed=5).save_pretrained(base)
     state = load_file(base / "model.safetensors")
@@ -184,14 +180,29 @@ def test_family_without_a_class_equals_the_model_it_repacks(tmp_path, family):
         for old, new in renames.items():
             name = name.replace(old, new)
         repacked[name] = tensor
-    source = tmp_path / family
+    source = root / family
     source.mkdir()
     save_file(repacked, source / "model.safetensors", metadata={"format": "pt"})
+    hf_config = json.loads((base / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**hf_config, **config_update}))
     if family == "baichuan2":  # NormHead: the model the family stands for divides each output row by its norm
         state["lm_head.weight"] = torch.nn.functional.normalize(state["lm_head.weight"], dim=-1)
         save_file(state, base / "model.safetensors", metadata={"format": "pt"})
-    hf_config = json.loads((base / "config.json").read_text())
-    (source / "config.json").write_text(json.dumps({**hf_config, **config_update}))
+    return source, repacked, base
+
+
+@pytest.mark.parametrize("family", list(REPACKED))
+def test_family_without_a_class_equals_the_model_it_repacks(tmp_path, family):
+    """Built by name and shape from a model transformers has a class for: converted as `family` it
+    gives exactly the rank files (and what the args say the model computes) of the class-backed
+    family (which Megatron-Core checks), and converts back to its own names bit for bit."""
+    import json
+
+    from util import load_mg_state
+
+    base_family, config_update = REPACKED[family][0], REPACKED[family][-1]
+    source, repacked, base = build_repacked(family, tmp_path)
+    state = {name: tensor for name, tensor in load_hf_state(base).items()}
 
     layout = ("--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2")
     expected = load_mg_state(hf_to_mg(base, tmp_path / "mg_base", base_family, *layout))

@@ -419,7 +419,8 @@ def test_convert_weight_command_line(tmp_path, models):
     assert result.returncode == 0, result.stderr
     assert {t.dtype for t in load_hf_state(tmp_path / "hf_back").values()} == {torch.float32}
     # one-line errors: an unknown model, an existing output, no config for --reversed
-    for argv, message in ((["--model", "glm-n", "--input_path", hf, "--output_path", tmp_path / "x.ckpt"], "--model glm-n"),
+    for argv, message in ((["--model", "telechat", "--input_path", hf, "--output_path", tmp_path / "x.ckpt"],
+                           "--model telechat"),
                           (["--model", "llama", "--input_path", hf, "--output_path", out], "already exists"),
                           (["--model", "llama", "--reversed", "--input_path", out, "--output_path", tmp_path / "y"],
                            "config.json")):
@@ -453,3 +454,73 @@ def test_transform_checkpoint_command_line(tmp_path, models):
                      tmp_path / "bad", "--dst_strategy", mp2, "--world_size", 8)
     assert "--world_size 8" in assert_one_line_error(result.returncode, result.stderr)
     assert not looks_complete(tmp_path / "bad") and not (tmp_path / "bad").exists()
+
+
+def test_glm_n_names_are_mindformers_chatglm_format(tmp_path):
+    """`convert_weight.py --model glm-n` on a GLM-4-9B checkpoint in the ChatGLM format writes what
+    MindFormers' glm2 `convert_pt_to_ms` writes with its default qkv_concat / mlp_concat: the HF
+    names, `word_embeddings.weight` -> `embedding_weight`, the tensors unchanged; `--ms-naming
+    legacy-split` is its qkv_concat / mlp_concat False form (np.split of query_key_value and
+    dense_h_to_4h). Both convert back bit for bit, and to Megatron like the HF checkpoint does."""
+    from test_families import build_repacked
+
+    hf, state, _ = build_repacked("chatglm3", tmp_path)
+    out = tmp_path / "glm.ckpt"
+    result = _script("convert_weight.py", "--model", "glm-n", "--input_path", hf, "--output_path", out)
+    assert result.returncode == 0, result.stderr
+    expected = {name.replace("word_embeddings.weight", "embedding_weight"): tensor for name, tensor in state.items()}
+    assert_same_tensors(expected, read_store(out), "glm-n as MindFormers writes it")
+    back = tmp_path / "glm.bin"
+    result = _script("convert_weight.py", "--model", "glm-n", "--reversed", "--input_path", out, "--output_path", back,
+                     "--config", hf / "config.json")
+    assert result.returncode == 0, result.stderr
+    assert_same_tensors(state, torch.load(back, weights_only=True), "glm-n --reversed")
+
+    split = hf_to_ms(hf, tmp_path / "split", "chatglm3", "--ms-naming", "legacy-split")
+    q_size, kv_size, ffn = 8 * 8, 2 * 8, 96
+    expected = {}
+    for name, tensor in state.items():
+        name = name.replace("word_embeddings.weight", "embedding_weight")
+        if "query_key_value" in name:
+            for part, piece in zip(("wq", "wk", "wv"), torch.split(tensor, [q_size, kv_size, kv_size])):
+                expected[name.replace("query_key_value", part)] = piece
+        elif "dense_h_to_4h" in name:
+            for part, piece in zip(("dense_left", "dense_right"), torch.split(tensor, [ffn, ffn])):
+                expected[name.replace("dense_h_to_4h", part)] = piece
+        else:
+            expected[name] = tensor
+    assert_same_tensors(expected, read_store(split), "legacy-split")
+    shutil.copy(hf / "config.json", split / "config.json")
+    assert_same_tensors(state, load_hf_state(ms_to("hf", split, tmp_path / "split_back", "chatglm3")), "split back")
+    for ms in (split,):
+        mg = ms_to("mg", ms, tmp_path / "mg_from_ms", "chatglm3", "--target-tensor-parallel-size", "2")
+        direct = hf_to_mg(hf, tmp_path / "mg_direct", "chatglm3", "--target-tensor-parallel-size", "2")
+        assert_same_checkpoint(mg, direct)
+
+
+def test_glm4_mcore_names_follow_mindformers_weight_mapping(tmp_path):
+    """MindFormers' mcore GLM4 (`models/glm4` weight_mapping): HF `mlp.gate_up_proj` goes straight to
+    `linear_fc1` (contiguous [gate; up], no interleave), the sandwich norms keep their HF names
+    under `decoder.layers.`, q/k/v fuse per query group as for every mcore model."""
+    from transformers import AutoModelForCausalLM, Glm4Config
+
+    from modellink_ckpt.demo_models import randomize_
+
+    config = Glm4Config(hidden_size=64, intermediate_size=96, num_attention_heads=8, num_key_value_heads=2,
+                        head_dim=8, num_hidden_layers=2, vocab_size=503, partial_rotary_factor=0.5, pad_token_id=0,
+                        eos_token_id=2, bos_token_id=1)
+    hf = tmp_path / "hf"
+    randomize_(AutoModelForCausalLM.from_config(config), seed=2).save_pretrained(hf)
+    state = load_hf_state(hf)
+    ms = read_store(hf_to_ms(hf, tmp_path / "ms", "glm4"))
+    layer = "decoder.layers.1."
+    assert torch.equal(ms[layer + "mlp.linear_fc1.weight"], state["model.layers.1.mlp.gate_up_proj.weight"])
+    assert torch.equal(ms[layer + "post_self_attn_layernorm.weight"],
+                       state["model.layers.1.post_self_attn_layernorm.weight"])
+    assert torch.equal(ms[layer + "post_mlp_layernorm.weight"], state["model.layers.1.post_mlp_layernorm.weight"])
+    assert torch.equal(ms[layer + "pre_mlp_layernorm.weight"], state["model.layers.1.post_attention_layernorm.weight"])
+    q, k, v = (state[f"model.layers.1.self_attn.{x}_proj.weight"] for x in "qkv")
+    grouped = torch.cat([q.view(2, 4 * 8, -1), k.view(2, 8, -1), v.view(2, 8, -1)], 1).reshape(-1, 64)
+    assert torch.equal(ms[layer + "self_attention.linear_qkv.weight"], grouped)
+    shutil.copy(hf / "config.json", tmp_path / "ms" / "config.json")
+    assert_same_tensors(state, load_hf_state(ms_to("hf", tmp_path / "ms", tmp_path / "back", "glm4")), "glm4 mcore")

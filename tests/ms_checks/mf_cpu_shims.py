@@ -78,3 +78,18 @@ def apply_legacy():
         return ops.matmul(x, swap_mask)
 
     layers.RotaryEmbedding.rotate_half = rotate_half
+
+
+def apply_glm():
+    """ChatGLM2's RMSNorm: the fused `RmsNorm` op has no CPU kernel, and its reduce-mean fallback
+    (the 910A path) uses a `cast` it never defines; the same arithmetic, written out."""
+    from mindspore import ops
+    import mindformers.models.glm2.glm2_modules as modules
+
+    def rms_norm(self, x):
+        original_type = x.dtype
+        x = ops.cast(x, self.compute_type)
+        factor = ops.rsqrt(ops.mean(ops.square(x), -1, keep_dims=True) + self.eps)
+        return ops.cast(x * factor * self.weight, original_type)
+
+    modules.ChatGLM2RMSNorm.construct = rms_norm

@@ -138,6 +138,45 @@ def mf_llama(config_path, ckpt, ids_path, out, concat=""):
     _run_logits(net, ckpt, ids_path, out)
 
 
+def mf_glm(config_path, ckpt, ids_path, out):
+    """MindFormers' legacy ChatGLM2/GLM-4 model (`convert_weight.py --model glm-n` names), built from
+    the ChatGLM-format config.json: every weight must load strictly (its kv caches are buffers).
+    The logits are saved, but on CPU they do not match transformers' GLM even at position 0 (max
+    diff ~5; not explained yet), so the caller checks the strict load only."""
+    sys.path.insert(0, HERE)
+    import mindspore as ms
+
+    ms.set_context(mode=ms.GRAPH_MODE)
+    ms.set_device("CPU")
+    import mf_cpu_shims
+
+    mf_cpu_shims.apply_legacy()
+    mf_cpu_shims.apply_glm()
+    from mindformers.models.glm2 import ChatGLM2Config, ChatGLM2ForConditionalGeneration
+
+    with open(config_path) as f:
+        hf = json.load(f)
+    ids = np.load(ids_path)
+    config = ChatGLM2Config(
+        batch_size=ids.shape[0], seq_length=ids.shape[1], num_layers=hf["num_layers"],
+        padded_vocab_size=hf["padded_vocab_size"], hidden_size=hf["hidden_size"], ffn_hidden_size=hf["ffn_hidden_size"],
+        kv_channels=hf["kv_channels"], num_attention_heads=hf["num_attention_heads"],
+        multi_query_attention=hf["multi_query_attention"], multi_query_group_num=hf["multi_query_group_num"],
+        add_qkv_bias=hf["add_qkv_bias"], layernorm_epsilon=hf["layernorm_epsilon"], rope_ratio=hf.get("rope_ratio", 1),
+        use_past=False, use_flash_attention=False, compute_dtype="float32", layernorm_compute_type="float32",
+        param_init_type="float32", rotary_dtype="float32", residual_dtype="float32")
+    net = ChatGLM2ForConditionalGeneration(config)
+    net.set_train(False)
+    params = ms.load_checkpoint(ckpt, format=_format(ckpt))
+    missing, unused = ms.load_param_into_net(net, params, strict_load=True)
+    missing = [name for name in missing if "paged_attention_mgr" not in name]  # kv caches
+    if missing or unused:
+        raise SystemExit(f"strict load failed: missing {missing[:5]}, unused {unused[:5]}")
+    logits = net(ms.Tensor(ids.astype(np.int32), ms.int32))
+    logits = logits[0] if isinstance(logits, tuple) else logits
+    np.save(out, logits.asnumpy().astype(np.float32))
+
+
 def lora_merge(src_ckpt, dst_dir, scaling):
     """MindFormers' own LoRA merge script, run as its users run it."""
     import subprocess
@@ -151,7 +190,7 @@ def lora_merge(src_ckpt, dst_dir, scaling):
 
 
 COMMANDS = {"resave": resave, "transform": transform, "by-rank": by_rank, "unify": unify,
-            "merge-strategies": merge_strategies, "mf-qwen3": mf_qwen3, "mf-llama": mf_llama,
+            "merge-strategies": merge_strategies, "mf-qwen3": mf_qwen3, "mf-llama": mf_llama, "mf-glm": mf_glm,
             "lora-merge": lora_merge}
 
 if __name__ == "__main__":
