@@ -565,9 +565,12 @@ def transformer_config_from_args(args: argparse.Namespace, slots: List[List[List
     if getattr(args, "use_rope_scaling", False) or getattr(args, "rope_scaling_type", None):
         raise NotImplementedError("rope scaling is not mapped by this harness")
     for unsupported in ("post_norm", "layernorm_zero_centered_gamma", "input_embeds_norm", "attn_logit_softcapping",
-                        "output_logit_softcapping", "sliding_window"):
+                        "output_logit_softcapping"):
         if getattr(args, unsupported, None):
             raise NotImplementedError(f"{unsupported}: a stock GPTModel does not express it")
+    window = getattr(args, "sliding_window", None)
+    if window and window < args.max_position_embeddings:  # a window no sequence reaches changes nothing
+        raise NotImplementedError("sliding_window: not mapped by this harness")
     gqa = getattr(args, "group_query_attention", False)
     moe = moe_config_kwargs(args)
     mla = mla_config_kwargs(args)
