@@ -6,10 +6,20 @@ shapes and fused weight layouts are untouched, so what loads strictly here loads
 - `Outer` (RoPE frequencies): a broadcast multiply;
 - `FlashAttentionScore`: causal softmax attention in BNSD layout (query/key/value cast to fp16
   first, as the Ascend kernel computes; the masked positions are those the mask marks 1).
-Legacy models: the RoPE `BatchMatMul` cannot broadcast on CPU; `ops.matmul` does.
+Legacy models: the RoPE `BatchMatMul` cannot broadcast on CPU; `ops.matmul` does. ChatGLM2 (glm-n):
+its RMSNorm, as above.
 """
 
 import numpy as np
+from mindspore import ops  # module level: MindSpore's graph compiler resolves a construct's globals here
+
+
+def _rms_norm(self, x):
+    """RMSNorm by reduce-mean, in the norm's compute dtype (what the fused kernel computes)."""
+    original_type = x.dtype
+    x = ops.cast(x, self.compute_type)
+    factor = ops.rsqrt(ops.mean(ops.square(x), -1, keep_dims=True) + self.eps)
+    return ops.cast(x * factor * self.weight, original_type)
 
 
 def apply():
@@ -21,14 +31,7 @@ def apply():
     import mindformers.parallel_core.training_graph.transformer.flash_attention as fa
 
     block.FusedNorm = norm.Norm
-
-    def rms_norm(self, x):
-        original_type = x.dtype
-        x = ops.cast(x, self.compute_type)
-        factor = ops.rsqrt(ops.mean(ops.square(x), -1, keep_dims=True) + self.eps)
-        return ops.cast(x * factor * self.weight, original_type)
-
-    norm.FusedRMSNorm.construct = rms_norm
+    norm.FusedRMSNorm.construct = _rms_norm
 
     class Outer(nn.Cell):
         def construct(self, a, b):
@@ -83,13 +86,6 @@ def apply_legacy():
 def apply_glm():
     """ChatGLM2's RMSNorm: the fused `RmsNorm` op has no CPU kernel, and its reduce-mean fallback
     (the 910A path) uses a `cast` it never defines; the same arithmetic, written out."""
-    from mindspore import ops
     import mindformers.models.glm2.glm2_modules as modules
 
-    def rms_norm(self, x):
-        original_type = x.dtype
-        x = ops.cast(x, self.compute_type)
-        factor = ops.rsqrt(ops.mean(ops.square(x), -1, keep_dims=True) + self.eps)
-        return ops.cast(x * factor * self.weight, original_type)
-
-    modules.ChatGLM2RMSNorm.construct = rms_norm
+    modules.ChatGLM2RMSNorm.construct = _rms_norm
