@@ -135,7 +135,7 @@ REPACKED = {
              dict(model_type="qwen", architectures=["QWenLMHeadModel"], intermediate_size=2 * 96,
                   layer_norm_epsilon=1e-6, rotary_emb_base=10000.0, kv_channels=8)),
     # ChatGLM3 / GLM-4-9B (chat): the model transformers ports as `glm`, under THUDM's own names
-    "chatglm3": ("glm", "GlmConfig", dict(head_dim=8, partial_rotary_factor=0.5), "cat",
+    "chatglm3": ("glm", "GlmConfig", dict(head_dim=8, partial_rotary_factor=0.5, rms_norm_eps=1e-5), "cat",
                  {"model.embed_tokens.": "transformer.embedding.word_embeddings.",
                   "model.layers.": "transformer.encoder.layers.", "model.norm.": "transformer.encoder.final_layernorm.",
                   "lm_head.": "transformer.output_layer.", ".self_attn.o_proj.": ".self_attention.dense.",
@@ -210,7 +210,7 @@ def test_family_without_a_class_equals_the_model_it_repacks(tmp_path, family):
     for rank, files in expected.items():
         assert_same_tensors(files["model"], got[rank]["model"], rank)
         for field in ("ffn_hidden_size", "num_query_groups", "kv_channels", "rotary_base", "rotary_percent",
-                      "rotary_interleaved", "add_qkv_bias", "swiglu"):
+                      "rotary_interleaved", "add_qkv_bias", "swiglu", "norm_epsilon", "max_position_embeddings"):
             assert getattr(files["args"], field) == getattr(got[rank]["args"], field), field
     back = mg_to_hf(tmp_path / "mg", tmp_path / "fresh", family)
     if family == "baichuan2":  # the folded rows come back (NormHead normalizes them again, to themselves)
