@@ -92,9 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--dry-run", action="store_true",
                    help="check everything, print the plan (files, layers per stage, bytes) and write nothing")
-    # accepted for compatibility with existing scripts; they change nothing here
     p.add_argument("--mtp-num-layers", type=int, default=None,
-                   help="also convert this many multi-token-prediction layers (DeepSeek-V3)")
+                   help="convert this many multi-token-prediction layers (DeepSeek-V3, GLM-4.5); 0 leaves the ones a "
+                        "checkpoint holds out on purpose (without the flag such a checkpoint is refused)")
     ms = p.add_argument_group("MindSpore / MindFormers (--load-model-type ms, --save-model-type ms)")
     ms.add_argument("--ms-format", choices=["safetensors", "ckpt"], default="safetensors",
                     help="MindSpore output file format (default safetensors, as MindFormers recommends)")
