@@ -314,9 +314,13 @@ def _merge(fixture, save_dir, save_type="mg", *flags):
 
 def _export(fixture, save_dir):
     """`--save-lora-to-hf`, as in the MindSpeed-LLM documentation; the adapter lands in <save-dir>/mg2hf."""
-    run_convert("--model-type", "GPT", "--load-model-type", "mg", "--save-model-type", "hf", "--model-type-hf",
-                "llama2", "--use-mcore-models", "--load-dir", fixture.lora_load, *_lora_flags(fixture),
-                "--load-checkpoint-loosely", "--save-lora-to-hf", "--save-dir", save_dir)
+    from modellink_ckpt.cli import summary_line
+
+    result = run_convert("--model-type", "GPT", "--load-model-type", "mg", "--save-model-type", "hf", "--model-type-hf",
+                         "llama2", "--use-mcore-models", "--load-dir", fixture.lora_load, *_lora_flags(fixture),
+                         "--load-checkpoint-loosely", "--save-lora-to-hf", "--save-dir", save_dir)
+    line = summary_line(result)  # done in this process: its own peak, never "loader 0.0 MB / saver 0.0 MB"
+    assert line.startswith("done: wrote ") and "peak memory" in line and "0.0 MB" not in line, line
     return save_dir / "mg2hf"
 
 
