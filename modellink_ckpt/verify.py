@@ -231,7 +231,8 @@ def _verify_dist(folder: Path, manifest_check: bool) -> tuple[list[str], str]:
     expected, objects = {}, set()
     for kind, layer, tensors in mapping.model_messages(family, dims, dtype if isinstance(dtype, torch.dtype)
                                                        else torch.float32):
-        chunks, extra = keys.layer(layer, tensors) if kind == "layer" else (keys.plain(kind, tensors), [])
+        chunks, extra = keys.layer(layer, tensors) if kind == "layer" else keys.mtp_layer(layer, tensors) \
+            if kind == "mtp_layer" else (keys.plain(kind, tensors), [])
         expected.update({key: (tuple(shape), t.dtype) for key, shape, _, t in chunks})
         objects |= {object_key(key, shape, offsets) for key, shape, offsets in extra}
     found = {key: (tuple(t.shape), t.dtype) for key, t in store.tensors.items()}

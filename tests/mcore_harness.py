@@ -552,7 +552,7 @@ def transformer_config_from_args(args: argparse.Namespace, slots: List[List[List
             if v == 0 and p == 0:
                 stage = ["embedding"] + stage
             if v == chunks - 1 and p == pp - 1:
-                stage = stage + ["loss"]
+                stage = stage + ["mtp"] * int(getattr(args, "mtp_num_layers", None) or 0) + ["loss"]
             layout.append(stage)
     normalization = getattr(args, "normalization", "RMSNorm")
     if normalization not in ("RMSNorm", "LayerNorm"):
@@ -609,6 +609,8 @@ def transformer_config_from_args(args: argparse.Namespace, slots: List[List[List
     )
     kwargs.update(moe)
     kwargs.update(mla)
+    if getattr(args, "mtp_num_layers", None):  # torch_dist loads build the MTP block (its keys must load too)
+        kwargs["mtp_num_layers"] = int(args.mtp_num_layers)
     return cls(**kwargs)
 
 
@@ -662,6 +664,12 @@ def _logits_worker(rank: int, world: int, out_dir: str, payload: Dict[str, Any])
         )
         if mla:
             _use_causal_attention_stand_in(spec)
+        mtp_spec = None
+        if getattr(config, "mtp_num_layers", None) and from_store:  # built to load them; the logits ignore them
+            from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
+
+            mtp_spec = get_gpt_mtp_block_spec(config, spec, use_transformer_engine=False, vp_stage=vp_stage,
+                                              pp_rank=pp_rank)
         model = GPTModel(
             config,
             spec,
@@ -674,6 +682,7 @@ def _logits_worker(rank: int, world: int, out_dir: str, payload: Dict[str, Any])
             rotary_percent=float(getattr(args, "rotary_percent", 1.0) or 1.0),
             rotary_base=int(getattr(args, "rotary_base", 10000)),
             vp_stage=vp_stage,
+            mtp_block_spec=mtp_spec,
         )
         layers = model.decoder.layers
         global_ids = slots[pp_rank][v]
@@ -705,6 +714,8 @@ def _logits_worker(rank: int, world: int, out_dir: str, payload: Dict[str, Any])
         loaded = dist_checkpointing.load(sharded, payload["iter_dir"], strict=StrictHandling.RAISE_ALL)
         for v, model in enumerate(models):
             model.load_state_dict(loaded[f"model{v}"], strict=True)
+            if getattr(model, "mtp_process", False):  # loaded; its forward wants labels: main-head logits only
+                model.mtp_process, model.config.mtp_num_layers = False, None
 
     b, s = tokens.shape
     position_ids = torch.arange(s).unsqueeze(0).expand(b, s)

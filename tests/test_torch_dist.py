@@ -218,3 +218,45 @@ def test_deepseek3_torch_dist_with_per_layer_keys(tmp_path):
     diff = (mcore_logits(out, tokens)[..., :503] - hf_logits(hf, tokens)).abs().max().item()
     assert diff <= 1e-4, diff
     assert_same_tensors(load_hf_state(hf), load_hf_state(mg_to_hf(out, tmp_path / "back", "deepseek3")), "deepseek3")
+
+
+@pytest.mark.parametrize("spelling", ["mcore", "mindspeed"])
+def test_mtp_layers_in_torch_dist_round_trip(tmp_path, spelling):
+    """DeepSeek-V3 with a multi-token-prediction layer: torch_dist stores it under megatron-core's
+    keys (`mtp.layers.0.{enorm,hnorm,eh_proj,final_layernorm}` and the layer's own
+    `mtp.layers.0.transformer_layer.*`, experts on a global axis); hf -> torch_dist -> hf and
+    torch (either MLA spelling, TP2 EP2 PP2) -> torch_dist -> torch are bit-exact."""
+    from test_moe import _with_mtp_layer
+
+    base = build_hf_checkpoint("deepseek3", tmp_path / "base", tokenizer=False, dtype=torch.bfloat16)
+    hf, _ = _with_mtp_layer(base, tmp_path / "hf")
+    mtp = ("--mtp-num-layers", "1")
+    dist = to_dist(hf, tmp_path / "dist", "deepseek3", "hf", *mtp, "--mla-spelling", spelling)
+    from modellink_ckpt.formats.torch_dist import TorchDistStore
+
+    stored = set(TorchDistStore(dist / "iter_0000001").tensors)
+    assert {"mtp.layers.0.enorm.weight", "mtp.layers.0.hnorm.weight", "mtp.layers.0.eh_proj.weight",
+            "mtp.layers.0.final_layernorm.weight"} <= stored
+    assert any(k.startswith("mtp.layers.0.transformer_layer.mlp.experts.experts.") for k in stored)
+    assert_same_tensors(load_hf_state(hf), load_hf_state(mg_to_hf(dist, tmp_path / "back", "deepseek3")), "hf->dist->hf")
+    verified = run_cli("--verify", dist)
+    assert verified.returncode == 0, verified.stderr
+    flags = ("--target-tensor-parallel-size", "2", "--target-expert-parallel-size", "2",
+             "--target-pipeline-parallel-size", "2", "--mla-spelling", spelling)
+    legacy = hf_to_mg(hf, tmp_path / "legacy", "deepseek3", *mtp, *flags)
+    dist2 = to_dist(legacy, tmp_path / "dist2", "deepseek3", "mg")
+    assert_same_checkpoint(mg_to_mg(dist2, tmp_path / "legacy2", "deepseek3", *flags), legacy)
+
+
+@pytest.mark.slow
+def test_megatron_core_loads_mtp_layers_from_our_torch_dist(tmp_path):
+    """megatron-core builds DeepSeek-V3 with its MTP block and loads our torch_dist strictly (every
+    MTP key requested is there, none left over); the main head's logits are the HF model's."""
+    from test_moe import _with_mtp_layer
+
+    base = build_hf_checkpoint("deepseek3", tmp_path / "base", tokenizer=False)
+    hf, _ = _with_mtp_layer(base, tmp_path / "hf")
+    out = to_dist(hf, tmp_path / "dist", "deepseek3", "hf", "--mla-spelling", "mcore", "--mtp-num-layers", "1")
+    tokens = sample_tokens(503, batch=2, seq=8)
+    diff = (mcore_logits(out, tokens)[..., :503] - hf_logits(base, tokens)).abs().max().item()
+    assert diff <= 1e-4, diff

@@ -24,7 +24,7 @@ from modellink_ckpt.formats.torch_zip import LazyTensor
 from modellink_ckpt.layout import ParallelLayout
 from modellink_ckpt.loaders.mg import MegatronSource, find_iteration
 
-_PER_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_PER_LAYER = re.compile(r"^(decoder\.layers\.\d+\.|mtp\.layers\.\d+\.transformer_layer\.)(.+)$")
 _EXPERTS = "mlp.experts.experts."
 NOT_WEIGHTS = ("optimizer.", "rng_state")
 
@@ -101,18 +101,20 @@ class TorchDistSource(MegatronSource):
             if key.startswith(NOT_WEIGHTS):
                 continue
             match = _PER_LAYER.match(key)
-            if match:
-                self._add_layer(names, key, int(match.group(1)), match.group(2), (), entry.shape)
+            if match:  # a layer's own keys (a mixed dense/MoE stack, or an MTP layer's decoder layer)
+                self._add_layer(names, key, match.group(1), match.group(2), (), entry.shape)
             elif key.startswith("decoder.layers."):
                 if not entry.shape or entry.shape[0] != num_layers:
                     raise ConvertError(f"{self.iter_dir}: '{key}' {list(entry.shape)} is not stacked over the "
                                        f"{num_layers} layers the args describe")
                 for layer in range(num_layers):
-                    self._add_layer(names, key, layer, key[len("decoder.layers."):], (layer,), entry.shape[1:])
+                    self._add_layer(names, key, f"decoder.layers.{layer}.", key[len("decoder.layers."):], (layer,),
+                                    entry.shape[1:])
             else:
                 names[key] = DistRegion(self.store, key, ())
-        for layer in range(num_layers):  # on MoE layers the local spec spells pre_mlp_layernorm as fc1's norm
-            prefix = f"decoder.layers.{layer}."
+        layer_prefixes = {f"decoder.layers.{layer}." for layer in range(num_layers)} | \
+            {m.group(1) for m in map(_PER_LAYER.match, names) if m and m.group(1).startswith("mtp.")}
+        for prefix in layer_prefixes:  # on MoE layers the local spec spells pre_mlp_layernorm as fc1's norm
             for param in ("weight", "bias"):
                 fused = prefix + "mlp.linear_fc1.layer_norm_" + param
                 if fused in names and prefix + "mlp.router.weight" in names \
@@ -120,14 +122,13 @@ class TorchDistSource(MegatronSource):
                     names[prefix + "pre_mlp_layernorm." + param] = names.pop(fused)
         return names
 
-    def _add_layer(self, names: dict, key: str, layer: int, suffix: str, index: tuple, shape) -> None:
+    def _add_layer(self, names: dict, key: str, prefix: str, suffix: str, index: tuple, shape) -> None:
         if suffix.startswith(_EXPERTS):  # a global expert axis next
             rest = suffix[len(_EXPERTS):]
             for expert in range(shape[0]):
-                names[f"decoder.layers.{layer}.mlp.experts.local_experts.{expert}.{rest}"] = \
-                    DistRegion(self.store, key, index + (expert,))
+                names[f"{prefix}mlp.experts.local_experts.{expert}.{rest}"] = DistRegion(self.store, key, index + (expert,))
         else:
-            names[f"decoder.layers.{layer}.{suffix}"] = DistRegion(self.store, key, index)
+            names[prefix + suffix] = DistRegion(self.store, key, index)
 
 
 def open_megatron(directory: str | Path, **kwargs) -> MegatronSource:

@@ -56,12 +56,14 @@ class DistKeys:
         self.stacked = not moe or moe == set(range(self.dims.num_layers))
         self.num_layers = self.dims.num_layers
 
-    def _layer_key(self, layer: int, file: str, moe: bool) -> tuple[str, tuple, tuple]:
-        """(key, leading global dims, leading offsets) of a layer tensor spelled `file`."""
+    def _layer_key(self, layer: int, file: str, moe: bool, prefix: str | None = None) -> tuple[str, tuple, tuple]:
+        """(key, leading global dims, leading offsets) of a layer tensor spelled `file`; with `prefix`
+        a layer of its own, never stacked (an MTP layer's decoder layer)."""
         if self.local and moe and file.startswith("pre_mlp_layernorm.") and not self.dims.multi_latent_attention:
             file = "mlp.linear_fc1.layer_norm_" + file.rpartition(".")[2]  # the local spec's keys map, on MoE layers too
-        lead_shape, lead_offsets = ((self.num_layers,), (layer,)) if self.stacked else ((), ())
-        prefix = LAYERS if self.stacked else f"{LAYERS}{layer}."
+        stacked = self.stacked and prefix is None
+        lead_shape, lead_offsets = ((self.num_layers,), (layer,)) if stacked else ((), ())
+        prefix = prefix or (LAYERS if stacked else f"{LAYERS}{layer}.")
         if file.startswith("mlp.experts.local_experts."):
             expert, rest = file[len("mlp.experts.local_experts."):].split(".", 1)
             return f"{prefix}{EXPERTS}{rest}", lead_shape + (self.dims.num_experts,), lead_offsets + (int(expert),)
@@ -70,11 +72,30 @@ class DistKeys:
     def layer(self, layer: int, tensors: dict):
         """[(key, global shape, offsets, tensor)] of one layer message, and its extra-state objects."""
         rules = mapping.layer_rules(self.plan.family, self.dims, layer)
+        return self._layer_chunks(layer, mg_names.layer_file_rules(rules, self.dims, self.spelling, 1), tensors)
+
+    def mtp_layer(self, k: int, tensors: dict):
+        """Multi-token-prediction layer `k` as megatron-core keys it: `mtp.layers.<k>.{enorm, hnorm,
+        eh_proj, final_layernorm}` and its decoder layer under `mtp.layers.<k>.transformer_layer.`
+        (a layer of its own, not on the decoder's layer axis); HF's embedding/head copies have none."""
+        rules = mapping.mtp_rules(self.plan.family, self.dims, k)
+        (_, inner_files), (own, own_files) = mg_names.mtp_file_rules(rules, self.dims, self.spelling, 1, k)
+        inner = {name[len(mg_names.MTP_INNER):]: t for name, t in tensors.items() if name.startswith(mg_names.MTP_INNER)}
+        prefix = f"mtp.layers.{k}.{mg_names.MTP_INNER}"
+        out, objects = self._layer_chunks(self.num_layers + k, [f for f, _ in inner_files], inner, prefix)
+        for file_rule, _ in own_files:
+            tensor = tensors[file_rule.parts[0]]
+            out.append((file_rule.file, tuple(tensor.shape), (0,) * tensor.dim(), tensor))
+            if file_rule.file.endswith("eh_proj.weight"):
+                objects.append((file_rule.file[:-len(".weight")] + "._extra_state", (), ()))
+        return out, objects
+
+    def _layer_chunks(self, layer: int, file_rules, tensors: dict, prefix: str | None = None):
         moe = self.dims.is_moe_layer(layer)
         out, modules = [], {}  # (module, leading offsets) -> leading global dims
-        for rule in mg_names.layer_file_rules(rules, self.dims, self.spelling, 1):
+        for rule in file_rules:
             tensor = rule.join([tensors[p] for p in rule.parts]) if rule.join else tensors[rule.parts[0]]
-            key, lead_shape, lead_offsets = self._layer_key(layer, rule.file, moe)
+            key, lead_shape, lead_offsets = self._layer_key(layer, rule.file, moe, prefix)
             out.append((key, lead_shape + tuple(tensor.shape), lead_offsets + (0,) * tensor.dim(), tensor))
             if key.endswith(".weight") and key.split(".")[-2].startswith("linear_"):  # a linear module
                 modules[key[:-len(".weight")], lead_offsets] = lead_shape
@@ -188,11 +209,11 @@ def save(plan, receiver) -> dict:
                 continue
             layer = message.get("layer")
             typed = {name: dtypes.apply(message.kind, layer, name, t) for name, t in message.tensors.items()}
-            if message.kind == "layer":
-                chunks, objects = keys.layer(layer, typed)
+            if message.kind in ("layer", "mtp_layer"):
+                chunks, objects = (keys.layer if message.kind == "layer" else keys.mtp_layer)(layer, typed)
                 for key, lead_shape, offsets in objects:
                     store.add_object(object_key(key, lead_shape, offsets), None)
-                progress.update(1)
+                progress.update(message.kind == "layer")
             else:
                 chunks = keys.plain(message.kind, typed)
             for key, shape, offsets, tensor in chunks:
@@ -211,7 +232,9 @@ def save(plan, receiver) -> dict:
         write_manifest(folder, files, kind="mg-torch_dist", iteration=iteration, model_type_hf=plan.family.name,
                        source={"type": plan.load_type, "dir": str(Path(plan.load_dir).resolve())},
                        layout=plan.target_layout.describe(), dtype=str(dtypes.default),
-                       vocab_size=plan.dims.vocab_size, padded_vocab_size=plan.padded_vocab)
+                       vocab_size=plan.dims.vocab_size, padded_vocab_size=plan.padded_vocab,
+                       dtypes={key: str(entry["dtype"]) for key, entry in store.tensors.items()
+                               if entry["dtype"] != dtypes.default})  # kept as stored (an fp32 router)
         staging.publish(iteration)
     except BaseException:
         progress.close()
@@ -230,8 +253,6 @@ class TorchDistTargetFormat(registry.TargetFormat):
     def check(self, plan) -> None:
         if Path(plan.save_dir).resolve() == Path(plan.load_dir).resolve():
             raise UsageError("--save-dir must differ from --load-dir")
-        if plan.dims.mtp_num_layers:
-            raise UsageError("--ckpt-format torch_dist: multi-token-prediction layers are not supported")
         if plan.target_spelling.expert_layout != "per_expert":
             raise UsageError("--ckpt-format torch_dist: --moe-grouped-gemm does not apply (the store keeps every "
                              "expert on a global expert axis, whatever the model's expert layout)")
@@ -243,7 +264,8 @@ class TorchDistTargetFormat(registry.TargetFormat):
         total = 0
         dtype = plan.params_dtype or plan.source_dtype
         for kind, layer, tensors in mapping.model_messages(plan.family, plan.dims, dtype):
-            chunks = keys.layer(layer, tensors)[0] if kind == "layer" else keys.plain(kind, tensors)
+            chunks = keys.layer(layer, tensors)[0] if kind == "layer" else \
+                keys.mtp_layer(layer, tensors)[0] if kind == "mtp_layer" else keys.plain(kind, tensors)
             total += sum(t.numel() * t.element_size() for _, _, _, t in chunks)
         return {DATA_FILE: total}
 
