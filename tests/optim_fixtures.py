@@ -107,6 +107,7 @@ class Spec:
     topk: int = 2
     global_batch: int = 4
     clip_grad: float = 1.0
+    save_dist: bool = False                   # also save the trained weights with megatron-core's dist_checkpointing
 
     @property
     def world(self) -> int:
@@ -543,6 +544,23 @@ def _save_checkpoint(spec: Spec, save_dir: Path, optimizer, scheduler, inner) ->
         (save_dir / TRACKER_FILE).write_text(str(ITERATION))
 
 
+def _save_dist(spec: Spec, save_dir: Path, inner) -> None:
+    """The trained weights as Megatron-LM's default --ckpt-format writes them: megatron-core's
+    dist_checkpointing.save of the model's sharded state dict, with the run's args in common.pt."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    torch.cuda.synchronize = lambda *a, **k: None  # called by the save; there is no GPU here
+    folder = save_dir / f"iter_{ITERATION:07d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {"model" if spec.chunks == 1 else f"model{v}": model.sharded_state_dict() for v, model in enumerate(inner)}
+    state.update(args=make_args(spec), checkpoint_version=3.0, iteration=ITERATION)
+    dist_checkpointing.save(state, str(folder))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        (save_dir / TRACKER_FILE).write_text(str(ITERATION))
+
+
 def _unshare_adam_steps(optimizer) -> None:
     """megatron-core 0.16.1's DistributedOptimizer.load_state_dict (native torch Adam path, no Apex /
     TE) gives every parameter's state THE SAME 'step' tensor; torch Adam then increments it once per
@@ -566,6 +584,8 @@ def _fixture_worker(rank, world, out_dir, payload):
     optimizer, scheduler = _optimizer(spec, chunks)
     losses = [_train_step(spec, chunks, inner, optimizer, scheduler, step) for step in range(1, ITERATION + 1)]
     _save_checkpoint(spec, Path(out_dir) / "ckpt", optimizer, scheduler, inner)
+    if spec.save_dist:
+        _save_dist(spec, Path(out_dir) / "dist", inner)
     model_params = {(v, n): p.detach().float().clone() for v, m in enumerate(inner) for n, p in m.named_parameters()}
     _dump_live(out_dir, "live", optimizer, inner, {"model_params": model_params})
     # the resume check: one more step on a fixed batch, and the loss after it

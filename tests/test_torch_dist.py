@@ -260,3 +260,21 @@ def test_megatron_core_loads_mtp_layers_from_our_torch_dist(tmp_path):
     tokens = sample_tokens(503, batch=2, seq=8)
     diff = (mcore_logits(out, tokens)[..., :503] - hf_logits(base, tokens)).abs().max().item()
     assert diff <= 1e-4, diff
+
+
+
+@pytest.mark.slow
+def test_torch_dist_saved_after_training_steps_reads_like_the_torch_save(tmp_path):
+    """A MoE model (EP2, 4 experts, bf16 with fp32 main params) trained for real Adam steps by
+    megatron-core's DDP + DistributedOptimizer, then saved by the same run both ways: its
+    dist_checkpointing.save converts to hf tensor for tensor like its torch-format save."""
+    import optim_fixtures as F
+
+    spec = F.Spec(moe=True, ep=2, dtype="bf16", save_dist=True)
+    run = F.make_fixture(spec)
+    try:
+        from_dist = mg_to_hf(run / "dist", tmp_path / "from_dist", "mixtral")
+        from_torch = mg_to_hf(run / "ckpt", tmp_path / "from_torch", "mixtral")
+        assert_same_tensors(load_hf_state(from_torch), load_hf_state(from_dist), "after training: dist vs torch")
+    finally:
+        shutil.rmtree(run, ignore_errors=True)
