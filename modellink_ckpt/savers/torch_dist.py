@@ -30,7 +30,8 @@ from modellink_ckpt.formats.torch_zip import StreamingTorchWriter
 from modellink_ckpt.loaders.mg import TRACKER, iteration_dir_name
 from modellink_ckpt.manifest import hash_files, write_manifest
 from modellink_ckpt.megatron_args import carry_over, make_args, mark_weights_only
-from modellink_ckpt.staging import StagedIteration, check_target
+from modellink_ckpt.savers.mg import MegatronTargetFormat
+from modellink_ckpt.staging import StagedIteration
 
 DATA_FILE = "__0_0.distcp"
 LAYERS = "decoder.layers."
@@ -245,19 +246,18 @@ def save(plan, receiver) -> dict:
             "files": len(files)}
 
 
-class TorchDistTargetFormat(registry.TargetFormat):
+class TorchDistTargetFormat(MegatronTargetFormat):
+    """A Megatron target in the other `--ckpt-format`: the same target folder and tracker rules."""
+
     name = "torch_dist"
     description = "Megatron-Core torch_dist checkpoint (torch.distributed.checkpoint store, common.pt, metadata.json)"
     saver = "modellink_ckpt.savers.torch_dist:save"
 
     def check(self, plan) -> None:
-        if Path(plan.save_dir).resolve() == Path(plan.load_dir).resolve():
-            raise UsageError("--save-dir must differ from --load-dir")
         if plan.target_spelling.expert_layout != "per_expert":
             raise UsageError("--ckpt-format torch_dist: --moe-grouped-gemm does not apply (the store keeps every "
                              "expert on a global expert axis, whatever the model's expert layout)")
-        if (plan.save_dir / TRACKER).exists():
-            check_target(plan.save_dir / TRACKER, plan.overwrite)
+        super().check(plan)
 
     def files(self, plan) -> dict[str, int]:
         keys = DistKeys(plan)
