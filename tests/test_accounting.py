@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from modellink_ckpt.demo_models import build_hf_checkpoint
-from util import assert_one_line_error, assert_same_tensors, cli_argv, load_hf_state, looks_complete, run_cli, \
+from util import assert_one_line_error, assert_same_tensors, cli_argv, load_hf_state, looks_complete, \
     staging_leftovers
 
 import subprocess

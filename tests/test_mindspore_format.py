@@ -19,8 +19,8 @@ from modellink_ckpt.formats.ms_strategy import ParamLayout, load_strategy, write
 from modellink_ckpt.loaders.ms import MsStore
 from modellink_ckpt.model_cfg import load_family
 from ms_fixtures import write_model_strategy
-from test_reshard import assert_same_checkpoint, mg_to_mg
-from util import (assert_one_line_error, assert_same_tensors, hf_to_mg, load_hf_state, looks_complete, mg_to_hf,
+from test_reshard import assert_same_checkpoint
+from util import (assert_one_line_error, assert_same_tensors, hf_to_mg, load_hf_state, looks_complete,
                   run_cli, run_convert)
 
 

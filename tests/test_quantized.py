@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from mcore_harness import mcore_logits
 from modellink_ckpt.demo_models import build_hf_checkpoint, hf_logits, sample_tokens
-from util import assert_one_line_error, assert_same_tensors, cli_argv, hf_to_mg, load_hf_state, mg_to_hf, run_cli
+from util import assert_one_line_error, assert_same_tensors, cli_argv, hf_to_mg, load_hf_state, mg_to_hf
 
 import subprocess
 

@@ -4,7 +4,6 @@ the real training save of tests/fixtures/megatron-lm-core_v0.16.1/torch_dist, an
 Conversions of it checked by Megatron-Core are in test_training_checkpoints.py.
 """
 
-import io
 import os
 import pickle
 import shutil

@@ -16,8 +16,6 @@ on demand straight into the caller's memory.
 from __future__ import annotations
 
 import mmap
-import os
-import struct
 import zlib
 from pathlib import Path
 
