@@ -244,6 +244,9 @@ def _target_layout(args, dims, info) -> tuple:
         num_experts=dims.num_experts, expert_tp=args.expert_tensor_parallel_size)
     if args.moe_grouped_gemm and not dims.num_experts:
         raise UsageError("--moe-grouped-gemm: the model has no experts")
+    if dims.num_experts and dims.add_dense_bias and layout.etp > 1:  # megatron-core asserts the same at start-up
+        raise UsageError(f"expert tensor parallel size {layout.etp}: Megatron-Core holds biased experts only at "
+                         f"expert TP 1; pass --expert-tensor-parallel-size 1")
     divisor = args.make_vocab_size_divisible_by
     if divisor is None:  # a Megatron source keeps its padding rule (a resumed run, and its state)
         divisor = info.divisible_by or 1

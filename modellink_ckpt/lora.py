@@ -331,6 +331,9 @@ def peft_layer_tensors(family, dims, layer: int, adapters: dict, prefix: str = P
         if rule is None:
             raise ConvertError(f"LoRA on '{module}' of layer {layer}: --model-type-hf {family.name} has no "
                                f"HF weight for it")
+        if rule.slab is not None:
+            raise ConvertError(f"LoRA on '{module}' of layer {layer}: --model-type-hf {family.name} stores routed "
+                               f"experts fused, and PEFT has no per-expert module to put it on")
         expected = rule.shape
         if expected and (lora_b.shape[0], lora_a.shape[1]) != tuple(expected):
             raise ConvertError(f"LoRA on '{module}' of layer {layer}: B @ A is {[lora_b.shape[0], lora_a.shape[1]]}, "

@@ -44,6 +44,9 @@ class TensorRule:
     targets: Callable[[torch.Tensor], list] | None = None  # per part: [(row_start, row_stop, view of out)]
     expert: int | None = None
     fold: Callable[[torch.Tensor], torch.Tensor] | None = None  # in place, once read from HF (no inverse)
+    # (index, count): the HF part is slab `index` (on dim 0) of one HF tensor stacking `count` of them
+    # (routed experts stored fused); `merge` / `split` convert the slab
+    slab: tuple[int, int] | None = None
 
     @property
     def is_rename(self) -> bool:
@@ -126,6 +129,9 @@ def _attention_rules(family: ModelFamily, dims: ModelDims, layer: int) -> list[T
     if dims.add_dense_bias:
         rules.append(_rename("self_attention.linear_proj.bias", hf("layers_self_attention_linear_proj", "bias", layer),
                              "replicated", (h,)))
+    if dims.computes.get("softmax_type") == "learnable":  # a learnt sink logit per head (gpt-oss)
+        rules.append(_rename("self_attention.core_attention.softmax_offset",
+                             hf("layers_self_attention_sinks", None, layer), "column", (dims.num_attention_heads,)))
     return rules
 
 
@@ -180,19 +186,53 @@ def expert_name(expert: int, rest: str) -> str:
     return f"{EXPERT_PREFIX}{expert}.{rest}"
 
 
-def _moe_rules(family: ModelFamily, dims: ModelDims, layer: int) -> list[TensorRule]:
+def _expert_rules(family: ModelFamily, dims: ModelDims, layer: int, e: int) -> list[TensorRule]:
+    """Routed expert `e`, stored in HF as modules of its own."""
     hf, h, f = family.hf_name, dims.hidden_size, dims.moe_ffn_hidden_size
+    rules = []
+    for param in ("weight", "bias") if dims.add_dense_bias else ("weight",):
+        rules += [
+            _gated_fc1_rule(expert_name(e, f"linear_fc1.{param}"), hf("layers_mlp_experts_gate_proj", param, layer, e),
+                            hf("layers_mlp_experts_up_proj", param, layer, e), f, h, "gated_column", expert=e),
+            _rename(expert_name(e, f"linear_fc2.{param}"), hf("layers_mlp_experts_linear_fc2", param, layer, e),
+                    "row" if param == "weight" else "replicated", (h, f) if param == "weight" else (h,), expert=e),
+        ]
+    return rules
+
+
+def _fused_expert_rules(family: ModelFamily, dims: ModelDims, layer: int, e: int) -> list[TensorRule]:
+    """Routed expert `e` of an HF checkpoint that stacks all experts of a layer in one tensor per
+    projection (`fused_experts`: its orientation and gate/up order are the family's)."""
+    h, f, count = dims.hidden_size, dims.moe_ffn_hidden_size, dims.num_experts
+    fused = family.fused_experts
+    rules = []
+    for param in ("weight", "bias") if dims.add_dense_bias else ("weight",):
+        suffix = "" if param == "weight" else "_bias"
+        for fc, shape, tp, interleaved in (("fc1", (2 * f, h), "gated_column", fused["gate_up"] == "interleaved"),
+                                           ("fc2", (h, f), "row", False)):
+            if param == "bias":
+                shape, tp = shape[:1], ("gated_column" if fc == "fc1" else "replicated")
+            options = {"transposed": fused["orientation"] == "in_out", "interleaved": interleaved}
+            rules.append(TensorRule(
+                expert_name(e, f"linear_{fc}.{param}"),
+                (family.hf_name(f"layers_mlp_experts_fused_{fc}{suffix}", None, layer),), tp, shape,
+                merge=lambda p, out=None, o=options: T.from_fused_expert(p[0], out=out, **o),
+                split=lambda full, o=options: [T.to_fused_expert(full, **o)],
+                expert=e, slab=(e, count)))
+    return rules
+
+
+def _moe_rules(family: ModelFamily, dims: ModelDims, layer: int) -> list[TensorRule]:
+    hf, h = family.hf_name, dims.hidden_size
     rules = [_rename("mlp.router.weight", hf("layers_mlp_router", "weight", layer), "replicated", (dims.num_experts, h))]
+    if dims.add_dense_bias:  # Megatron's add_bias_linear: the router and every expert have biases
+        rules.append(_rename("mlp.router.bias", hf("layers_mlp_router", "bias", layer), "replicated", (dims.num_experts,)))
     if dims.router_expert_bias:
         rules.append(_rename("mlp.router.expert_bias", hf("layers_mlp_router_bias", None, layer), "replicated",
                              (dims.num_experts,)))
+    experts = _fused_expert_rules if family.fused_experts else _expert_rules
     for e in range(dims.num_experts):
-        rules += [
-            _gated_fc1_rule(expert_name(e, "linear_fc1.weight"), hf("layers_mlp_experts_gate_proj", "weight", layer, e),
-                            hf("layers_mlp_experts_up_proj", "weight", layer, e), f, h, "gated_column", expert=e),
-            _rename(expert_name(e, "linear_fc2.weight"), hf("layers_mlp_experts_linear_fc2", "weight", layer, e), "row",
-                    (h, f), expert=e),
-        ]
+        rules += experts(family, dims, layer, e)
     if dims.shared_expert_ffn_hidden_size:
         fs = dims.shared_expert_ffn_hidden_size
         rules += [

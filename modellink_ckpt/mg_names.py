@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 
 from modellink_ckpt import mapping
+from modellink_ckpt.errors import UsageError
 
 EXPERT_LAYOUTS = ("per_expert", "grouped_gemm", "te_grouped")
 MLA_SPELLINGS = ("mindspeed", "mcore")
@@ -89,6 +90,10 @@ def _expert_rules(expert_rules: list, dims, ep: int, layout: str) -> list[FileRu
     per_rank = dims.num_experts // ep
     rules = []
     if layout == "grouped_gemm":
+        biased = next((rule.mcore for rule in expert_rules if not rule.mcore.endswith(".weight")), None)
+        if biased is not None:  # Megatron's GroupedMLP has no biases: they would be lost
+            raise UsageError(f"the legacy grouped GEMM layout (--moe-grouped-gemm, local) cannot hold expert biases "
+                             f"('{biased}'); use the per-expert layout or --transformer-impl transformer_engine")
         for ep_rank in range(ep):
             experts = range(ep_rank * per_rank, (ep_rank + 1) * per_rank)
             rules += [

@@ -55,6 +55,11 @@ COMPUTE_ARGS = {
     "max_window_layers": None,                   # Qwen2: layers from this index on use the window
     "attention_layer_types": None,               # per layer: sliding_attention / full_attention
     "rope_local_base_freq": None,                # Gemma 3: the rope base of the sliding-window layers
+    "rope_scaling_truncate": None,               # yarn: False keeps the correction range unrounded (gpt-oss)
+    "softmax_type": "vanilla",                   # learnable: a learnt sink logit per head joins each softmax
+    "glu_linear_offset": 0.0,                    # gated MLP: act(gate) * (up + offset)
+    "activation_func_clamp_value": None,         # gate clamped above, up on both sides (gpt-oss swiglu_limit)
+    "swiglu_alpha": None,                        # gate * sigmoid(alpha * gate) (gpt-oss; Megatron: quick_gelu)
     # not computed with, but a config rebuilt without them may name ids outside the vocabulary
     "bos_token_id": None,
     "eos_token_id": None,
@@ -63,7 +68,7 @@ COMPUTE_ARGS = {
 # HF keys of the rope dict (transformers 5 `rope_parameters`, 4.x `rope_scaling`)
 ROPE_DICT_KEYS = ("rope_type", "type", "factor", "original_max_position_embeddings", "low_freq_factor",
                   "high_freq_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor",
-                  "long_factor", "short_factor", "partial_rotary_factor")
+                  "long_factor", "short_factor", "partial_rotary_factor", "truncate")
 
 DEFAULT_FAMILY = "llama2"  # when nothing says which family a checkpoint is
 QKV_TYPES = ("unpack", "pack_gqa", "pack_self")
@@ -88,6 +93,15 @@ class ModelFamily:
     @property
     def fc_type(self) -> str:
         return self.settings.get("fc_type", "gate_up_down")
+
+    @property
+    def fused_experts(self) -> dict | None:
+        """How HF stacks a layer's routed experts in one tensor per projection, or None (a module
+        per expert): `orientation` in_out ([E, in, out], gpt-oss) or out_in, `gate_up` interleaved
+        (gate and up columns alternate) or halves."""
+        if "layers_mlp_experts_fused_fc1" not in self.hf_modules:
+            return None
+        return {"orientation": "in_out", "gate_up": "halves", **self.settings.get("fused_experts", {})}
 
     def hf_name(self, module: str, param: str | None = "weight", layer: int | None = None,
                 expert: int | None = None) -> str:

@@ -1,6 +1,7 @@
 """Quantized HF weights, dequantized while they are read: DeepSeek-V3/R1-style FP8 checkpoints
 (`X.weight` in float8 with a `X.weight_scale_inv` of one fp32 scale per block of rows x columns,
-128 x 128 by default, `quantization_config.weight_block_size` otherwise).
+128 x 128 by default, `quantization_config.weight_block_size` otherwise) and the MXFP4 release of
+gpt-oss (`X_blocks` / `X_scales`, see `Mxfp4Tensor`).
 
 The arithmetic is the reference one (DeepSeek's `weight_dequant`, Megatron-Bridge's import):
 `(w.float() * scale) -> the model's dtype`, so a converted checkpoint equals one converted from
@@ -25,7 +26,7 @@ def block_size(config: dict, source: str) -> tuple[int, int]:
     """The scale block of an HF config's `quantization_config` (FP8 only)."""
     quant = config.get("quantization_config") or {}
     method = quant.get("quant_method")
-    if method not in (None, "fp8"):
+    if method not in (None, "fp8", "mxfp4"):
         raise ConvertError(f"{source}: quantization_config quant_method {method!r} is not supported "
                            f"(fp8 with weight_scale_inv blocks is)")
     block = quant.get("weight_block_size") or DEFAULT_BLOCK
@@ -62,3 +63,60 @@ def dequantize_rows(read_rows, weight: str, shape, start: int, stop: int, out: t
         expanded = expanded.repeat_interleave(block[1], 1)[:, :shape[1]]
         out[row - start:end - start].copy_((raw.float() * expanded).to(out.dtype))
         row = end
+
+
+# ---- MXFP4 (OCP microscaling FP4, gpt-oss) ---------------------------------------------------------
+# `X_blocks` uint8 [*lead, R, G, 16]: 32 FP4 (e2m1) values per group, two per byte, low nibble first;
+# `X_scales` uint8 [*lead, R, G]: one power-of-two exponent per group, biased by 127. The groups run
+# along each row's input dimension, so a row of R is an output: gpt-oss's experts are stored
+# [E, out, in] packed, where its bf16 release is [E, in, out]. Read, like transformers does, as the
+# bf16 layout: [*lead, G * 32, R] (PR #3743 of Megatron-Bridge: a square expert cannot be told apart
+# by shape, so the orientation is fixed here, per format).
+
+BLOCKS_SUFFIX, SCALES_SUFFIX = "_blocks", "_scales"
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+MXFP4_SCALE_BIAS = 127
+
+
+def mxfp4_pairs(names) -> dict[str, tuple[str, str]]:
+    """{tensor: (its blocks, its scales)} for every `X_blocks` with an `X_scales` next to it."""
+    names = set(names)
+    return {name[:-len(BLOCKS_SUFFIX)]: (name, name[:-len(BLOCKS_SUFFIX)] + SCALES_SUFFIX) for name in names
+            if name.endswith(BLOCKS_SUFFIX) and name[:-len(BLOCKS_SUFFIX)] + SCALES_SUFFIX in names}
+
+
+def check_mxfp4(name: str, blocks: tuple, scales: tuple, source: str) -> tuple[int, ...]:
+    """The dequantized shape of `name` from its (shape, dtype) of blocks and scales."""
+    (block_shape, block_dtype), (scale_shape, scale_dtype) = blocks, scales
+    if block_dtype != torch.uint8 or scale_dtype != torch.uint8 or len(block_shape) != 4 \
+            or block_shape[-1] != 16 or tuple(block_shape[:-1]) != tuple(scale_shape):
+        raise ConvertError(f"{source}: '{name}{BLOCKS_SUFFIX}' {list(block_shape)} and '{name}{SCALES_SUFFIX}' "
+                           f"{list(scale_shape)} are not MXFP4 (uint8 [E, R, G, 16] and uint8 [E, R, G])")
+    stacked, rows, groups, _ = block_shape
+    return stacked, groups * 32, rows
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[R, G, 16] packed values and [R, G] exponents -> [R, G * 32] in `dtype`, the reference way
+    (transformers' `convert_moe_packed_tensors`: table look-up in `dtype`, then ldexp)."""
+    table = torch.tensor(FP4_VALUES, dtype=dtype)
+    rows, groups, width = blocks.shape
+    out = torch.empty((rows * groups, width * 2), dtype=dtype)
+    flat = blocks.reshape(rows * groups, width)
+    out[:, 0::2] = table[(flat & 0x0F).to(torch.int)]
+    out[:, 1::2] = table[(flat >> 4).to(torch.int)]
+    torch.ldexp(out, scales.reshape(rows * groups, 1).to(torch.int32) - MXFP4_SCALE_BIAS, out=out)
+    return out.reshape(rows, groups * width * 2)
+
+
+def dequantize_mxfp4_rows(read_rows, pair: tuple[str, str], stored_shape, start: int, stop: int,
+                          out: torch.Tensor) -> None:
+    """Rows [start, stop) (of the leading dim, e.g. experts) of an MXFP4 tensor into `out`
+    ([stop - start, G * 32, R]), one leading row at a time: memory stays at one expert."""
+    blocks_name, scales_name = pair
+    for row in range(start, stop):
+        blocks = torch.empty((1, *stored_shape[1:]), dtype=torch.uint8)
+        scales = torch.empty((1, *stored_shape[1:-1]), dtype=torch.uint8)
+        read_rows(blocks_name, row, row + 1, blocks)
+        read_rows(scales_name, row, row + 1, scales)
+        out[row - start].copy_(dequantize_mxfp4(blocks[0], scales[0], out.dtype).t())

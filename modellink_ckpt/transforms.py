@@ -268,3 +268,23 @@ def stack_halves(fused_blocks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.
 def unstack_halves(gates: torch.Tensor, ups: torch.Tensor) -> list[torch.Tensor]:
     """Inverse of `stack_halves`."""
     return [torch.cat([g, u], dim=0) for g, u in zip(gates.unbind(0), ups.unbind(0))]
+
+
+# ---- routed experts stored fused in HF: one tensor for all experts of a layer ------------------
+# gpt-oss keeps `experts.gate_up_proj` [E, in, 2F] with gate and up columns alternating and
+# `experts.down_proj` [E, F, in]; each expert's slab maps to its own Megatron tensor [out, in].
+
+def from_fused_expert(slab: torch.Tensor, *, transposed: bool, interleaved: bool,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """One expert's slab of a fused HF tensor ([in, out] when `transposed`; gate/up rows
+    alternating when `interleaved`) -> its Megatron tensor ([out, in], [gate; up])."""
+    full = slab.t() if transposed and slab.dim() == 2 else slab
+    if interleaved:
+        full = deinterleave_halves(full)
+    return _into(out, full)
+
+
+def to_fused_expert(full: torch.Tensor, *, transposed: bool, interleaved: bool) -> torch.Tensor:
+    """Inverse of `from_fused_expert` (a view where no reordering is needed)."""
+    slab = interleave_halves(full) if interleaved else full
+    return slab.t() if transposed and slab.dim() == 2 else slab

@@ -343,6 +343,13 @@ def _patch_megatron_for_cpu() -> None:
 
     moe_utils.te_general_gemm = None
     multi_latent_attention.HAVE_TE = False
+    from megatron.core.fusions import fused_softmax
+
+    def sliding_window_causal_mask(sq, skv, window_size):  # megatron's, on the CPU (it asks for "cuda")
+        ones = torch.ones(sq, skv, dtype=torch.bool)
+        return ~torch.tril(torch.triu(ones, diagonal=skv - sq - window_size[0]), diagonal=skv - sq + window_size[1])
+
+    fused_softmax.get_sliding_window_causal_mask = sliding_window_causal_mask
 
     tp_random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
     LanguageModule._is_in_embd_group = lambda self: False
@@ -569,8 +576,12 @@ def transformer_config_from_args(args: argparse.Namespace, slots: List[List[List
         if getattr(args, unsupported, None):
             raise NotImplementedError(f"{unsupported}: a stock GPTModel does not express it")
     window = getattr(args, "sliding_window", None)
-    if window and window < args.max_position_embeddings:  # a window no sequence reaches changes nothing
-        raise NotImplementedError("sliding_window: not mapped by this harness")
+    layer_types = getattr(args, "attention_layer_types", None)
+    if window and window < args.max_position_embeddings and not layer_types:
+        raise NotImplementedError("sliding_window without attention_layer_types: not mapped by this harness")
+    alpha = getattr(args, "swiglu_alpha", None)
+    if alpha:  # gpt-oss: gate * sigmoid(alpha * gate), megatron's quick_gelu at alpha 1.702
+        activations[act] = partial(_sigmoid_gated, alpha=float(alpha))
     gqa = getattr(args, "group_query_attention", False)
     moe = moe_config_kwargs(args)
     mla = mla_config_kwargs(args)
@@ -607,11 +618,21 @@ def transformer_config_from_args(args: argparse.Namespace, slots: List[List[List
         gradient_accumulation_fusion=False,
         sequence_parallel=False,
     )
+    if window and layer_types:  # HF: a query sees its last W keys -> megatron's (W - 1, 0)
+        kwargs.update(window_size=(int(window) - 1, 0),
+                      window_attn_skip_freq=[int(t == "sliding_attention") for t in layer_types])
+    kwargs.update(softmax_type=getattr(args, "softmax_type", None) or "vanilla",
+                  glu_linear_offset=float(getattr(args, "glu_linear_offset", None) or 0.0),
+                  activation_func_clamp_value=getattr(args, "activation_func_clamp_value", None))
     kwargs.update(moe)
     kwargs.update(mla)
     if getattr(args, "mtp_num_layers", None):  # torch_dist loads build the MTP block (its keys must load too)
         kwargs["mtp_num_layers"] = int(args.mtp_num_layers)
     return cls(**kwargs)
+
+
+def _sigmoid_gated(x: torch.Tensor, alpha: float) -> torch.Tensor:
+    return x * torch.sigmoid(alpha * x)
 
 
 def _use_causal_attention_stand_in(block_spec) -> None:
@@ -778,7 +799,7 @@ def mcore_logits(load_dir, tokens: torch.LongTensor, timeout: float = 300, layou
         args.pipeline_model_parallel_size = layout.get("pp", 1)
         args.num_layers_per_virtual_pipeline_stage = layout.get("vpp_layers")
         args.expert_model_parallel_size = layout.get("ep", 1)
-        args.expert_tensor_parallel_size = None
+        args.expert_tensor_parallel_size = layout.get("etp")
         args.num_layer_list = None
     layer_slots(args)  # validate the layout before spawning
     it_dir = iteration_dir(load_dir)

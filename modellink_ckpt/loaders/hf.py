@@ -69,6 +69,7 @@ class HfSource:
         self.weight_map = self._find_weights()
         self._dequantize_to = dequantize_to
         self.quantized = self._find_quantized()  # {FP8 weight: (stored dtype, scale dtype)}
+        self.mxfp4 = self._find_mxfp4()  # {tensor: (blocks, scales)}
 
     def _find_quantized(self) -> dict:
         scales = {name for name in self.weight_map if name.endswith(quantized.SCALE_SUFFIX)}
@@ -88,10 +89,23 @@ class HfSource:
             found[weight] = (stored, scale_dtype)
         return found
 
+    def _find_mxfp4(self) -> dict:
+        pairs = quantized.mxfp4_pairs(self.weight_map)
+        if pairs:
+            quantized.block_size(self.config, str(self.dir / "config.json"))  # refuses another quant_method
+        for name, (blocks, scales) in pairs.items():
+            if name in self.weight_map:
+                raise ConvertError(f"{self.dir}: holds '{name}' and its MXFP4 blocks")
+            quantized.check_mxfp4(name, self.stored_shape_dtype(blocks), self.stored_shape_dtype(scales), str(self.dir))
+        return pairs
+
     def tensor_names(self) -> list[str]:
-        """The checkpoint's tensors, FP8 block scales aside (they are read with their weights)."""
+        """The checkpoint's tensors as read: FP8 block scales aside (read with their weights), MXFP4
+        blocks and scales as the one tensor they make."""
+        packed = {part for pair in self.mxfp4.values() for part in pair}
         return [name for name in self.weight_map
-                if not (name.endswith(quantized.SCALE_SUFFIX) and name[:-len(quantized.SCALE_SUFFIX)] in self.quantized)]
+                if not (name.endswith(quantized.SCALE_SUFFIX) and name[:-len(quantized.SCALE_SUFFIX)] in self.quantized)
+                and name not in packed] + list(self.mxfp4)
 
     def _find_weights(self) -> dict[str, str]:
         """{tensor name: file name}, from an index json or by listing the weight files."""
@@ -137,7 +151,10 @@ class HfSource:
         return self._locate(name).shape_dtype(name)
 
     def shape_dtype(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
-        """Shape and dtype as read (an FP8 weight: dequantized)."""
+        """Shape and dtype as read (an FP8 weight, an MXFP4 tensor: dequantized)."""
+        if name in self.mxfp4:
+            blocks, scales = (self.stored_shape_dtype(part) for part in self.mxfp4[name])
+            return quantized.check_mxfp4(name, blocks, scales, str(self.dir)), self._dequantize_to or self.dtype()
         shape, dtype = self.stored_shape_dtype(name)
         if name in self.quantized:
             return shape, self._dequantize_to or self.dtype()
@@ -147,7 +164,10 @@ class HfSource:
         return shape, dtype
 
     def read_rows(self, name: str, start: int, stop: int, out: torch.Tensor) -> None:
-        if name in self.quantized:
+        if name in self.mxfp4:
+            stored = self.stored_shape_dtype(self.mxfp4[name][0])[0]
+            quantized.dequantize_mxfp4_rows(self._read_stored, self.mxfp4[name], stored, start, stop, out)
+        elif name in self.quantized:
             stored, scale_dtype = self.quantized[name]
             quantized.dequantize_rows(self._read_stored, name, self.stored_shape_dtype(name)[0], start, stop, out,
                                       self.block, stored, scale_dtype)
@@ -216,6 +236,16 @@ class HfSource:
         return [self.dir / name for name in TOKENIZER_FILES if (self.dir / name).is_file()]
 
 
+def _read_slab(source: HfSource, rule: mapping.TensorRule, stored: tuple, out: torch.Tensor) -> None:
+    """One routed expert's tensor from its slab of a fused HF tensor (one expert's bytes read)."""
+    (shape, dtype), (index, count) = stored, rule.slab
+    if shape[0] != count:
+        raise RuntimeError(f"expected {count} stacked experts")
+    slab = torch.empty((1, *shape[1:]), dtype=dtype)
+    source.read_rows(rule.hf[0], index, index + 1, slab)
+    rule.to_mcore([slab[0]], out=out)
+
+
 def _gather(source: HfSource, rules: list[mapping.TensorRule], dims: ModelDims, arena) -> dict:
     """The message tensors for `rules`, built in `arena`."""
     tensors = {}
@@ -228,13 +258,16 @@ def _gather(source: HfSource, rules: list[mapping.TensorRule], dims: ModelDims, 
                                    f"model weights must be floating point")
         described = ", ".join(f"{n} {list(shape)}" for n, (shape, _) in zip(rule.hf, shapes))
         out = arena.alloc(expected, shapes[0][1])
-        try:  # every HF row range is read straight to its place: no merge copy
-            for name, (shape, _), targets in zip(rule.hf, shapes, rule.part_targets(out)):
-                if sum(stop - start for start, stop, _ in targets) != shape[0] \
-                        or tuple(shape[1:]) != tuple(out.shape[1:]):
-                    raise RuntimeError("shape mismatch")
-                for start, stop, view in targets:
-                    source.read_rows(name, start, stop, view)
+        try:
+            if rule.slab is not None:
+                _read_slab(source, rule, shapes[0], out)
+            else:  # every HF row range is read straight to its place: no merge copy
+                for name, (shape, _), targets in zip(rule.hf, shapes, rule.part_targets(out)):
+                    if sum(stop - start for start, stop, _ in targets) != shape[0] \
+                            or tuple(shape[1:]) != tuple(out.shape[1:]):
+                        raise RuntimeError("shape mismatch")
+                    for start, stop, view in targets:
+                        source.read_rows(name, start, stop, view)
         except RuntimeError as exc:
             raise ConvertError(f"{source.dir}: cannot build {rule.mcore} {list(expected)} from {described} "
                                f"({str(exc).splitlines()[0]})") from None

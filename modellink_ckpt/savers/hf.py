@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from modellink_ckpt import mapping, registry
+from modellink_ckpt import transforms as T
 from modellink_ckpt.errors import ConvertError, UsageError
 from modellink_ckpt.manifest import hash_files, write_manifest
 from modellink_ckpt.model_cfg import dims_from_hf_config, hf_config_from_dims
@@ -37,8 +38,29 @@ def hf_tensors(plan, dtypes: "mapping.TensorDtypes") -> list[tuple[str, tuple[in
         for rule in mapping.message_rules(kind, family, dims, layer):
             own = dtypes.of(kind, layer, rule.mcore)
             for name, part in zip(rule.hf, rule.to_hf(tensors[rule.mcore])):
-                entries.append((name, tuple(part.shape), own))
+                if rule.slab is None:
+                    entries.append((name, tuple(part.shape), own))
+                elif rule.slab[0] == rule.slab[1] - 1:  # a fused tensor is written once its last slab is in
+                    entries.append((name, (rule.slab[1], *part.shape), own))
     return entries
+
+
+class SlabStacks:
+    """Fused HF tensors being filled one slab (one routed expert) at a time: a layer's worth at most."""
+
+    def __init__(self):
+        self._open: dict[str, tuple[torch.Tensor, int]] = {}
+
+    def add(self, name: str, slab: tuple[int, int], part) -> torch.Tensor | None:
+        """Put `part` in its place; the fused tensor once every slab is in, else None."""
+        (index, count), part = slab, T.as_tensor(part)
+        stack, filled = self._open.get(name) or (torch.empty((count, *part.shape), dtype=part.dtype), 0)
+        stack[index].copy_(part)
+        if filled + 1 < count:
+            self._open[name] = (stack, filled + 1)
+            return None
+        self._open.pop(name, None)
+        return stack
 
 
 def plan_shards(entries, max_bytes: int) -> list[list[tuple[str, tuple[int, ...], torch.dtype]]]:
@@ -135,12 +157,15 @@ def save(plan, receiver) -> dict:
     entries = hf_tensors(plan, dtypes)
     odd_dtypes = {name: str(dt) for name, _, dt in entries if dt != dtype}
     output = ShardedOutput(staging.path, plan_shards(entries, plan.max_shard_bytes))
+    stacks = SlabStacks()
     progress = tqdm(total=dims.num_layers, desc="saving layers", unit="layer", disable=plan.quiet)
     try:
         for message in messages:
             for rule in mapping.message_rules(message.kind, family, dims, message.get("layer")):
                 full = dtypes.apply(message.kind, message.get("layer"), rule.mcore, message.tensors[rule.mcore])
                 for name, part in zip(rule.hf, rule.to_hf(full)):
+                    if rule.slab is not None and (part := stacks.add(name, rule.slab, part)) is None:
+                        continue
                     output.add(name, part)
             if message.kind == "layer":
                 progress.update(1)
