@@ -545,6 +545,23 @@ def mla_config_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     )
 
 
+def rope_scaling_model_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
+    """GPTModel keywords for rope scaling: llama3 as megatron-core fixes it (low / high frequency
+    factors 1 / 4, original context 8192: `rope_scaling`, `rope_scaling_factor`), linear as
+    `seq_len_interpolation_factor`; anything else is not expressible."""
+    kind = getattr(args, "rope_scaling_type", None) or ("llama3" if getattr(args, "use_rope_scaling", False) else None)
+    if kind in (None, "default"):
+        return {}
+    factor = float(getattr(args, "rope_scaling_factor", None) or getattr(args, "rotary_scaling_factor", None) or 8.0)
+    if kind == "linear":
+        return {"seq_len_interpolation_factor": factor}
+    fixed = (float(getattr(args, "low_freq_factor", None) or 1.0), float(getattr(args, "high_freq_factor", None) or 4.0),
+             int(getattr(args, "rope_scaling_original_max_position_embeddings", None) or 8192))
+    if kind == "llama3" and fixed == (1.0, 4.0, 8192):
+        return {"rope_scaling": True, "rope_scaling_factor": factor}
+    raise NotImplementedError(f"rope scaling {kind} {fixed}: a stock GPTModel does not express it")
+
+
 def transformer_config_from_args(args: argparse.Namespace, slots: List[List[List[int]]]):
     import torch.nn.functional as F
     from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
@@ -569,8 +586,7 @@ def transformer_config_from_args(args: argparse.Namespace, slots: List[List[List
     if act not in activations:
         raise NotImplementedError(f"hidden_act {act!r}")
     gated = bool(getattr(args, "gated_linear_unit", getattr(args, "swiglu", True)))
-    if getattr(args, "use_rope_scaling", False) or getattr(args, "rope_scaling_type", None):
-        raise NotImplementedError("rope scaling is not mapped by this harness")
+    rope_scaling_model_kwargs(args)  # refuses what GPTModel cannot express before any process starts
     for unsupported in ("post_norm", "layernorm_zero_centered_gamma", "input_embeds_norm", "attn_logit_softcapping",
                         "output_logit_softcapping"):
         if getattr(args, unsupported, None):
@@ -702,6 +718,7 @@ def _logits_worker(rank: int, world: int, out_dir: str, payload: Dict[str, Any])
             position_embedding_type=getattr(args, "position_embedding_type", "rope"),
             rotary_percent=float(getattr(args, "rotary_percent", 1.0) or 1.0),
             rotary_base=int(getattr(args, "rotary_base", 10000)),
+            **rope_scaling_model_kwargs(args),
             vp_stage=vp_stage,
             mtp_block_spec=mtp_spec,
         )

@@ -19,9 +19,11 @@ COMMON = dict(hidden_size=64, intermediate_size=96, num_attention_heads=8, num_k
 
 # family -> (transformers config class, its arguments beyond COMMON, Megatron-Core expresses it)
 FAMILIES = {
+    # Llama-3.x rope scaling with Megatron-Core's fixed factors (original context 8192): with head_dim 8
+    # one frequency is interpolated and one divided by 8
     "llama": ("LlamaConfig", dict(rope_parameters=dict(rope_type="llama3", rope_theta=5e5, factor=8.0,
                                                        low_freq_factor=1.0, high_freq_factor=4.0,
-                                                       original_max_position_embeddings=8)), False),
+                                                       original_max_position_embeddings=8192)), True),
     "magistral": ("MistralConfig", dict(head_dim=16), True),             # head_dim != hidden / heads
     "qwen2": ("Qwen2Config", dict(), True),
     "seed-oss": ("SeedOssConfig", dict(head_dim=16, attention_bias=True, attention_out_bias=False), True),
