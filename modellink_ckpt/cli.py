@@ -22,6 +22,7 @@ import torch
 
 from modellink_ckpt import pipeline, registry
 from modellink_ckpt.errors import ConvertError, UsageError
+from modellink_ckpt.file_io import DEFAULT_HASH, HASHES, use_hash
 from modellink_ckpt.layout import ParallelLayout
 from modellink_ckpt.megatron_args import DTYPE_FLAGS
 from modellink_ckpt.mg_names import MLA_SPELLINGS, Spelling
@@ -87,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue-size", type=int, default=50, help="loader->saver queue capacity in messages")
     p.add_argument("--max-queue-gb", type=float, default=1.0, help="at most this many GB in flight")
     p.add_argument("--max-shard-size", default="5GB", help="largest HF output shard (e.g. 5GB, 500MB)")
+    p.add_argument("--hash", choices=list(HASHES), default=DEFAULT_HASH,
+                   help="digest of every output file in the manifest (default: %(default)s; --verify reads both)")
     p.add_argument("--hf-cfg-dir", type=Path, default=None, help="folder with the HF config.json for HF output")
     p.add_argument("--overwrite", action="store_true", help="replace an existing target")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -163,6 +166,7 @@ class Plan:
     max_shard_bytes: int
     overwrite: bool
     quiet: bool
+    hash_algorithm: str
 
     source_tokenizer: Path | None = None
     source_dtype: torch.dtype = torch.float32
@@ -309,7 +313,7 @@ def build_plan(args) -> Plan:
         tokenizer_model=args.tokenizer_model,
         hf_config_dir=args.hf_cfg_dir, max_queue_size=args.max_queue_size, max_queue_gb=args.max_queue_gb,
         max_shard_bytes=parse_size(args.max_shard_size, "--max-shard-size"), overwrite=args.overwrite,
-        quiet=args.quiet, source_tokenizer=info.tokenizer, source_dtype=info.dtype,
+        quiet=args.quiet, hash_algorithm=args.hash, source_tokenizer=info.tokenizer, source_dtype=info.dtype,
         lora=info.lora, lora_dir=info.lora_dir, save_lora_to_hf=args.save_lora_to_hf,
         target_ddp={"data_parallel_size": args.target_data_parallel_size,
                     "overlap_grad_reduce": None if args.target_overlap_grad_reduce is None
@@ -376,6 +380,7 @@ def convert(argv: list[str] | None = None, start_method: str = "forkserver") -> 
     """Run one conversion; raises ConvertError/UsageError. Returns the saver's summary."""
     args = build_parser().parse_args(argv)
     plan = build_plan(args)
+    use_hash(plan.hash_algorithm)
     if plan.save_lora_to_hf:
         from modellink_ckpt.savers import lora_hf
 
@@ -412,7 +417,7 @@ def verify_main(argv: list[str]) -> int:
     from modellink_ckpt.verify import verify
 
     parser = _Parser(prog="convert_ckpt.py --verify", description="Re-check a checkpoint against its "
-                     "manifest (sha256 of every file) and its own args or config (every tensor and shape).")
+                     "manifest (BLAKE3 or sha256 of every file) and its own args or config (every tensor and shape).")
     parser.add_argument("--verify", dest="path", type=Path, required=True, help="checkpoint folder")
     parser.add_argument("--no-hash", action="store_true", help="check sizes, not contents")
     parser.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)

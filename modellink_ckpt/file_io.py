@@ -1,14 +1,18 @@
 """Moving tensor bytes between memory and files, with no copy on the way.
 
-`HashedFile` is an output file that hashes what it writes (the sha256 goes to the manifest;
+`HashedFile` is an output file that hashes what it writes (the digest goes to the manifest;
 hashing runs on a second thread while the bytes are written, both release the GIL) and names
 itself in every write error. `FileReader` reads byte ranges straight into a tensor's memory.
+
+Digests are `"<algorithm>:<hex>"`: BLAKE3 by default (about 5x sha256 on one core, measured 5.9
+against 1.3 GB/s here, so hashing stays off the critical path), sha256 on request (`--hash`).
 """
 
 from __future__ import annotations
 
 import errno
 import hashlib
+import importlib.util
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,8 +34,42 @@ def _hasher_thread() -> ThreadPoolExecutor:
     """One hashing thread per process (created after fork, never inherited)."""
     pid = os.getpid()
     if pid not in _executors:
-        _executors[pid] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
+        _executors[pid] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hash")
     return _executors[pid]
+
+
+def _blake3():
+    import blake3  # imported on first use: start-up stays lean
+
+    return blake3.blake3()
+
+
+HASHES = {"blake3": _blake3, "sha256": hashlib.sha256}
+DEFAULT_HASH = "blake3" if importlib.util.find_spec("blake3") else "sha256"
+_hash_in_use = [DEFAULT_HASH]
+
+
+def use_hash(algorithm: str) -> None:
+    """The algorithm of every digest this process makes from now on (a saver sets its plan's)."""
+    if algorithm not in HASHES:
+        raise ConvertError(f"--hash {algorithm}: unknown (known: {', '.join(HASHES)})")
+    _hash_in_use[0] = algorithm
+
+
+def new_hash(algorithm: str | None = None):
+    """(algorithm, a fresh hash object) for `algorithm` or the one in use."""
+    algorithm = algorithm or _hash_in_use[0]
+    try:
+        return algorithm, HASHES[algorithm]()
+    except ImportError:
+        raise ConvertError(f"{algorithm}: the package is not installed (pip install {algorithm}), "
+                           f"or pass --hash sha256") from None
+
+
+def split_digest(digest: str) -> tuple[str, str]:
+    """("blake3", hex) of a digest string; a bare hex string is sha256 (older manifests)."""
+    algorithm, sep, value = digest.partition(":")
+    return (algorithm, value) if sep else ("sha256", digest)
 
 
 def write_error(path: Path, exc: OSError) -> ConvertError:
@@ -47,16 +85,16 @@ class HashedFile:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         except OSError as exc:
             raise write_error(self.path, exc) from None
-        self._sha = hashlib.sha256()
+        self._algorithm, self._hash = new_hash()
         self.size = 0
 
     def write(self, data) -> None:
         view = memoryview(data).cast("B")
         if not len(view):
             return
-        hashed = _hasher_thread().submit(self._sha.update, view) if len(view) >= _THREAD_MIN else None
+        hashed = _hasher_thread().submit(self._hash.update, view) if len(view) >= _THREAD_MIN else None
         if hashed is None:
-            self._sha.update(view)
+            self._hash.update(view)
         try:
             for start in range(0, len(view), _CHUNK):
                 chunk = view[start:start + _CHUNK]
@@ -70,14 +108,14 @@ class HashedFile:
         self.size += len(view)
 
     def close(self) -> tuple[int, str]:
-        """Close the file; returns (bytes, sha256 hex)."""
+        """Close the file; returns (bytes, digest)."""
         if self._fd is not None:
             try:
                 os.close(self._fd)
             except OSError as exc:
                 raise write_error(self.path, exc) from None
             self._fd = None
-        return self.size, self._sha.hexdigest()
+        return self.size, f"{self._algorithm}:{self._hash.hexdigest()}"
 
     def abort(self) -> None:
         if self._fd is not None:
@@ -109,15 +147,15 @@ def tensor_bytes(tensor: torch.Tensor):
     return gathered.reshape(-1).view(torch.uint8).numpy()
 
 
-def sha256_of(path: str | Path) -> tuple[int, str]:
-    """(bytes, sha256 hex) of an existing file, read in chunks (constant memory)."""
-    sha, size = hashlib.sha256(), 0
+def file_digest(path: str | Path, algorithm: str | None = None) -> tuple[int, str]:
+    """(bytes, digest) of an existing file, read in chunks (constant memory)."""
+    (algorithm, hasher), size = new_hash(algorithm), 0
     with open(path, "rb", buffering=0) as f:
         while True:
             block = f.read(_READ_CHUNK)
             if not block:
-                return size, sha.hexdigest()
-            sha.update(block)
+                return size, f"{algorithm}:{hasher.hexdigest()}"
+            hasher.update(block)
             size += len(block)
 
 

@@ -1,5 +1,6 @@
-"""The manifest a saver writes next to its output: every file's size and sha256, plus what the
-checkpoint is (kind, layout, source). `--verify` checks a checkpoint against it."""
+"""The manifest a saver writes next to its output: every file's size and digest (BLAKE3 or sha256,
+named in each entry), plus what the checkpoint is (kind, layout, source). `--verify` checks a
+checkpoint against it, with whichever algorithm each entry names."""
 
 from __future__ import annotations
 
@@ -8,27 +9,27 @@ import time
 from pathlib import Path
 
 from modellink_ckpt import __version__
-from modellink_ckpt.file_io import sha256_of
+from modellink_ckpt.file_io import HASHES, file_digest, split_digest
 
 MANIFEST = "convert_manifest.json"
 FORMAT = "modellink-ckpt-manifest/1"
 
 
 def write_manifest(folder: Path, files: dict[str, tuple[int, str]], **info) -> None:
-    """`files`: {path relative to `folder`: (bytes, sha256)}; small extra files are hashed here."""
+    """`files`: {path relative to `folder`: (bytes, digest)}; small extra files are hashed here."""
     manifest = {
         "format": FORMAT,
         "tool": f"modellink-ckpt {__version__}",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **info,
         "total_bytes": sum(size for size, _ in files.values()),
-        "files": {name: {"bytes": size, "sha256": sha} for name, (size, sha) in sorted(files.items())},
+        "files": {name: {"bytes": size, **dict([split_digest(digest)])} for name, (size, digest) in sorted(files.items())},
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
 
 
 def hash_files(folder: Path, names) -> dict[str, tuple[int, str]]:
-    return {name: sha256_of(folder / name) for name in names}
+    return {name: file_digest(folder / name) for name in names}
 
 
 def read_manifest(folder: Path) -> dict | None:
@@ -55,6 +56,18 @@ def check_files(folder: Path, manifest: dict, hash_contents: bool = True) -> lis
         size = path.stat().st_size
         if size != entry["bytes"]:
             problems.append(f"{path}: {size} bytes, the manifest says {entry['bytes']}")
-        elif hash_contents and sha256_of(path)[1] != entry["sha256"]:
-            problems.append(f"{path}: sha256 differs from the manifest (the file was changed or corrupted)")
+        elif hash_contents:
+            algorithm = next((a for a in HASHES if a in entry), None)
+            if algorithm is None:
+                problems.append(f"{path}: the manifest names no digest this tool knows ({', '.join(HASHES)})")
+            elif split_digest(file_digest(path, algorithm)[1])[1] != entry[algorithm]:
+                problems.append(f"{path}: {algorithm} differs from the manifest (the file was changed or corrupted)")
     return problems
+
+
+def files_summary(manifest: dict | None) -> str:
+    """"12 files, 2.20 GB, blake3 as in the manifest" (for --verify's closing line)."""
+    entries = (manifest or {}).get("files", {})
+    algorithms = sorted({a for entry in entries.values() for a in HASHES if a in entry}) or ["digests"]
+    return (f"{len(entries)} files, {(manifest or {}).get('total_bytes', 0) / 1e9:.2f} GB, "
+            f"{' and '.join(algorithms)} as in the manifest")

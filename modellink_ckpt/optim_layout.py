@@ -589,7 +589,7 @@ def write_distrib_optim(path: str | Path, layout: RankOptimLayout,
     `state_of(optimizer index, chunk, name, key)` gives a parameter's fp32 state for key in
     ("param", "exp_avg", "exp_avg_sq"), any shape with the parameter's numel. Gaps between
     parameters are zeros. `present[i]` False stores None for optimizer i (see `megatron_presence`).
-    Returns the closed writer (size, sha256).
+    Returns the closed writer (size, digest).
     """
     present = tuple(present) if present is not None else (True,) * len(layout.optimizers)
     writer = StreamingTorchWriter(path)

@@ -25,6 +25,7 @@ import torch
 import torch.multiprocessing as mp
 
 from modellink_ckpt.errors import ConvertError
+from modellink_ckpt.file_io import DEFAULT_HASH, use_hash
 from modellink_ckpt.formats.safetensors_io import shared_empty
 from modellink_ckpt.staging import pid_alive
 
@@ -192,6 +193,7 @@ def _run_child(role: str, work: Callable, args, channel, errors, results, caller
     # few, so the cyclic garbage collector only costs time.
     torch.set_num_threads(1)
     gc.disable()  # the parent decides; Ctrl-C reaches it too
+    use_hash(getattr(args, "hash_algorithm", DEFAULT_HASH))  # a forkserver child starts with the default
     try:
         outcome = work(args, channel) or {}
         outcome["peak_rss"] = _peak_rss_bytes()

@@ -1,6 +1,6 @@
 """`convert_ckpt.py --verify DIR`: re-check a finished checkpoint without loading it into memory.
 
-Two independent checks: every file against the manifest (size, sha256; read in chunks), and the
+Two independent checks: every file against the manifest (size, digest; read in chunks), and the
 structure against the checkpoint's own description (the stored `args` for Megatron, config.json
 for HF): every expected tensor present, nothing unexpected, right shape and dtype, in every rank
 file. The expected structure comes from the same layout plan and placement the saver uses,
@@ -21,7 +21,7 @@ from modellink_ckpt import mapping
 from modellink_ckpt.mapping import TensorDtypes
 from modellink_ckpt.errors import ConvertError, UsageError
 from modellink_ckpt.loaders.mg import RANK_FILE, TRACKER, MegatronSource
-from modellink_ckpt.manifest import MANIFEST, check_files, read_manifest
+from modellink_ckpt.manifest import MANIFEST, check_files, files_summary, read_manifest
 from modellink_ckpt.megatron_args import spelling_from_args
 from modellink_ckpt.model_cfg import dims_from_hf_config, load_family
 from modellink_ckpt.formats.torch_zip import LazyTensor, load_lazy
@@ -106,10 +106,8 @@ def _verify_mg(root: Path, manifest_check: bool) -> tuple[list[str], str]:
                      if isinstance(t, (torch.Tensor, LazyTensor)) and not n.endswith("_extra_state")}
             problems += _compare(f"{path} [{model_key}]", found, _with_odd_dtypes(names, manifest))
             tensors += len(found)
-    files = len((manifest or {}).get("files", {}))
-    total = (manifest or {}).get("total_bytes", 0)
     lay = layout.describe()
-    summary = (f"{files} files, {total / 1e9:.2f} GB, sha256 as in the manifest; {tensors} tensors in "
+    summary = (f"{files_summary(manifest)}; {tensors} tensors in "
                f"{len(expected)} rank files match the stored args (TP{lay['tensor_parallel']} "
                f"PP{lay['pipeline_parallel']}{' EP' + str(layout.ep) if layout.ep > 1 else ''}"
                f"{' VPP' + str(layout.vpp) if layout.vpp_layers else ''})")
@@ -150,9 +148,7 @@ def _verify_hf(folder: Path, manifest_check: bool) -> tuple[list[str], str]:
     plan = types.SimpleNamespace(family=family, dims=dims)
     expected = {name: (tuple(shape), dt) for name, shape, dt in hf_tensors(plan, TensorDtypes(dtype))}
     problems += _compare(str(folder), found, _with_odd_dtypes(expected, manifest))
-    total = (manifest or {}).get("total_bytes", 0)
-    summary = (f"{len((manifest or {}).get('files', {}))} files, {total / 1e9:.2f} GB, sha256 as in the manifest; "
-               f"{len(found)} tensors match config.json")
+    summary = f"{files_summary(manifest)}; {len(found)} tensors match config.json"
     return problems, summary
 
 
@@ -202,10 +198,8 @@ def _verify_ms(folder: Path, manifest_check: bool) -> tuple[list[str], str]:
     except ConvertError as exc:
         return problems + [str(exc)], "unreadable"
     problems += _compare(str(folder), {n: (tuple(s), d) for n, (s, d) in found.items()}, expected)
-    total = (manifest or {}).get("total_bytes", 0)
     layout = f"{strategy.world_size} rank files by the strategy" if strategy else "complete"
-    summary = (f"{len(manifest.get('files', {}))} files, {total / 1e9:.2f} GB, sha256 as in the manifest; "
-               f"{len(found)} tensors ({layout}) match MindSpore naming '{naming.name}' of config.json")
+    summary = (f"{files_summary(manifest)}; {len(found)} tensors ({layout}) match MindSpore naming '{naming.name}' of config.json")
     return problems, summary
 
 
@@ -239,7 +233,5 @@ def _verify_dist(folder: Path, manifest_check: bool) -> tuple[list[str], str]:
     problems += _compare(str(folder), found, _with_odd_dtypes(expected, manifest))
     problems += [f"{folder}: missing object '{k}'" for k in sorted(objects - set(store.objects))]
     problems += [f"{folder}: unexpected object '{k}'" for k in sorted(set(store.objects) - objects)]
-    total = (manifest or {}).get("total_bytes", 0)
-    summary = (f"{len((manifest or {}).get('files', {}))} files, {total / 1e9:.2f} GB, sha256 as in the manifest; "
-               f"{len(found)} tensors and {len(store.objects)} objects match the stored args (torch_dist)")
+    summary = (f"{files_summary(manifest)}; {len(found)} tensors and {len(store.objects)} objects match the stored args (torch_dist)")
     return problems, summary

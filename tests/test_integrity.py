@@ -1,4 +1,5 @@
-"""Every output carries a manifest (sha256 per file); --verify re-checks it and the structure;
+"""Every output carries a manifest (BLAKE3, or sha256 on request, per file); --verify re-checks it
+and the structure;
 --dry-run and the free-space check stop a conversion before anything is written."""
 
 import collections
@@ -6,6 +7,7 @@ import hashlib
 import json
 import shutil
 
+import blake3
 import pytest
 import torch
 
@@ -30,14 +32,14 @@ def verify(path, *flags):
     return run_cli("--verify", path, *flags)
 
 
-def test_manifest_lists_every_file_with_its_sha256(mg, hf, tmp_path):
+def test_manifest_lists_every_file_with_its_digest(mg, hf, tmp_path):
     iter_dir = mg / "iter_0000001"
     manifest = json.loads((iter_dir / "convert_manifest.json").read_text())
     rank_files = sorted(str(p.relative_to(iter_dir)) for p in iter_dir.glob("mp_rank_*/model_optim_rng.pt"))
     assert sorted(manifest["files"]) == rank_files and len(rank_files) == 4
     for name, entry in manifest["files"].items():
         data = (iter_dir / name).read_bytes()
-        assert entry == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        assert entry == {"bytes": len(data), "blake3": blake3.blake3(data).hexdigest()}  # the default
     assert manifest["layout"]["tensor_parallel"] == 2 and manifest["layout"]["virtual_pipeline_layers"] == 1
     assert manifest["source"]["type"] == "hf" and manifest["model_type_hf"] == "qwen25"
 
@@ -57,6 +59,28 @@ def test_verify_accepts_fresh_output_in_both_formats(mg, tmp_path):
         assert result.returncode == 0 and "tensors match config.json" in result.stdout, result.stderr
 
 
+def test_sha256_on_request_is_recorded_and_verified(hf, tmp_path):
+    mg = hf_to_mg(hf, tmp_path / "mg", "qwen25", "--target-tensor-parallel-size", "2", "--hash", "sha256")
+    iter_dir = mg / "iter_0000001"
+    manifest = json.loads((iter_dir / "convert_manifest.json").read_text())
+    for name, entry in manifest["files"].items():
+        data = (iter_dir / name).read_bytes()
+        assert entry == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    result = verify(mg)
+    assert result.returncode == 0 and "sha256 as in the manifest" in result.stdout, result.stderr
+
+
+@pytest.mark.parametrize("algorithm", ["blake3", "sha256"])
+def test_verify_catches_a_flipped_byte_with_each_hash(hf, tmp_path, algorithm):
+    mg = hf_to_mg(hf, tmp_path / "mg", "qwen25", "--target-tensor-parallel-size", "2", "--hash", algorithm)
+    victim = mg / "iter_0000001" / "mp_rank_01" / "model_optim_rng.pt"
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x01  # inside tensor data: torch.load would not notice
+    victim.write_bytes(bytes(data))
+    result = verify(mg)
+    assert result.returncode == 1 and "mp_rank_01" in result.stderr and f"{algorithm} differs" in result.stderr
+
+
 def test_verify_catches_a_flipped_byte_a_missing_rank_file_and_a_truncated_one(mg, tmp_path):
     broken = shutil.copytree(mg, tmp_path / "mg")
     victim = broken / "iter_0000001" / "mp_rank_01_001" / "model_optim_rng.pt"
@@ -64,7 +88,7 @@ def test_verify_catches_a_flipped_byte_a_missing_rank_file_and_a_truncated_one(m
     data[len(data) // 2] ^= 0x01  # inside tensor data: torch.load would not notice
     victim.write_bytes(bytes(data))
     result = verify(broken)
-    assert result.returncode == 1 and "mp_rank_01_001" in result.stderr and "sha256 differs" in result.stderr
+    assert result.returncode == 1 and "mp_rank_01_001" in result.stderr and "blake3 differs" in result.stderr
 
     (broken / "iter_0000001" / "mp_rank_00_000" / "model_optim_rng.pt").unlink()
     result = verify(broken)

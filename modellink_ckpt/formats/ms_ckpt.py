@@ -87,7 +87,7 @@ class MsCkptWriter:
                 view, left_in_slice, written = view[take:], left_in_slice - take, written + take
 
     def close(self) -> tuple[int, str]:
-        """Write the CRC trailer (if asked); returns (file bytes, sha256)."""
+        """Write the CRC trailer (if asked); returns (file bytes, digest)."""
         if self._crc is not None:
             self._file.write(CRC_MARK + self._crc.to_bytes(10, "big"))
         return self._file.close()

@@ -144,7 +144,7 @@ class SafetensorsWriter:
             self._file.write(tensor_bytes(piece))
 
     def close(self) -> tuple[int, str]:
-        """(file bytes, sha256)."""
+        """(file bytes, digest)."""
         return self._file.close()
 
     def abort(self) -> None:

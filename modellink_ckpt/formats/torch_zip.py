@@ -5,7 +5,7 @@ records through the central directory, so the tensor records can be written firs
 arrive, straight from the tensor's memory, and the small pickle that ties them together last.
 `torch.load` (also with `mmap=True`) reads the result like a file `torch.save` wrote: same record
 names, same pickle, data aligned to 64 bytes, zip64 sizes so files may exceed 4 GB. Tensor records
-carry no CRC-32 (as with torch's own writer when CRCs are off): the manifest's sha256 covers them.
+carry no CRC-32 (as with torch's own writer when CRCs are off): the manifest's digest covers them.
 """
 
 from __future__ import annotations
@@ -184,9 +184,9 @@ class StreamingTorchWriter:
         self._record(".data/serialization_id", uuid.uuid4().hex.encode())
         self._central_directory()
         if self._owns_file:
-            self.size, self.sha256 = self._file.close()
+            self.size, self.digest = self._file.close()
         else:
-            self.size, self.sha256 = self._offset, None
+            self.size, self.digest = self._offset, None
 
     def abort(self) -> None:
         self._file.abort()

@@ -40,7 +40,7 @@ class RankFiles:
         self._models: dict[tuple[int, int, int], dict[str, dict]] = {}
         self._closed: set[tuple[int, int, int]] = set()
         self.bytes_written = 0
-        self.files: dict[str, tuple[int, str]] = {}  # for the manifest: {relative path: (bytes, sha256)}
+        self.files: dict[str, tuple[int, str]] = {}  # for the manifest: {relative path: (bytes, digest)}
 
     def put(self, rank: tuple[int, int, int], vchunk: int, name: str, tensor: torch.Tensor) -> None:
         assert rank not in self._closed, f"rank file {rank} already closed"
@@ -82,7 +82,7 @@ class RankFiles:
             self.bytes_written += optim_file[0]
         writer.close(state)
         self.bytes_written += writer.bytes_written
-        self.files[f"{self._layout.rank_dir(*rank)}/{RANK_FILE}"] = (writer.size, writer.sha256)
+        self.files[f"{self._layout.rank_dir(*rank)}/{RANK_FILE}"] = (writer.size, writer.digest)
         self._closed.add(rank)
         del self._models[rank]
 

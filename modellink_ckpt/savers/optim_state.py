@@ -76,7 +76,7 @@ class OptimStateWriter:
 
     def finish_rank(self, folder: Path, rank, models: dict[str, dict]) -> tuple[dict, tuple[int, str]]:
         """Write the rank's `distrib_optim.pt`; return the entries for its model file and the
-        optimizer file's (size, sha256)."""
+        optimizer file's (size, digest)."""
         tp_rank, pp_rank, ep_rank = rank
         chunks = []
         for vchunk in range(self.layout.vpp):
@@ -102,7 +102,7 @@ class OptimStateWriter:
         for key in ("rng_state", "num_floating_point_operations_so_far"):
             if key in self.info:
                 entries[key] = self.info[key]
-        return entries, (writer.size, writer.sha256)
+        return entries, (writer.size, writer.digest)
 
     def args_update(self) -> dict:
         """Stored-args fields of a distributed-optimizer run at the target layout."""

@@ -226,7 +226,7 @@ def save(plan, receiver) -> dict:
                   "content_metadata": {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}}
         writer = StreamingTorchWriter(folder / COMMON)  # writes Megatron's enums of a training run's args back
         writer.close(common)
-        files[COMMON] = (writer.size, writer.sha256)
+        files[COMMON] = (writer.size, writer.digest)
         files.update(hash_files(folder, [DCP_METADATA]))
         (folder / METADATA_JSON).write_text(json.dumps(BACKEND))  # last: marks the store complete
         files.update(hash_files(folder, [METADATA_JSON]))
