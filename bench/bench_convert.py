@@ -72,6 +72,7 @@ SHAPES = {
                       rms_norm_eps=1e-05, rope_theta=1000000.0, num_local_experts=4, num_experts_per_tok=2),
 }
 STEPS = ("copy", "hf2mg", "mg2hf", "mg2mg", "hf2ms", "ms2hf", "hf2dist", "dist2hf")
+SHARED_STEPS = ("hf2mg", "mg2mg")  # the steps --workers applies to (Megatron targets, by stage)
 # Per family: the default layouts (TP, PP, EP) of hf2mg (--layout) and of mg2mg (--mg2mg-layout), and the
 # Megatron checkpoint mg2hf and mg2mg start from. Dense: TP2PP2, TP1PP4 and TP2PP2; MoE: the same with
 # the experts spread over EP2 (hf2mg, source) and EP4 (mg2mg: TP1PP4EP4, each rank file holds 1/16 of
@@ -576,8 +577,10 @@ class Bench:
         return fmt_layout(layout, self.moe)
 
     def convert_cmd(self, *flags) -> list[str]:
+        workers = [] if "--save-model-type" in flags and flags[flags.index("--save-model-type") + 1] != "mg" \
+            or "torch_dist" in flags else ["--workers", "1"]
         return self.converter + ["--model-type", "GPT", "--model-type-hf", self.family, "--use-mcore-models",
-                                 *map(str, flags), "--quiet"]
+                                 *map(str, flags), *workers, "--quiet"]
 
     def layout_flags(self, layout: tuple[int, int, int]) -> list:
         tp, pp, ep = layout
@@ -634,7 +637,9 @@ class Bench:
             log(f"could not make the MindSpore source checkpoint (rc {run['rc']}):\n{run['output_tail']}")
         return ok
 
-    def step(self, key: str) -> dict:
+    def step(self, key: str, workers: int = 1) -> dict:
+        """One timed step; hf2mg and mg2mg run with `--workers workers` (every other step, and the
+        untimed sources, with one worker, whatever the machine's default)."""
         layout, layout2 = self.args.layout, self.args.mg2mg_layout
         if key == "copy":
             label, source, out = "cp -r HF (floor)", self.hf, self.runs / "copy"
@@ -687,7 +692,10 @@ class Bench:
             prepare = None
         if "--num-layer-list" in cmd:
             label += " (" + cmd[cmd.index("--num-layer-list") + 1] + ")"
-        result = {"step": key, "label": label, "command": shown(cmd), "runs": []}
+        if key in SHARED_STEPS:
+            cmd += ["--workers", str(workers)]
+            label += f", {workers} worker{'s' if workers > 1 else ''}" if len(self.args.workers) > 1 else ""
+        result = {"step": key, "label": label, "command": shown(cmd), "runs": [], "workers": workers}
         if source == self.dist_src and not self.ensure_dist_source():
             result["status"] = "FAILED"
             result["error"] = "no torch_dist source checkpoint (hf→torch_dist failed)"
@@ -773,6 +781,19 @@ def table(results: list[dict], copy_wall: float | None) -> str:
     return "\n".join(rows)
 
 
+def scaling_table(results: list[dict]) -> str:
+    """Throughput of each shared step against its number of workers, relative to one worker."""
+    rows = ["| step | workers | wall s | GB/s | × 1 worker |", "|---|---:|---:|---:|---:|"]
+    for key in SHARED_STEPS:
+        runs = [r for r in results if r["step"] == key and r.get("status") == "ok" and "wall_s" in r]
+        one = next((r for r in runs if r["workers"] == 1), None)
+        for r in runs:
+            rate = r["bytes"] / 1e9 / max(r["wall_s"], 1e-9)
+            speedup = f"{one['wall_s'] / r['wall_s']:.2f}" if one else "–"
+            rows.append(f"| {r['label'].rsplit(',', 1)[0]} | {r['workers']} | {r['wall_s']:.2f} | {rate:.2f} | {speedup} |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default="tinyllama")
@@ -791,6 +812,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--interval", type=float, default=0.25, help="memory sampling period in seconds")
     p.add_argument("--settle", type=float, default=5.0,
                    help="seconds to wait (after sync) before each timed run, so every step starts alike")
+    p.add_argument("--workers", default="1", type=lambda text: [int(n) for n in text.split(",")],
+                   help="comma list: hf2mg and mg2mg run once per number of workers (e.g. 1,2,4,8); "
+                        "a scaling table follows")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--converter", default=str(REPO / "convert_ckpt.py"), help="the convert_ckpt.py to time")
     p.add_argument("--clean", action="store_true", help="also delete the generated HF checkpoint at the end")
@@ -838,7 +862,8 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     try:
         for key in steps:
-            results.append(bench.step(key))
+            for workers in (args.workers if key in SHARED_STEPS else [1]):
+                results.append(bench.step(key, workers))
     finally:
         remove(bench.runs)
         if args.clean:
@@ -856,6 +881,8 @@ def main(argv: list[str] | None = None) -> int:
               f"warm page cache; wall = fastest good run of {args.repeat}; memory = peak over good runs, "
               f"whole process tree sampled every {args.interval * 1000:.0f} ms")
     text = header + "\n\n" + table(results, copy["wall_s"] if copy else None)
+    if len(args.workers) > 1:
+        text += "\n\n" + scaling_table(results)
     print(text)
     if args.json:
         record = {"shape": shape_name, "dims": shape, "hf_bytes": hf_bytes, "machine": info, "repeat": args.repeat,

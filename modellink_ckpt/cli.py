@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from modellink_ckpt import pipeline, registry
+from modellink_ckpt import pipeline, registry, workers
 from modellink_ckpt.errors import ConvertError, UsageError
 from modellink_ckpt.file_io import DEFAULT_HASH, HASHES, use_hash
 from modellink_ckpt.layout import ParallelLayout
@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue-size", type=int, default=50, help="loader->saver queue capacity in messages")
     p.add_argument("--max-queue-gb", type=float, default=1.0, help="at most this many GB in flight")
     p.add_argument("--max-shard-size", default="5GB", help="largest HF output shard (e.g. 5GB, 500MB)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="parallel loader/saver pairs, each writing the rank files of some pipeline stages of a "
+                        "Megatron target (default: one per two cores, as memory allows; same output bytes for any N)")
     p.add_argument("--hash", choices=list(HASHES), default=DEFAULT_HASH,
                    help="digest of every output file in the manifest (default: %(default)s; --verify reads both)")
     p.add_argument("--hf-cfg-dir", type=Path, default=None, help="folder with the HF config.json for HF output")
@@ -177,6 +180,7 @@ class Plan:
     target_format: str = ""  # the registry's target (save_type, or torch_dist for mg --ckpt-format torch_dist)
     source_options: dict = dataclasses.field(default_factory=dict)  # format-specific facts of the source
     target_options: dict = dataclasses.field(default_factory=dict)  # format-specific choices for the target
+    share: "workers.Share | None" = None  # --workers: the part of the target one worker writes
 
     def tokenizer_dir(self) -> Path | None:
         """Where the source's tokenizer files are: the HF folder, or the one the mg args recorded."""
@@ -398,9 +402,18 @@ def convert(argv: list[str] | None = None, start_method: str = "forkserver") -> 
     check_free_space(plan, files)
     target = registry.target(plan.target_format)
     load, save = registry.source(plan.load_type).load_function(), target.save_function()
+    count = workers.check_workers(args.workers, plan, target)
     started = time.monotonic()
     try:
-        result = pipeline.run(plan, load, save, start_method)
+        if count == 1:
+            result = pipeline.run(plan, load, save, start_method)
+        else:
+            staged, plans = target.shares(plan, count)
+            try:
+                result = target.publish(staged, pipeline.run_pairs(plans, load, save, start_method))
+            except BaseException:
+                staged.discard()
+                raise
     except ConvertError:
         remove_stale_partials(plan.save_dir, quiet=True)  # what a killed saver could not remove
         raise
@@ -469,7 +482,11 @@ def inspect_main(argv: list[str]) -> int:
 def summary_line(result: dict) -> str:
     """The one line a finished conversion ends with."""
     seconds = result["wall_seconds"]
-    if "peak_rss_loader" in result:  # the loader and saver processes
+    if "workers" in result:  # several loader / saver pairs
+        peaks = (result["peak_rss_loader"], result["peak_rss_saver"])
+        memory = (f"{result['workers']} workers, peak memory per loader {_gb(peaks[0])} / saver {_gb(peaks[1])} "
+                  f"(all processes {_gb(result['peak_rss_total'])})")
+    elif "peak_rss_loader" in result:  # the loader and saver processes
         peaks = (result["peak_rss_loader"], result.get("peak_rss_saver", 0))
         memory = f"peak memory loader {_gb(peaks[0])} / saver {_gb(peaks[1])} (max {_gb(max(peaks))})"
     else:  # done in this process

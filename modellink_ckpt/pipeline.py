@@ -199,7 +199,7 @@ def _run_child(role: str, work: Callable, args, channel, errors, results, caller
         outcome["peak_rss"] = _peak_rss_bytes()
         results.put((role, outcome))
     except ConvertError as exc:
-        errors.put((role, str(exc)))
+        errors.put((role, f"{exc} ({role})" if " of worker " in role else str(exc)))  # which of several
         sys.exit(1)
     except MemoryError:
         errors.put((role, f"{role} ran out of memory"))
@@ -273,16 +273,29 @@ def run(args, load: Callable, save: Callable, start_method: str = "forkserver") 
 
     Raises ConvertError with the first failure's message.
     """
+    return run_pairs([args], load, save, start_method)[0]
+
+
+def run_pairs(shares: list, load: Callable, save: Callable, start_method: str = "forkserver") -> list[dict]:
+    """Run one loader -> saver pair per item of `shares` (each pair's `args`), all at once; returns
+    each saver's result, in order. The first failure of any process stops every other one and
+    raises ConvertError with its message (naming the worker when there are several)."""
     ctx = _context(start_method)
-    queue = ctx.Queue(maxsize=max(1, args.max_queue_size))
-    acks, errors, results = ctx.Queue(), ctx.SimpleQueue(), ctx.SimpleQueue()
-    sender = Sender(queue, acks, max(1, args.max_queue_size), int(args.max_queue_gb * (1 << 30)))
-    caller = os.getpid()
-    loader = ctx.Process(target=_run_child, name="loader",
-                         args=("loader", load, args, sender, errors, results, caller))
-    saver = ctx.Process(target=_run_child, name="saver",
-                        args=("saver", save, args, Receiver(queue, acks), errors, results, caller))
-    processes = [loader, saver]
+    processes, caller = [], os.getpid()
+    errors, results = ctx.SimpleQueue(), ctx.SimpleQueue()
+    # held until the end: Process.start() drops its arguments, and a queue collected here unlinks
+    # the semaphores a child may not have attached to yet
+    channels = []
+    for index, args in enumerate(shares):
+        queue = ctx.Queue(maxsize=max(1, args.max_queue_size))
+        acks = ctx.Queue()
+        channels.append((queue, acks))
+        sender = Sender(queue, acks, max(1, args.max_queue_size), int(args.max_queue_gb * (1 << 30)))
+        suffix = f" of worker {index + 1}/{len(shares)}" if len(shares) > 1 else ""
+        for role, work, channel in (("loader", load, sender), ("saver", save, Receiver(queue, acks))):
+            name = role + suffix
+            processes.append(ctx.Process(target=_run_child, name=name,
+                                         args=(name, work, args, channel, errors, results, caller)))
     outcomes: dict[str, dict] = {}
     previous = signal.getsignal(signal.SIGTERM)
     try:
@@ -318,8 +331,11 @@ def run(args, load: Callable, save: Callable, start_method: str = "forkserver") 
     finally:
         signal.signal(signal.SIGTERM, previous)
         _stop(processes)
-    result = dict(outcomes.get("saver", {}))
-    result["peak_rss_loader"] = outcomes.get("loader", {}).get("peak_rss", 0)
-    result["peak_rss_saver"] = result.pop("peak_rss", 0)
-    return result
-
+        channels.clear()
+    saved = []
+    for loader, saver in zip(processes[0::2], processes[1::2]):
+        result = dict(outcomes.get(saver.name, {}))
+        result["peak_rss_loader"] = outcomes.get(loader.name, {}).get("peak_rss", 0)
+        result["peak_rss_saver"] = result.pop("peak_rss", 0)
+        saved.append(result)
+    return saved

@@ -107,6 +107,18 @@ class TargetFormat:
     def save_function(self) -> Callable:
         return _resolve(self.saver)
 
+    # --workers: a target whose files several savers can write side by side says so and stages
+    # them (one plan per worker), then publishes what they wrote once all of them succeeded
+    shared_by_stage = False
+
+    def shares(self, plan, workers: int) -> tuple:
+        """(staged output, [plan of each worker])."""
+        raise NotImplementedError
+
+    def publish(self, staged, results: list[dict]) -> dict:
+        """Publish what the workers wrote; the summary of all of them."""
+        raise NotImplementedError
+
 
 def census(shapes_and_dtypes) -> tuple[dict[str, int], int]:
     """({dtype name: elements}, total elements) of (shape, dtype) pairs, for `inspect`."""

@@ -36,7 +36,8 @@ from util import (ROOT, assert_one_line_error, assert_same_tensors, cli_argv, hf
                   load_mg_state, looks_complete, mg_to_hf, report_lines, staging_leftovers)
 
 MODEL = dict(num_layers=16, hidden_size=256, intermediate_size=704)  # ~48 MB fp32: ~0.15-0.2 s in the children
-TP2PP2 = ("--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2")
+# one loader and one saver whatever the machine's cores (--workers has its own tests)
+TP2PP2 = ("--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2", "--workers", "1")
 TO_HF = ("--target-tensor-parallel-size", "1", "--target-pipeline-parallel-size", "1")
 TRACKER = "latest_checkpointed_iteration.txt"
 ROLES = ("parent", "loader", "saver")

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import collections
 import enum
+import hashlib
 import io
 import pickle
 import struct
 import sys
-import uuid
 import zlib
 import zipfile
 from pathlib import Path
@@ -176,12 +176,16 @@ class StreamingTorchWriter:
     def close(self, obj) -> None:
         buffer = io.BytesIO()
         _Pickler(buffer, protocol=2).dump(obj)
-        self._record("data.pkl", buffer.getvalue())
+        pickled = buffer.getvalue()
+        self._record("data.pkl", pickled)
         self._record(".format_version", b"1")
         self._record(".storage_alignment", str(ALIGNMENT).encode())
         self._record("byteorder", sys.byteorder.encode())
         self._record("version", b"3\n")
-        self._record(".data/serialization_id", uuid.uuid4().hex.encode())
+        # torch writes a random id here; one derived from the contents keeps the output the same
+        # bytes on every run (and whatever --workers), and still tells different files apart
+        self._record(".data/serialization_id", hashlib.blake2b(pickled, digest_size=16,
+                                                                person=b"serialization_id").hexdigest().encode())
         self._central_directory()
         if self._owns_file:
             self.size, self.digest = self._file.close()

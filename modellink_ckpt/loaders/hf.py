@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from modellink_ckpt import mapping, quantized, registry
+from modellink_ckpt import mapping, quantized, registry, workers
 from modellink_ckpt.errors import ConvertError, UsageError
 from modellink_ckpt.model_cfg import ModelDims, ModelFamily, dims_from_hf_config
 from modellink_ckpt.formats.torch_zip import LazyTensor, load_lazy
@@ -296,6 +296,8 @@ def load(plan, sender) -> dict:
     config = {k: v for k, v in source.config.items() if k != "quantization_config"}  # written dequantized
     sender.send("meta", dims=dims.to_dict(), source="hf", hf_config=config, dtype=dtype, dtypes=dtypes)
     for kind, layer, _ in messages:
+        if not workers.wanted(plan, kind, layer):  # another worker's (--workers)
+            continue
         arena = sender.arena()
         tensors = _gather(source, mapping.message_rules(kind, family, dims, layer), dims, arena)
         sender.send(kind, tensors, arena, layer=layer)

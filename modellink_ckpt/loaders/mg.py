@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from modellink_ckpt import mapping, mg_names, registry
+from modellink_ckpt import mapping, mg_names, registry, workers
 from modellink_ckpt import transforms as T
 from modellink_ckpt.errors import ConvertError, UsageError
 from modellink_ckpt.layout import ParallelLayout
@@ -77,6 +77,7 @@ class MegatronSource:
         self.args = first["args"]
         self._cache: dict[tuple[int, int, int], dict] = {}
         self._released: set[int] = set()
+        self.checked_stages: set[int] | None = None  # whose tensors must all be used (None: every stage)
 
     def dims(self, vocab_size: int | None = None, overrides: dict | None = None):
         dims = dims_from_args(self.args, source=str(self.iter_dir), vocab_size=vocab_size)
@@ -121,7 +122,7 @@ class MegatronSource:
         self._released.add(pp_rank)
         for key in [k for k in self._cache if k[1] == pp_rank]:
             entry = self._cache.pop(key)
-            if entry["unused"]:
+            if entry["unused"] and (self.checked_stages is None or pp_rank in self.checked_stages):
                 model_key, name = sorted(entry["unused"])[0]
                 raise ConvertError(f"{entry['path']}: unexpected tensor '{name}' in '{model_key}' "
                                    f"({len(entry['unused'])} in all) that the model config does not explain")
@@ -401,6 +402,8 @@ def stream(plan, sender, source: MegatronSource, states: tuple[str, ...] = (), *
                     for _, _, tensors in mapping.model_messages(family, dims, carried)))
     dtype, dtypes = _stored_dtypes(source, plan)
     sender.send("meta", dims=dims.to_dict(), source="mg", dtype=dtype, dtypes=dtypes, **meta)
+    if getattr(plan, "share", None) is not None:  # --workers: this worker reads (and checks) its part
+        source.checked_stages = workers.source_stages_of(plan.share, plan.target_layout, layout)
 
     def take_all(pp_rank, vchunk, name, kind, shape, arena, rows=None, required=True):
         tensors = {}
@@ -429,9 +432,10 @@ def stream(plan, sender, source: MegatronSource, states: tuple[str, ...] = (), *
                                     rows=rows if rule.tp == "vocab" else None))
         sender.send(kind, tensors, arena)
 
-    send_plain("embeddings", first_pp, first_chunk)
+    if workers.wanted(plan, "embeddings", None):
+        send_plain("embeddings", first_pp, first_chunk)
     for slot in layout.slots():
-        if slot.hf_layer is None:
+        if slot.hf_layer is None or not workers.wanted(plan, "layer", slot.hf_layer):
             continue
         arena = sender.arena()
         tensors = _layer_tensors(source, layout, family, dims, slot.hf_layer, slot, arena, every)
@@ -440,16 +444,17 @@ def stream(plan, sender, source: MegatronSource, states: tuple[str, ...] = (), *
                 and slot.pp_rank != last_pp:
             source.release(layout, slot.pp_rank)
 
-    send_plain("final_norm", last_pp, last_chunk)
-    if dims.tie_word_embeddings:  # the last stage's copy (PP > 1) is only checked off, never sent
-        for state in every:
-            source.take(layout, last_pp, last_chunk, state_name(mapping.OUTPUT_LAYER, state), "vocab",
-                        rows=rows, required=False)
-    else:
-        send_plain("output_layer", last_pp, last_chunk)
-    for k in range(dims.mtp_num_layers):
-        arena = sender.arena()
-        sender.send("mtp_layer", _mtp_tensors(source, layout, family, dims, k, arena), arena, layer=k)
+    if workers.wanted(plan, "final_norm", None):
+        send_plain("final_norm", last_pp, last_chunk)
+        if dims.tie_word_embeddings:  # the last stage's copy (PP > 1) is only checked off, never sent
+            for state in every:
+                source.take(layout, last_pp, last_chunk, state_name(mapping.OUTPUT_LAYER, state), "vocab",
+                            rows=rows, required=False)
+        else:
+            send_plain("output_layer", last_pp, last_chunk)
+        for k in range(dims.mtp_num_layers):
+            arena = sender.arena()
+            sender.send("mtp_layer", _mtp_tensors(source, layout, family, dims, k, arena), arena, layer=k)
     for pp_rank in range(layout.pp):
         source.release(layout, pp_rank)
     sender.send("done")

@@ -8,13 +8,14 @@ file written, only when every file is complete.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from modellink_ckpt import mapping, mg_names, registry
+from modellink_ckpt import mapping, mg_names, registry, workers
 from modellink_ckpt.errors import UsageError
 from modellink_ckpt import transforms as T
 from modellink_ckpt.loaders.mg import RANK_FILE, TRACKER, iteration_dir_name
@@ -63,8 +64,12 @@ class RankFiles:
         for rank in [r for r in self._writers if r[1] == pp_rank and r not in self._closed]:
             self._close(rank)
 
-    def close_all(self) -> None:
-        for rank in self._layout.ranks():  # a stage holding only noop layers still gets its file
+    def close_all(self, share=None) -> None:
+        """Close every rank file (of the share's stages); a stage holding only noop layers still
+        gets its file."""
+        for rank in self._layout.ranks():
+            if share is not None and not share.holds_stage(rank[1]):
+                continue
             if rank not in self._closed:
                 self._writer(rank)
                 self._close(rank)
@@ -231,17 +236,29 @@ class ShardPlacer:
         return carry_over(source_args, args, drop_prefixes=("lora_",) if plan.lora is not None else ())
 
 
+def target_iteration(plan, optim=None, source=None):
+    """The iteration the target is stored as: the optimizer's or the Megatron source's, else 1."""
+    if optim is not None:
+        return optim.iteration
+    if source is None and plan.load_type in ("mg", "optim"):
+        source = registry.source(plan.load_type).open(plan.load_dir)
+    return source.iteration if source is not None else ITERATION
+
+
 def save(plan, receiver) -> dict:
+    """Write the target, or with `plan.share` (`--workers`) the rank files of the share's stages
+    into the folder the parent staged (the parent then publishes it, `publish_shares`)."""
     started = time.monotonic()
     messages = iter(receiver)
     meta = next(messages)
     assert meta.kind == "meta", meta.kind
+    share = getattr(plan, "share", None)
     placer = ShardPlacer(plan, mapping.TensorDtypes.from_meta(meta, cast=plan.params_dtype))
     model_dtype = placer.dtypes.default
     odd_dtypes: dict[str, str] = {}
     optim = OptimStateWriter(plan, placer.layout, meta["optim"]) if meta.get("optim") else None
     source = registry.source(plan.load_type).open(plan.load_dir) if plan.load_type in ("mg", "optim") else None
-    iteration = optim.iteration if optim else source.iteration if source else ITERATION
+    iteration = target_iteration(plan, optim, source)
     if optim:
         placer.states = STATES
     stored_args = placer.rank_args(model_dtype, iteration, source.args if source else None)
@@ -250,43 +267,83 @@ def save(plan, receiver) -> dict:
     else:
         mark_weights_only(stored_args)
 
-    staging = StagedIteration(plan.save_dir, iteration_dir_name(iteration), TRACKER, plan.overwrite)
-    iteration_dir = staging.folder
+    staging = None if share else StagedIteration(plan.save_dir, iteration_dir_name(iteration), TRACKER, plan.overwrite)
+    iteration_dir = Path(share.folder) if share else staging.folder
     files = RankFiles(iteration_dir, placer.layout, stored_args, iteration, optim)
-    progress = tqdm(total=plan.dims.num_layers, desc="saving layers", unit="layer", disable=plan.quiet)
+    layers = sum(1 for layer in range(plan.dims.num_layers) if workers.wanted(plan, "layer", layer))
+    progress = tqdm(total=layers, desc="saving layers", unit="layer", disable=plan.quiet)
     try:
         for message in messages:
             for rank, vchunk, name, shard in placer.place(message.kind, message.tensors, message.get("layer")):
+                if share and not share.holds_stage(rank[1]):
+                    continue  # another worker's file (the tied output layer's copy, when stage 0 is ours)
                 if "::" not in name and shard.dtype != model_dtype:
                     odd_dtypes[name] = str(shard.dtype)  # kept as stored (e.g. an fp32 router bias)
                 files.put(rank, vchunk, name, shard)
             if message.kind == "layer":
                 finished_stage = placer.stage_done(message["layer"])
-                if finished_stage is not None:
+                if finished_stage is not None and (share is None or share.holds_stage(finished_stage)):
                     files.close_stage(finished_stage)
                 progress.update(1)
             elif message.kind == "done":
-                files.close_all()
+                files.close_all(share)
         progress.close()
-        write_manifest(iteration_dir, files.files, kind="mg", iteration=iteration, model_type_hf=plan.family.name,
-                       source={"type": plan.load_type, "dir": str(Path(plan.load_dir).resolve())},
-                       layout=placer.layout.describe(), dtype=str(model_dtype),
-                       vocab_size=plan.dims.vocab_size, padded_vocab_size=plan.padded_vocab, dtypes=odd_dtypes)
-        staging.publish(iteration)
+        manifest = dict(kind="mg", iteration=iteration, model_type_hf=plan.family.name,
+                        source={"type": plan.load_type, "dir": str(Path(plan.load_dir).resolve())},
+                        layout=placer.layout.describe(), dtype=str(model_dtype),
+                        vocab_size=plan.dims.vocab_size, padded_vocab_size=plan.padded_vocab, dtypes=odd_dtypes)
+        if staging is not None:
+            write_manifest(iteration_dir, files.files, **manifest)
+            staging.publish(iteration)
     except BaseException:
         progress.close()
         if optim:
             optim.abort()
-        staging.discard()
+        if staging is not None:
+            staging.discard()
         raise
     return {"bytes": files.bytes_written, "seconds": time.monotonic() - started, "target": str(plan.save_dir),
-            "files": len(files.files)}
+            "files": len(files.files), "written": files.files, "manifest": manifest}
+
+
+def stage_shares_of(plan, workers_asked: int) -> tuple[StagedIteration, list]:
+    """The staged iteration folder and one plan per worker (`--workers`), each with its `Share`;
+    the queue memory (`--max-queue-gb`) is split between them."""
+    iteration = target_iteration(plan)
+    staging = StagedIteration(plan.save_dir, iteration_dir_name(iteration), TRACKER, plan.overwrite)
+    groups = workers.stage_shares(plan.target_layout, workers_asked,
+                                  plan.source_layout if plan.load_type == "mg" else None)
+    plans = [dataclasses.replace(plan, share=workers.Share(k, len(groups), stages, str(staging.folder)),
+                                 max_queue_gb=plan.max_queue_gb / len(groups), quiet=plan.quiet or k > 0)
+             for k, stages in enumerate(groups)]
+    return staging, plans
+
+
+def publish_shares(staging: StagedIteration, results: list[dict]) -> dict:
+    """Every worker succeeded: one manifest for all their files, then the folder goes into place."""
+    written = {name: entry for result in results for name, entry in result["written"].items()}
+    manifest = dict(results[0]["manifest"])
+    manifest["dtypes"] = {k: v for result in results for k, v in result["manifest"]["dtypes"].items()}
+    write_manifest(staging.folder, written, **manifest)
+    staging.publish(manifest["iteration"])
+    return {"bytes": sum(r["bytes"] for r in results), "seconds": max(r["seconds"] for r in results),
+            "target": results[0]["target"], "files": len(written), "workers": len(results),
+            "peak_rss_loader": max(r["peak_rss_loader"] for r in results),
+            "peak_rss_saver": max(r["peak_rss_saver"] for r in results),
+            "peak_rss_total": sum(r["peak_rss_loader"] + r["peak_rss_saver"] for r in results)}
 
 
 class MegatronTargetFormat(registry.TargetFormat):
     name = "mg"
     description = "Megatron-Core checkpoint, legacy torch layout, at the target TP/PP/EP/VPP layout"
     saver = "modellink_ckpt.savers.mg:save"
+    shared_by_stage = True  # --workers: each worker writes the rank files of some pipeline stages
+
+    def shares(self, plan, workers: int) -> tuple:
+        return stage_shares_of(plan, workers)
+
+    def publish(self, staged, results: list[dict]) -> dict:
+        return publish_shares(staged, results)
 
     def check(self, plan) -> None:
         if Path(plan.save_dir).resolve() == Path(plan.load_dir).resolve():

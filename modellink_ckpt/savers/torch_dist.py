@@ -251,6 +251,7 @@ class TorchDistTargetFormat(MegatronTargetFormat):
 
     name = "torch_dist"
     description = "Megatron-Core torch_dist checkpoint (torch.distributed.checkpoint store, common.pt, metadata.json)"
+    shared_by_stage = False  # one store, written by one saver
     saver = "modellink_ckpt.savers.torch_dist:save"
 
     def check(self, plan) -> None:

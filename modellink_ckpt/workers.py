@@ -1,0 +1,146 @@
+"""Parallel workers on one machine (`--workers N`): the target's files split into disjoint shares,
+one loader -> saver pair per share, published together.
+
+A Megatron target is shared by pipeline stage: worker k writes every rank file (all TP and EP
+ranks) of a contiguous run of stages, and its loader sends only the messages those stages hold
+(their layers; the embedding to the first stage, and to the last when tied; final norm, output
+layer and MTP layers to the last). Each rank file is written by exactly one worker, exactly as a
+single worker writes it, so the output is byte-identical whatever N. Every worker writes into the
+one staged folder the parent created; the parent writes the manifest and publishes the folder only
+after every worker has reported success (a failure anywhere stops all and publishes nothing).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from modellink_ckpt.errors import UsageError
+
+# a worker pair holds about two messages in flight and a layer being split: with the arenas
+# bounded by --max-queue-gb (split between workers), this is what one more worker costs
+_WORKER_OVERHEAD_BYTES = 1 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Share:
+    """What one worker writes: the pipeline stages `stages` of the target, into `folder`."""
+
+    index: int
+    count: int
+    stages: tuple[int, ...]
+    folder: str
+
+    def holds_stage(self, pp_rank: int) -> bool:
+        return pp_rank in self.stages
+
+
+def stage_shares(layout, workers: int, source_layout=None) -> list[tuple[int, ...]]:
+    """At most `workers` groups of target pipeline stages with about the same number of layer
+    slots each (the embedding and the output layer count as one slot each). From a Megatron
+    source (`source_layout`) a group also holds whole source stages, so that every source rank
+    file is read, and checked for tensors nothing explains, by one worker: target stages sharing
+    a layer with one source stage stay together. Pure, so every worker and the parent agree."""
+    weights = [count + (pp == 0) + (pp == layout.pp - 1) for pp, count in enumerate(_slots_per_stage(layout))]
+    blocks = _aligned_blocks(layout, source_layout)
+    count, total, done = max(1, min(workers, len(blocks))), sum(weights), 0
+    shares: list[list[int]] = [[] for _ in range(count)]
+    for block in blocks:
+        weight = sum(weights[pp] for pp in block)
+        middle, done = done + weight / 2, done + weight
+        shares[min(count - 1, int(middle * count / total))].extend(block)
+    return [tuple(sorted(share)) for share in shares if share]
+
+
+def _aligned_blocks(layout, source_layout) -> list[tuple[int, ...]]:
+    """The smallest groups of target stages that read whole source stages (each target stage
+    alone without a Megatron source), in stage order."""
+    group = list(range(layout.pp))  # union-find over target stages
+
+    def root(pp: int) -> int:
+        while group[pp] != pp:
+            pp = group[pp]
+        return pp
+
+    if source_layout is not None:
+        target_stage = {hf: slot.pp_rank for hf, slot in layout.slot_of_hf_layer().items()}
+        first_target = {}
+        for hf, slot in source_layout.slot_of_hf_layer().items():
+            first = first_target.setdefault(slot.pp_rank, target_stage[hf])
+            group[root(target_stage[hf])] = root(first)
+    blocks: dict[int, list[int]] = {}
+    for pp in range(layout.pp):
+        blocks.setdefault(root(pp), []).append(pp)
+    return sorted((tuple(block) for block in blocks.values()), key=lambda block: block[0])
+
+
+def source_stages_of(share: Share, layout, source_layout) -> set[int]:
+    """The source stages whose every layer lies in `share` (the ones this worker checks)."""
+    layers: dict[int, list[int]] = {}
+    target_stage = {hf: slot.pp_rank for hf, slot in layout.slot_of_hf_layer().items()}
+    for hf, slot in source_layout.slot_of_hf_layer().items():
+        layers.setdefault(slot.pp_rank, []).append(hf)
+    return {pp for pp, hfs in layers.items() if all(share.holds_stage(target_stage[hf]) for hf in hfs)}
+
+
+def _slots_per_stage(layout) -> list[int]:
+    counts = [0] * layout.pp
+    for slot in layout.slots():
+        counts[slot.pp_rank] += 1
+    return counts
+
+
+def default_workers() -> int:
+    """One worker per two cores (a worker is a loader and a saver process), as many as memory
+    allows with room for the page cache."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    by_memory = max(1, _available_memory() // (4 * _WORKER_OVERHEAD_BYTES))
+    return max(1, min(cpus // 2, by_memory))
+
+
+def _available_memory() -> int:
+    """MemAvailable (free plus reclaimable page cache), or 0 where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def check_workers(requested: int | None, plan, target) -> int:
+    """The number of workers to run: what was asked (or the default), at most one per stage
+    share; refused where the source or target cannot be shared."""
+    if requested is not None and requested < 1:
+        raise UsageError(f"--workers {requested}: must be at least 1")
+    wanted = requested or default_workers()
+    if wanted == 1:
+        return 1
+    if not getattr(target, "shared_by_stage", False) or plan.target_layout is None:
+        if requested:
+            raise UsageError(f"--workers {requested}: a {plan.target_format} target is written by one worker "
+                             f"(Megatron torch-format targets are shared by pipeline stage)")
+        return 1
+    if plan.load_type not in ("hf", "mg") or plan.lora is not None:
+        if requested:
+            raise UsageError(f"--workers {requested}: only hf and mg sources without LoRA are read by several "
+                             f"workers")
+        return 1
+    source_layout = plan.source_layout if plan.load_type == "mg" else None
+    return len(stage_shares(plan.target_layout, wanted, source_layout))
+
+
+def wanted(plan, kind: str, layer: int | None) -> bool:
+    """Whether the loader of `plan`'s share sends this message (always, without a share)."""
+    share = getattr(plan, "share", None)
+    if share is None or kind in ("meta", "done"):
+        return True
+    layout = plan.target_layout
+    last = layout.pp - 1
+    if kind == "layer":
+        return share.holds_stage(layout.slot_of_hf_layer()[layer].pp_rank)
+    if kind == "embeddings":
+        return share.holds_stage(0) or (plan.dims.tie_word_embeddings and share.holds_stage(last))
+    return share.holds_stage(last)  # final norm, output layer, MTP layers

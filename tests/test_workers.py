@@ -1,0 +1,100 @@
+"""--workers N: several loader -> saver pairs, each writing the rank files of some pipeline stages
+of a Megatron target. The output is the same bytes whatever N (manifests equal), a failing worker
+stops every worker and publishes nothing, and what cannot be shared is refused by name."""
+
+import json
+
+import pytest
+
+from modellink_ckpt.demo_models import build_hf_checkpoint
+from modellink_ckpt.layout import ParallelLayout
+from modellink_ckpt.workers import Share, source_stages_of, stage_shares
+from util import assert_one_line_error, cli_argv, hf_to_mg, looks_complete, run_cli, staging_leftovers
+
+import subprocess
+
+
+def _files(mg):
+    """{rank file: (bytes, digest)} of a Megatron target's manifest."""
+    (manifest,) = mg.glob("iter_*/convert_manifest.json")
+    return json.loads(manifest.read_text())["files"]
+
+
+def test_stage_shares_are_balanced_contiguous_and_follow_the_source_stages():
+    target = ParallelLayout.build(22, tp=2, pp=4, num_layer_list="6,6,5,5")
+    assert stage_shares(target, 1) == [(0, 1, 2, 3)]
+    assert stage_shares(target, 2) == [(0, 1), (2, 3)]
+    assert stage_shares(target, 3) == [(0,), (1, 2), (3,)]
+    assert stage_shares(target, 8) == [(0,), (1,), (2,), (3,)]
+    # from a Megatron source every source stage is read by one worker: PP2 (11 + 11 layers) -> PP4
+    # 6,6,5,5 shares target stage 1 between both source stages, so the stages stay together
+    assert stage_shares(target, 4, ParallelLayout.build(22, pp=2)) == [(0, 1, 2, 3)]
+    aligned = ParallelLayout.build(24, pp=4)
+    assert stage_shares(aligned, 4, ParallelLayout.build(24, pp=2)) == [(0, 1), (2, 3)]
+    share = Share(1, 2, (2, 3), "")
+    assert source_stages_of(share, aligned, ParallelLayout.build(24, pp=2)) == {1}
+    # virtual pipeline: a stage's chunks are not contiguous, a share still holds whole stages
+    assert stage_shares(ParallelLayout.build(8, pp=2, vpp_layers=2), 2) == [(0,), (1,)]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("workers")
+    return {family: build_hf_checkpoint(family, root / family, num_layers=4, tokenizer=False)
+            for family in ("llama2", "qwen25-tied", "mixtral")}
+
+
+@pytest.mark.parametrize("family,layout", [
+    ("llama2", ("--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "4")),
+    ("qwen25-tied", ("--target-pipeline-parallel-size", "4")),  # the last stage's copy of the embedding
+    ("llama2", ("--target-pipeline-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1")),
+    ("mixtral", ("--target-pipeline-parallel-size", "2", "--target-expert-parallel-size", "2")),
+], ids=["dense-tp2pp4", "tied-pp4", "vpp", "moe-ep2pp2"])
+def test_hf_to_mg_is_the_same_bytes_for_any_number_of_workers(tmp_path, models, family, layout):
+    flag = {"qwen25-tied": "qwen25"}.get(family, family)
+    one = _files(hf_to_mg(models[family], tmp_path / "w1", flag, *layout, "--workers", "1"))
+    for n in (2, 3):
+        assert _files(hf_to_mg(models[family], tmp_path / f"w{n}", flag, *layout, "--workers", str(n))) == one, n
+
+
+def test_mg_to_mg_is_the_same_bytes_for_any_number_of_workers(tmp_path, models):
+    source = hf_to_mg(models["mixtral"], tmp_path / "src", "mixtral", "--target-tensor-parallel-size", "2",
+                      "--target-pipeline-parallel-size", "2", "--target-expert-parallel-size", "2")
+    layout = ("--target-tensor-parallel-size", "1", "--target-pipeline-parallel-size", "4",
+              "--target-expert-parallel-size", "1")
+    flags = ("--model-type", "GPT", "--load-model-type", "mg", "--save-model-type", "mg", "--load-dir", source)
+    outputs = {}
+    for n in (1, 2, 3):
+        result = run_cli(*flags, "--save-dir", tmp_path / f"w{n}", *layout, "--workers", str(n))
+        assert result.returncode == 0, result.stderr
+        outputs[n] = _files(tmp_path / f"w{n}")
+    assert outputs[1] == outputs[2] == outputs[3]
+
+
+def test_a_failing_worker_stops_all_and_publishes_nothing(tmp_path, models):
+    """An unexplained tensor in the source's second stage: the worker reading it stops the run,
+    with one line naming the file and the worker; no target, no staging left."""
+    import torch
+
+    source = hf_to_mg(models["llama2"], tmp_path / "src", "llama2", "--target-pipeline-parallel-size", "2")
+    victim = source / "iter_0000001" / "mp_rank_00_001" / "model_optim_rng.pt"
+    state = torch.load(victim, weights_only=False)
+    state["model"]["decoder.layers.0.mystery.weight"] = torch.zeros(3)
+    torch.save(state, victim)
+    save = tmp_path / "out"
+    result = subprocess.run(cli_argv("mg", "mg", source, save, "--target-pipeline-parallel-size", "2",
+                                     "--workers", "2"), capture_output=True, text=True, timeout=300)
+    line = assert_one_line_error(result.returncode, result.stderr, "worker failure")
+    assert "mystery" in line and "mp_rank_00_001" in line and "worker 2/2" in line, line
+    assert not looks_complete(save) and not staging_leftovers(save)
+
+
+@pytest.mark.parametrize("flags,expected", [
+    (("--workers", "0"), "--workers 0: must be at least 1"),
+    (("--workers", "2", "--ckpt-format", "torch_dist"), "written by one worker"),
+])
+def test_workers_that_cannot_apply_are_refused(tmp_path, models, flags, expected):
+    result = subprocess.run(cli_argv("hf", "mg", models["llama2"], tmp_path / "out", "--target-pipeline-parallel-size",
+                                     "2", *flags), capture_output=True, text=True, timeout=300)
+    line = assert_one_line_error(result.returncode, result.stderr, "refused")
+    assert expected in line, line
