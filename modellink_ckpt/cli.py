@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from modellink_ckpt import pipeline, registry, workers
+from modellink_ckpt import distributed, pipeline, registry, workers
 from modellink_ckpt.errors import ConvertError, UsageError
 from modellink_ckpt.file_io import DEFAULT_HASH, HASHES, use_hash
 from modellink_ckpt.layout import ParallelLayout
@@ -402,10 +402,12 @@ def convert(argv: list[str] | None = None, start_method: str = "forkserver") -> 
     check_free_space(plan, files)
     target = registry.target(plan.target_format)
     load, save = registry.source(plan.load_type).load_function(), target.save_function()
-    count = workers.check_workers(args.workers, plan, target)
+    count = 1 if distributed.launched() else workers.check_workers(args.workers, plan, target)
     started = time.monotonic()
     try:
-        if count == 1:
+        if distributed.launched():  # one share per torchrun rank
+            result = distributed.run(plan, target, load, save)
+        elif count == 1:
             result = pipeline.run(plan, load, save, start_method)
         else:
             staged, plans = target.shares(plan, count)
@@ -491,7 +493,8 @@ def summary_line(result: dict) -> str:
         memory = f"peak memory loader {_gb(peaks[0])} / saver {_gb(peaks[1])} (max {_gb(max(peaks))})"
     else:  # done in this process
         memory = f"peak memory {_gb(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)}"
-    return (f"done: wrote {_gb(result['bytes'])} in {result['files']} file(s) to {result['describe']} "
+    rank = f"rank {result['rank']}: " if "rank" in result else ""  # one line per torchrun rank
+    return (f"{rank}done: wrote {_gb(result['bytes'])} in {result['files']} file(s) to {result['describe']} "
             f"in {seconds:.1f} s ({result['bytes'] / 1e9 / max(seconds, 1e-9):.2f} GB/s), {memory}")
 
 

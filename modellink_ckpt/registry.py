@@ -115,6 +115,10 @@ class TargetFormat:
         """(staged output, [plan of each worker])."""
         raise NotImplementedError
 
+    def share_plans(self, plan, workers: int, folder: str) -> list:
+        """[plan of each worker] writing into the already staged `folder` (torchrun's other ranks)."""
+        raise NotImplementedError
+
     def publish(self, staged, results: list[dict]) -> dict:
         """Publish what the workers wrote; the summary of all of them."""
         raise NotImplementedError

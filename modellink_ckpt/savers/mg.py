@@ -307,16 +307,19 @@ def save(plan, receiver) -> dict:
 
 
 def stage_shares_of(plan, workers_asked: int) -> tuple[StagedIteration, list]:
-    """The staged iteration folder and one plan per worker (`--workers`), each with its `Share`;
-    the queue memory (`--max-queue-gb`) is split between them."""
-    iteration = target_iteration(plan)
-    staging = StagedIteration(plan.save_dir, iteration_dir_name(iteration), TRACKER, plan.overwrite)
+    """The staged iteration folder and one plan per worker (`--workers`)."""
+    staging = StagedIteration(plan.save_dir, iteration_dir_name(target_iteration(plan)), TRACKER, plan.overwrite)
+    return staging, share_plans(plan, workers_asked, str(staging.folder))
+
+
+def share_plans(plan, workers_asked: int, folder: str) -> list:
+    """One plan per worker, each with its `Share` of the stages, writing into `folder`; the queue
+    memory (`--max-queue-gb`) is split between them. Pure: every torchrun rank gets the same."""
     groups = workers.stage_shares(plan.target_layout, workers_asked,
                                   plan.source_layout if plan.load_type == "mg" else None)
-    plans = [dataclasses.replace(plan, share=workers.Share(k, len(groups), stages, str(staging.folder)),
-                                 max_queue_gb=plan.max_queue_gb / len(groups), quiet=plan.quiet or k > 0)
-             for k, stages in enumerate(groups)]
-    return staging, plans
+    return [dataclasses.replace(plan, share=workers.Share(k, len(groups), stages, folder),
+                                max_queue_gb=plan.max_queue_gb / len(groups), quiet=plan.quiet or k > 0)
+            for k, stages in enumerate(groups)]
 
 
 def publish_shares(staging: StagedIteration, results: list[dict]) -> dict:
@@ -341,6 +344,9 @@ class MegatronTargetFormat(registry.TargetFormat):
 
     def shares(self, plan, workers: int) -> tuple:
         return stage_shares_of(plan, workers)
+
+    def share_plans(self, plan, workers: int, folder: str) -> list:
+        return share_plans(plan, workers, folder)
 
     def publish(self, staged, results: list[dict]) -> dict:
         return publish_shares(staged, results)
