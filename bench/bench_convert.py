@@ -816,6 +816,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma list: hf2mg and mg2mg run once per number of workers (e.g. 1,2,4,8); "
                         "a scaling table follows")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="also draw the table (GB/s per step beside cp -r, and the --workers scaling) as a PNG")
     p.add_argument("--converter", default=str(REPO / "convert_ckpt.py"), help="the convert_ckpt.py to time")
     p.add_argument("--clean", action="store_true", help="also delete the generated HF checkpoint at the end")
     p.add_argument("--generate-only", action="store_true", help="make the checkpoint and stop")
@@ -884,6 +886,11 @@ def main(argv: list[str] | None = None) -> int:
     if len(args.workers) > 1:
         text += "\n\n" + scaling_table(results)
     print(text)
+    if args.plot:
+        from plot import render  # bench/plot.py, beside this script
+
+        Path(args.plot).write_bytes(render(results, f"{shape_name}: {dims}"))
+        log(f"chart: {args.plot}")
     if args.json:
         record = {"shape": shape_name, "dims": shape, "hf_bytes": hf_bytes, "machine": info, "repeat": args.repeat,
                   "interval_s": args.interval, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "steps": results,
