@@ -55,6 +55,11 @@ SHAPES = {
     "llama2-7b": dict(family="llama2", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
                       max_position_embeddings=4096, rms_norm_eps=1e-05, rope_theta=10000.0),
+    # Llama-2-70B's layer dimensions and vocabulary, 4 of its 80 layers (1.71 GB a layer, 7.9 GB in all):
+    # memory at scale (a layer this wide must not cost more than about two layers plus 1 GB)
+    "llama2-70b-4l": dict(family="llama2", hidden_size=8192, intermediate_size=28672, num_hidden_layers=4,
+                          num_attention_heads=64, num_key_value_heads=8, vocab_size=32000,
+                          max_position_embeddings=4096, rms_norm_eps=1e-05, rope_theta=10000.0),
     # Not a published model: Mixtral-like at ~2 GB, with Mixtral-8x7B's 8 experts, top-2, 8 kv heads and
     # vocabulary, scaled down to hidden 1024 (16 heads of 64); 8 layers (PP2 and PP4 divide them), expert
     # ffn 4608 (4.5 x hidden, Mixtral has 3.5) so the bf16 weights come to 1.99 GB, 0.23 GB of experts a layer.
