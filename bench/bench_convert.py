@@ -444,7 +444,9 @@ def measure(cmd: list[str], log_dir: Path, interval: float, settle: float = 0.0)
         out.seek(0)
         text = out.read().decode(errors="replace").replace(str(REPO) + os.sep, "")  # repo-relative paths
     summary = next((line for line in text.splitlines() if line.startswith("done:")), None)
-    return {"rc": rc, "wall_s": wall, **sampler.result(), "peak_shm_delta": sampler.peak_shm,
+    first = re.search(r"first byte read ([0-9.]+) s after start", summary or "")
+    return {"rc": rc, "wall_s": wall, "first_byte_s": float(first.group(1)) if first else None,
+            **sampler.result(), "peak_shm_delta": sampler.peak_shm,
             "max_processes": sampler.max_procs, "samples": sampler.samples, "converter_summary": summary,
             "output_tail": text[-2000:] if rc else ""}
 
@@ -744,7 +746,8 @@ class Bench:
         result["status"] = "ok" if len(good) == len(result["runs"]) else "FAILED"
         if good:
             best = min(good, key=lambda r: r["wall_s"])
-            result.update(wall_s=best["wall_s"], bytes=best["bytes"], largest_file_bytes=best["largest_file_bytes"])
+            result.update(wall_s=best["wall_s"], bytes=best["bytes"], largest_file_bytes=best["largest_file_bytes"],
+                          first_byte_s=best.get("first_byte_s"))
             for key in [f"peak_{k}" for k in TreeSampler.FIELDS] + ["peak_shm_delta"]:
                 values = [r[key] for r in good]
                 result[key] = None if None in values else max(values)
@@ -772,16 +775,21 @@ def machine() -> dict:
 
 
 def table(results: list[dict], copy_wall: float | None) -> str:
-    rows = ["| step | bytes | wall s | × copy | GB/s | peak RSS tree | peak PSS tree |",
-            "|---|---:|---:|---:|---:|---:|---:|"]
+    """One row per step: wall time against the copy, overall GB/s, start-up (process start to the
+    first checkpoint byte read, from the converter's summary) and the steady rate after it."""
+    rows = ["| step | bytes | wall s | × copy | GB/s | start-up s | steady GB/s | peak RSS tree | peak PSS tree |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         if "wall_s" not in r:
-            rows.append(f"| {r['label']} | – | FAILED | – | – | – | – |")
+            rows.append(f"| {r['label']} | – | FAILED | – | – | – | – | – | – |")
             continue
         wall = f"{r['wall_s']:.2f}" + ("" if r["status"] == "ok" else " FAILED")
         ratio = f"{r['wall_s'] / copy_wall:.2f}" if copy_wall else "–"
         rate = f"{r['bytes'] / 1e9 / max(r['wall_s'], 1e-9):.2f}"
+        start = r.get("first_byte_s")
+        steady = f"{r['bytes'] / 1e9 / max(r['wall_s'] - start, 1e-9):.2f}" if start is not None else "–"
         rows.append(f"| {r['label']} | {fmt_bytes(r['bytes'])} | {wall} | {ratio} | {rate} | "
+                    f"{'–' if start is None else f'{start:.2f}'} | {steady} | "
                     f"{fmt_bytes(r['peak_rss'])} | {fmt_bytes(r['peak_pss'])} |")
     return "\n".join(rows)
 

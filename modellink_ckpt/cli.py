@@ -421,7 +421,24 @@ def convert(argv: list[str] | None = None, start_method: str = "forkserver") -> 
         raise
     result["wall_seconds"] = time.monotonic() - started
     result["describe"] = target.where(plan)
+    if result.get("first_read"):
+        result["first_byte_seconds"] = result["first_read"] - process_start_time()
     return result
+
+
+def process_start_time() -> float:
+    """This process's start, wall clock (Linux /proc, to ~10 ms): start-up is measured from here."""
+    try:
+        with open("/proc/self/stat") as f:
+            started_ticks = int(f.read().rpartition(")")[2].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return time.time() - (uptime - started_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return _IMPORTED  # no /proc: from when the converter was imported
+
+
+_IMPORTED = time.time()
 
 
 def _gb(n: int) -> str:
@@ -494,8 +511,9 @@ def summary_line(result: dict) -> str:
     else:  # done in this process
         memory = f"peak memory {_gb(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)}"
     rank = f"rank {result['rank']}: " if "rank" in result else ""  # one line per torchrun rank
+    first = f", first byte read {result['first_byte_seconds']:.2f} s after start" if "first_byte_seconds" in result else ""
     return (f"{rank}done: wrote {_gb(result['bytes'])} in {result['files']} file(s) to {result['describe']} "
-            f"in {seconds:.1f} s ({result['bytes'] / 1e9 / max(seconds, 1e-9):.2f} GB/s), {memory}")
+            f"in {seconds:.1f} s ({result['bytes'] / 1e9 / max(seconds, 1e-9):.2f} GB/s{first}), {memory}")
 
 
 def run_guarded(action) -> int:

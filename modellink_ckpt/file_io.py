@@ -14,6 +14,7 @@ import errno
 import hashlib
 import importlib.util
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -159,6 +160,13 @@ def file_digest(path: str | Path, algorithm: str | None = None) -> tuple[int, st
             size += len(block)
 
 
+_first_read: list[float | None] = [None]  # wall-clock time of this process's first read of checkpoint bytes
+
+
+def first_read_time() -> float | None:
+    return _first_read[0]
+
+
 class FileReader:
     """Positional reads of one file into tensors, with one descriptor per process (kept open)."""
 
@@ -169,6 +177,8 @@ class FileReader:
     def read_into(self, offset: int, out: torch.Tensor, what: str = "a tensor") -> None:
         if self._fd is None or self._fd[1] != os.getpid():
             self._fd = (os.open(self.path, os.O_RDONLY), os.getpid())
+        if _first_read[0] is None:
+            _first_read[0] = time.time()
         view = memoryview(out.reshape(-1).view(torch.uint8).numpy()) if out.nbytes else memoryview(b"")
         done = 0
         while done < len(view):

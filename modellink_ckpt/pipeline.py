@@ -25,7 +25,7 @@ import torch
 import torch.multiprocessing as mp
 
 from modellink_ckpt.errors import ConvertError
-from modellink_ckpt.file_io import DEFAULT_HASH, use_hash
+from modellink_ckpt.file_io import DEFAULT_HASH, first_read_time, use_hash
 from modellink_ckpt.formats.safetensors_io import shared_empty
 from modellink_ckpt.staging import pid_alive
 
@@ -197,6 +197,7 @@ def _run_child(role: str, work: Callable, args, channel, errors, results, caller
     try:
         outcome = work(args, channel) or {}
         outcome["peak_rss"] = _peak_rss_bytes()
+        outcome["first_read"] = first_read_time()
         results.put((role, outcome))
     except ConvertError as exc:
         errors.put((role, f"{exc} ({role})" if " of worker " in role else str(exc)))  # which of several
@@ -337,5 +338,6 @@ def run_pairs(shares: list, load: Callable, save: Callable, start_method: str = 
         result = dict(outcomes.get(saver.name, {}))
         result["peak_rss_loader"] = outcomes.get(loader.name, {}).get("peak_rss", 0)
         result["peak_rss_saver"] = result.pop("peak_rss", 0)
+        result["first_read"] = outcomes.get(loader.name, {}).get("first_read")
         saved.append(result)
     return saved

@@ -333,7 +333,8 @@ def publish_shares(staging: StagedIteration, results: list[dict]) -> dict:
             "target": results[0]["target"], "files": len(written), "workers": len(results),
             "peak_rss_loader": max(r["peak_rss_loader"] for r in results),
             "peak_rss_saver": max(r["peak_rss_saver"] for r in results),
-            "peak_rss_total": sum(r["peak_rss_loader"] + r["peak_rss_saver"] for r in results)}
+            "peak_rss_total": sum(r["peak_rss_loader"] + r["peak_rss_saver"] for r in results),
+            "first_read": min((r["first_read"] for r in results if r.get("first_read")), default=None)}
 
 
 class MegatronTargetFormat(registry.TargetFormat):
