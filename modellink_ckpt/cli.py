@@ -356,8 +356,8 @@ def check_free_space(plan: Plan, files: dict[str, int]) -> None:
                          f"on that filesystem")
 
 
-def describe_plan(plan: Plan, files: dict[str, int]) -> str:
-    """The `--dry-run` report."""
+def describe_plan(plan: Plan, files: dict[str, int], shares: list | None = None) -> str:
+    """The `--dry-run` report (`shares`: each worker's pipeline stages, with --workers)."""
     dims = plan.dims
     lines = [f"plan: {plan.load_type} {plan.load_dir} -> {plan.save_type} {registry.target(plan.target_format).where(plan)}",
              f"model: --model-type-hf {plan.family.name}, {dims.num_layers} layers, hidden {dims.hidden_size}, "
@@ -374,6 +374,8 @@ def describe_plan(plan: Plan, files: dict[str, int]) -> str:
                 shown = ",".join(f"{s.mg_layer}" + ("(noop)" if s.hf_layer is None else "") for s in slots)
                 chunks.append(f"{layout.model_key(vchunk)}: layers {shown or '-'}")
             lines.append(f"  stage {pp_rank}: " + "; ".join(chunks))
+    if shares and len(shares) > 1:
+        lines.append(f"workers: {len(shares)}, writing stages " + " | ".join(",".join(map(str, s)) for s in shares))
     for name, nbytes in files.items():
         lines.append(f"  {name}: {nbytes / 1e6:.1f} MB")
     lines.append(f"total {sum(files.values()) / 1e9:.2f} GB in {len(files)} file(s); nothing written (--dry-run)")
@@ -396,13 +398,15 @@ def convert(argv: list[str] | None = None, start_method: str = "forkserver") -> 
         result["describe"] = str(plan.save_dir / "mg2hf")
         return result
     files = output_files(plan)
+    target = registry.target(plan.target_format)
+    count = 1 if distributed.launched() else workers.check_workers(args.workers, plan, target)
     if args.dry_run:
-        print(describe_plan(plan, files))
+        shares = workers.stage_shares(plan.target_layout, count, plan.source_layout if plan.load_type == "mg"
+                                      else None) if count > 1 else None
+        print(describe_plan(plan, files, shares))
         return {"dry_run": True}
     check_free_space(plan, files)
-    target = registry.target(plan.target_format)
     load, save = registry.source(plan.load_type).load_function(), target.save_function()
-    count = 1 if distributed.launched() else workers.check_workers(args.workers, plan, target)
     started = time.monotonic()
     try:
         if distributed.launched():  # one share per torchrun rank

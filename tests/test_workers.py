@@ -98,3 +98,11 @@ def test_workers_that_cannot_apply_are_refused(tmp_path, models, flags, expected
                                      "2", *flags), capture_output=True, text=True, timeout=300)
     line = assert_one_line_error(result.returncode, result.stderr, "refused")
     assert expected in line, line
+
+
+def test_dry_run_shows_each_workers_stages(tmp_path, models):
+    result = subprocess.run(cli_argv("hf", "mg", models["llama2"], tmp_path / "out", "--target-pipeline-parallel-size",
+                                     "4", "--workers", "3", "--dry-run"), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "workers: 3, writing stages 0 | 1,2 | 3" in result.stdout, result.stdout
+    assert not (tmp_path / "out").exists()
