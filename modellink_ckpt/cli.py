@@ -401,8 +401,7 @@ def convert(argv: list[str] | None = None, start_method: str = "forkserver") -> 
     target = registry.target(plan.target_format)
     count = 1 if distributed.launched() else workers.check_workers(args.workers, plan, target)
     if args.dry_run:
-        shares = workers.stage_shares(plan.target_layout, count, plan.source_layout if plan.load_type == "mg"
-                                      else None) if count > 1 else None
+        shares = workers.plan_shares(plan, count) if count > 1 else None
         print(describe_plan(plan, files, shares))
         return {"dry_run": True}
     check_free_space(plan, files)

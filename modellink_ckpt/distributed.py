@@ -18,7 +18,7 @@ import signal
 import threading
 import time
 
-from modellink_ckpt import pipeline
+from modellink_ckpt import pipeline, workers
 from modellink_ckpt.errors import ConvertError, UsageError
 
 _DONE = "modellink_ckpt/done/"  # store keys: a rank's outcome, set before the final exchange
@@ -36,11 +36,9 @@ def run(plan, target, load, save) -> dict:
     """This rank's part of the conversion; the summary of the whole job (published by rank 0)."""
     import torch.distributed as dist
 
-    if not getattr(target, "shared_by_stage", False):
-        raise UsageError(f"torchrun: a {plan.target_format} target is written by one process; run it without "
-                         f"torchrun (Megatron torch-format targets are shared by pipeline stage)")
-    if plan.load_type not in ("hf", "mg") or plan.lora is not None:
-        raise UsageError("torchrun: only hf and mg sources without LoRA are read by several ranks")
+    reason = workers.why_not_shared(plan, target)
+    if reason is not None:
+        raise UsageError(f"torchrun: {reason}; run it without torchrun")
     dist.init_process_group("gloo", timeout=_TIMEOUT)
     rank, size = dist.get_rank(), dist.get_world_size()
     store = dist.distributed_c10d._get_default_store()
@@ -102,10 +100,8 @@ def _convert_share(plan, load, save, rank: int) -> tuple[str, object]:
         return "ok", pipeline.run_pairs([plan], load, save, start_method="forkserver")
     except ConvertError as exc:
         return "error", str(exc)
-    except SystemExit as exc:  # run_pairs stopped its processes on SIGTERM
+    except SystemExit as exc:  # run_pairs stopped its processes on SIGTERM (and restored our handler)
         raise _Stopped() from exc
-    finally:
-        signal.signal(signal.SIGTERM, _stop)  # run_pairs restores the handler it found: ours
 
 
 def _gather(dist, store, outcome, rank: int, size: int) -> list:

@@ -110,6 +110,21 @@ def _available_memory() -> int:
     return 0
 
 
+def plan_shares(plan, workers: int) -> list[tuple[int, ...]]:
+    """`stage_shares` of a conversion plan's target (aligned with a Megatron source's stages)."""
+    return stage_shares(plan.target_layout, workers, plan.source_layout if plan.load_type == "mg" else None)
+
+
+def why_not_shared(plan, target) -> str | None:
+    """Why this conversion is done by one process (None: it can be shared by stage)."""
+    if not getattr(target, "shared_by_stage", False) or plan.target_layout is None:
+        return (f"a {plan.target_format} target is written by one process (Megatron torch-format targets are "
+                f"shared by pipeline stage)")
+    if plan.load_type not in ("hf", "mg") or plan.lora is not None:
+        return "only hf and mg sources without LoRA are read by several processes"
+    return None
+
+
 def check_workers(requested: int | None, plan, target) -> int:
     """The number of workers to run: what was asked (or the default), at most one per stage
     share; refused where the source or target cannot be shared."""
@@ -118,18 +133,12 @@ def check_workers(requested: int | None, plan, target) -> int:
     wanted = requested or default_workers()
     if wanted == 1:
         return 1
-    if not getattr(target, "shared_by_stage", False) or plan.target_layout is None:
+    reason = why_not_shared(plan, target)
+    if reason is not None:
         if requested:
-            raise UsageError(f"--workers {requested}: a {plan.target_format} target is written by one worker "
-                             f"(Megatron torch-format targets are shared by pipeline stage)")
+            raise UsageError(f"--workers {requested}: {reason}")
         return 1
-    if plan.load_type not in ("hf", "mg") or plan.lora is not None:
-        if requested:
-            raise UsageError(f"--workers {requested}: only hf and mg sources without LoRA are read by several "
-                             f"workers")
-        return 1
-    source_layout = plan.source_layout if plan.load_type == "mg" else None
-    return len(stage_shares(plan.target_layout, wanted, source_layout))
+    return len(plan_shares(plan, wanted))
 
 
 def wanted(plan, kind: str, layer: int | None) -> bool:

@@ -91,7 +91,7 @@ def test_a_failing_worker_stops_all_and_publishes_nothing(tmp_path, models):
 
 @pytest.mark.parametrize("flags,expected", [
     (("--workers", "0"), "--workers 0: must be at least 1"),
-    (("--workers", "2", "--ckpt-format", "torch_dist"), "written by one worker"),
+    (("--workers", "2", "--ckpt-format", "torch_dist"), "torch_dist target is written by one process"),
 ])
 def test_workers_that_cannot_apply_are_refused(tmp_path, models, flags, expected):
     result = subprocess.run(cli_argv("hf", "mg", models["llama2"], tmp_path / "out", "--target-pipeline-parallel-size",

@@ -315,8 +315,7 @@ def stage_shares_of(plan, workers_asked: int) -> tuple[StagedIteration, list]:
 def share_plans(plan, workers_asked: int, folder: str) -> list:
     """One plan per worker, each with its `Share` of the stages, writing into `folder`; the queue
     memory (`--max-queue-gb`) is split between them. Pure: every torchrun rank gets the same."""
-    groups = workers.stage_shares(plan.target_layout, workers_asked,
-                                  plan.source_layout if plan.load_type == "mg" else None)
+    groups = workers.plan_shares(plan, workers_asked)
     return [dataclasses.replace(plan, share=workers.Share(k, len(groups), stages, folder),
                                 max_queue_gb=plan.max_queue_gb / len(groups), quiet=plan.quiet or k > 0)
             for k, stages in enumerate(groups)]
