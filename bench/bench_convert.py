@@ -55,6 +55,10 @@ SHAPES = {
     "llama2-7b": dict(family="llama2", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
                       max_position_embeddings=4096, rms_norm_eps=1e-05, rope_theta=10000.0),
+    # Llama-3.2-3B (tied embeddings: no lm_head on disk), 6.4 GB: source and output both fit in the page cache
+    "llama3.2-3b": dict(family="llama2", hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                        num_attention_heads=24, num_key_value_heads=8, vocab_size=128256,
+                        max_position_embeddings=131072, rms_norm_eps=1e-05, rope_theta=500000.0, tied=True),
     # Llama-2-70B's layer dimensions and vocabulary, 4 of its 80 layers (1.71 GB a layer, 7.9 GB in all):
     # memory at scale (a layer this wide must not cost more than about two layers plus 1 GB)
     "llama2-70b-4l": dict(family="llama2", hidden_size=8192, intermediate_size=28672, num_hidden_layers=4,
@@ -111,7 +115,7 @@ def hf_config(shape: dict) -> dict:
         "num_key_value_heads": shape["num_key_value_heads"],
         "rms_norm_eps": shape["rms_norm_eps"],
         "rope_theta": shape["rope_theta"],
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": shape.get("tied", False),
         "torch_dtype": "bfloat16",
         "dtype": "bfloat16",
         "use_cache": True,
@@ -157,7 +161,7 @@ def hf_tensors(shape: dict) -> list[tuple[str, tuple[int, ...]]]:
                 (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.o_proj.weight", (h, h)),
                 *mlp_tensors(shape, p),
                 (p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,))]
-    out += [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
+    out += [("model.norm.weight", (h,))] + ([] if shape.get("tied") else [("lm_head.weight", (v, h))])
     return out
 
 
