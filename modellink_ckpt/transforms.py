@@ -44,7 +44,32 @@ class Rows:
         return Rows([p.to(dtype) for p in self.pieces])
 
     def materialize(self) -> torch.Tensor:
-        return torch.cat(self.pieces, dim=0) if len(self.pieces) > 1 else self.pieces[0]
+        return cat(self.pieces, dim=0) if len(self.pieces) > 1 else self.pieces[0]
+
+
+# ---- joining tensors ------------------------------------------------------------------------
+# Plans run every transform on meta tensors (shapes only). torch's meta kernels for cat and stack
+# import its compiler stack on first use (measured: 0.7 s of start-up), so shapes are worked out
+# here for meta tensors.
+
+def cat(tensors, dim: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
+    """torch.cat (into `out` when given)."""
+    tensors = list(tensors)
+    if out is None and tensors[0].is_meta:
+        shape = list(tensors[0].shape)
+        shape[dim] = sum(t.shape[dim] for t in tensors)
+        return torch.empty(shape, dtype=tensors[0].dtype, device="meta")
+    return torch.cat(tensors, dim=dim, out=out) if out is not None else torch.cat(tensors, dim=dim)
+
+
+def stack(tensors, dim: int = 0) -> torch.Tensor:
+    """torch.stack."""
+    tensors = list(tensors)
+    if tensors[0].is_meta:
+        shape = list(tensors[0].shape)
+        shape.insert(dim if dim >= 0 else len(shape) + 1 + dim, len(tensors))
+        return torch.empty(shape, dtype=tensors[0].dtype, device="meta")
+    return torch.stack(tensors, dim=dim)
 
 
 def as_tensor(value) -> torch.Tensor:
@@ -67,9 +92,9 @@ def merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_query_group
     parts = [q.reshape(ng, -1, *tail), k.reshape(ng, -1, *tail), v.reshape(ng, -1, *tail)]
     rows = sum(p.shape[1] for p in parts)
     if out is not None:
-        torch.cat(parts, dim=1, out=out.view(ng, rows, *tail))
+        cat(parts, dim=1, out=out.view(ng, rows, *tail))
         return out
-    return torch.cat(parts, dim=1).reshape(-1, *tail)
+    return cat(parts, dim=1).reshape(-1, *tail)
 
 
 def qkv_targets(out: torch.Tensor, num_heads: int, num_query_groups: int, head_dim: int):
@@ -123,7 +148,7 @@ def pack_hf_qkv(q, k, v) -> Rows:
 # ---- gated MLP: gate/up <-> linear_fc1 ------------------------------------------------------
 
 def merge_gate_up(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    return torch.cat([gate, up], dim=0, out=out) if out is not None else torch.cat([gate, up], dim=0)
+    return cat([gate, up], dim=0, out=out)
 
 
 def gate_up_targets(out: torch.Tensor):
@@ -151,7 +176,7 @@ def merge_column(shards, out: torch.Tensor | None = None) -> torch.Tensor:
     shards = [as_tensor(s) for s in shards]
     if len(shards) == 1:
         return _into(out, shards[0])
-    return torch.cat(shards, dim=0, out=out) if out is not None else torch.cat(shards, dim=0)
+    return cat(shards, dim=0, out=out)
 
 
 def split_row(full: torch.Tensor, tp: int) -> list[torch.Tensor]:
@@ -162,7 +187,7 @@ def split_row(full: torch.Tensor, tp: int) -> list[torch.Tensor]:
 def merge_row(shards, out: torch.Tensor | None = None) -> torch.Tensor:
     if len(shards) == 1:
         return _into(out, shards[0])
-    return torch.cat(shards, dim=1, out=out) if out is not None else torch.cat(shards, dim=1)
+    return cat(shards, dim=1, out=out)
 
 
 def split_gated_column(fc1: torch.Tensor, tp: int) -> list:
@@ -182,8 +207,8 @@ def merge_gated_column(shards, out: torch.Tensor | None = None) -> torch.Tensor:
     if out is None:
         out = torch.empty((sum(s.shape[0] for s in shards), *shards[0].shape[1:]), dtype=shards[0].dtype)
     gate_out, up_out = split_gate_up(out)
-    torch.cat([g for g, _ in pairs], dim=0, out=gate_out)
-    torch.cat([u for _, u in pairs], dim=0, out=up_out)
+    cat([g for g, _ in pairs], dim=0, out=gate_out)
+    cat([u for _, u in pairs], dim=0, out=up_out)
     return out
 
 
@@ -238,19 +263,19 @@ def unpad_vocab(table: torch.Tensor, vocab_size: int) -> torch.Tensor:
 def interleave_halves(fused: torch.Tensor) -> torch.Tensor:
     """[G; U] -> rows g0, u0, g1, u1, ... (MindFormers' interleaved fc1)."""
     half = fused.shape[0] // 2
-    return torch.stack([fused[:half], fused[half:]], dim=1).reshape(fused.shape)
+    return stack([fused[:half], fused[half:]], dim=1).reshape(fused.shape)
 
 
 def deinterleave_halves(interleaved: torch.Tensor) -> torch.Tensor:
     """Inverse of `interleave_halves`."""
     half = interleaved.shape[0] // 2
     pairs = interleaved.reshape(half, 2, *interleaved.shape[1:])
-    return torch.cat([pairs[:, 0], pairs[:, 1]], dim=0)
+    return cat([pairs[:, 0], pairs[:, 1]], dim=0)
 
 
 def stack_transposed(blocks: list[torch.Tensor]) -> torch.Tensor:
     """[x_e (R, C)] -> (E*C, R): every block transposed, stacked (MindFormers' experts weight1/weight2)."""
-    return torch.stack([b.t() for b in blocks]).reshape(-1, blocks[0].shape[0])
+    return stack([b.t() for b in blocks]).reshape(-1, blocks[0].shape[0])
 
 
 def unstack_transposed(stacked: torch.Tensor, count: int) -> list[torch.Tensor]:
@@ -262,12 +287,12 @@ def unstack_transposed(stacked: torch.Tensor, count: int) -> list[torch.Tensor]:
 def stack_halves(fused_blocks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """[[G_e; U_e]] -> (stack of G_e, stack of U_e): legacy MindFormers Mixtral w1 / w3 [E, F, H]."""
     halves = [split_gate_up(block) for block in fused_blocks]
-    return torch.stack([g for g, _ in halves]), torch.stack([u for _, u in halves])
+    return stack([g for g, _ in halves]), stack([u for _, u in halves])
 
 
 def unstack_halves(gates: torch.Tensor, ups: torch.Tensor) -> list[torch.Tensor]:
     """Inverse of `stack_halves`."""
-    return [torch.cat([g, u], dim=0) for g, u in zip(gates.unbind(0), ups.unbind(0))]
+    return [cat([g, u], dim=0) for g, u in zip(gates.unbind(0), ups.unbind(0))]
 
 
 # ---- routed experts stored fused in HF: one tensor for all experts of a layer ------------------
