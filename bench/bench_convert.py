@@ -82,6 +82,7 @@ SHAPES = {
 }
 STEPS = ("copy", "hf2mg", "mg2hf", "mg2mg", "hf2ms", "ms2hf", "hf2dist", "dist2hf")
 SHARED_STEPS = ("hf2mg", "mg2mg")  # the steps --workers applies to (Megatron targets, by stage)
+KERNEL_COPY_STEPS = ("hf2mg", "mg2hf", "mg2mg")  # the steps whose unchanged bytes may be copied in the kernel
 # Per family: the default layouts (TP, PP, EP) of hf2mg (--layout) and of mg2mg (--mg2mg-layout), and the
 # Megatron checkpoint mg2hf and mg2mg start from. Dense: TP2PP2, TP1PP4 and TP2PP2; MoE: the same with
 # the experts spread over EP2 (hf2mg, source) and EP4 (mg2mg: TP1PP4EP4, each rank file holds 1/16 of
@@ -648,9 +649,10 @@ class Bench:
             log(f"could not make the MindSpore source checkpoint (rc {run['rc']}):\n{run['output_tail']}")
         return ok
 
-    def step(self, key: str, workers: int = 1) -> dict:
+    def step(self, key: str, workers: int = 1, kernel_copy: bool = True) -> dict:
         """One timed step; hf2mg and mg2mg run with `--workers workers` (every other step, and the
-        untimed sources, with one worker, whatever the machine's default)."""
+        untimed sources, with one worker, whatever the machine's default); `kernel_copy` False
+        adds --no-kernel-copy."""
         layout, layout2 = self.args.layout, self.args.mg2mg_layout
         if key == "copy":
             label, source, out = "cp -r HF (floor)", self.hf, self.runs / "copy"
@@ -703,10 +705,14 @@ class Bench:
             prepare = None
         if "--num-layer-list" in cmd:
             label += " (" + cmd[cmd.index("--num-layer-list") + 1] + ")"
+        if key in KERNEL_COPY_STEPS and not kernel_copy:
+            cmd += ["--no-kernel-copy"]
+            label += ", no kernel copy"
         if key in SHARED_STEPS:
             cmd += ["--workers", str(workers)]
             label += f", {workers} worker{'s' if workers > 1 else ''}" if len(self.args.workers) > 1 else ""
-        result = {"step": key, "label": label, "command": shown(cmd), "runs": [], "workers": workers}
+        result = {"step": key, "label": label, "command": shown(cmd), "runs": [], "workers": workers,
+                  "kernel_copy": kernel_copy and key in KERNEL_COPY_STEPS}
         if source == self.dist_src and not self.ensure_dist_source():
             result["status"] = "FAILED"
             result["error"] = "no torch_dist source checkpoint (hf→torch_dist failed)"
@@ -832,6 +838,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", default="1", type=lambda text: [int(n) for n in text.split(",")],
                    help="comma list: hf2mg and mg2mg run once per number of workers (e.g. 1,2,4,8); "
                         "a scaling table follows")
+    p.add_argument("--kernel-copy", default="on", choices=["on", "off", "both"],
+                   type=str, help="hf2mg, mg2hf and mg2mg with the kernel-copy path (on, the converter's default), "
+                                  "with --no-kernel-copy (off), or each both ways")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--plot", default=None, metavar="FILE.png",
                    help="also draw the table (GB/s per step beside cp -r, and the --workers scaling) as a PNG")
@@ -839,6 +848,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clean", action="store_true", help="also delete the generated HF checkpoint at the end")
     p.add_argument("--generate-only", action="store_true", help="make the checkpoint and stop")
     args = p.parse_args(argv)
+    args.kernel_copy = {"on": [True], "off": [False], "both": [True, False]}[args.kernel_copy]
     if args.repeat < 1:
         p.error("--repeat must be at least 1")
     steps = STEPS if not args.only else tuple(s.strip() for s in args.only.split(",") if s.strip())
@@ -882,7 +892,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for key in steps:
             for workers in (args.workers if key in SHARED_STEPS else [1]):
-                results.append(bench.step(key, workers))
+                for copying in (args.kernel_copy if key in KERNEL_COPY_STEPS else [True]):
+                    results.append(bench.step(key, workers, copying))
     finally:
         remove(bench.runs)
         if args.clean:

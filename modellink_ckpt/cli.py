@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "Megatron target (default: one per two cores, as memory allows; same output bytes for any N)")
     p.add_argument("--hash", choices=list(HASHES), default=DEFAULT_HASH,
                    help="digest of every output file in the manifest (default: %(default)s; --verify reads both)")
+    p.add_argument("--no-kernel-copy", action="store_true",
+                   help="move every byte through memory, also those a Megatron or HF target takes unchanged from "
+                        "the source (by default copied file to file inside the kernel; the output is the same bytes)")
     p.add_argument("--hf-cfg-dir", type=Path, default=None, help="folder with the HF config.json for HF output")
     p.add_argument("--overwrite", action="store_true", help="replace an existing target")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -181,6 +184,7 @@ class Plan:
     source_options: dict = dataclasses.field(default_factory=dict)  # format-specific facts of the source
     target_options: dict = dataclasses.field(default_factory=dict)  # format-specific choices for the target
     share: "workers.Share | None" = None  # --workers: the part of the target one worker writes
+    kernel_copy: bool = False  # bytes the target takes unchanged are copied file to file (kernel_copy.py)
 
     def tokenizer_dir(self) -> Path | None:
         """Where the source's tokenizer files are: the HF folder, or the one the mg args recorded."""
@@ -329,7 +333,9 @@ def build_plan(args) -> Plan:
         target_options={"format": args.ms_format, "naming": args.ms_naming or "mcore", "strategy": args.dst_strategy,
                         "prefix": args.ms_prefix} if args.save_model_type == "ms" else {})
     if not plan.save_lora_to_hf:
-        registry.target(plan.target_format).check(plan)
+        target = registry.target(plan.target_format)
+        target.check(plan)
+        plan.kernel_copy = target.kernel_copy and not args.no_kernel_copy
     return plan
 
 
@@ -515,6 +521,8 @@ def summary_line(result: dict) -> str:
         memory = f"peak memory {_gb(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)}"
     rank = f"rank {result['rank']}: " if "rank" in result else ""  # one line per torchrun rank
     first = f", first byte read {result['first_byte_seconds']:.2f} s after start" if "first_byte_seconds" in result else ""
+    if result.get("kernel_copied"):
+        first = f", {_gb(result['kernel_copied'])} copied in the kernel" + first
     return (f"{rank}done: wrote {_gb(result['bytes'])} in {result['files']} file(s) to {result['describe']} "
             f"in {seconds:.1f} s ({result['bytes'] / 1e9 / max(seconds, 1e-9):.2f} GB/s{first}), {memory}")
 

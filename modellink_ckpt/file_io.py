@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import importlib.util
+import mmap
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from modellink_ckpt import kernel_copy
 from modellink_ckpt.errors import ConvertError
 
 # Writes go out in 256 KiB pieces: measured on Linux 6.x, one large write(2) makes the kernel
@@ -28,7 +30,11 @@ from modellink_ckpt.errors import ConvertError
 _CHUNK = 256 << 10
 _READ_CHUNK = 64 << 20
 _THREAD_MIN = 64 << 10  # below this, handing the hash to the thread costs more than it saves
+_MAP_WINDOW = 64 << 20  # a kernel-copied range is hashed through a map of at most this many bytes at a time
 _executors: dict[int, ThreadPoolExecutor] = {}
+# errors of copy_file_range that mean "not between these files": the bytes go through memory instead
+_NO_KERNEL_COPY = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF, errno.EPERM}
+kernel_copied = [0]  # bytes this process copied file to file inside the kernel
 
 
 def _hasher_thread() -> ThreadPoolExecutor:
@@ -97,16 +103,67 @@ class HashedFile:
         if hashed is None:
             self._hash.update(view)
         try:
+            self._write_unhashed(view)
+        finally:
+            if hashed is not None:
+                hashed.result()  # the view must outlive the hashing
+
+    def _write_unhashed(self, view: memoryview) -> None:
+        try:
             for start in range(0, len(view), _CHUNK):
                 chunk = view[start:start + _CHUNK]
                 while len(chunk):
                     chunk = chunk[os.write(self._fd, chunk):]
         except OSError as exc:
             raise write_error(self.path, exc) from None
-        finally:
-            if hashed is not None:
-                hashed.result()  # the view must outlive the hashing
         self.size += len(view)
+
+    def write_tensor(self, tensor: torch.Tensor) -> None:
+        """A tensor's bytes in row-major order: the parts still in their source file (the
+        kernel-copy path) copied file to file, the rest from memory."""
+        pieces = kernel_copy.file_pieces(tensor)
+        if pieces is None:
+            self.write(tensor_bytes(tensor))
+            return
+        for piece in pieces:
+            if isinstance(piece, kernel_copy.FileRange):
+                self.copy_range(piece)
+            else:
+                self.write(piece)
+
+    def copy_range(self, source: "kernel_copy.FileRange") -> None:
+        """Append bytes of another file: inside the kernel where the two files allow it, hashed
+        meanwhile from a read-only map of the source (its page cache: no copy either)."""
+        src = _source_fd(source.path)
+        hashed = _hasher_thread().submit(_hash_file_range, self._hash, src, source.offset, source.nbytes)
+        try:
+            done = 0
+            while done < source.nbytes:
+                try:
+                    count = os.copy_file_range(src, self._fd, source.nbytes - done, source.offset + done)
+                except OSError as exc:
+                    if exc.errno in _NO_KERNEL_COPY and done == 0:
+                        self._copy_through_memory(src, source)
+                        return
+                    raise write_error(self.path, exc) from None
+                if not count:
+                    raise ConvertError(f"{source.path}: truncated (changed while it was being converted?)")
+                done += count
+            self.size += done
+            kernel_copied[0] += done
+        finally:
+            hashed.result()
+
+    def _copy_through_memory(self, src: int, source: "kernel_copy.FileRange") -> None:
+        """copy_file_range refused (another file system, an old kernel): read and write."""
+        buffer = scratch_tensor((min(source.nbytes, _READ_CHUNK),), torch.uint8).numpy()
+        done = 0
+        while done < source.nbytes:
+            count = os.preadv(src, [memoryview(buffer)[:source.nbytes - done]], source.offset + done)
+            if not count:
+                raise ConvertError(f"{source.path}: truncated (changed while it was being converted?)")
+            self._write_unhashed(memoryview(buffer)[:count])
+            done += count
 
     def close(self) -> tuple[int, str]:
         """Close the file; returns (bytes, digest)."""
@@ -123,6 +180,33 @@ class HashedFile:
             os.close(self._fd)
             self._fd = None
         self.path.unlink(missing_ok=True)
+
+
+_sources: dict[tuple[int, str], int] = {}
+
+
+def _source_fd(path: str) -> int:
+    """A read-only descriptor of a source file, one per process, kept open."""
+    key = (os.getpid(), path)
+    if key not in _sources:
+        try:
+            _sources[key] = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise ConvertError(f"{path}: cannot read ({exc.strerror})") from None
+    return _sources[key]
+
+
+def _hash_file_range(hasher, fd: int, offset: int, nbytes: int) -> None:
+    """Feed bytes [offset, offset + nbytes) of a file to `hasher` through read-only maps of a
+    window at a time (the source's page cache itself, so memory does not grow with the range)."""
+    position, end = offset, offset + nbytes
+    while position < end:
+        start = position - position % mmap.ALLOCATIONGRANULARITY
+        length = min(end, start + _MAP_WINDOW) - start
+        with mmap.mmap(fd, length, offset=start, prot=mmap.PROT_READ) as window:
+            with memoryview(window) as view, view[position - start:length] as part:
+                hasher.update(part)
+        position = start + length
 
 
 _scratch: dict[int, torch.Tensor] = {}
@@ -179,6 +263,8 @@ class FileReader:
             self._fd = (os.open(self.path, os.O_RDONLY), os.getpid())
         if _first_read[0] is None:
             _first_read[0] = time.time()
+        if kernel_copy.defer(self.path, offset, out):
+            return  # the saver copies these bytes file to file (or reads them when it needs them)
         view = memoryview(out.reshape(-1).view(torch.uint8).numpy()) if out.nbytes else memoryview(b"")
         done = 0
         while done < len(view):

@@ -24,6 +24,7 @@ from typing import Callable, Iterator
 import torch
 import torch.multiprocessing as mp
 
+from modellink_ckpt import file_io, kernel_copy
 from modellink_ckpt.errors import ConvertError
 from modellink_ckpt.file_io import DEFAULT_HASH, first_read_time, use_hash
 from modellink_ckpt.formats.safetensors_io import shared_empty
@@ -101,6 +102,7 @@ class Sender:
         index = self._free.pop(0)
         if self._buffers[index] is None:
             self._buffers[index] = shared_empty(self._arena_bytes)
+        kernel_copy.begin_message(self._buffers[index])
         return Arena(index, self._buffers[index])
 
     def _release(self, index) -> None:
@@ -118,6 +120,8 @@ class Sender:
                 if not arena.holds(tensor):  # a tensor made elsewhere: copy it into the message's memory
                     tensors[name] = arena.alloc(tensor.shape, tensor.dtype).copy_(tensor)
         message = Message(kind=kind, tensors=tensors, arena=arena.index if arena else None, **info)
+        if arena is not None:  # bytes left in their source files, for the saver to copy or read
+            message["deferred"] = kernel_copy.take_segments(arena.buffer)
         self._queue.put(message)
         self._in_flight += 1
         if kind == "done":
@@ -137,14 +141,17 @@ class Receiver:
     def __iter__(self) -> Iterator[Message]:
         while True:
             message = self._queue.get()
+            storage = None
             if message.get("arena") is not None and message.tensors:
                 # keep each arena mapped: the next message in it then costs no new mapping
-                self._mapped[message["arena"]] = next(iter(message.tensors.values())).untyped_storage()
+                storage = self._mapped[message["arena"]] = next(iter(message.tensors.values())).untyped_storage()
+            kernel_copy.receive(storage, message.pop("deferred", None))
             if message.kind == "done":  # acknowledged first: a saver may stop iterating at "done"
                 self._acks.put(None)
                 yield message
                 return
             yield message
+            kernel_copy.release()  # the message's memory goes back to the loader
             self._acks.put(message.get("arena"))
 
 
@@ -194,9 +201,13 @@ def _run_child(role: str, work: Callable, args, channel, errors, results, caller
     torch.set_num_threads(1)
     gc.disable()  # the parent decides; Ctrl-C reaches it too
     use_hash(getattr(args, "hash_algorithm", DEFAULT_HASH))  # a forkserver child starts with the default
+    copying = getattr(args, "kernel_copy", False)
+    kernel_copy.defer_reads(copying and role.startswith("loader"))
     try:
-        outcome = work(args, channel) or {}
+        with kernel_copy.saver_fills_on_touch(copying and role.startswith("saver")):
+            outcome = work(args, channel) or {}
         outcome["peak_rss"] = _peak_rss_bytes()
+        outcome["kernel_copied"] = file_io.kernel_copied[0]
         outcome["first_read"] = first_read_time()
         results.put((role, outcome))
     except ConvertError as exc:

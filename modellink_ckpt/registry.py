@@ -107,6 +107,10 @@ class TargetFormat:
     def save_function(self) -> Callable:
         return _resolve(self.saver)
 
+    # The kernel-copy path: a saver that writes through HashedFile.write_tensor and runs under
+    # kernel_copy.FillOnTouch may receive bytes still in their source files (kernel_copy.py)
+    kernel_copy = False
+
     # --workers: a target whose files several savers can write side by side says so and stages
     # them (one plan per worker), then publishes what they wrote once all of them succeeded
     shared_by_stage = False

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from modellink_ckpt.errors import ConvertError
-from modellink_ckpt.file_io import FileReader, HashedFile, tensor_bytes
+from modellink_ckpt.file_io import FileReader, HashedFile
 from modellink_ckpt.transforms import Rows
 
 DTYPES = {
@@ -141,7 +141,7 @@ class SafetensorsWriter:
             raise ConvertError(f"{self.path}: got {name} {list(value.shape)} {value.dtype}, planned "
                                f"{expected_name} {list(shape)} {dtype} (mixed dtypes need --params-dtype)")
         for piece in (value.pieces if isinstance(value, Rows) else [value]):
-            self._file.write(tensor_bytes(piece))
+            self._file.write_tensor(piece)
 
     def close(self) -> tuple[int, str]:
         """(file bytes, digest)."""

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from modellink_ckpt.errors import ConvertError
-from modellink_ckpt.file_io import FileReader, HashedFile, tensor_bytes
+from modellink_ckpt.file_io import FileReader, HashedFile
 from modellink_ckpt.transforms import Rows
 
 ALIGNMENT = 64
@@ -169,7 +169,8 @@ class StreamingTorchWriter:
         numel = value.shape.numel()
         self._record_start(f"data/{key}", numel * value.dtype.itemsize)
         for piece in (value.pieces if isinstance(value, Rows) else [value]):
-            self._write(tensor_bytes(piece))
+            self._file.write_tensor(piece)
+            self._offset = self._file.size - self._base
         self.bytes_written += numel * value.dtype.itemsize
         return TensorRef(_StorageRef(key, _storage_type(value.dtype), numel), tuple(value.shape), value.dtype)
 

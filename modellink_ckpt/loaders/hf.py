@@ -6,12 +6,13 @@ never built and the checkpoint is never held whole.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
 import torch
 
-from modellink_ckpt import mapping, quantized, registry, workers
+from modellink_ckpt import kernel_copy, mapping, quantized, registry, workers
 from modellink_ckpt.errors import ConvertError, UsageError
 from modellink_ckpt.model_cfg import ModelDims, ModelFamily, dims_from_hf_config
 from modellink_ckpt.formats.torch_zip import LazyTensor, load_lazy
@@ -262,12 +263,15 @@ def _gather(source: HfSource, rules: list[mapping.TensorRule], dims: ModelDims, 
             if rule.slab is not None:
                 _read_slab(source, rule, shapes[0], out)
             else:  # every HF row range is read straight to its place: no merge copy
-                for name, (shape, _), targets in zip(rule.hf, shapes, rule.part_targets(out)):
-                    if sum(stop - start for start, stop, _ in targets) != shape[0] \
-                            or tuple(shape[1:]) != tuple(out.shape[1:]):
-                        raise RuntimeError("shape mismatch")
-                    for start, stop, view in targets:
-                        source.read_rows(name, start, stop, view)
+                # bytes placed unchanged may stay in their file for the saver (the kernel-copy path)
+                unchanged = rule.fold is None and not any(n in source.quantized or n in source.mxfp4 for n in rule.hf)
+                with kernel_copy.placing() if unchanged else contextlib.nullcontext():
+                    for name, (shape, _), targets in zip(rule.hf, shapes, rule.part_targets(out)):
+                        if sum(stop - start for start, stop, _ in targets) != shape[0] \
+                                or tuple(shape[1:]) != tuple(out.shape[1:]):
+                            raise RuntimeError("shape mismatch")
+                        for start, stop, view in targets:
+                            source.read_rows(name, start, stop, view)
         except RuntimeError as exc:
             raise ConvertError(f"{source.dir}: cannot build {rule.mcore} {list(expected)} from {described} "
                                f"({str(exc).splitlines()[0]})") from None

@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from modellink_ckpt import mapping, mg_names, registry, workers
+from modellink_ckpt import kernel_copy, mapping, mg_names, registry, workers
 from modellink_ckpt import transforms as T
 from modellink_ckpt.errors import ConvertError, UsageError
 from modellink_ckpt.layout import ParallelLayout
@@ -207,7 +207,8 @@ def _model_entries(state, path) -> dict:
 
 def _read_rows(shard, start: int, stop: int, out: torch.Tensor) -> None:
     if isinstance(shard, LazyTensor):
-        shard.read_rows(start, stop, out)
+        with kernel_copy.placing():  # placed unchanged: may stay in the file for the saver
+            shard.read_rows(start, stop, out)
     else:  # an old non-zip file, loaded whole
         out.copy_(shard[start:stop])
 

@@ -192,6 +192,7 @@ class HfTargetFormat(registry.TargetFormat):
     name = "hf"
     description = "Hugging Face safetensors shards, index, config.json and tokenizer in <save-dir>/mg2hf"
     saver = "modellink_ckpt.savers.hf:save"
+    kernel_copy = True
 
     def check(self, plan) -> None:
         check_target(plan.save_dir / HF_SUBDIR, plan.overwrite)

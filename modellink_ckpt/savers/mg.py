@@ -329,6 +329,7 @@ def publish_shares(staging: StagedIteration, results: list[dict]) -> dict:
     write_manifest(staging.folder, written, **manifest)
     staging.publish(manifest["iteration"])
     return {"bytes": sum(r["bytes"] for r in results), "seconds": max(r["seconds"] for r in results),
+            "kernel_copied": sum(r.get("kernel_copied", 0) for r in results),
             "target": results[0]["target"], "files": len(written), "workers": len(results),
             "peak_rss_loader": max(r["peak_rss_loader"] for r in results),
             "peak_rss_saver": max(r["peak_rss_saver"] for r in results),
@@ -341,6 +342,7 @@ class MegatronTargetFormat(registry.TargetFormat):
     description = "Megatron-Core checkpoint, legacy torch layout, at the target TP/PP/EP/VPP layout"
     saver = "modellink_ckpt.savers.mg:save"
     shared_by_stage = True  # --workers: each worker writes the rank files of some pipeline stages
+    kernel_copy = True
 
     def shares(self, plan, workers: int) -> tuple:
         return stage_shares_of(plan, workers)

@@ -1,0 +1,188 @@
+"""The kernel-copy path (modellink_ckpt/kernel_copy.py): bytes a Megatron or HF target takes
+unchanged stay in their source file and are copied file to file inside the kernel; anything else
+that looks at them reads them first. The output is the same bytes with the path on and off."""
+
+import errno
+import json
+import os
+
+import pytest
+import torch
+
+from modellink_ckpt import file_io, kernel_copy
+from modellink_ckpt.demo_models import build_hf_checkpoint
+from util import hf_to_mg, run_convert
+
+
+def _manifest_files(folder):
+    (manifest,) = list(folder.glob("iter_*/convert_manifest.json")) or list(folder.glob("mg2hf/convert_manifest.json"))
+    return json.loads(manifest.read_text())["files"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("kernel_copy")
+    return {family: build_hf_checkpoint(family, root / family, num_layers=4, tokenizer=False, dtype=torch.bfloat16)
+            for family in ("llama2", "mixtral", "qwen25-tied")}
+
+
+def _both_ways(flags, save_dir):
+    """(result with the kernel-copy path, result without it, manifest files of each)."""
+    on = run_convert(*flags, "--save-dir", save_dir / "on")
+    off = run_convert(*flags, "--save-dir", save_dir / "off", "--no-kernel-copy")
+    return on, off, _manifest_files(save_dir / "on"), _manifest_files(save_dir / "off")
+
+
+HF_TO_MG = {
+    "dense-tp2pp2": ("llama2", ("--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2")),
+    "tied-tp2pp2": ("qwen25-tied", ("--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2")),
+    "moe-tp2ep2pp2": ("mixtral", ("--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2",
+                                  "--target-expert-parallel-size", "2")),
+}
+
+
+@pytest.mark.parametrize("case", HF_TO_MG)
+def test_hf_to_mg_is_the_same_bytes_with_and_without_kernel_copies(tmp_path, models, case):
+    family, layout = HF_TO_MG[case]
+    flags = ("--model-type", "GPT", "--load-model-type", "hf", "--save-model-type", "mg", "--use-mcore-models",
+             "--model-type-hf", {"qwen25-tied": "qwen25"}.get(family, family), "--load-dir", models[family], *layout)
+    on, off, files_on, files_off = _both_ways(flags, tmp_path)
+    assert files_on == files_off
+    # about half of these tiny models' bytes went file to file (row-parallel shards, which reorder
+    # bytes, and the vocabulary's padding rows go through memory; 48% for the dense one)
+    assert on["kernel_copied"] > 0.4 * on["bytes"], (on["kernel_copied"], on["bytes"])
+    assert off["kernel_copied"] == 0
+
+
+@pytest.mark.parametrize("family", ["llama2", "mixtral", "qwen25-tied"])
+@pytest.mark.parametrize("save_type", ["hf", "mg"])
+def test_from_megatron_is_the_same_bytes_with_and_without_kernel_copies(tmp_path, models, family, save_type):
+    flag = {"qwen25-tied": "qwen25"}.get(family, family)
+    ep = ("--target-expert-parallel-size", "2") if family == "mixtral" else ()
+    source = hf_to_mg(models[family], tmp_path / "src", flag, "--target-tensor-parallel-size", "2",
+                      "--target-pipeline-parallel-size", "2", *ep)
+    flags = ("--model-type", "GPT", "--load-model-type", "mg", "--save-model-type", save_type, "--use-mcore-models",
+             "--model-type-hf", flag, "--load-dir", source)
+    if save_type == "mg":  # re-layout: TP2 PP2 (EP2) -> TP1 PP4 (EP1)
+        flags += ("--target-tensor-parallel-size", "1", "--target-pipeline-parallel-size", "4",
+                  *(("--target-expert-parallel-size", "1") if ep else ()))
+    on, off, files_on, files_off = _both_ways(flags, tmp_path)
+    assert files_on == files_off
+    assert on["kernel_copied"] > 0 and off["kernel_copied"] == 0
+
+
+def test_a_saver_that_computes_on_the_bytes_sees_them(tmp_path, models):
+    """--params-dtype casts every tensor in the saver: each deferred byte is read before the cast."""
+    flags = ("--model-type", "GPT", "--load-model-type", "hf", "--save-model-type", "mg", "--use-mcore-models",
+             "--model-type-hf", "llama2", "--load-dir", models["llama2"], "--params-dtype", "fp16",
+             "--target-tensor-parallel-size", "2")
+    on, off, files_on, files_off = _both_ways(flags, tmp_path)
+    assert files_on == files_off
+    assert on["kernel_copied"] == 0  # nothing is written unchanged
+
+
+# ---- the mechanism, in one process -----------------------------------------------------------
+
+def _digest(algorithm: str, data: bytes) -> str:
+    _, hasher = file_io.new_hash(algorithm)
+    hasher.update(data)
+    return f"{algorithm}:{hasher.hexdigest()}"
+
+
+@pytest.fixture
+def message(tmp_path):
+    """A 4 KiB message arena whose bytes [0, 1000) and [2000, 3000) are still in `source` (at
+    offsets 77 and 5000), the rest in memory; FillOnTouch active as in a saver."""
+    source = tmp_path / "source.bin"
+    data = os.urandom(8192)
+    source.write_bytes(data)
+    storage = torch.UntypedStorage(4096)
+    arena = torch.empty(0, dtype=torch.uint8).set_(storage)
+    arena[1000:2000] = torch.arange(1000) % 251
+    arena[3000:] = 7
+    expected = bytearray(arena.numpy().tobytes())
+    expected[0:1000], expected[2000:3000] = data[77:1077], data[5000:6000]
+    with kernel_copy.saver_fills_on_touch(True):
+        kernel_copy.receive(storage, [(2000, 1000, str(source), 5000), (0, 1000, str(source), 77)])
+        yield arena, bytes(expected)
+    kernel_copy._saver["on"] = False
+
+
+def test_views_read_nothing_and_any_other_operation_reads_first(message):
+    arena, expected = message
+    pending = kernel_copy._current[0]
+    as_bf16 = arena.view(torch.bfloat16).reshape(64, 32)
+    rows = as_bf16[2:4]
+    assert rows.shape == (2, 32) and rows.is_contiguous() and len(pending.segments) == 2  # views: nothing read
+    want = torch.frombuffer(bytearray(expected), dtype=torch.bfloat16).reshape(64, 32)
+    assert torch.equal(rows.clone().view(torch.int16), want[2:4].view(torch.int16))  # a copy reads what it covers
+    assert [s[0] for s in pending.segments] == [2000]
+    gathered = as_bf16[:, :3].contiguous()  # a strided gather reads its whole extent
+    assert torch.equal(gathered.view(torch.int16), want[:, :3].contiguous().view(torch.int16))
+    assert not pending.segments
+
+
+def test_untyped_storage_reads_every_deferred_byte(message):
+    arena, expected = message
+    arena[1500:1501].untyped_storage()
+    assert not kernel_copy._current[0].segments
+    assert arena.numpy().tobytes() == expected
+
+
+def test_a_written_tensor_has_its_bytes_and_digest_through_the_kernel(message, tmp_path):
+    arena, expected = message
+    before = file_io.kernel_copied[0]
+    arena[3500:3510].add_(1)  # an in-place change in memory: those bytes are memory from now on
+    expected = expected[:3500] + bytes((b + 1) % 256 for b in expected[3500:3510]) + expected[3510:]
+    for algorithm in ("blake3", "sha256"):
+        file_io.use_hash(algorithm)
+        try:
+            out = file_io.HashedFile(tmp_path / f"out-{algorithm}")
+            out.write(b"header")
+            out.write_tensor(arena[500:4096])  # file, memory, file, memory
+            size, digest = out.close()
+        finally:
+            file_io.use_hash(file_io.DEFAULT_HASH)
+        written = (tmp_path / f"out-{algorithm}").read_bytes()
+        assert written == b"header" + expected[500:] and size == len(written)
+        assert digest == _digest(algorithm, written)
+    assert file_io.kernel_copied[0] - before == 2 * (500 + 1000)
+    assert len(kernel_copy._current[0].segments) == 2  # written without reading them into memory
+
+
+def test_copy_falls_back_to_memory_where_the_kernel_refuses(message, tmp_path, monkeypatch):
+    arena, expected = message
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    before = file_io.kernel_copied[0]
+    out = file_io.HashedFile(tmp_path / "out")
+    out.write_tensor(arena)
+    size, digest = out.close()
+    assert (tmp_path / "out").read_bytes() == expected and size == len(expected)
+    assert digest == _digest(file_io.DEFAULT_HASH, expected)
+    assert file_io.kernel_copied[0] == before
+
+
+def test_a_loader_defers_only_placed_reads_into_the_message(tmp_path):
+    """Reads outside `placing()`, or into memory that is not the message's, happen at once."""
+    source = tmp_path / "source.bin"
+    source.write_bytes(bytes(range(256)) * 4)
+    reader = file_io.FileReader(source)
+    buffer = torch.zeros(1024, dtype=torch.uint8)
+    scratch = torch.zeros(16, dtype=torch.uint8)
+    kernel_copy.defer_reads(True)
+    try:
+        kernel_copy.begin_message(buffer)
+        reader.read_into(0, buffer[:16])  # not placing: read now
+        with kernel_copy.placing():
+            reader.read_into(16, buffer[16:32])
+            reader.read_into(32, buffer[32:48])  # continues the previous range: one segment
+            reader.read_into(100, scratch)  # not the message's memory
+        assert buffer[:16].tolist() == list(range(16)) and scratch.tolist() == list(range(100, 116))
+        assert buffer[16:48].tolist() == [0] * 32
+        assert kernel_copy.take_segments(buffer) == [(16, 32, str(source), 16)]
+    finally:
+        kernel_copy.defer_reads(False)
