@@ -111,6 +111,13 @@ class TargetFormat:
     # kernel_copy.FillOnTouch may receive bytes still in their source files (kernel_copy.py)
     kernel_copy = False
 
+    def computes_on(self, plan) -> Callable:
+        """A hint for the kernel-copy path: predicate over message rules (mapping.TensorRule) that
+        says which tensors this target transforms in memory instead of writing their bytes
+        unchanged; the loader reads those at once, beside the saver, rather than leaving them in
+        the file for the saver to read. A wrong answer costs time, never bytes."""
+        return lambda rule: rule.fold is not None
+
     # --workers: a target whose files several savers can write side by side says so and stages
     # them (one plan per worker), then publishes what they wrote once all of them succeeded
     shared_by_stage = False

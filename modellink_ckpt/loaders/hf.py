@@ -247,8 +247,10 @@ def _read_slab(source: HfSource, rule: mapping.TensorRule, stored: tuple, out: t
     rule.to_mcore([slab[0]], out=out)
 
 
-def _gather(source: HfSource, rules: list[mapping.TensorRule], dims: ModelDims, arena) -> dict:
-    """The message tensors for `rules`, built in `arena`."""
+def _gather(source: HfSource, rules: list[mapping.TensorRule], dims: ModelDims, arena,
+            computed=lambda rule: True) -> dict:
+    """The message tensors for `rules`, built in `arena`; bytes of those the target does not
+    compute on (`computed`) may stay in their file for the saver (the kernel-copy path)."""
     tensors = {}
     for rule in rules:
         expected = rule.shape
@@ -263,8 +265,8 @@ def _gather(source: HfSource, rules: list[mapping.TensorRule], dims: ModelDims, 
             if rule.slab is not None:
                 _read_slab(source, rule, shapes[0], out)
             else:  # every HF row range is read straight to its place: no merge copy
-                # bytes placed unchanged may stay in their file for the saver (the kernel-copy path)
-                unchanged = rule.fold is None and not any(n in source.quantized or n in source.mxfp4 for n in rule.hf)
+                unchanged = rule.fold is None and not computed(rule) and \
+                    not any(n in source.quantized or n in source.mxfp4 for n in rule.hf)
                 with kernel_copy.placing() if unchanged else contextlib.nullcontext():
                     for name, (shape, _), targets in zip(rule.hf, shapes, rule.part_targets(out)):
                         if sum(stop - start for start, stop, _ in targets) != shape[0] \
@@ -299,11 +301,17 @@ def load(plan, sender) -> dict:
                 dtypes[mapping.message_key(kind, layer, rule.mcore)] = own
     config = {k: v for k, v in source.config.items() if k != "quantization_config"}  # written dequantized
     sender.send("meta", dims=dims.to_dict(), source="hf", hf_config=config, dtype=dtype, dtypes=dtypes)
+    target_computes = registry.target(plan.target_format).computes_on(plan)
+    cast = plan.params_dtype is not None and plan.params_dtype != dtype  # every tensor computed on
+
+    def computed(rule):
+        return cast or target_computes(rule)
+
     for kind, layer, _ in messages:
         if not workers.wanted(plan, kind, layer):  # another worker's (--workers)
             continue
         arena = sender.arena()
-        tensors = _gather(source, mapping.message_rules(kind, family, dims, layer), dims, arena)
+        tensors = _gather(source, mapping.message_rules(kind, family, dims, layer), dims, arena, computed)
         sender.send(kind, tensors, arena, layer=layer)
     sender.send("done")
     return {}

@@ -353,6 +353,14 @@ class MegatronTargetFormat(registry.TargetFormat):
     def publish(self, staged, results: list[dict]) -> dict:
         return publish_shares(staged, results)
 
+    def computes_on(self, plan):
+        """Row-parallel tensors are split into column slices (strided, gathered in memory)."""
+        layout, folds = plan.target_layout, super().computes_on(plan)
+        if layout.tp == 1:
+            return folds
+        return lambda rule: folds(rule) or mg_names.part_tp_kind(
+            rule, plan.target_spelling.mla, plan.dims, layout.etp, layout.tp) == "row"
+
     def check(self, plan) -> None:
         if Path(plan.save_dir).resolve() == Path(plan.load_dir).resolve():
             raise UsageError("--save-dir must differ from --load-dir")
