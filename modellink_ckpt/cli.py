@@ -381,7 +381,8 @@ def describe_plan(plan: Plan, files: dict[str, int], shares: list | None = None)
                 chunks.append(f"{layout.model_key(vchunk)}: layers {shown or '-'}")
             lines.append(f"  stage {pp_rank}: " + "; ".join(chunks))
     if shares and len(shares) > 1:
-        lines.append(f"workers: {len(shares)}, writing stages " + " | ".join(",".join(map(str, s)) for s in shares))
+        what = "writing stages" if plan.target_layout is not None else "reading source stages"
+        lines.append(f"workers: {len(shares)}, {what} " + " | ".join(",".join(map(str, s)) for s in shares))
     for name, nbytes in files.items():
         lines.append(f"  {name}: {nbytes / 1e6:.1f} MB")
     lines.append(f"total {sum(files.values()) / 1e9:.2f} GB in {len(files)} file(s); nothing written (--dry-run)")

@@ -137,33 +137,12 @@ class HashedFile:
         src = _source_fd(source.path)
         hashed = _hasher_thread().submit(_hash_file_range, self._hash, src, source.offset, source.nbytes)
         try:
-            done = 0
-            while done < source.nbytes:
-                try:
-                    count = os.copy_file_range(src, self._fd, source.nbytes - done, source.offset + done)
-                except OSError as exc:
-                    if exc.errno in _NO_KERNEL_COPY and done == 0:
-                        self._copy_through_memory(src, source)
-                        return
-                    raise write_error(self.path, exc) from None
-                if not count:
-                    raise ConvertError(f"{source.path}: truncated (changed while it was being converted?)")
-                done += count
-            self.size += done
-            kernel_copied[0] += done
+            if not _copy_in_kernel(src, self._fd, source, self.path):
+                _copy_through_memory(src, source, lambda done, view: self._write_unhashed(view))
+            else:
+                self.size += source.nbytes
         finally:
             hashed.result()
-
-    def _copy_through_memory(self, src: int, source: "kernel_copy.FileRange") -> None:
-        """copy_file_range refused (another file system, an old kernel): read and write."""
-        buffer = scratch_tensor((min(source.nbytes, _READ_CHUNK),), torch.uint8).numpy()
-        done = 0
-        while done < source.nbytes:
-            count = os.preadv(src, [memoryview(buffer)[:source.nbytes - done]], source.offset + done)
-            if not count:
-                raise ConvertError(f"{source.path}: truncated (changed while it was being converted?)")
-            self._write_unhashed(memoryview(buffer)[:count])
-            done += count
 
     def close(self) -> tuple[int, str]:
         """Close the file; returns (bytes, digest)."""
@@ -180,6 +159,86 @@ class HashedFile:
             os.close(self._fd)
             self._fd = None
         self.path.unlink(missing_ok=True)
+
+
+class PositionalFile:
+    """An existing file (planned at its full size) written at given offsets, unhashed: several
+    processes fill their parts of it side by side."""
+
+    def __init__(self, path: str | Path, size: int):
+        """Open `path`, made if missing, at `size` bytes (never truncating what others wrote)."""
+        self.path = Path(path)
+        try:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
+            if os.fstat(self._fd).st_size != size:
+                os.ftruncate(self._fd, size)
+        except OSError as exc:
+            raise write_error(self.path, exc) from None
+
+    def write_tensor_at(self, offset: int, tensor: torch.Tensor) -> int:
+        """Write `tensor`'s bytes at `offset` (the parts still in a source file copied in the
+        kernel, as `HashedFile.write_tensor`); returns the bytes written."""
+        pieces = kernel_copy.file_pieces(tensor)
+        start = offset
+        for piece in ([memoryview(tensor_bytes(tensor)).cast("B")] if pieces is None else pieces):
+            if isinstance(piece, kernel_copy.FileRange):
+                src = _source_fd(piece.path)
+                if not _copy_in_kernel(src, self._fd, piece, self.path, offset):
+                    _copy_through_memory(src, piece, lambda done, view, at=offset: self.write_at(at + done, view))
+                offset += piece.nbytes
+            else:
+                view = memoryview(piece).cast("B")
+                self.write_at(offset, view)
+                offset += len(view)
+        return offset - start
+
+    def write_at(self, offset: int, view: memoryview) -> None:
+        try:
+            for start in range(0, len(view), _CHUNK):
+                chunk = view[start:start + _CHUNK]
+                while len(chunk):
+                    written = os.pwrite(self._fd, chunk, offset + start)
+                    chunk, start = chunk[written:], start + written
+        except OSError as exc:
+            raise write_error(self.path, exc) from None
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _copy_in_kernel(src: int, dst: int, source: "kernel_copy.FileRange", dst_path: Path,
+                    dst_offset: int | None = None) -> bool:
+    """Copy a file range into `dst` (at its position, or at `dst_offset`) inside the kernel;
+    False, with nothing copied, where the kernel refuses these two files."""
+    done = 0
+    while done < source.nbytes:
+        try:
+            count = os.copy_file_range(src, dst, source.nbytes - done, source.offset + done,
+                                       None if dst_offset is None else dst_offset + done)
+        except OSError as exc:
+            if exc.errno in _NO_KERNEL_COPY and done == 0:
+                return False
+            raise write_error(dst_path, exc) from None
+        if not count:
+            raise ConvertError(f"{source.path}: truncated (changed while it was being converted?)")
+        done += count
+    kernel_copied[0] += done
+    return True
+
+
+def _copy_through_memory(src: int, source: "kernel_copy.FileRange", write) -> None:
+    """A file range read into memory a chunk at a time and given to `write(position in the range,
+    bytes)` (where the kernel refused to copy: another file system, an old kernel)."""
+    buffer = scratch_tensor((min(source.nbytes, _READ_CHUNK),), torch.uint8).numpy()
+    done = 0
+    while done < source.nbytes:
+        count = os.preadv(src, [memoryview(buffer)[:source.nbytes - done]], source.offset + done)
+        if not count:
+            raise ConvertError(f"{source.path}: truncated (changed while it was being converted?)")
+        write(done, memoryview(buffer)[:count])
+        done += count
 
 
 _sources: dict[tuple[int, str], int] = {}
@@ -233,15 +292,12 @@ def tensor_bytes(tensor: torch.Tensor):
 
 
 def file_digest(path: str | Path, algorithm: str | None = None) -> tuple[int, str]:
-    """(bytes, digest) of an existing file, read in chunks (constant memory)."""
-    (algorithm, hasher), size = new_hash(algorithm), 0
+    """(bytes, digest) of an existing file, through maps of a window at a time (constant memory)."""
+    algorithm, hasher = new_hash(algorithm)
     with open(path, "rb", buffering=0) as f:
-        while True:
-            block = f.read(_READ_CHUNK)
-            if not block:
-                return size, f"{algorithm}:{hasher.hexdigest()}"
-            hasher.update(block)
-            size += len(block)
+        size = os.fstat(f.fileno()).st_size
+        _hash_file_range(hasher, f.fileno(), 0, size)
+    return size, f"{algorithm}:{hasher.hexdigest()}"
 
 
 _first_read: list[float | None] = [None]  # wall-clock time of this process's first read of checkpoint bytes

@@ -5,7 +5,9 @@ checkpoint against it, with whichever algorithm each entry names."""
 from __future__ import annotations
 
 import json
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from modellink_ckpt import __version__
@@ -29,7 +31,12 @@ def write_manifest(folder: Path, files: dict[str, tuple[int, str]], **info) -> N
 
 
 def hash_files(folder: Path, names) -> dict[str, tuple[int, str]]:
-    return {name: file_digest(folder / name) for name in names}
+    """{name: (bytes, digest)} of files in `folder`, several at a time (hashing releases the GIL)."""
+    names = list(names)
+    if len(names) < 2:
+        return {name: file_digest(folder / name) for name in names}
+    with ThreadPoolExecutor(max_workers=min(len(names), os.cpu_count() or 1)) as pool:
+        return dict(zip(names, pool.map(lambda name: file_digest(folder / name), names)))
 
 
 def read_manifest(folder: Path) -> dict | None:

@@ -101,6 +101,10 @@ class StagedDir:
         except OSError as exc:
             raise ConvertError(f"{self.path}: cannot create ({exc.strerror})") from None
 
+    @property
+    def folder(self) -> Path:  # as StagedIteration names it (--workers, torchrun)
+        return self.path
+
     def publish(self) -> Path:
         """Move the finished folder into place, replacing the old one (only when overwriting) in
         one atomic exchange: at every moment the target is the old folder or the new one."""

@@ -1,6 +1,11 @@
 """Parallel workers on one machine (`--workers N`): the target's files split into disjoint shares,
 one loader -> saver pair per share, published together.
 
+An HF target from a Megatron source is shared by source stage: worker k reads (and checks) whole
+source stages and writes their tensors at their planned places in the planned shards (the
+safetensors header fixes every tensor's offset; the parent writes the headers first and hashes the
+shards at the end).
+
 A Megatron target is shared by pipeline stage: worker k writes every rank file (all TP and EP
 ranks) of a contiguous run of stages, and its loader sends only the messages those stages hold
 (their layers; the embedding to the first stage, and to the last when tied; final norm, output
@@ -110,16 +115,34 @@ def _available_memory() -> int:
     return 0
 
 
+def share_layout(plan):
+    """The layout whose pipeline stages the workers divide: the target's, or for a target without
+    stages (HF) the Megatron source's; None when there is neither."""
+    if plan.target_layout is not None:
+        return plan.target_layout
+    return plan.source_layout if plan.load_type == "mg" else None
+
+
 def plan_shares(plan, workers: int) -> list[tuple[int, ...]]:
     """`stage_shares` of a conversion plan's target (aligned with a Megatron source's stages)."""
-    return stage_shares(plan.target_layout, workers, plan.source_layout if plan.load_type == "mg" else None)
+    aligned = plan.source_layout if plan.load_type == "mg" and plan.target_layout is not None else None
+    return stage_shares(share_layout(plan), workers, aligned)
+
+
+def share_plans(plan, workers: int, folder: str) -> list:
+    """One plan per worker, each with its `Share` of the stages, writing into `folder`; the queue
+    memory (`--max-queue-gb`) is split between them. Pure: every torchrun rank gets the same."""
+    groups = plan_shares(plan, workers)
+    return [dataclasses.replace(plan, share=Share(k, len(groups), stages, folder),
+                                max_queue_gb=plan.max_queue_gb / len(groups), quiet=plan.quiet or k > 0)
+            for k, stages in enumerate(groups)]
 
 
 def why_not_shared(plan, target) -> str | None:
     """Why this conversion is done by one process (None: it can be shared by stage)."""
-    if not getattr(target, "shared_by_stage", False) or plan.target_layout is None:
-        return (f"a {plan.target_format} target is written by one process (Megatron torch-format targets are "
-                f"shared by pipeline stage)")
+    if not getattr(target, "shared_by_stage", False) or share_layout(plan) is None:
+        return (f"a {plan.target_format} target from {plan.load_type} is written by one process (Megatron "
+                f"torch-format targets are shared by pipeline stage, HF targets from Megatron by source stage)")
     if plan.load_type not in ("hf", "mg") or plan.lora is not None:
         return "only hf and mg sources without LoRA are read by several processes"
     return None
@@ -146,10 +169,22 @@ def wanted(plan, kind: str, layer: int | None) -> bool:
     share = getattr(plan, "share", None)
     if share is None or kind in ("meta", "done"):
         return True
-    layout = plan.target_layout
+    layout = share_layout(plan)
     last = layout.pp - 1
     if kind == "layer":
         return share.holds_stage(layout.slot_of_hf_layer()[layer].pp_rank)
-    if kind == "embeddings":
-        return share.holds_stage(0) or (plan.dims.tie_word_embeddings and share.holds_stage(last))
+    if kind == "embeddings":  # a Megatron target's last stage keeps its own copy of a tied table
+        tied_copy = plan.dims.tie_word_embeddings and plan.target_layout is not None
+        return share.holds_stage(0) or (tied_copy and share.holds_stage(last))
     return share.holds_stage(last)  # final norm, output layer, MTP layers
+
+
+def combined_result(results: list[dict], **fields) -> dict:
+    """The summary of several workers' saver results (for the one-line summary)."""
+    return {"bytes": sum(r["bytes"] for r in results), "seconds": max(r["seconds"] for r in results),
+            "kernel_copied": sum(r.get("kernel_copied", 0) for r in results),
+            "target": results[0]["target"], "workers": len(results),
+            "peak_rss_loader": max(r["peak_rss_loader"] for r in results),
+            "peak_rss_saver": max(r["peak_rss_saver"] for r in results),
+            "peak_rss_total": sum(r["peak_rss_loader"] + r["peak_rss_saver"] for r in results),
+            "first_read": min((r["first_read"] for r in results if r.get("first_read")), default=None), **fields}

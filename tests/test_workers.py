@@ -81,17 +81,40 @@ def test_a_failing_worker_stops_all_and_publishes_nothing(tmp_path, models):
     state = torch.load(victim, weights_only=False)
     state["model"]["decoder.layers.0.mystery.weight"] = torch.zeros(3)
     torch.save(state, victim)
-    save = tmp_path / "out"
-    result = subprocess.run(cli_argv("mg", "mg", source, save, "--target-pipeline-parallel-size", "2",
-                                     "--workers", "2"), capture_output=True, text=True, timeout=300)
-    line = assert_one_line_error(result.returncode, result.stderr, "worker failure")
-    assert "mystery" in line and "mp_rank_00_001" in line and "worker 2/2" in line, line
-    assert not looks_complete(save) and not staging_leftovers(save)
+    for save_type in ("mg", "hf"):
+        save = tmp_path / f"out-{save_type}"
+        layout = ("--target-pipeline-parallel-size", "2") if save_type == "mg" else ()
+        result = subprocess.run(cli_argv("mg", save_type, source, save, *layout, "--workers", "2"),
+                                capture_output=True, text=True, timeout=300)
+        line = assert_one_line_error(result.returncode, result.stderr, f"worker failure ({save_type})")
+        assert "mystery" in line and "mp_rank_00_001" in line and "worker 2/2" in line, line
+        assert not looks_complete(save) and not staging_leftovers(save) and not staging_leftovers(save / "mg2hf")
+
+
+@pytest.mark.parametrize("family", ["llama2", "qwen25-tied", "mixtral"])
+def test_mg_to_hf_is_the_same_bytes_for_any_number_of_workers(tmp_path, models, family):
+    """An HF target from Megatron: each worker reads whole source stages and writes their tensors
+    at their planned places in the planned shards; the parent hashes the shards."""
+    flag = {"qwen25-tied": "qwen25"}.get(family, family)
+    ep = ("--target-expert-parallel-size", "2") if family == "mixtral" else ()
+    source = hf_to_mg(models[family], tmp_path / "src", flag, "--target-tensor-parallel-size", "2",
+                      "--target-pipeline-parallel-size", "4", *ep)
+    for shard_size, shards in (("5GB", 1), ("100KB", 4)):  # one file every worker writes into; many
+        manifests = {}
+        for n in (1, 2, 3):
+            save = tmp_path / f"{shard_size}-w{n}"
+            result = run_cli("--model-type", "GPT", "--load-model-type", "mg", "--save-model-type", "hf",
+                             "--model-type-hf", flag, "--load-dir", source, "--save-dir", save,
+                             "--max-shard-size", shard_size, "--workers", str(n))
+            assert result.returncode == 0, result.stderr
+            manifests[n] = json.loads((save / "mg2hf" / "convert_manifest.json").read_text())["files"]
+        assert len([name for name in manifests[1] if name.endswith(".safetensors")]) >= shards
+        assert manifests[1] == manifests[2] == manifests[3], shard_size
 
 
 @pytest.mark.parametrize("flags,expected", [
     (("--workers", "0"), "--workers 0: must be at least 1"),
-    (("--workers", "2", "--ckpt-format", "torch_dist"), "torch_dist target is written by one process"),
+    (("--workers", "2", "--ckpt-format", "torch_dist"), "torch_dist target from hf is written by one process"),
 ])
 def test_workers_that_cannot_apply_are_refused(tmp_path, models, flags, expected):
     result = subprocess.run(cli_argv("hf", "mg", models["llama2"], tmp_path / "out", "--target-pipeline-parallel-size",

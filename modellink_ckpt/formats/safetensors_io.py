@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from modellink_ckpt.errors import ConvertError
-from modellink_ckpt.file_io import FileReader, HashedFile
+from modellink_ckpt.file_io import FileReader, HashedFile, PositionalFile
 from modellink_ckpt.transforms import Rows
 
 DTYPES = {
@@ -109,6 +109,23 @@ class SafetensorsFile:
                                f"do not fit {DTYPE_NAMES.get(out.dtype, out.dtype)} {list(out.shape)}")
         self._reader.read_into(self._data_start + begin + start * row_bytes, out, f"'{name}'")
 
+def planned_header(entries: list[tuple[str, tuple[int, ...], torch.dtype]],
+                   metadata: dict | None = None) -> tuple[bytes, dict[str, int], int]:
+    """(the bytes before the data, {name: its first byte in the file}, tensor bytes) of a file
+    holding `entries` in this order."""
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset, starts = 0, {}
+    for name, shape, dtype in entries:
+        nbytes = torch.Size(shape).numel() * dtype.itemsize
+        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        starts[name] = offset
+        offset += nbytes
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes += b" " * (-len(header_bytes) % 8)  # the format allows space padding; keeps data aligned
+    head = struct.pack("<Q", len(header_bytes)) + header_bytes
+    return head, {name: len(head) + start for name, start in starts.items()}, offset
+
+
 class SafetensorsWriter:
     """One safetensors file whose tensor list is known in advance, written as tensors arrive.
 
@@ -118,18 +135,11 @@ class SafetensorsWriter:
 
     def __init__(self, path: str | Path, entries: list[tuple[str, tuple[int, ...], torch.dtype]],
                  metadata: dict | None = None):
-        header: dict = {"__metadata__": metadata} if metadata else {}
-        offset = 0
-        for name, shape, dtype in entries:
-            nbytes = torch.Size(shape).numel() * dtype.itemsize
-            header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
-        header_bytes = json.dumps(header, separators=(",", ":")).encode()
-        header_bytes += b" " * (-len(header_bytes) % 8)  # the format allows space padding; keeps data aligned
-        self.path, self.tensor_bytes = Path(path), offset
+        head, _, self.tensor_bytes = planned_header(entries, metadata)
+        self.path = Path(path)
         self._pending = list(reversed(entries))
         self._file = HashedFile(self.path)
-        self._file.write(struct.pack("<Q", len(header_bytes)) + header_bytes)
+        self._file.write(head)
 
     @property
     def complete(self) -> bool:
@@ -149,3 +159,44 @@ class SafetensorsWriter:
 
     def abort(self) -> None:
         self._file.abort()
+
+
+
+class PlacedTensors:
+    """Tensors written at their planned places in planned safetensors files, by several processes
+    side by side (`--workers`): whichever comes first to a file gives it its header and full size
+    (the same bytes from each), then each writes its own tensors. Unhashed: the files are hashed
+    once complete."""
+
+    def __init__(self, files: dict[str, tuple[str | Path, list, dict | None]]):
+        """`files`: {file name: (path, entries, metadata)} as the files were planned."""
+        self._files = {name: (Path(path), planned_header(entries, metadata)) for name, (path, entries, metadata)
+                       in files.items()}
+        self._where: dict[str, tuple[str, int, tuple, torch.dtype]] = {}
+        for file, (_, entries, _) in files.items():
+            starts = self._files[file][1][1]
+            for name, shape, dtype in entries:
+                self._where[name] = (file, starts[name], tuple(shape), dtype)
+        self._open: dict[str, PositionalFile] = {}
+        self.tensor_bytes = 0
+
+    def _file(self, file: str) -> PositionalFile:
+        if file not in self._open:
+            path, (head, _, tensor_bytes) = self._files[file]
+            placed = self._open[file] = PositionalFile(path, size=len(head) + tensor_bytes)
+            placed.write_at(0, memoryview(head))
+        return self._open[file]
+
+    def add(self, name: str, value) -> None:
+        file, offset, shape, dtype = self._where[name]
+        if (tuple(value.shape), value.dtype) != (shape, dtype):
+            raise ConvertError(f"{self._files[file][0]}: got {name} {list(value.shape)} {value.dtype}, planned "
+                               f"{list(shape)} {dtype} (mixed dtypes need --params-dtype)")
+        for piece in (value.pieces if isinstance(value, Rows) else [value]):
+            offset += self._file(file).write_tensor_at(offset, piece)
+        self.tensor_bytes += value.nbytes
+
+    def close(self) -> None:
+        for placed in self._open.values():
+            placed.close()
+        self._open.clear()

@@ -16,17 +16,18 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from modellink_ckpt import mapping, registry
+from modellink_ckpt import mapping, registry, workers
 from modellink_ckpt import transforms as T
 from modellink_ckpt.errors import ConvertError, UsageError
 from modellink_ckpt.manifest import hash_files, write_manifest
 from modellink_ckpt.model_cfg import dims_from_hf_config, hf_config_from_dims
-from modellink_ckpt.formats.safetensors_io import SafetensorsWriter
+from modellink_ckpt.formats.safetensors_io import PlacedTensors, SafetensorsWriter
 from modellink_ckpt.staging import StagedDir, check_target
 
 HF_SUBDIR = "mg2hf"
 INDEX = "model.safetensors.index.json"
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_METADATA = {"format": "pt"}  # what transformers' save_pretrained writes
 
 
 def hf_tensors(plan, dtypes: "mapping.TensorDtypes") -> list[tuple[str, tuple[int, ...], torch.dtype]]:
@@ -96,7 +97,7 @@ class ShardedOutput:
     def add(self, name: str, value) -> None:
         if self._current is None:
             self._current = SafetensorsWriter(self.folder / self.names[self._index], self._shards[self._index],
-                                              metadata={"format": "pt"})
+                                              metadata=_METADATA)
         self._current.add(name, value)
         if self._current.complete:
             self.files[self.names[self._index]] = self._current.close()
@@ -106,14 +107,43 @@ class ShardedOutput:
     def finish(self) -> None:
         if self._index != len(self._shards):
             raise RuntimeError(f"only {self._index} of {len(self._shards)} planned shards were completed")
-        if len(self._shards) > 1:
-            weight_map = {entry[0]: name for name, shard in zip(self.names, self._shards) for entry in shard}
-            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
-            (self.folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
     def abort(self) -> None:
         if self._current is not None:
             self._current.abort()
+
+
+class PlacedShards:
+    """The planned shards of a shared target (`--workers`): each worker writes the tensors of its
+    messages at their planned places; the files are hashed when every worker is done."""
+
+    def __init__(self, folder: Path, shards):
+        self.names = shard_names(len(shards))
+        self._tensors = PlacedTensors({name: (folder / name, shard, _METADATA)
+                                       for name, shard in zip(self.names, shards)})
+        self.files: dict[str, tuple[int, str]] = {}  # hashed by the parent
+
+    @property
+    def total_bytes(self) -> int:
+        return self._tensors.tensor_bytes
+
+    def add(self, name: str, value) -> None:
+        self._tensors.add(name, value)
+
+    def finish(self) -> None:
+        self._tensors.close()
+
+    def abort(self) -> None:
+        self._tensors.close()
+
+
+def _write_index(folder: Path, names: list[str], shards) -> None:
+    """model.safetensors.index.json, for a model in several shards."""
+    if len(shards) > 1:
+        weight_map = {entry[0]: name for name, shard in zip(names, shards) for entry in shard}
+        total = sum(torch.Size(shape).numel() * dtype.itemsize for shard in shards for _, shape, dtype in shard)
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
 def _hf_config(plan, meta, dtype: torch.dtype) -> dict:
@@ -147,18 +177,24 @@ def _copy_tokenizer(plan, folder: Path) -> list[str]:
 
 
 def save(plan, receiver) -> dict:
+    """Write the HF model, or with `plan.share` (`--workers`) the tensors of the share's messages
+    into the folder and shards the parent staged (the parent then publishes it, `publish_shares`)."""
     started = time.monotonic()
     dims, family = plan.dims, plan.family
     messages = iter(receiver)
     meta = next(messages)
+    share = getattr(plan, "share", None)
     dtypes = mapping.TensorDtypes.from_meta(meta, cast=plan.params_dtype)
     dtype = dtypes.default
-    staging = StagedDir(plan.save_dir / HF_SUBDIR, overwrite=plan.overwrite)
+    staging = None if share else StagedDir(plan.save_dir / HF_SUBDIR, overwrite=plan.overwrite)
+    folder = Path(share.folder) if share else staging.path
     entries = hf_tensors(plan, dtypes)
     odd_dtypes = {name: str(dt) for name, _, dt in entries if dt != dtype}
-    output = ShardedOutput(staging.path, plan_shards(entries, plan.max_shard_bytes))
+    shards = plan_shards(entries, plan.max_shard_bytes)
+    output = PlacedShards(folder, shards) if share else ShardedOutput(folder, shards)
     stacks = SlabStacks()
-    progress = tqdm(total=dims.num_layers, desc="saving layers", unit="layer", disable=plan.quiet)
+    layers = sum(1 for layer in range(dims.num_layers) if workers.wanted(plan, "layer", layer))
+    progress = tqdm(total=layers, desc="saving layers", unit="layer", disable=plan.quiet)
     try:
         for message in messages:
             for rule in mapping.message_rules(message.kind, family, dims, message.get("layer")):
@@ -171,21 +207,37 @@ def save(plan, receiver) -> dict:
                 progress.update(1)
         progress.close()
         output.finish()
-        config = _hf_config(plan, meta, dtype)
-        (staging.path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        tokenizer = _copy_tokenizer(plan, staging.path)
-        extra = ["config.json", *tokenizer] + ([INDEX] if len(output.names) > 1 else [])
-        write_manifest(staging.path, {**output.files, **hash_files(staging.path, extra)}, kind="hf",
-                       model_type_hf=family.name, source={"type": plan.load_type, "dir": str(Path(plan.load_dir).resolve())},
-                       dtype=str(dtype), vocab_size=dims.vocab_size, dtypes=odd_dtypes)
-        target = staging.publish()
+        small, tokenizer = [], []  # config, tokenizer and index: written once (by the first worker)
+        if share is None or share.index == 0:
+            _write_index(folder, output.names, shards)
+            (folder / "config.json").write_text(json.dumps(_hf_config(plan, meta, dtype), indent=2) + "\n")
+            tokenizer = _copy_tokenizer(plan, folder)
+            small = ["config.json", *tokenizer] + ([INDEX] if len(shards) > 1 else [])
+        manifest = dict(kind="hf", model_type_hf=family.name,
+                        source={"type": plan.load_type, "dir": str(Path(plan.load_dir).resolve())},
+                        dtype=str(dtype), vocab_size=dims.vocab_size, dtypes=odd_dtypes)
+        if staging is not None:
+            write_manifest(folder, {**output.files, **hash_files(folder, small)}, **manifest)
+            target = staging.publish()
     except BaseException:
         progress.close()
         output.abort()
-        staging.discard()
+        if staging is not None:
+            staging.discard()
         raise
-    return {"bytes": output.total_bytes, "seconds": time.monotonic() - started, "target": str(target),
-            "files": len(output.names), "tokenizer_files": tokenizer}
+    return {"bytes": output.total_bytes, "seconds": time.monotonic() - started,
+            "target": str(plan.save_dir / HF_SUBDIR if share else target), "files": len(output.names),
+            "tokenizer_files": tokenizer, "shards": output.names, "small_files": small, "manifest": manifest}
+
+
+def publish_shares(staging: StagedDir, results: list[dict]) -> dict:
+    """Every worker succeeded: hash the shards (side by side) and the small files, write the
+    manifest, and put the folder in place."""
+    first = next(r for r in results if r["small_files"])
+    files = hash_files(staging.path, [*first["shards"], *first["small_files"]])
+    write_manifest(staging.path, files, **first["manifest"])
+    staging.publish()
+    return workers.combined_result(results, files=len(first["shards"]))
 
 
 class HfTargetFormat(registry.TargetFormat):
@@ -193,6 +245,17 @@ class HfTargetFormat(registry.TargetFormat):
     description = "Hugging Face safetensors shards, index, config.json and tokenizer in <save-dir>/mg2hf"
     saver = "modellink_ckpt.savers.hf:save"
     kernel_copy = True
+    shared_by_stage = True  # --workers from a Megatron source: each worker reads some source stages
+
+    def shares(self, plan, count: int) -> tuple:
+        staging = StagedDir(plan.save_dir / HF_SUBDIR, overwrite=plan.overwrite)
+        return staging, workers.share_plans(plan, count, str(staging.path))
+
+    def share_plans(self, plan, count: int, folder: str) -> list:
+        return workers.share_plans(plan, count, folder)
+
+    def publish(self, staged, results: list[dict]) -> dict:
+        return publish_shares(staged, results)
 
     def check(self, plan) -> None:
         check_target(plan.save_dir / HF_SUBDIR, plan.overwrite)

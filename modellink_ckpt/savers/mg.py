@@ -8,7 +8,6 @@ file written, only when every file is complete.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 
@@ -309,16 +308,7 @@ def save(plan, receiver) -> dict:
 def stage_shares_of(plan, workers_asked: int) -> tuple[StagedIteration, list]:
     """The staged iteration folder and one plan per worker (`--workers`)."""
     staging = StagedIteration(plan.save_dir, iteration_dir_name(target_iteration(plan)), TRACKER, plan.overwrite)
-    return staging, share_plans(plan, workers_asked, str(staging.folder))
-
-
-def share_plans(plan, workers_asked: int, folder: str) -> list:
-    """One plan per worker, each with its `Share` of the stages, writing into `folder`; the queue
-    memory (`--max-queue-gb`) is split between them. Pure: every torchrun rank gets the same."""
-    groups = workers.plan_shares(plan, workers_asked)
-    return [dataclasses.replace(plan, share=workers.Share(k, len(groups), stages, folder),
-                                max_queue_gb=plan.max_queue_gb / len(groups), quiet=plan.quiet or k > 0)
-            for k, stages in enumerate(groups)]
+    return staging, workers.share_plans(plan, workers_asked, str(staging.folder))
 
 
 def publish_shares(staging: StagedIteration, results: list[dict]) -> dict:
@@ -328,13 +318,7 @@ def publish_shares(staging: StagedIteration, results: list[dict]) -> dict:
     manifest["dtypes"] = {k: v for result in results for k, v in result["manifest"]["dtypes"].items()}
     write_manifest(staging.folder, written, **manifest)
     staging.publish(manifest["iteration"])
-    return {"bytes": sum(r["bytes"] for r in results), "seconds": max(r["seconds"] for r in results),
-            "kernel_copied": sum(r.get("kernel_copied", 0) for r in results),
-            "target": results[0]["target"], "files": len(written), "workers": len(results),
-            "peak_rss_loader": max(r["peak_rss_loader"] for r in results),
-            "peak_rss_saver": max(r["peak_rss_saver"] for r in results),
-            "peak_rss_total": sum(r["peak_rss_loader"] + r["peak_rss_saver"] for r in results),
-            "first_read": min((r["first_read"] for r in results if r.get("first_read")), default=None)}
+    return workers.combined_result(results, files=len(written))
 
 
 class MegatronTargetFormat(registry.TargetFormat):
@@ -347,8 +331,8 @@ class MegatronTargetFormat(registry.TargetFormat):
     def shares(self, plan, workers: int) -> tuple:
         return stage_shares_of(plan, workers)
 
-    def share_plans(self, plan, workers: int, folder: str) -> list:
-        return share_plans(plan, workers, folder)
+    def share_plans(self, plan, count: int, folder: str) -> list:
+        return workers.share_plans(plan, count, folder)
 
     def publish(self, staged, results: list[dict]) -> dict:
         return publish_shares(staged, results)
