@@ -64,6 +64,15 @@ SHAPES = {
     "llama2-70b-4l": dict(family="llama2", hidden_size=8192, intermediate_size=28672, num_hidden_layers=4,
                           num_attention_heads=64, num_key_value_heads=8, vocab_size=32000,
                           max_position_embeddings=4096, rms_norm_eps=1e-05, rope_theta=10000.0),
+    # One DeepSeek-V3 layer (MLA, 256 routed experts of ffn 2048 and a shared one, 22.5 GB of experts)
+    # with its vocabulary: memory at scale for the largest MoE layer in common use (26.3 GB on disk,
+    # more than this machine's RAM; `intermediate_size` is the experts' ffn, as for Mixtral)
+    "deepseek-v3-1l": dict(family="deepseek3", hidden_size=7168, intermediate_size=2048, num_hidden_layers=1,
+                           num_attention_heads=128, num_key_value_heads=128, vocab_size=129280,
+                           max_position_embeddings=163840, rms_norm_eps=1e-06, rope_theta=10000.0,
+                           num_local_experts=256, num_experts_per_tok=8, dense_intermediate_size=18432,
+                           q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+                           v_head_dim=128),
     # Not a published model: Mixtral-like at ~2 GB, with Mixtral-8x7B's 8 experts, top-2, 8 kv heads and
     # vocabulary, scaled down to hidden 1024 (16 heads of 64); 8 layers (PP2 and PP4 divide them), expert
     # ffn 4608 (4.5 x hidden, Mixtral has 3.5) so the bf16 weights come to 1.99 GB, 0.23 GB of experts a layer.
@@ -90,6 +99,7 @@ KERNEL_COPY_STEPS = ("hf2mg", "mg2hf", "mg2mg")  # the steps whose unchanged byt
 FAMILIES = {
     "llama2": dict(moe=False, hf2mg=(2, 2, 1), mg2mg=(1, 4, 1), source=(2, 2, 1)),
     "mixtral": dict(moe=True, hf2mg=(2, 2, 2), mg2mg=(1, 4, 4), source=(2, 2, 2)),
+    "deepseek3": dict(moe=True, hf2mg=(1, 1, 8), mg2mg=(1, 1, 4), source=(1, 1, 8)),  # one layer: PP1
 }
 
 
@@ -131,6 +141,18 @@ def hf_config(shape: dict) -> dict:
                        "num_local_experts": shape["num_local_experts"],
                        "num_experts_per_tok": shape["num_experts_per_tok"], "output_router_logits": False,
                        "router_aux_loss_coef": 0.02, "router_jitter_noise": 0.0, "sliding_window": None})
+    elif family == "deepseek3":  # DeepseekV3ForCausalLM, every layer MoE, no MTP layer
+        config.update({"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+                       "intermediate_size": shape["dense_intermediate_size"],
+                       "moe_intermediate_size": shape["intermediate_size"],
+                       "n_routed_experts": shape["num_local_experts"], "n_shared_experts": 1,
+                       "num_experts_per_tok": shape["num_experts_per_tok"], "first_k_dense_replace": 0,
+                       "moe_layer_freq": 1, "n_group": 8, "topk_group": 4, "norm_topk_prob": True,
+                       "routed_scaling_factor": 2.5, "scoring_func": "sigmoid", "topk_method": "noaux_tc",
+                       "num_nextn_predict_layers": 0, "attention_bias": False,
+                       **{k: shape[k] for k in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
+                                                "qk_rope_head_dim", "v_head_dim")},
+                       "head_dim": shape["qk_rope_head_dim"]})
     else:
         raise ValueError(f"unknown family {family!r}")
     return dict(sorted(config.items()))
@@ -142,6 +164,13 @@ def mlp_tensors(shape: dict, prefix: str) -> list[tuple[str, tuple[int, ...]]]:
     if shape["family"] == "llama2":
         return [(prefix + "mlp.gate_proj.weight", (i, h)), (prefix + "mlp.up_proj.weight", (i, h)),
                 (prefix + "mlp.down_proj.weight", (h, i))]
+    if shape["family"] == "deepseek3":
+        mlp, experts = prefix + "mlp.", shape["num_local_experts"]
+        out = [(mlp + "gate.weight", (experts, h)), (mlp + "gate.e_score_correction_bias", (experts,))]
+        for owner in [f"experts.{e}." for e in range(experts)] + ["shared_experts."]:
+            out += [(mlp + owner + "gate_proj.weight", (i, h)), (mlp + owner + "up_proj.weight", (i, h)),
+                    (mlp + owner + "down_proj.weight", (h, i))]
+        return out
     moe = prefix + "block_sparse_moe."
     out = [(moe + "gate.weight", (shape["num_local_experts"], h))]
     for e in range(shape["num_local_experts"]):
@@ -151,6 +180,20 @@ def mlp_tensors(shape: dict, prefix: str) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
+def attention_tensors(shape: dict, prefix: str, kv: int) -> list[tuple[str, tuple[int, ...]]]:
+    """One layer's attention weights: q/k/v/o, or DeepSeek's MLA (low-rank q and kv with their norms)."""
+    h = shape["hidden_size"]
+    if shape["family"] != "deepseek3":
+        return [(prefix + "q_proj.weight", (h, h)), (prefix + "k_proj.weight", (kv, h)),
+                (prefix + "v_proj.weight", (kv, h)), (prefix + "o_proj.weight", (h, h))]
+    heads, q, c = shape["num_attention_heads"], shape["q_lora_rank"], shape["kv_lora_rank"]
+    nope, rope, v = shape["qk_nope_head_dim"], shape["qk_rope_head_dim"], shape["v_head_dim"]
+    return [(prefix + "q_a_proj.weight", (q, h)), (prefix + "q_a_layernorm.weight", (q,)),
+            (prefix + "q_b_proj.weight", (heads * (nope + rope), q)),
+            (prefix + "kv_a_proj_with_mqa.weight", (c + rope, h)), (prefix + "kv_a_layernorm.weight", (c,)),
+            (prefix + "kv_b_proj.weight", (heads * (nope + v), c)), (prefix + "o_proj.weight", (h, heads * v))]
+
+
 def hf_tensors(shape: dict) -> list[tuple[str, tuple[int, ...]]]:
     """(name, shape) of every weight, in the order transformers' state_dict has them."""
     h, v = shape["hidden_size"], shape["vocab_size"]
@@ -158,8 +201,7 @@ def hf_tensors(shape: dict) -> list[tuple[str, tuple[int, ...]]]:
     out = [("model.embed_tokens.weight", (v, h))]
     for n in range(shape["num_hidden_layers"]):
         p = f"model.layers.{n}."
-        out += [(p + "self_attn.q_proj.weight", (h, h)), (p + "self_attn.k_proj.weight", (kv, h)),
-                (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.o_proj.weight", (h, h)),
+        out += [*attention_tensors(shape, p + "self_attn.", kv),
                 *mlp_tensors(shape, p),
                 (p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,))]
     out += [("model.norm.weight", (h,))] + ([] if shape.get("tied") else [("lm_head.weight", (v, h))])
@@ -871,11 +913,12 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"{flag} {fmt_layout(getattr(args, key), True)}: {shape_name} has no experts (EP must be 1)")
     bench = Bench(args, shape_name, shape)
 
-    # disk: the checkpoint, plus at most the source checkpoint and one output beside it
+    # disk: the checkpoint, plus one output, and the source checkpoint beside it for the steps that read one
     weights = sum(nbytes_bf16(d) for _, d in hf_tensors(shape))
     bench.work.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(bench.work).free
-    need = (0 if (bench.hf / "bench_meta.json").is_file() else weights) + (2 * weights if not args.generate_only else 0)
+    alive = 2 if set(steps) - {"copy", "hf2mg"} or args.repeat > 1 else 1  # a kept source beside an output
+    need = (0 if (bench.hf / "bench_meta.json").is_file() else weights) + (alive * weights if not args.generate_only else 0)
     if free < need * 1.05:
         log(f"error: {bench.work}: {fmt_bytes(free)} free, the benchmark needs about {fmt_bytes(int(need * 1.05))}")
         return 2

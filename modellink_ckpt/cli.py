@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default="5GB", help="largest HF output shard (e.g. 5GB, 500MB)")
     p.add_argument("--workers", type=int, default=None,
                    help="parallel loader/saver pairs, each writing the rank files of some pipeline stages of a "
-                        "Megatron target (default: one per two cores, as memory allows; same output bytes for any N)")
+                        "Megatron target, or for an HF target from Megatron the tensors of some source stages "
+                        "(default: one per two cores, as memory allows; same output bytes for any N)")
     p.add_argument("--hash", choices=list(HASHES), default=DEFAULT_HASH,
                    help="digest of every output file in the manifest (default: %(default)s; --verify reads both)")
     p.add_argument("--no-kernel-copy", action="store_true",
