@@ -851,8 +851,8 @@ def scaling_table(results: list[dict]) -> str:
     rows = ["| step | workers | wall s | GB/s | × 1 worker |", "|---|---:|---:|---:|---:|"]
     for key in SHARED_STEPS:
         runs = [r for r in results if r["step"] == key and r.get("status") == "ok" and "wall_s" in r]
-        one = next((r for r in runs if r["workers"] == 1), None)
-        for r in runs:
+        for r in sorted(runs, key=lambda r: not r.get("kernel_copy", True)):  # each variant against its own
+            one = next((o for o in runs if o["workers"] == 1 and o.get("kernel_copy") == r.get("kernel_copy")), None)
             rate = r["bytes"] / 1e9 / max(r["wall_s"], 1e-9)
             speedup = f"{one['wall_s'] / r['wall_s']:.2f}" if one else "–"
             rows.append(f"| {r['label'].rsplit(',', 1)[0]} | {r['workers']} | {r['wall_s']:.2f} | {rate:.2f} | {speedup} |")

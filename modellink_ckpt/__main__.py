@@ -1,3 +1,3 @@
-from modellink_ckpt.cli import main
+from modellink_ckpt.cli import exit_fast, main
 
-raise SystemExit(main())
+exit_fast(main())

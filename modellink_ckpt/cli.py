@@ -8,6 +8,7 @@ one line and exit with code 2. The loader and saver then run as two processes (`
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import json
 import os
@@ -562,5 +563,15 @@ def main(argv: list[str] | None = None) -> int:
     return run_guarded(lambda: convert(argv, start_method="fork"))
 
 
+def exit_fast(code: int):
+    """Leave the command line: run the exit handlers (multiprocessing stops its helper processes
+    and removes its files; tqdm closes its bars), flush, and skip the interpreter's teardown of
+    every module, which with torch loaded costs ~0.2 s of each run (measured here)."""
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_fast(main())
