@@ -3,7 +3,10 @@
 The loader streams `meta`, `embeddings`, one `layer` message per model layer, `final_norm`,
 `output_layer` and `done`. Tensors travel in a few shared-memory arenas that the loader reuses
 once the saver acknowledges a message: at most `--max-queue-size` messages and `--max-queue-gb`
-bytes (but always two messages) are in flight, whatever the model size. If either process fails,
+bytes (but always two messages) are in flight, whatever the model size. An arena is a sparse
+`memfd` mapped by both processes (sent once, then tensors travel as offsets): a page costs memory
+only once written, so bytes the kernel-copy path leaves in their files cost none, and a message
+as large as a DeepSeek-V3 layer (22.5 GB) fits in a machine with less memory than that. If either process fails,
 the parent stops the other at once and reports the cause as one line.
 """
 
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import mmap
 import os
 import resource
 import signal
@@ -18,7 +22,9 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from multiprocessing.connection import wait
+from multiprocessing.reduction import DupFd
 from typing import Callable, Iterator
 
 import torch
@@ -70,6 +76,20 @@ class Arena:
         return tensor.untyped_storage().data_ptr() == self.buffer.untyped_storage().data_ptr()
 
 
+def sparse_shared(nbytes: int) -> tuple[torch.Tensor, int]:
+    """(a uint8 tensor over a new memfd of `nbytes`, the memfd): zero pages that take memory only
+    once written (torch's own shared allocator populates every page when it creates one)."""
+    fd = os.memfd_create("modellink-arena", os.MFD_CLOEXEC)
+    os.ftruncate(fd, nbytes)
+    return _mapped(fd, nbytes), fd
+
+
+def _mapped(fd: int, nbytes: int) -> torch.Tensor:
+    with warnings.catch_warnings():  # torch warns that an mmap is not a bytearray; it is writable
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(mmap.mmap(fd, nbytes), dtype=torch.uint8)
+
+
 def message_bytes(tensor_sizes) -> int:
     """Arena bytes for a message whose tensors have these byte sizes (with alignment)."""
     return sum(-(-n // _ALIGN) * _ALIGN for n in tensor_sizes)
@@ -83,9 +103,11 @@ class Sender:
         self._queue, self._acks = queue, acks
         self._max_messages, self._max_bytes = max_messages, max_bytes
         self._buffers: list[torch.Tensor] = []
+        self._fds: list[int | None] = []
         self._free: list[int] = []
         self._in_flight = 0
         self._arena_bytes = 0
+        self._sent_arenas: set[int] = set()
 
     def plan(self, largest_message_bytes: int) -> None:
         """Size the arenas once the loader knows its largest message."""
@@ -93,6 +115,7 @@ class Sender:
         count = max(2, min(self._max_messages, self._max_bytes // self._arena_bytes))
         self._free = list(range(count))
         self._buffers = [None] * count
+        self._fds = [None] * count
 
     def arena(self) -> Arena:
         if not self._buffers:
@@ -101,7 +124,7 @@ class Sender:
             self._release(self._acks.get())
         index = self._free.pop(0)
         if self._buffers[index] is None:
-            self._buffers[index] = shared_empty(self._arena_bytes)
+            self._buffers[index], self._fds[index] = sparse_shared(self._arena_bytes)
         kernel_copy.begin_message(self._buffers[index])
         return Arena(index, self._buffers[index])
 
@@ -113,13 +136,24 @@ class Sender:
     def send(self, kind: str, tensors: dict[str, torch.Tensor] | None = None, arena: Arena | None = None,
              **info) -> None:
         assert kind in MESSAGE_KINDS, kind
-        tensors = dict(tensors or {})
+        tensors, placed = dict(tensors or {}), {}
         if tensors:
             arena = arena or self.arena()
-            for name, tensor in tensors.items():
+            for name, tensor in list(tensors.items()):
                 if not arena.holds(tensor):  # a tensor made elsewhere: copy it into the message's memory
-                    tensors[name] = arena.alloc(tensor.shape, tensor.dtype).copy_(tensor)
+                    tensor = arena.alloc(tensor.shape, tensor.dtype).copy_(tensor)
+                if arena.holds(tensor):  # travels as its place in the arena
+                    placed[name] = (tensor.data_ptr() - arena.buffer.data_ptr(), tuple(tensor.shape),
+                                    tuple(tensor.stride()), tensor.dtype)
+                    del tensors[name]
+                else:  # a one-off buffer (larger than planned): torch shares it
+                    tensors[name] = tensor
         message = Message(kind=kind, tensors=tensors, arena=arena.index if arena else None, **info)
+        if placed:
+            message["placed"] = placed
+            if arena.index not in self._sent_arenas:  # the saver maps each arena once
+                self._sent_arenas.add(arena.index)
+                message["arena_fd"] = (DupFd(self._fds[arena.index]), arena.buffer.numel())
         if arena is not None:  # bytes left in their source files, for the saver to copy or read
             message["deferred"] = kernel_copy.take_segments(arena.buffer)
         self._queue.put(message)
@@ -136,15 +170,23 @@ class Receiver:
 
     def __init__(self, queue, acks):
         self._queue, self._acks = queue, acks
-        self._mapped: dict[int, torch.UntypedStorage] = {}
+        self._arenas: dict[int, torch.Tensor] = {}  # mapped once, reused by every message in them
 
     def __iter__(self) -> Iterator[Message]:
         while True:
             message = self._queue.get()
             storage = None
-            if message.get("arena") is not None and message.tensors:
-                # keep each arena mapped: the next message in it then costs no new mapping
-                storage = self._mapped[message["arena"]] = next(iter(message.tensors.values())).untyped_storage()
+            if "arena_fd" in message:
+                handle, nbytes = message.pop("arena_fd")
+                fd = handle.detach()
+                self._arenas[message["arena"]] = _mapped(fd, nbytes)
+                os.close(fd)  # the mapping keeps the memory
+            if "placed" in message:
+                arena = self._arenas[message["arena"]]
+                storage = arena.untyped_storage()
+                for name, (offset, shape, stride, dtype) in message.pop("placed").items():
+                    message["tensors"][name] = torch.empty(0, dtype=dtype).set_(storage, offset // dtype.itemsize,
+                                                                                   shape, stride)
             kernel_copy.receive(storage, message.pop("deferred", None))
             if message.kind == "done":  # acknowledged first: a saver may stop iterating at "done"
                 self._acks.put(None)
