@@ -66,9 +66,7 @@ SHAPES = {
                           max_position_embeddings=4096, rms_norm_eps=1e-05, rope_theta=10000.0),
     # One DeepSeek-V3 layer (MLA, 256 routed experts of ffn 2048 and a shared one, 22.5 GB of experts)
     # with its vocabulary: memory at scale for the largest MoE layer in common use (26.7 GB on disk,
-    # more than this machine's RAM; `intermediate_size` is the experts' ffn, as for Mixtral). On a
-    # 24 GiB machine hf2mg fails today: a layer travels as one message, and torch allocates (and
-    # populates) the two shared-memory arenas of a message's size up front (see bench/README.md)
+    # more than this machine's RAM; `intermediate_size` is the experts' ffn, as for Mixtral)
     "deepseek-v3-1l": dict(family="deepseek3", hidden_size=7168, intermediate_size=2048, num_hidden_layers=1,
                            num_attention_heads=128, num_key_value_heads=128, vocab_size=129280,
                            max_position_embeddings=163840, rms_norm_eps=1e-06, rope_theta=10000.0,
