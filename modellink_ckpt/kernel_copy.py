@@ -170,7 +170,7 @@ def _extent(tensor: torch.Tensor) -> tuple[int, int]:
 
 
 _current: list[Pending | None] = [None]
-_saver = {"on": False}
+_saver = {"on": False, "inside": 0}  # fill on touch in this process; our own look at tensors under way
 
 
 def receive(storage: torch.UntypedStorage | None, segments) -> None:
@@ -206,7 +206,7 @@ def file_pieces(tensor: torch.Tensor) -> list | None:
 @contextlib.contextmanager
 def _inside():
     """Our own look at tensors, which must not count as touching them."""
-    _saver["inside"] = _saver.get("inside", 0) + 1
+    _saver["inside"] += 1
     try:
         yield
     finally:
@@ -246,7 +246,7 @@ class FillOnTouch(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         pending = _current[0]
-        if pending is None or not pending.segments or _saver.get("inside") or func in _METADATA:
+        if pending is None or not pending.segments or _saver["inside"] or func in _METADATA:
             return func(*args, **kwargs)
         touched = [t for t in _tensors((args, kwargs)) if pending.holds(t)]
         if not touched:
