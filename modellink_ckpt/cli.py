@@ -365,7 +365,7 @@ def check_free_space(plan: Plan, files: dict[str, int]) -> None:
 
 
 def describe_plan(plan: Plan, files: dict[str, int], shares: list | None = None) -> str:
-    """The `--dry-run` report (`shares`: each worker's pipeline stages, with --workers)."""
+    """The `--dry-run` report (`shares`: each worker's `workers.Share`, with --workers)."""
     dims = plan.dims
     lines = [f"plan: {plan.load_type} {plan.load_dir} -> {plan.save_type} {registry.target(plan.target_format).where(plan)}",
              f"model: --model-type-hf {plan.family.name}, {dims.num_layers} layers, hidden {dims.hidden_size}, "
@@ -383,8 +383,9 @@ def describe_plan(plan: Plan, files: dict[str, int], shares: list | None = None)
                 chunks.append(f"{layout.model_key(vchunk)}: layers {shown or '-'}")
             lines.append(f"  stage {pp_rank}: " + "; ".join(chunks))
     if shares and len(shares) > 1:
-        what = "writing stages" if plan.target_layout is not None else "reading source stages"
-        lines.append(f"workers: {len(shares)}, {what} " + " | ".join(",".join(map(str, s)) for s in shares))
+        what = "writing ranks" if shares[0].ranks is not None else \
+            "writing stages" if plan.target_layout is not None else "reading source stages"
+        lines.append(f"workers: {len(shares)}, {what} " + " | ".join(share.describe() for share in shares))
     for name, nbytes in files.items():
         lines.append(f"  {name}: {nbytes / 1e6:.1f} MB")
     lines.append(f"total {sum(files.values()) / 1e9:.2f} GB in {len(files)} file(s); nothing written (--dry-run)")
@@ -410,7 +411,7 @@ def convert(argv: list[str] | None = None, start_method: str = "forkserver") -> 
     target = registry.target(plan.target_format)
     count = 1 if distributed.launched() else workers.check_workers(args.workers, plan, target)
     if args.dry_run:
-        shares = workers.plan_shares(plan, count) if count > 1 else None
+        shares = [p.share for p in target.share_plans(plan, count, "")] if count > 1 else None
         print(describe_plan(plan, files, shares))
         return {"dry_run": True}
     check_free_space(plan, files)

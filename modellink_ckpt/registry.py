@@ -120,14 +120,17 @@ class TargetFormat:
 
     # --workers: a target whose files several savers can write side by side says so and stages
     # them (one plan per worker), then publishes what they wrote once all of them succeeded
-    shared_by_stage = False
+    def why_one_process(self, plan) -> str | None:
+        """Why this target is written by one process (None: `--workers` may share it)."""
+        return f"a {plan.target_format} target is written by one process"
 
     def shares(self, plan, workers: int) -> tuple:
         """(staged output, [plan of each worker])."""
         raise NotImplementedError
 
     def share_plans(self, plan, workers: int, folder: str) -> list:
-        """[plan of each worker] writing into the already staged `folder` (torchrun's other ranks)."""
+        """[plan of each worker] writing into the already staged `folder` (torchrun's other ranks);
+        pure: with folder "" it also counts and describes the shares (--dry-run)."""
         raise NotImplementedError
 
     def publish(self, staged, results: list[dict]) -> dict:

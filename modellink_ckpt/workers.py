@@ -6,13 +6,18 @@ source stages and writes their tensors at their planned places in the planned sh
 safetensors header fixes every tensor's offset; the parent writes the headers first and hashes the
 shards at the end).
 
-A Megatron target is shared by pipeline stage: worker k writes every rank file (all TP and EP
+A Megatron target (torch or torch_dist) is shared by pipeline stage: worker k writes every rank file (all TP and EP
 ranks) of a contiguous run of stages, and its loader sends only the messages those stages hold
 (their layers; the embedding to the first stage, and to the last when tied; final norm, output
 layer and MTP layers to the last). Each rank file is written by exactly one worker, exactly as a
 single worker writes it, so the output is byte-identical whatever N. Every worker writes into the
 one staged folder the parent created; the parent writes the manifest and publishes the folder only
 after every worker has reported success (a failure anywhere stops all and publishes nothing).
+
+A distributed MindSpore target is shared by rank: worker k writes the rank files of a contiguous run
+of ranks (about the same bytes each), and its loader sends the messages those ranks hold a slice
+of (every message when the strategy has no pipeline stages); from a Megatron source each source
+stage is also read whole, and checked, by the worker that reads most of it.
 """
 
 from __future__ import annotations
@@ -29,12 +34,20 @@ _WORKER_OVERHEAD_BYTES = 1 << 30
 
 @dataclasses.dataclass(frozen=True)
 class Share:
-    """What one worker writes: the pipeline stages `stages` of the target, into `folder`."""
+    """What one worker writes, into `folder`: the pipeline stages `stages` of the target, or the
+    ranks `ranks` of a target shared by rank, whose loader sends the `messages` (message groups,
+    `message_group`) and checks the Megatron source stages `source_stages`."""
 
     index: int
     count: int
     stages: tuple[int, ...]
     folder: str
+    ranks: tuple[int, ...] | None = None
+    messages: frozenset | None = None
+    source_stages: frozenset[int] | None = None
+
+    def describe(self) -> str:
+        return ",".join(map(str, self.stages if self.ranks is None else self.ranks))
 
     def holds_stage(self, pp_rank: int) -> bool:
         return pp_rank in self.stages
@@ -48,13 +61,19 @@ def stage_shares(layout, workers: int, source_layout=None) -> list[tuple[int, ..
     a layer with one source stage stay together. Pure, so every worker and the parent agree."""
     weights = [count + (pp == 0) + (pp == layout.pp - 1) for pp, count in enumerate(_slots_per_stage(layout))]
     blocks = _aligned_blocks(layout, source_layout)
-    count, total, done = max(1, min(workers, len(blocks))), sum(weights), 0
-    shares: list[list[int]] = [[] for _ in range(count)]
-    for block in blocks:
-        weight = sum(weights[pp] for pp in block)
+    groups = balanced_runs([sum(weights[pp] for pp in block) for block in blocks], workers)
+    return [tuple(sorted(pp for b in group for pp in blocks[b])) for group in groups]
+
+
+def balanced_runs(weights: list[float], workers: int) -> list[tuple[int, ...]]:
+    """At most `workers` contiguous runs of the items 0..n-1 of about the same total weight (an
+    item goes to the run its middle falls in); no run is empty."""
+    count, total, done = max(1, min(workers, len(weights))), sum(weights), 0
+    runs: list[list[int]] = [[] for _ in range(count)]
+    for item, weight in enumerate(weights):
         middle, done = done + weight / 2, done + weight
-        shares[min(count - 1, int(middle * count / total))].extend(block)
-    return [tuple(sorted(share)) for share in shares if share]
+        runs[min(count - 1, int(middle * count / total)) if total else item * count // len(weights)].append(item)
+    return [tuple(run) for run in runs if run]
 
 
 def _aligned_blocks(layout, source_layout) -> list[tuple[int, ...]]:
@@ -129,28 +148,66 @@ def plan_shares(plan, workers: int) -> list[tuple[int, ...]]:
     return stage_shares(share_layout(plan), workers, aligned)
 
 
+def _with_share(plan, share: Share):
+    """`plan` for one worker: its share, its part of the queue memory (`--max-queue-gb`), and
+    quiet but for the first worker."""
+    return dataclasses.replace(plan, share=share, max_queue_gb=plan.max_queue_gb / share.count,
+                               quiet=plan.quiet or share.index > 0)
+
+
 def share_plans(plan, workers: int, folder: str) -> list:
-    """One plan per worker, each with its `Share` of the stages, writing into `folder`; the queue
-    memory (`--max-queue-gb`) is split between them. Pure: every torchrun rank gets the same."""
+    """One plan per worker, each with its `Share` of the stages, writing into `folder`. Pure:
+    every torchrun rank gets the same."""
     groups = plan_shares(plan, workers)
-    return [dataclasses.replace(plan, share=Share(k, len(groups), stages, folder),
-                                max_queue_gb=plan.max_queue_gb / len(groups), quiet=plan.quiet or k > 0)
-            for k, stages in enumerate(groups)]
+    return [_with_share(plan, Share(k, len(groups), stages, folder)) for k, stages in enumerate(groups)]
+
+
+def message_group(kind: str, layer: int | None) -> tuple[str, int | None]:
+    """What a loader sends together: a layer, the embedding, or the tail (final norm, output layer
+    and multi-token-prediction layers, which a Megatron source keeps on its last stage)."""
+    if kind in ("layer", "embeddings"):
+        return kind, layer
+    return "tail", None
+
+
+def rank_share_plans(plan, workers: int, folder: str, rank_bytes: list[int], rank_messages: list[set]) -> list:
+    """One plan per worker of a target shared by rank: contiguous runs of ranks with about the same
+    bytes (`rank_bytes`), each sending the message groups its ranks hold (`rank_messages`). From a
+    Megatron source, every source stage is read whole by one worker, which checks that nothing in
+    it is left unexplained. Pure."""
+    groups = balanced_runs(rank_bytes, workers)
+    messages = [set().union(*(rank_messages[rank] for rank in group)) for group in groups]
+    checked: list[set[int]] = [set() for _ in groups]
+    if plan.load_type == "mg":
+        layout = plan.source_layout
+        stage_messages: dict[int, set] = {pp: set() for pp in range(layout.pp)}
+        for hf, slot in layout.slot_of_hf_layer().items():
+            stage_messages[slot.pp_rank].add(("layer", hf))
+        stage_messages[layout.first_stage[0]].add(("embeddings", None))
+        stage_messages[layout.last_stage[0]].add(("tail", None))
+        for pp, held in stage_messages.items():
+            # the worker already reading most of it; among equals, the one checking fewest stages
+            reader = max(range(len(groups)), key=lambda k: (len(held & messages[k]), -len(checked[k]), -k))
+            messages[reader] |= held
+            checked[reader].add(pp)
+    return [_with_share(plan, Share(k, len(groups), (), folder, ranks=group, messages=frozenset(messages[k]),
+                                    source_stages=frozenset(checked[k])))
+            for k, group in enumerate(groups)]
 
 
 def why_not_shared(plan, target) -> str | None:
-    """Why this conversion is done by one process (None: it can be shared by stage)."""
-    if not getattr(target, "shared_by_stage", False) or share_layout(plan) is None:
-        return (f"a {plan.target_format} target from {plan.load_type} is written by one process (Megatron "
-                f"torch-format targets are shared by pipeline stage, HF targets from Megatron by source stage)")
+    """Why this conversion is done by one process (None: several workers can share it)."""
+    reason = target.why_one_process(plan)
+    if reason is not None:
+        return reason
     if plan.load_type not in ("hf", "mg") or plan.lora is not None:
         return "only hf and mg sources without LoRA are read by several processes"
     return None
 
 
 def check_workers(requested: int | None, plan, target) -> int:
-    """The number of workers to run: what was asked (or the default), at most one per stage
-    share; refused where the source or target cannot be shared."""
+    """The number of workers to run: what was asked (or the default), at most one per share of the
+    target; refused where the source or target cannot be shared."""
     if requested is not None and requested < 1:
         raise UsageError(f"--workers {requested}: must be at least 1")
     wanted = requested or default_workers()
@@ -161,7 +218,7 @@ def check_workers(requested: int | None, plan, target) -> int:
         if requested:
             raise UsageError(f"--workers {requested}: {reason}")
         return 1
-    return len(plan_shares(plan, wanted))
+    return len(target.share_plans(plan, wanted, ""))
 
 
 def wanted(plan, kind: str, layer: int | None) -> bool:
@@ -169,6 +226,8 @@ def wanted(plan, kind: str, layer: int | None) -> bool:
     share = getattr(plan, "share", None)
     if share is None or kind in ("meta", "done"):
         return True
+    if share.messages is not None:
+        return message_group(kind, layer) in share.messages
     layout = share_layout(plan)
     last = layout.pp - 1
     if kind == "layer":
@@ -177,6 +236,22 @@ def wanted(plan, kind: str, layer: int | None) -> bool:
         tied_copy = plan.dims.tie_word_embeddings and plan.target_layout is not None
         return share.holds_stage(0) or (tied_copy and share.holds_stage(last))
     return share.holds_stage(last)  # final norm, output layer, MTP layers
+
+
+def checked_source_stages(share: Share, plan) -> set[int]:
+    """The Megatron source stages the worker of `share` reads whole and checks."""
+    if share.source_stages is not None:
+        return set(share.source_stages)
+    return source_stages_of(share, share_layout(plan), plan.source_layout)
+
+
+def merged_outputs(results: list[dict]) -> tuple[dict, dict]:
+    """(every worker's written files {name: (bytes, digest)}, the manifest's fields with every
+    worker's tensors kept in their own dtype) for a target whose files each worker hashed."""
+    written = {name: entry for result in results for name, entry in result["written"].items()}
+    manifest = dict(results[0]["manifest"])
+    manifest["dtypes"] = {k: v for result in results for k, v in result["manifest"]["dtypes"].items()}
+    return written, manifest
 
 
 def combined_result(results: list[dict], **fields) -> dict:

@@ -81,10 +81,13 @@ def test_a_failing_worker_stops_all_and_publishes_nothing(tmp_path, models):
     state = torch.load(victim, weights_only=False)
     state["model"]["decoder.layers.0.mystery.weight"] = torch.zeros(3)
     torch.save(state, victim)
-    for save_type in ("mg", "hf"):
+    from test_mindspore_format import _strategy_for
+
+    strategy, _ = _strategy_for(tmp_path, models["llama2"], "llama2", mp=2)
+    for save_type in ("mg", "hf", "ms"):
         save = tmp_path / f"out-{save_type}"
-        layout = ("--target-pipeline-parallel-size", "2") if save_type == "mg" else ()
-        result = subprocess.run(cli_argv("mg", save_type, source, save, *layout, "--workers", "2"),
+        layout = {"mg": ("--target-pipeline-parallel-size", "2"), "hf": (), "ms": ("--dst-strategy", strategy)}
+        result = subprocess.run(cli_argv("mg", save_type, source, save, *layout[save_type], "--workers", "2"),
                                 capture_output=True, text=True, timeout=300)
         line = assert_one_line_error(result.returncode, result.stderr, f"worker failure ({save_type})")
         assert "mystery" in line and "mp_rank_00_001" in line and "worker 2/2" in line, line
@@ -129,3 +132,32 @@ def test_dry_run_shows_each_workers_stages(tmp_path, models):
     assert result.returncode == 0, result.stderr
     assert "workers: 3, writing stages 0 | 1,2 | 3" in result.stdout, result.stdout
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("source_type", ["hf", "mg"])
+@pytest.mark.parametrize("layout,fmt", [("mp2", "ckpt"), ("pp2mp2", "safetensors"), ("dp2mp2-opt", "ckpt")])
+def test_distributed_mindspore_target_is_the_same_bytes_for_any_number_of_workers(tmp_path, models, source_type,
+                                                                                   layout, fmt):
+    """A MindSpore target split by a strategy is shared by rank: each worker writes some ranks' files
+    (from a Megatron source each source stage is read whole by one worker, also where the
+    strategy's stages cut across the source's)."""
+    from modellink_ckpt.formats.ms_strategy import load_strategy
+    from test_mindspore_format import LAYOUTS, _strategy_for
+
+    strategy, _ = _strategy_for(tmp_path, models["mixtral"], "mixtral", **LAYOUTS[layout])
+    source = models["mixtral"] if source_type == "hf" else \
+        hf_to_mg(models["mixtral"], tmp_path / "src", "mixtral", "--target-pipeline-parallel-size", "4",
+                 "--target-expert-parallel-size", "2")
+    manifests = {}
+    for n in (1, 2, 3):
+        save = tmp_path / f"w{n}"
+        result = run_cli("--model-type", "GPT", "--load-model-type", source_type, "--save-model-type", "ms",
+                         "--model-type-hf", "mixtral", "--load-dir", source, "--save-dir", save,
+                         "--dst-strategy", strategy, "--ms-format", fmt, "--workers", str(n))
+        assert result.returncode == 0, result.stderr
+        manifests[n] = json.loads((save / "convert_manifest.json").read_text())
+        del manifests[n]["created"]
+        assert not staging_leftovers(save)
+    world = load_strategy(strategy).world_size
+    assert world > 1 and len([name for name in manifests[1]["files"] if name.startswith("rank_")]) == world
+    assert manifests[1] == manifests[2] == manifests[3]

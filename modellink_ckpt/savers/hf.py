@@ -245,7 +245,13 @@ class HfTargetFormat(registry.TargetFormat):
     description = "Hugging Face safetensors shards, index, config.json and tokenizer in <save-dir>/mg2hf"
     saver = "modellink_ckpt.savers.hf:save"
     kernel_copy = True
-    shared_by_stage = True  # --workers from a Megatron source: each worker reads some source stages
+
+    def why_one_process(self, plan) -> str | None:
+        """--workers from a Megatron source: each worker reads some source stages."""
+        if plan.load_type != "mg":
+            return f"an HF target from {plan.load_type} is written by one process (from a Megatron source, " \
+                   f"workers share its source stages)"
+        return None
 
     def shares(self, plan, count: int) -> tuple:
         staging = StagedDir(plan.save_dir / HF_SUBDIR, overwrite=plan.overwrite)

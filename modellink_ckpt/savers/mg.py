@@ -313,9 +313,7 @@ def stage_shares_of(plan, workers_asked: int) -> tuple[StagedIteration, list]:
 
 def publish_shares(staging: StagedIteration, results: list[dict]) -> dict:
     """Every worker succeeded: one manifest for all their files, then the folder goes into place."""
-    written = {name: entry for result in results for name, entry in result["written"].items()}
-    manifest = dict(results[0]["manifest"])
-    manifest["dtypes"] = {k: v for result in results for k, v in result["manifest"]["dtypes"].items()}
+    written, manifest = workers.merged_outputs(results)
     write_manifest(staging.folder, written, **manifest)
     staging.publish(manifest["iteration"])
     return workers.combined_result(results, files=len(written))
@@ -325,8 +323,10 @@ class MegatronTargetFormat(registry.TargetFormat):
     name = "mg"
     description = "Megatron-Core checkpoint, legacy torch layout, at the target TP/PP/EP/VPP layout"
     saver = "modellink_ckpt.savers.mg:save"
-    shared_by_stage = True  # --workers: each worker writes the rank files of some pipeline stages
     kernel_copy = True
+
+    def why_one_process(self, plan) -> str | None:
+        return None  # --workers: each worker writes the rank files of some pipeline stages
 
     def shares(self, plan, workers: int) -> tuple:
         return stage_shares_of(plan, workers)

@@ -11,7 +11,9 @@ Layout of `--save-dir`:
   manifest. The folder is staged and published whole.
 
 Every file's tensor list is planned from the model sizes before the first message arrives; each
-tensor is written (sliced per rank) as soon as it arrives, so memory holds one layer.
+tensor is written (sliced per rank) as soon as it arrives, so memory holds one layer. With
+`--workers` a distributed target is shared by rank (`workers.rank_share_plans`): each worker writes
+the rank files of some ranks into the folder the parent staged, the parent publishes it.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from modellink_ckpt import mapping, ms_names, registry
+from modellink_ckpt import mapping, ms_names, registry, workers
 from modellink_ckpt.errors import UsageError
 from modellink_ckpt.formats.ms_ckpt import MsCkptWriter
 from modellink_ckpt.formats.ms_strategy import Strategy, load_strategy
@@ -54,11 +56,12 @@ def rank_tensors(entries, strategy: Strategy, rank: int):
 
 class MsFiles:
     """The open output files of a MindSpore checkpoint (complete, or a rank file per rank of
-    `strategy`) and where each tensor, or its slices, goes. `entries`: every tensor in arrival
-    order [(name, shape, dtype)]."""
+    `strategy`, or of the ranks `ranks` only) and where each tensor, or its slices, goes.
+    `entries`: every tensor in arrival order [(name, shape, dtype)]."""
 
     def __init__(self, folder: Path, fmt: str, entries, *, strategy: Strategy | None = None,
-                 prefix: str | None = None, max_shard_bytes: int = 5 * 10**9, file_name: str | None = None):
+                 prefix: str | None = None, max_shard_bytes: int = 5 * 10**9, file_name: str | None = None,
+                 ranks=None):
         self.folder, self.format, self.strategy = folder, fmt, strategy
         self.files: dict[str, tuple[int, str]] = {}
         self.tensor_bytes = 0
@@ -66,7 +69,7 @@ class MsFiles:
         suffix = ".ckpt" if self.format == "ckpt" else ".safetensors"
         if self.strategy is not None:
             prefix = prefix or DEFAULT_PREFIX
-            for rank in range(self.strategy.world_size):
+            for rank in (range(self.strategy.world_size) if ranks is None else ranks):
                 (folder / f"rank_{rank}").mkdir(parents=True, exist_ok=True)
                 name = f"rank_{rank}/{prefix}{rank}{suffix}"
                 self._writers.append((name, self._open(folder / name, rank_tensors(entries, self.strategy, rank)), rank))
@@ -128,19 +131,25 @@ class MsFiles:
 
 
 def save(plan, receiver) -> dict:
+    """Write the MindSpore checkpoint, or with `plan.share` (`--workers`) the rank files of the
+    share's ranks into the folder the parent staged (the parent then publishes it)."""
     started = time.monotonic()
     messages = iter(receiver)
     meta = next(messages)
+    share = getattr(plan, "share", None)
     dtypes = mapping.TensorDtypes.from_meta(meta, cast=plan.params_dtype)
     naming = ms_names.load_naming(plan.family, plan.target_options["naming"])
     entries = planned_tensors(plan, dtypes)
-    staging = StagedDir(plan.save_dir, overwrite=plan.overwrite)
+    staging = None if share else StagedDir(plan.save_dir, overwrite=plan.overwrite)
+    folder = Path(share.folder) if share else staging.path
     files = None
-    progress = tqdm(total=plan.dims.num_layers, desc="saving layers", unit="layer", disable=plan.quiet)
+    layers = sum(1 for layer in range(plan.dims.num_layers) if workers.wanted(plan, "layer", layer))
+    progress = tqdm(total=layers, desc="saving layers", unit="layer", disable=plan.quiet)
     try:
         options = plan.target_options
-        files = MsFiles(staging.path, options["format"], entries, strategy=options.get("strategy_obj"),
-                        prefix=options.get("prefix"), max_shard_bytes=plan.max_shard_bytes)
+        files = MsFiles(folder, options["format"], entries, strategy=options.get("strategy_obj"),
+                        prefix=options.get("prefix"), max_shard_bytes=plan.max_shard_bytes,
+                        ranks=share.ranks if share else None)
         for message in messages:  # (to the end: the receiver acknowledges "done" after it)
             layer = message.get("layer")
             typed = {name: dtypes.apply(message.kind, layer, name, t) for name, t in message.tensors.items()}
@@ -150,27 +159,40 @@ def save(plan, receiver) -> dict:
                 progress.update(1)
         progress.close()
         files.close()
-        extra = [NAME_MAP] if (staging.path / NAME_MAP).is_file() else []
-        config = _hf_config(plan, meta, dtypes.default)
-        (staging.path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        extra.append("config.json")
-        strategy_file = plan.target_options.get("strategy")
-        if strategy_file:
-            extra += _copy_strategy(Path(strategy_file), staging.path / STRATEGY_DIR)
-        write_manifest(staging.path, {**files.files, **hash_files(staging.path, extra)}, kind="ms",
-                       model_type_hf=plan.family.name, ms_format=files.format, ms_naming=naming.name,
-                       source={"type": plan.load_type, "dir": str(Path(plan.load_dir).resolve())},
-                       dtype=str(dtypes.default), world_size=files.strategy.world_size if files.strategy else None,
-                       dtypes={name: str(dt) for name, _, dt in entries if dt != dtypes.default})
-        target = staging.publish()
+        small = []  # written once (by the first worker)
+        if share is None or share.index == 0:
+            small = [NAME_MAP] if (folder / NAME_MAP).is_file() else []
+            config = _hf_config(plan, meta, dtypes.default)
+            (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            small.append("config.json")
+            strategy_file = plan.target_options.get("strategy")
+            if strategy_file:
+                small += _copy_strategy(Path(strategy_file), folder / STRATEGY_DIR)
+        written = {**files.files, **hash_files(folder, small)}
+        manifest = dict(kind="ms", model_type_hf=plan.family.name, ms_format=files.format, ms_naming=naming.name,
+                        source={"type": plan.load_type, "dir": str(Path(plan.load_dir).resolve())},
+                        dtype=str(dtypes.default), world_size=files.strategy.world_size if files.strategy else None,
+                        dtypes={name: str(dt) for name, _, dt in entries if dt != dtypes.default})
+        if staging is not None:
+            write_manifest(folder, written, **manifest)
+            staging.publish()
     except BaseException:
         progress.close()
         if files is not None:
             files.abort()
-        staging.discard()
+        if staging is not None:
+            staging.discard()
         raise
-    return {"bytes": files.tensor_bytes, "seconds": time.monotonic() - started, "target": str(target),
-            "files": len(files.files)}
+    return {"bytes": files.tensor_bytes, "seconds": time.monotonic() - started, "target": str(plan.save_dir),
+            "files": len(files.files), "written": written, "manifest": manifest}
+
+
+def publish_shares(staging: StagedDir, results: list[dict]) -> dict:
+    """Every worker succeeded: one manifest for all their files, then the folder goes into place."""
+    written, manifest = workers.merged_outputs(results)
+    write_manifest(staging.path, written, **manifest)
+    staging.publish()
+    return workers.combined_result(results, files=len(written))
 
 
 def _copy_strategy(source: Path, folder: Path) -> list[str]:
@@ -186,6 +208,34 @@ class MsTargetFormat(registry.TargetFormat):
     name = "ms"
     description = "MindSpore / MindFormers checkpoint (.ckpt or safetensors; complete or distributed by a strategy)"
     saver = "modellink_ckpt.savers.ms:save"
+
+    def why_one_process(self, plan) -> str | None:
+        if plan.target_options.get("strategy_obj") is None:
+            return "a complete MindSpore target is written by one process (with --dst-strategy, workers share its ranks)"
+        return None
+
+    def shares(self, plan, count: int) -> tuple:
+        staging = StagedDir(plan.save_dir, overwrite=plan.overwrite)
+        return staging, self.share_plans(plan, count, str(staging.path))
+
+    def share_plans(self, plan, count: int, folder: str) -> list:
+        """Shares of the strategy's ranks, by the bytes and the messages each rank holds."""
+        strategy = plan.target_options["strategy_obj"]
+        naming = ms_names.load_naming(plan.family, plan.target_options["naming"])
+        dtypes = mapping.TensorDtypes(plan.params_dtype or plan.source_dtype)
+        rank_bytes = [0] * strategy.world_size
+        rank_messages: list[set] = [set() for _ in range(strategy.world_size)]
+        for kind, layer, tensors in ms_names.model_ms_tensors(naming, plan.family, plan.dims, dtypes):
+            for name, tensor in tensors.items():
+                for rank in range(strategy.world_size):
+                    if strategy.holds(name, rank):
+                        rank_messages[rank].add(workers.message_group(kind, layer))
+                        ranges = strategy.slice_of(name, tuple(tensor.shape), rank)
+                        rank_bytes[rank] += torch.Size(b - a for a, b in ranges).numel() * tensor.dtype.itemsize
+        return workers.rank_share_plans(plan, count, folder, rank_bytes, rank_messages)
+
+    def publish(self, staged, results: list[dict]) -> dict:
+        return publish_shares(staged, results)
 
     def check(self, plan) -> None:
         options = plan.target_options

@@ -251,7 +251,9 @@ class TorchDistTargetFormat(MegatronTargetFormat):
 
     name = "torch_dist"
     description = "Megatron-Core torch_dist checkpoint (torch.distributed.checkpoint store, common.pt, metadata.json)"
-    shared_by_stage = False  # one store, written by one saver
+
+    def why_one_process(self, plan) -> str | None:
+        return f"a torch_dist target from {plan.load_type} is written by one process"
     saver = "modellink_ckpt.savers.torch_dist:save"
 
     def check(self, plan) -> None:
