@@ -90,9 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue-gb", type=float, default=1.0, help="at most this many GB in flight")
     p.add_argument("--max-shard-size", default="5GB", help="largest HF output shard (e.g. 5GB, 500MB)")
     p.add_argument("--workers", type=int, default=None,
-                   help="parallel loader/saver pairs, each writing the rank files of some pipeline stages of a "
-                        "Megatron target, or for an HF target from Megatron the tensors of some source stages "
-                        "(default: one per two cores, as memory allows; same output bytes for any N)")
+                   help="parallel loader/saver pairs, each writing some pipeline stages of a Megatron target "
+                        "(torch or torch_dist), some ranks of a MindSpore target split by --dst-strategy, or for "
+                        "an HF target from Megatron the tensors of some source stages (default: one per two "
+                        "cores, as memory allows; same output bytes for any N)")
     p.add_argument("--hash", choices=list(HASHES), default=DEFAULT_HASH,
                    help="digest of every output file in the manifest (default: %(default)s; --verify reads both)")
     p.add_argument("--no-kernel-copy", action="store_true",
@@ -383,8 +384,10 @@ def describe_plan(plan: Plan, files: dict[str, int], shares: list | None = None)
                 chunks.append(f"{layout.model_key(vchunk)}: layers {shown or '-'}")
             lines.append(f"  stage {pp_rank}: " + "; ".join(chunks))
     if shares and len(shares) > 1:
-        what = "writing ranks" if shares[0].ranks is not None else \
-            "writing stages" if plan.target_layout is not None else "reading source stages"
+        ranks = shares[0].ranks
+        what = "writing stages" if ranks is None and plan.target_layout is not None else \
+            "reading source stages" if ranks is None else \
+            "writing rank files (tp.pp.ep)" if isinstance(ranks[0], tuple) else "writing ranks"
         lines.append(f"workers: {len(shares)}, {what} " + " | ".join(share.describe() for share in shares))
     for name, nbytes in files.items():
         lines.append(f"  {name}: {nbytes / 1e6:.1f} MB")

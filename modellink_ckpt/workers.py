@@ -6,13 +6,17 @@ source stages and writes their tensors at their planned places in the planned sh
 safetensors header fixes every tensor's offset; the parent writes the headers first and hashes the
 shards at the end).
 
-A Megatron target (torch or torch_dist) is shared by pipeline stage: worker k writes every rank file (all TP and EP
+A Megatron target is shared by pipeline stage: worker k writes every rank file (all TP and EP
 ranks) of a contiguous run of stages, and its loader sends only the messages those stages hold
 (their layers; the embedding to the first stage, and to the last when tied; final norm, output
 layer and MTP layers to the last). Each rank file is written by exactly one worker, exactly as a
 single worker writes it, so the output is byte-identical whatever N. Every worker writes into the
 one staged folder the parent created; the parent writes the manifest and publishes the folder only
 after every worker has reported success (a failure anywhere stops all and publishes nothing).
+
+With more workers than groups of stages (a PP1 target, say), a Megatron torch-format target is
+shared by rank file instead, like a MindSpore target below. A torch_dist target has one data file:
+each worker writes its stages' chunks at the places planned for them (`savers.torch_dist.StoreLayout`).
 
 A distributed MindSpore target is shared by rank: worker k writes the rank files of a contiguous run
 of ranks (about the same bytes each), and its loader sends the messages those ranks hold a slice
@@ -46,8 +50,14 @@ class Share:
     messages: frozenset | None = None
     source_stages: frozenset[int] | None = None
 
+    def holds_rank(self, rank: tuple[int, int, int]) -> bool:
+        """Whether this worker writes the files of Megatron rank (tp, pp, ep)."""
+        return rank in self.ranks if self.ranks is not None else rank[1] in self.stages
+
     def describe(self) -> str:
-        return ",".join(map(str, self.stages if self.ranks is None else self.ranks))
+        if self.ranks is None:
+            return ",".join(map(str, self.stages))
+        return ",".join(".".join(map(str, r)) if isinstance(r, tuple) else str(r) for r in self.ranks)
 
     def holds_stage(self, pp_rank: int) -> bool:
         return pp_rank in self.stages
@@ -170,27 +180,37 @@ def message_group(kind: str, layer: int | None) -> tuple[str, int | None]:
     return "tail", None
 
 
-def rank_share_plans(plan, workers: int, folder: str, rank_bytes: list[int], rank_messages: list[set]) -> list:
+def stage_messages(layout, tied_copy: bool = False) -> dict[int, set]:
+    """{pipeline stage: the message groups it holds} (`tied_copy`: the last stage keeps its own
+    copy of a tied embedding, as a legacy Megatron target does)."""
+    held: dict[int, set] = {pp: set() for pp in range(layout.pp)}
+    for hf, slot in layout.slot_of_hf_layer().items():
+        held[slot.pp_rank].add(("layer", hf))
+    held[layout.first_stage[0]].add(("embeddings", None))
+    held[layout.last_stage[0]].add(("tail", None))
+    if tied_copy:
+        held[layout.last_stage[0]].add(("embeddings", None))
+    return held
+
+
+def rank_share_plans(plan, workers: int, folder: str, rank_bytes: list[int], rank_messages: list[set],
+                     labels: list | None = None) -> list:
     """One plan per worker of a target shared by rank: contiguous runs of ranks with about the same
-    bytes (`rank_bytes`), each sending the message groups its ranks hold (`rank_messages`). From a
-    Megatron source, every source stage is read whole by one worker, which checks that nothing in
-    it is left unexplained. Pure."""
+    bytes (`rank_bytes`), each sending the message groups its ranks hold (`rank_messages`); the
+    shares name their ranks by `labels` (default: 0..n-1). From a Megatron source, every source
+    stage is read whole by one worker, which checks that nothing in it is left unexplained. Pure."""
+    labels = labels or list(range(len(rank_bytes)))
     groups = balanced_runs(rank_bytes, workers)
     messages = [set().union(*(rank_messages[rank] for rank in group)) for group in groups]
     checked: list[set[int]] = [set() for _ in groups]
     if plan.load_type == "mg":
-        layout = plan.source_layout
-        stage_messages: dict[int, set] = {pp: set() for pp in range(layout.pp)}
-        for hf, slot in layout.slot_of_hf_layer().items():
-            stage_messages[slot.pp_rank].add(("layer", hf))
-        stage_messages[layout.first_stage[0]].add(("embeddings", None))
-        stage_messages[layout.last_stage[0]].add(("tail", None))
-        for pp, held in stage_messages.items():
+        for pp, held in stage_messages(plan.source_layout).items():
             # the worker already reading most of it; among equals, the one checking fewest stages
             reader = max(range(len(groups)), key=lambda k: (len(held & messages[k]), -len(checked[k]), -k))
             messages[reader] |= held
             checked[reader].add(pp)
-    return [_with_share(plan, Share(k, len(groups), (), folder, ranks=group, messages=frozenset(messages[k]),
+    return [_with_share(plan, Share(k, len(groups), (), folder, ranks=tuple(labels[r] for r in group),
+                                    messages=frozenset(messages[k]),
                                     source_stages=frozenset(checked[k])))
             for k, group in enumerate(groups)]
 
@@ -232,8 +252,8 @@ def wanted(plan, kind: str, layer: int | None) -> bool:
     last = layout.pp - 1
     if kind == "layer":
         return share.holds_stage(layout.slot_of_hf_layer()[layer].pp_rank)
-    if kind == "embeddings":  # a Megatron target's last stage keeps its own copy of a tied table
-        tied_copy = plan.dims.tie_word_embeddings and plan.target_layout is not None
+    if kind == "embeddings":  # a legacy Megatron target's last stage keeps its own copy of a tied table
+        tied_copy = plan.dims.tie_word_embeddings and plan.target_format == "mg"
         return share.holds_stage(0) or (tied_copy and share.holds_stage(last))
     return share.holds_stage(last)  # final norm, output layer, MTP layers
 

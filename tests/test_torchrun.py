@@ -25,7 +25,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch_nodes(script, hf, save, log_dir, env=None):
+def _launch_nodes(script, hf, save, log_dir, env=None, flags=()):
     """Both node launches of a 2 x 2 torchrun job; returns their Popen objects and log paths."""
     port, procs = _free_port(), []
     for node in (0, 1):
@@ -34,7 +34,7 @@ def _launch_nodes(script, hf, save, log_dir, env=None):
                    "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--max-restarts", "0",
                    "--log-dir", str(log_dir / f"ranks{node}"), "--redirects", "3",  # each rank's output apart
                    str(script), "--model-type", "GPT", "--load-model-type", "hf", "--save-model-type", "mg",
-                   "--model-type-hf", "llama2", "--load-dir", str(hf), "--save-dir", str(save), *LAYOUT, "--quiet"]
+                   "--model-type-hf", "llama2", "--load-dir", str(hf), "--save-dir", str(save), *LAYOUT, *flags, "--quiet"]
         procs.append((subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT,
                                        env={**os.environ, **(env or {})}), log))
     return procs
@@ -55,9 +55,11 @@ def hf(tmp_path_factory):
     return build_hf_checkpoint("llama2", tmp_path_factory.mktemp("torchrun") / "hf", num_layers=4, tokenizer=False)
 
 
-def test_two_nodes_of_two_ranks_write_what_one_process_writes(tmp_path, hf):
-    single = hf_to_mg(hf, tmp_path / "single", "llama2", *LAYOUT, "--workers", "1")
-    procs = _launch_nodes(ROOT / "convert_ckpt.py", hf, tmp_path / "job", tmp_path)
+@pytest.mark.parametrize("ckpt_format", ["torch", "torch_dist"])
+def test_two_nodes_of_two_ranks_write_what_one_process_writes(tmp_path, hf, ckpt_format):
+    flags = ("--ckpt-format", ckpt_format)
+    single = hf_to_mg(hf, tmp_path / "single", "llama2", *LAYOUT, *flags, "--workers", "1")
+    procs = _launch_nodes(ROOT / "convert_ckpt.py", hf, tmp_path / "job", tmp_path, flags=flags)
     for proc, log in procs:
         assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
     lines = [line for output in _rank_outputs(tmp_path).values() for line in output.splitlines()

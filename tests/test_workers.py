@@ -49,7 +49,17 @@ def models(tmp_path_factory):
     ("qwen25-tied", ("--target-pipeline-parallel-size", "4")),  # the last stage's copy of the embedding
     ("llama2", ("--target-pipeline-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1")),
     ("mixtral", ("--target-pipeline-parallel-size", "2", "--target-expert-parallel-size", "2")),
-], ids=["dense-tp2pp4", "tied-pp4", "vpp", "moe-ep2pp2"])
+    # PP1: more workers than stages share the rank files, each reading every layer
+    ("llama2", ("--target-tensor-parallel-size", "4")),
+    ("mixtral", ("--target-tensor-parallel-size", "2", "--target-expert-parallel-size", "2")),
+    # torch_dist: one data file, each worker writing its stages' chunks at their planned places
+    ("llama2", ("--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "4", "--ckpt-format",
+                "torch_dist")),
+    ("qwen25-tied", ("--target-pipeline-parallel-size", "4", "--ckpt-format", "torch_dist")),
+    ("mixtral", ("--target-pipeline-parallel-size", "2", "--target-expert-parallel-size", "2", "--ckpt-format",
+                 "torch_dist")),
+], ids=["dense-tp2pp4", "tied-pp4", "vpp", "moe-ep2pp2", "by-rank-tp4", "by-rank-moe-tp2ep2", "torch_dist-tp2pp4", "torch_dist-tied-pp4",
+        "torch_dist-moe-ep2pp2"])
 def test_hf_to_mg_is_the_same_bytes_for_any_number_of_workers(tmp_path, models, family, layout):
     flag = {"qwen25-tied": "qwen25"}.get(family, family)
     one = _files(hf_to_mg(models[family], tmp_path / "w1", flag, *layout, "--workers", "1"))
@@ -57,11 +67,12 @@ def test_hf_to_mg_is_the_same_bytes_for_any_number_of_workers(tmp_path, models, 
         assert _files(hf_to_mg(models[family], tmp_path / f"w{n}", flag, *layout, "--workers", str(n))) == one, n
 
 
-def test_mg_to_mg_is_the_same_bytes_for_any_number_of_workers(tmp_path, models):
+@pytest.mark.parametrize("ckpt_format", ["torch", "torch_dist"])
+def test_mg_to_mg_is_the_same_bytes_for_any_number_of_workers(tmp_path, models, ckpt_format):
     source = hf_to_mg(models["mixtral"], tmp_path / "src", "mixtral", "--target-tensor-parallel-size", "2",
                       "--target-pipeline-parallel-size", "2", "--target-expert-parallel-size", "2")
     layout = ("--target-tensor-parallel-size", "1", "--target-pipeline-parallel-size", "4",
-              "--target-expert-parallel-size", "1")
+              "--target-expert-parallel-size", "1", "--ckpt-format", ckpt_format)
     flags = ("--model-type", "GPT", "--load-model-type", "mg", "--save-model-type", "mg", "--load-dir", source)
     outputs = {}
     for n in (1, 2, 3):
@@ -115,13 +126,14 @@ def test_mg_to_hf_is_the_same_bytes_for_any_number_of_workers(tmp_path, models, 
         assert manifests[1] == manifests[2] == manifests[3], shard_size
 
 
-@pytest.mark.parametrize("flags,expected", [
-    (("--workers", "0"), "--workers 0: must be at least 1"),
-    (("--workers", "2", "--ckpt-format", "torch_dist"), "torch_dist target from hf is written by one process"),
+@pytest.mark.parametrize("save_type,flags,expected", [
+    ("mg", ("--workers", "0"), "--workers 0: must be at least 1"),
+    ("ms", ("--workers", "2"), "complete MindSpore target is written by one process"),
 ])
-def test_workers_that_cannot_apply_are_refused(tmp_path, models, flags, expected):
-    result = subprocess.run(cli_argv("hf", "mg", models["llama2"], tmp_path / "out", "--target-pipeline-parallel-size",
-                                     "2", *flags), capture_output=True, text=True, timeout=300)
+def test_workers_that_cannot_apply_are_refused(tmp_path, models, save_type, flags, expected):
+    layout = ("--target-pipeline-parallel-size", "2") if save_type == "mg" else ()
+    result = subprocess.run(cli_argv("hf", save_type, models["llama2"], tmp_path / "out", *layout, *flags),
+                            capture_output=True, text=True, timeout=300)
     line = assert_one_line_error(result.returncode, result.stderr, "refused")
     assert expected in line, line
 
@@ -131,6 +143,12 @@ def test_dry_run_shows_each_workers_stages(tmp_path, models):
                                      "4", "--workers", "3", "--dry-run"), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "workers: 3, writing stages 0 | 1,2 | 3" in result.stdout, result.stdout
+    result = subprocess.run(cli_argv("hf", "mg", models["mixtral"], tmp_path / "out", "--target-tensor-parallel-size",
+                                     "2", "--target-expert-parallel-size", "2", "--workers", "3", "--dry-run",
+                                     "--model-type-hf", "mixtral"),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "workers: 3, writing rank files (tp.pp.ep) 0.0.0 | 1.0.0,0.0.1 | 1.0.1" in result.stdout, result.stdout
     assert not (tmp_path / "out").exists()
 
 

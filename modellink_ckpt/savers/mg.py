@@ -64,10 +64,10 @@ class RankFiles:
             self._close(rank)
 
     def close_all(self, share=None) -> None:
-        """Close every rank file (of the share's stages); a stage holding only noop layers still
-        gets its file."""
+        """Close every rank file (of the share); a stage holding only noop layers still gets its
+        file."""
         for rank in self._layout.ranks():
-            if share is not None and not share.holds_stage(rank[1]):
+            if share is not None and not share.holds_rank(rank):
                 continue
             if rank not in self._closed:
                 self._writer(rank)
@@ -274,15 +274,15 @@ def save(plan, receiver) -> dict:
     try:
         for message in messages:
             for rank, vchunk, name, shard in placer.place(message.kind, message.tensors, message.get("layer")):
-                if share and not share.holds_stage(rank[1]):
-                    continue  # another worker's file (the tied output layer's copy, when stage 0 is ours)
+                if share and not share.holds_rank(rank):
+                    continue  # another worker's file (another rank of the stage, the tied output layer's copy)
                 if "::" not in name and shard.dtype != model_dtype:
                     odd_dtypes[name] = str(shard.dtype)  # kept as stored (e.g. an fp32 router bias)
                 files.put(rank, vchunk, name, shard)
             if message.kind == "layer":
                 finished_stage = placer.stage_done(message["layer"])
-                if finished_stage is not None and (share is None or share.holds_stage(finished_stage)):
-                    files.close_stage(finished_stage)
+                if finished_stage is not None:
+                    files.close_stage(finished_stage)  # (the files of it this worker writes)
                 progress.update(1)
             elif message.kind == "done":
                 files.close_all(share)
@@ -332,7 +332,19 @@ class MegatronTargetFormat(registry.TargetFormat):
         return stage_shares_of(plan, workers)
 
     def share_plans(self, plan, count: int, folder: str) -> list:
-        return workers.share_plans(plan, count, folder)
+        """By pipeline stage; with more workers than (source-aligned) stage groups, by rank file:
+        runs of (pp, ep, tp) ranks with about the same bytes, each worker reading the layers of its
+        ranks' stages (a PP1 target's workers each read every layer and write some TP / EP ranks)."""
+        by_stage = workers.share_plans(plan, count, folder)
+        if len(by_stage) >= count:
+            return by_stage
+        layout = plan.target_layout
+        ranks = sorted(layout.ranks(), key=lambda rank: (rank[1], rank[2], rank[0]))
+        sizes = self.files(plan)
+        held = workers.stage_messages(layout, tied_copy=plan.dims.tie_word_embeddings)
+        return workers.rank_share_plans(
+            plan, count, folder, [sum(size for name, size in sizes.items() if name.startswith(layout.rank_dir(*r) + "/"))
+                                  for r in ranks], [held[r[1]] for r in ranks], ranks)
 
     def publish(self, staged, results: list[dict]) -> dict:
         return publish_shares(staged, results)

@@ -3,7 +3,10 @@
 What megatron-core's `dist_checkpointing` stores for a `GPTModel`, written without megatron-core:
 every tensor under its sharded key as one global tensor (layer tensors stacked on a leading
 global-layer axis, routed experts on a global-expert axis, the vocabulary padded for the target
-TP), written one layer chunk at a time as the messages arrive; one `_extra_state` object (None)
+TP), written one layer chunk at a time as the messages arrive, each at the place planned for it
+in the one data file from the model sizes (so with `--workers` each worker writes the chunks of
+some pipeline stages into that file side by side, and the bytes are the same whatever N); one
+`_extra_state` object (None)
 per linear module and layer, as megatron's strict load requests them; `common.pt` with the stored
 args (loadable with `weights_only=True`: the training run's args with the target's layout fields,
 or args built from the model); `.metadata` (torch's own Metadata classes); `metadata.json` last.
@@ -13,6 +16,7 @@ args say so, `no_save_optim` / `no_save_rng`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 import time
@@ -21,22 +25,21 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from modellink_ckpt import mapping, mg_names, registry
+from modellink_ckpt import mapping, mg_names, registry, workers
 from modellink_ckpt import transforms as T
-from modellink_ckpt.errors import UsageError
-from modellink_ckpt.file_io import HashedFile
+from modellink_ckpt.errors import ConvertError, UsageError
+from modellink_ckpt.file_io import HashedFile, PositionalFile
 from modellink_ckpt.formats.torch_dist import BACKEND, COMMON, DCP_METADATA, METADATA_JSON
 from modellink_ckpt.formats.torch_zip import StreamingTorchWriter
 from modellink_ckpt.loaders.mg import TRACKER, iteration_dir_name
 from modellink_ckpt.manifest import hash_files, write_manifest
 from modellink_ckpt.megatron_args import carry_over, make_args, mark_weights_only
-from modellink_ckpt.savers.mg import MegatronTargetFormat
+from modellink_ckpt.savers.mg import MegatronTargetFormat, target_iteration
 from modellink_ckpt.staging import StagedIteration
 
 DATA_FILE = "__0_0.distcp"
 LAYERS = "decoder.layers."
 EXPERTS = "mlp.experts.experts."
-ITERATION = 1
 
 
 class DistKeys:
@@ -103,6 +106,14 @@ class DistKeys:
         objects = [(f"{module}._extra_state", shape, offsets) for (module, offsets), shape in modules.items()]
         return out, objects
 
+    def message(self, kind: str, layer: int | None, tensors: dict):
+        """(chunks, extra-state objects) of one message."""
+        if kind == "layer":
+            return self.layer(layer, tensors)
+        if kind == "mtp_layer":
+            return self.mtp_layer(layer, tensors)
+        return self.plain(kind, tensors), []
+
     def plain(self, kind: str, tensors: dict):
         if kind in ("embeddings", "output_layer", "final_norm"):
             out = []
@@ -121,61 +132,155 @@ def object_key(key: str, lead_shape: tuple, offsets: tuple) -> str:
     return f"{key}/shard_{'.'.join(map(str, offset))}_{'.'.join(map(str, shape))}"
 
 
-class StoreWriter:
-    """The DCP store: chunks and objects appended to one data file as torch.save blobs (what DCP's
-    FileSystemWriter writes), then `.metadata`."""
+@dataclasses.dataclass(frozen=True)
+class Blob:
+    """One `torch.save` blob of the data file, at [start, start + length): a chunk of a sharded
+    tensor (`key` and where the chunk lies in it) or, without `dtype`, a ShardedObject."""
 
-    def __init__(self, folder: Path):
-        self.folder = folder
-        self._file = HashedFile(folder / DATA_FILE)
-        self.tensors: dict[str, dict] = {}   # key -> {shape, dtype, chunks: [(offsets, sizes, offset, length)]}
-        self.objects: dict[str, tuple[int, int]] = {}
-        self.tensor_bytes = 0
+    key: str
+    start: int
+    length: int
+    shape: tuple = ()
+    offsets: tuple = ()
+    sizes: tuple = ()
+    dtype: torch.dtype | None = None
 
-    def _blob(self, obj, tensor: torch.Tensor | None = None) -> tuple[int, int]:
-        """A torch.save blob of `obj` (or of `tensor`, its bytes written straight from its memory)
-        appended to the data file: (offset, length)."""
-        start = self._file.size
-        writer = StreamingTorchWriter(self.folder / DATA_FILE, sink=self._file)
-        writer.close(writer.add_tensor(tensor) if tensor is not None else obj)
-        return start, self._file.size - start
 
-    def add_chunk(self, key: str, shape: tuple, offsets: tuple, tensor: torch.Tensor) -> None:
-        lead = len(shape) - tensor.dim()
-        sizes = (1,) * lead + tuple(tensor.shape)
-        entry = self.tensors.setdefault(key, {"shape": shape, "dtype": tensor.dtype, "chunks": []})
-        if entry["shape"] != shape or entry["dtype"] != tensor.dtype:
-            raise UsageError(f"torch_dist key '{key}': {list(shape)} {tensor.dtype} does not match its other chunks "
-                             f"({list(entry['shape'])} {entry['dtype']})")
-        where = self._blob(None, T.as_tensor(tensor).detach().reshape(sizes))
-        entry["chunks"].append((offsets, sizes) + where)
-        self.tensor_bytes += tensor.numel() * tensor.element_size()
+class _Counter:
+    """A StreamingTorchWriter sink that only counts: a blob's length without writing it (a blob's
+    bytes but for the tensor data depend only on shapes and dtypes)."""
 
-    def add_object(self, unique_key: str, obj) -> None:
-        self.objects[unique_key] = self._blob([obj])
+    size = 0
 
-    def close(self) -> tuple[int, str]:
+    def write(self, data) -> None:
+        self.size += len(data)
+
+    def write_tensor(self, tensor: torch.Tensor) -> None:
+        self.size += tensor.numel() * tensor.element_size()
+
+
+def _blob(sink, obj=None, tensor: torch.Tensor | None = None) -> int:
+    """Write a torch.save blob of `obj` (or of `tensor`, its bytes straight from its memory or its
+    source file) to `sink` at its position; returns its length."""
+    start = sink.size
+    writer = StreamingTorchWriter(Path(DATA_FILE), sink=sink)
+    writer.close(writer.add_tensor(tensor) if tensor is not None else obj)
+    return sink.size - start
+
+
+class StoreLayout:
+    """Every blob of the store at its place in the one data file, planned from the model sizes
+    (pure): in message order, each layer's objects before its chunks, as one saver appends them.
+    Several workers (`--workers`) write their messages' blobs at these places side by side."""
+
+    def __init__(self, plan, dtypes: mapping.TensorDtypes):
+        keys, lengths, size = DistKeys(plan), {}, 0
+        self.blobs: list[Blob] = []
+        object_length = _blob(_Counter(), [None])
+        for kind, layer, tensors in mapping.model_messages(plan.family, plan.dims, dtypes.default):
+            typed = {name: dtypes.apply(kind, layer, name, t) for name, t in tensors.items()}
+            chunks, objects = keys.message(kind, layer, typed)
+            for key, lead_shape, offsets in objects:
+                self.blobs.append(Blob(object_key(key, lead_shape, offsets), size, object_length))
+                size += object_length
+            for key, shape, offsets, tensor in chunks:
+                sizes = (1,) * (len(shape) - tensor.dim()) + tuple(tensor.shape)
+                if (sizes, tensor.dtype) not in lengths:
+                    lengths[sizes, tensor.dtype] = _blob(_Counter(), tensor=tensor.reshape(sizes))
+                self.blobs.append(Blob(key, size, lengths[sizes, tensor.dtype], shape, offsets, sizes, tensor.dtype))
+                size += lengths[sizes, tensor.dtype]
+        self.size = size
+        self._at = {(blob.key, blob.offsets): blob for blob in self.blobs}
+
+    def at(self, key: str, offsets: tuple = ()) -> Blob:
+        return self._at[key, tuple(offsets)]
+
+    def dtypes(self) -> dict[str, torch.dtype]:
+        return {blob.key: blob.dtype for blob in self.blobs if blob.dtype is not None}
+
+    def write_metadata(self, folder: Path) -> None:
+        """`.metadata`: torch's own Metadata of every key (tensors in order of first chunk, then
+        objects), every chunk's place in the data file."""
         from torch.distributed.checkpoint.filesystem import _StorageInfo
         from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata,
                                                            MetadataIndex, TensorProperties, TensorStorageMetadata)
 
+        chunks: dict[str, list[Blob]] = {}
+        for blob in self.blobs:
+            if blob.dtype is not None:
+                chunks.setdefault(blob.key, []).append(blob)
         state, storage = {}, {}
-        for key, entry in self.tensors.items():
-            chunks = []
-            for offsets, sizes, start, length in entry["chunks"]:
-                chunks.append(ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes)))
-                storage[MetadataIndex(key, torch.Size(offsets))] = _StorageInfo(DATA_FILE, start, length)
-            state[key] = TensorStorageMetadata(TensorProperties(dtype=entry["dtype"]), torch.Size(entry["shape"]), chunks)
-        for key, (start, length) in self.objects.items():
-            state[key] = BytesStorageMetadata()
-            storage[MetadataIndex(key)] = _StorageInfo(DATA_FILE, start, length)
+        for key, blobs in chunks.items():
+            state[key] = TensorStorageMetadata(TensorProperties(dtype=blobs[0].dtype), torch.Size(blobs[0].shape),
+                                               [ChunkStorageMetadata(torch.Size(b.offsets), torch.Size(b.sizes))
+                                                for b in blobs])
+            for b in blobs:
+                storage[MetadataIndex(key, torch.Size(b.offsets))] = _StorageInfo(DATA_FILE, b.start, b.length)
+        for blob in (b for b in self.blobs if b.dtype is None):
+            state[blob.key] = BytesStorageMetadata()
+            storage[MetadataIndex(blob.key)] = _StorageInfo(DATA_FILE, blob.start, blob.length)
         metadata = Metadata(state_dict_metadata=state, storage_data=storage)
-        with open(self.folder / DCP_METADATA, "wb") as f:
+        with open(folder / DCP_METADATA, "wb") as f:
             pickle.dump(metadata, f)
+
+
+class _At:
+    """A StreamingTorchWriter sink writing at a planned offset of a file others write too."""
+
+    def __init__(self, file: PositionalFile, start: int):
+        self._file, self.size = file, start
+
+    def write(self, data) -> None:
+        view = memoryview(data).cast("B")
+        self._file.write_at(self.size, view)
+        self.size += len(view)
+
+    def write_tensor(self, tensor: torch.Tensor) -> None:
+        self.size += self._file.write_tensor_at(self.size, tensor)
+
+
+class StoreWriter:
+    """The data file of the store, each blob at its planned place: appended and hashed as it goes
+    (one saver, whose messages arrive in the planned order), or with `shared` written at its
+    offset into a file several workers fill (hashed once all are done)."""
+
+    def __init__(self, folder: Path, layout: StoreLayout, shared: bool = False):
+        self.layout, self.tensor_bytes = layout, 0
+        self._file = PositionalFile(folder / DATA_FILE, layout.size) if shared else HashedFile(folder / DATA_FILE)
+        self._shared = shared
+
+    def _write(self, blob: Blob, obj=None, tensor: torch.Tensor | None = None) -> None:
+        sink = _At(self._file, blob.start) if self._shared else self._file
+        if sink.size != blob.start:
+            raise ConvertError(f"torch_dist store: '{blob.key}' arrived out of its planned order")
+        if _blob(sink, obj, tensor) != blob.length:
+            raise ConvertError(f"torch_dist store: '{blob.key}' is not the planned {blob.length} bytes")
+
+    def add_chunk(self, key: str, shape: tuple, offsets: tuple, tensor: torch.Tensor) -> None:
+        blob = self.layout.at(key, offsets)
+        if (tuple(shape), tensor.dtype) != (tuple(blob.shape), blob.dtype):
+            raise UsageError(f"torch_dist key '{key}': {list(shape)} {tensor.dtype} does not match its plan "
+                             f"({list(blob.shape)} {blob.dtype})")
+        self._write(blob, tensor=T.as_tensor(tensor).detach().reshape(blob.sizes))
+        self.tensor_bytes += tensor.numel() * tensor.element_size()
+
+    def add_object(self, unique_key: str, obj) -> None:
+        self._write(self.layout.at(unique_key), [obj])
+
+    def close(self) -> tuple[int, str] | None:
+        """(bytes, digest) of the data file (None when shared: hashed once every worker is done)."""
+        if self._shared:
+            self._file.close()
+            return None
+        if self._file.size != self.layout.size:
+            raise ConvertError(f"torch_dist store: {self._file.size} of the planned {self.layout.size} bytes written")
         return self._file.close()
 
     def abort(self) -> None:
-        self._file.abort()
+        if self._shared:
+            self._file.close()
+        else:
+            self._file.abort()
 
 
 def stored_args(plan, model_dtype: torch.dtype, iteration):
@@ -193,57 +298,76 @@ def stored_args(plan, model_dtype: torch.dtype, iteration):
 
 
 def save(plan, receiver) -> dict:
+    """Write the store, or with `plan.share` (`--workers`) the blobs of the share's messages into the
+    data file of the folder the parent staged (the parent then publishes it, `publish_shares`)."""
     started = time.monotonic()
     messages = iter(receiver)
     meta = next(messages)
+    share = getattr(plan, "share", None)
     dtypes = mapping.TensorDtypes.from_meta(meta, cast=plan.params_dtype)
-    keys = DistKeys(plan)
-    iteration = registry.source(plan.load_type).open(plan.load_dir).iteration \
-        if plan.load_type in ("mg", "optim") else ITERATION
-    staging = StagedIteration(plan.save_dir, iteration_dir_name(iteration), TRACKER, plan.overwrite)
-    folder = staging.folder
-    store = StoreWriter(folder)
-    progress = tqdm(total=plan.dims.num_layers, desc="saving layers", unit="layer", disable=plan.quiet)
+    keys, layout = DistKeys(plan), StoreLayout(plan, dtypes)
+    iteration = target_iteration(plan)
+    staging = None if share else StagedIteration(plan.save_dir, iteration_dir_name(iteration), TRACKER, plan.overwrite)
+    folder = Path(share.folder) if share else staging.folder
+    store = StoreWriter(folder, layout, shared=share is not None)
+    layers = sum(1 for layer in range(plan.dims.num_layers) if workers.wanted(plan, "layer", layer))
+    progress = tqdm(total=layers, desc="saving layers", unit="layer", disable=plan.quiet)
     try:
         for message in messages:
             if message.kind in ("meta", "done"):
                 continue
             layer = message.get("layer")
             typed = {name: dtypes.apply(message.kind, layer, name, t) for name, t in message.tensors.items()}
-            if message.kind in ("layer", "mtp_layer"):
-                chunks, objects = (keys.layer if message.kind == "layer" else keys.mtp_layer)(layer, typed)
-                for key, lead_shape, offsets in objects:
-                    store.add_object(object_key(key, lead_shape, offsets), None)
-                progress.update(message.kind == "layer")
-            else:
-                chunks = keys.plain(message.kind, typed)
+            chunks, objects = keys.message(message.kind, layer, typed)
+            for key, lead_shape, offsets in objects:
+                store.add_object(object_key(key, lead_shape, offsets), None)
             for key, shape, offsets, tensor in chunks:
                 store.add_chunk(key, shape, offsets, tensor)
+            progress.update(message.kind == "layer")
         progress.close()
-        files = {DATA_FILE: store.close()}
-        common = {"args": stored_args(plan, dtypes.default, iteration), "checkpoint_version": 3.0,
-                  "iteration": 0 if iteration == "release" else iteration,
-                  "content_metadata": {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}}
-        writer = StreamingTorchWriter(folder / COMMON)  # writes Megatron's enums of a training run's args back
-        writer.close(common)
-        files[COMMON] = (writer.size, writer.digest)
-        files.update(hash_files(folder, [DCP_METADATA]))
-        (folder / METADATA_JSON).write_text(json.dumps(BACKEND))  # last: marks the store complete
-        files.update(hash_files(folder, [METADATA_JSON]))
-        write_manifest(folder, files, kind="mg-torch_dist", iteration=iteration, model_type_hf=plan.family.name,
-                       source={"type": plan.load_type, "dir": str(Path(plan.load_dir).resolve())},
-                       layout=plan.target_layout.describe(), dtype=str(dtypes.default),
-                       vocab_size=plan.dims.vocab_size, padded_vocab_size=plan.padded_vocab,
-                       dtypes={key: str(entry["dtype"]) for key, entry in store.tensors.items()
-                               if entry["dtype"] != dtypes.default})  # kept as stored (an fp32 router)
-        staging.publish(iteration)
+        data = store.close()
+        written = {DATA_FILE: data} if data is not None else {}
+        if share is None or share.index == 0:  # the rest of the store: written once
+            layout.write_metadata(folder)
+            common = {"args": stored_args(plan, dtypes.default, iteration), "checkpoint_version": 3.0,
+                      "iteration": 0 if iteration == "release" else iteration,
+                      "content_metadata": {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}}
+            writer = StreamingTorchWriter(folder / COMMON)  # writes Megatron's enums of a training run's args back
+            writer.close(common)
+            written[COMMON] = (writer.size, writer.digest)
+            written.update(hash_files(folder, [DCP_METADATA]))
+        manifest = dict(kind="mg-torch_dist", iteration=iteration, model_type_hf=plan.family.name,
+                        source={"type": plan.load_type, "dir": str(Path(plan.load_dir).resolve())},
+                        layout=plan.target_layout.describe(), dtype=str(dtypes.default),
+                        vocab_size=plan.dims.vocab_size, padded_vocab_size=plan.padded_vocab,
+                        dtypes={key: str(dtype) for key, dtype in layout.dtypes().items()
+                                if dtype != dtypes.default})  # kept as stored (an fp32 router)
+        if staging is not None:
+            _complete(folder, written, manifest)
+            staging.publish(iteration)
     except BaseException:
         progress.close()
         store.abort()
-        staging.discard()
+        if staging is not None:
+            staging.discard()
         raise
     return {"bytes": store.tensor_bytes, "seconds": time.monotonic() - started, "target": str(plan.save_dir),
-            "files": len(files)}
+            "files": len(written), "written": written, "manifest": manifest}
+
+
+def _complete(folder: Path, written: dict, manifest: dict) -> None:
+    """metadata.json, which marks the store complete, then the manifest of every file."""
+    (folder / METADATA_JSON).write_text(json.dumps(BACKEND))
+    write_manifest(folder, {**written, **hash_files(folder, [METADATA_JSON])}, **manifest)
+
+
+def publish_shares(staging: StagedIteration, results: list[dict]) -> dict:
+    """Every worker succeeded: hash the data file they filled, complete the store and put it in place."""
+    written, manifest = workers.merged_outputs(results)
+    written.update(hash_files(staging.folder, [DATA_FILE]))
+    _complete(staging.folder, written, manifest)
+    staging.publish(manifest["iteration"])
+    return workers.combined_result(results, files=len(written) + 1)
 
 
 class TorchDistTargetFormat(MegatronTargetFormat):
@@ -252,9 +376,13 @@ class TorchDistTargetFormat(MegatronTargetFormat):
     name = "torch_dist"
     description = "Megatron-Core torch_dist checkpoint (torch.distributed.checkpoint store, common.pt, metadata.json)"
 
-    def why_one_process(self, plan) -> str | None:
-        return f"a torch_dist target from {plan.load_type} is written by one process"
     saver = "modellink_ckpt.savers.torch_dist:save"
+
+    def share_plans(self, plan, count: int, folder: str) -> list:
+        return workers.share_plans(plan, count, folder)  # by stage only: one data file, no rank files
+
+    def publish(self, staged, results: list[dict]) -> dict:
+        return publish_shares(staged, results)
 
     def check(self, plan) -> None:
         if plan.target_spelling.expert_layout != "per_expert":
@@ -263,14 +391,7 @@ class TorchDistTargetFormat(MegatronTargetFormat):
         super().check(plan)
 
     def files(self, plan) -> dict[str, int]:
-        keys = DistKeys(plan)
-        total = 0
-        dtype = plan.params_dtype or plan.source_dtype
-        for kind, layer, tensors in mapping.model_messages(plan.family, plan.dims, dtype):
-            chunks = keys.layer(layer, tensors)[0] if kind == "layer" else \
-                keys.mtp_layer(layer, tensors)[0] if kind == "mtp_layer" else keys.plain(kind, tensors)
-            total += sum(t.numel() * t.element_size() for _, _, _, t in chunks)
-        return {DATA_FILE: total}
+        return {DATA_FILE: StoreLayout(plan, mapping.TensorDtypes(plan.params_dtype or plan.source_dtype)).size}
 
     def where(self, plan) -> str:
         return f"{plan.save_dir} (torch_dist, vocabulary padded for {plan.target_layout.summary()})"
