@@ -92,8 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None,
                    help="parallel loader/saver pairs, each writing some pipeline stages of a Megatron target "
                         "(torch or torch_dist), some ranks of a MindSpore target split by --dst-strategy, or for "
-                        "an HF target from Megatron the tensors of some source stages (default: one per two "
-                        "cores, as memory allows; same output bytes for any N)")
+                        "an HF target (or complete MindSpore safetensors) from Megatron the tensors of some "
+                        "source stages (default: one per two cores, as memory allows; same output bytes for "
+                        "any N)")
     p.add_argument("--hash", choices=list(HASHES), default=DEFAULT_HASH,
                    help="digest of every output file in the manifest (default: %(default)s; --verify reads both)")
     p.add_argument("--no-kernel-copy", action="store_true",

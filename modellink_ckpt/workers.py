@@ -1,10 +1,10 @@
 """Parallel workers on one machine (`--workers N`): the target's files split into disjoint shares,
 one loader -> saver pair per share, published together.
 
-An HF target from a Megatron source is shared by source stage: worker k reads (and checks) whole
-source stages and writes their tensors at their planned places in the planned shards (the
-safetensors header fixes every tensor's offset; the parent writes the headers first and hashes the
-shards at the end).
+An HF target (or complete MindSpore safetensors) from a Megatron source is shared by source
+stage: worker k reads (and checks) whole source stages and writes their tensors at their planned
+places in the planned shards (the safetensors header fixes every tensor's offset; whichever worker
+comes first to a file writes its header; the parent hashes the shards at the end).
 
 A Megatron target is shared by pipeline stage: worker k writes every rank file (all TP and EP
 ranks) of a contiguous run of stages, and its loader sends only the messages those stages hold

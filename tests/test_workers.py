@@ -128,7 +128,7 @@ def test_mg_to_hf_is_the_same_bytes_for_any_number_of_workers(tmp_path, models, 
 
 @pytest.mark.parametrize("save_type,flags,expected", [
     ("mg", ("--workers", "0"), "--workers 0: must be at least 1"),
-    ("ms", ("--workers", "2"), "complete MindSpore target is written by one process"),
+    ("ms", ("--workers", "2"), "complete MindSpore safetensors target from hf is written by one process"),
 ])
 def test_workers_that_cannot_apply_are_refused(tmp_path, models, save_type, flags, expected):
     layout = ("--target-pipeline-parallel-size", "2") if save_type == "mg" else ()
@@ -179,3 +179,22 @@ def test_distributed_mindspore_target_is_the_same_bytes_for_any_number_of_worker
     world = load_strategy(strategy).world_size
     assert world > 1 and len([name for name in manifests[1]["files"] if name.startswith("rank_")]) == world
     assert manifests[1] == manifests[2] == manifests[3]
+
+
+def test_mg_to_complete_mindspore_safetensors_is_the_same_bytes_for_any_number_of_workers(tmp_path, models):
+    """Complete MindSpore safetensors from Megatron: shared by source stage like an HF target, in one
+    file every worker writes into and in many shards (with their name map)."""
+    source = hf_to_mg(models["mixtral"], tmp_path / "src", "mixtral", "--target-pipeline-parallel-size", "4",
+                      "--target-expert-parallel-size", "2")
+    for shard_size, shards in (("5GB", 1), ("100KB", 4)):
+        manifests = {}
+        for n in (1, 2, 3):
+            save = tmp_path / f"{shard_size}-w{n}"
+            result = run_cli("--model-type", "GPT", "--load-model-type", "mg", "--save-model-type", "ms",
+                             "--model-type-hf", "mixtral", "--load-dir", source, "--save-dir", save,
+                             "--max-shard-size", shard_size, "--workers", str(n))
+            assert result.returncode == 0, result.stderr
+            manifests[n] = json.loads((save / "convert_manifest.json").read_text())["files"]
+        assert len([name for name in manifests[1] if name.endswith(".safetensors")]) >= shards
+        assert ("param_name_map.json" in manifests[1]) == (shards > 1)
+        assert manifests[1] == manifests[2] == manifests[3], shard_size

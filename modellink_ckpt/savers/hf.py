@@ -137,13 +137,16 @@ class PlacedShards:
         self._tensors.close()
 
 
-def _write_index(folder: Path, names: list[str], shards) -> None:
-    """model.safetensors.index.json, for a model in several shards."""
-    if len(shards) > 1:
-        weight_map = {entry[0]: name for name, shard in zip(names, shards) for entry in shard}
-        total = sum(torch.Size(shape).numel() * dtype.itemsize for shard in shards for _, shape, dtype in shard)
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+def write_index(folder: Path, names: list[str], shards, file_name: str = INDEX) -> list[str]:
+    """model.safetensors.index.json (or MindSpore's `param_name_map.json`, the same structure), for
+    a model in several shards; returns what it wrote."""
+    if len(shards) < 2:
+        return []
+    weight_map = {entry[0]: name for name, shard in zip(names, shards) for entry in shard}
+    total = sum(torch.Size(shape).numel() * dtype.itemsize for shard in shards for _, shape, dtype in shard)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / file_name).write_text(json.dumps(index, indent=2) + "\n")
+    return [file_name]
 
 
 def _hf_config(plan, meta, dtype: torch.dtype) -> dict:
@@ -209,10 +212,10 @@ def save(plan, receiver) -> dict:
         output.finish()
         small, tokenizer = [], []  # config, tokenizer and index: written once (by the first worker)
         if share is None or share.index == 0:
-            _write_index(folder, output.names, shards)
+            index = write_index(folder, output.names, shards)
             (folder / "config.json").write_text(json.dumps(_hf_config(plan, meta, dtype), indent=2) + "\n")
             tokenizer = _copy_tokenizer(plan, folder)
-            small = ["config.json", *tokenizer] + ([INDEX] if len(shards) > 1 else [])
+            small = ["config.json", *tokenizer, *index]
         manifest = dict(kind="hf", model_type_hf=family.name,
                         source={"type": plan.load_type, "dir": str(Path(plan.load_dir).resolve())},
                         dtype=str(dtype), vocab_size=dims.vocab_size, dtypes=odd_dtypes)

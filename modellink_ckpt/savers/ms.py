@@ -30,14 +30,15 @@ from modellink_ckpt import mapping, ms_names, registry, workers
 from modellink_ckpt.errors import UsageError
 from modellink_ckpt.formats.ms_ckpt import MsCkptWriter
 from modellink_ckpt.formats.ms_strategy import Strategy, load_strategy
-from modellink_ckpt.formats.safetensors_io import SafetensorsWriter
+from modellink_ckpt.formats.safetensors_io import PlacedTensors, SafetensorsWriter
 from modellink_ckpt.manifest import hash_files, write_manifest
-from modellink_ckpt.savers.hf import _hf_config, plan_shards
+from modellink_ckpt.savers.hf import _hf_config, plan_shards, write_index
 from modellink_ckpt.staging import StagedDir, check_target
 
 NAME_MAP = "param_name_map.json"
 STRATEGY_DIR = "strategy"
 DEFAULT_PREFIX = "checkpoint_"
+_METADATA = {"format": "ms"}
 
 
 def planned_tensors(plan, dtypes: mapping.TensorDtypes) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
@@ -57,14 +58,18 @@ def rank_tensors(entries, strategy: Strategy, rank: int):
 class MsFiles:
     """The open output files of a MindSpore checkpoint (complete, or a rank file per rank of
     `strategy`, or of the ranks `ranks` only) and where each tensor, or its slices, goes.
-    `entries`: every tensor in arrival order [(name, shape, dtype)]."""
+    `entries`: every tensor in arrival order [(name, shape, dtype)]. With `placed`, complete
+    safetensors shards are written at their planned places by several workers side by side
+    (`--workers`), and hashed once all are done."""
 
     def __init__(self, folder: Path, fmt: str, entries, *, strategy: Strategy | None = None,
                  prefix: str | None = None, max_shard_bytes: int = 5 * 10**9, file_name: str | None = None,
-                 ranks=None):
+                 ranks=None, placed: bool = False):
         self.folder, self.format, self.strategy = folder, fmt, strategy
         self.files: dict[str, tuple[int, str]] = {}
+        self.unhashed: list[str] = []  # placed shards: the parent hashes them
         self.tensor_bytes = 0
+        self._placed = None
         self._writers: list[tuple[str, object, object]] = []  # (relative path, writer, rank or None)
         suffix = ".ckpt" if self.format == "ckpt" else ".safetensors"
         if self.strategy is not None:
@@ -84,11 +89,15 @@ class MsFiles:
             self._shard_of = {entry[0]: i for i, shard in enumerate(self.shards) for entry in shard}
             self._names = names
             self._open_shard = {}
+            if placed:
+                self._placed = PlacedTensors({name: (folder / name, shard, _METADATA)
+                                              for name, shard in zip(names, self.shards)})
+                self.unhashed = names
 
     def _open(self, path: Path, entries):
         if self.format == "ckpt":
             return MsCkptWriter(path)
-        return SafetensorsWriter(path, entries, metadata={"format": "ms"})
+        return SafetensorsWriter(path, entries, metadata=_METADATA)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if self.strategy is not None:
@@ -100,6 +109,9 @@ class MsFiles:
             return
         if self.format == "ckpt":
             self._writers[0][1].add(name, tensor)
+            return
+        if self._placed is not None:
+            self._placed.add(name, tensor)
             return
         index = self._shard_of[name]
         if index not in self._open_shard:
@@ -115,19 +127,25 @@ class MsFiles:
         for path, writer, _ in self._writers:
             self.files[path] = writer.close()
             self.tensor_bytes += writer.tensor_bytes
+        if self._placed is not None:
+            self._placed.close()
+            self.tensor_bytes = self._placed.tensor_bytes
+        elif self.strategy is None and self.format == "safetensors" and self._open_shard:
+            raise RuntimeError("a planned safetensors shard was not completed")
+
+    def write_index(self) -> list[str]:
+        """MindSpore's unified-checkpoint index, for complete safetensors in several shards."""
         if self.strategy is None and self.format == "safetensors":
-            if self._open_shard:
-                raise RuntimeError("a planned safetensors shard was not completed")
-            if len(self.shards) > 1:  # MindSpore's unified-checkpoint index
-                weight_map = {e[0]: name for name, shard in zip(self._names, self.shards) for e in shard}
-                (self.folder / NAME_MAP).write_text(json.dumps(
-                    {"metadata": {"total_size": self.tensor_bytes}, "weight_map": weight_map}, indent=2) + "\n")
+            return write_index(self.folder, self._names, self.shards, NAME_MAP)
+        return []
 
     def abort(self) -> None:
         for _, writer, _ in self._writers:
             writer.abort()
         for writer in getattr(self, "_open_shard", {}).values():
             writer.abort()
+        if self._placed is not None:
+            self._placed.close()
 
 
 def save(plan, receiver) -> dict:
@@ -149,7 +167,7 @@ def save(plan, receiver) -> dict:
         options = plan.target_options
         files = MsFiles(folder, options["format"], entries, strategy=options.get("strategy_obj"),
                         prefix=options.get("prefix"), max_shard_bytes=plan.max_shard_bytes,
-                        ranks=share.ranks if share else None)
+                        ranks=share.ranks if share else None, placed=share is not None)
         for message in messages:  # (to the end: the receiver acknowledges "done" after it)
             layer = message.get("layer")
             typed = {name: dtypes.apply(message.kind, layer, name, t) for name, t in message.tensors.items()}
@@ -161,7 +179,7 @@ def save(plan, receiver) -> dict:
         files.close()
         small = []  # written once (by the first worker)
         if share is None or share.index == 0:
-            small = [NAME_MAP] if (folder / NAME_MAP).is_file() else []
+            small = files.write_index()
             config = _hf_config(plan, meta, dtypes.default)
             (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
             small.append("config.json")
@@ -184,12 +202,14 @@ def save(plan, receiver) -> dict:
             staging.discard()
         raise
     return {"bytes": files.tensor_bytes, "seconds": time.monotonic() - started, "target": str(plan.save_dir),
-            "files": len(files.files), "written": written, "manifest": manifest}
+            "files": len(files.files), "written": written, "unhashed": files.unhashed, "manifest": manifest}
 
 
 def publish_shares(staging: StagedDir, results: list[dict]) -> dict:
-    """Every worker succeeded: one manifest for all their files, then the folder goes into place."""
+    """Every worker succeeded: one manifest for all their files (the shards they filled side by
+    side hashed now), then the folder goes into place."""
     written, manifest = workers.merged_outputs(results)
+    written.update(hash_files(staging.path, results[0]["unhashed"]))
     write_manifest(staging.path, written, **manifest)
     staging.publish()
     return workers.combined_result(results, files=len(written))
@@ -210,8 +230,12 @@ class MsTargetFormat(registry.TargetFormat):
     saver = "modellink_ckpt.savers.ms:save"
 
     def why_one_process(self, plan) -> str | None:
-        if plan.target_options.get("strategy_obj") is None:
-            return "a complete MindSpore target is written by one process (with --dst-strategy, workers share its ranks)"
+        """Split by a strategy: shared by rank; complete safetensors from Megatron: by source stage."""
+        options = plan.target_options
+        if options.get("strategy_obj") is None and (options["format"] != "safetensors" or plan.load_type != "mg"):
+            return (f"a complete MindSpore {options['format']} target from {plan.load_type} is written by one "
+                    f"process (workers share the ranks of --dst-strategy, or from a Megatron source the source "
+                    f"stages of complete safetensors)")
         return None
 
     def shares(self, plan, count: int) -> tuple:
@@ -219,8 +243,11 @@ class MsTargetFormat(registry.TargetFormat):
         return staging, self.share_plans(plan, count, str(staging.path))
 
     def share_plans(self, plan, count: int, folder: str) -> list:
-        """Shares of the strategy's ranks, by the bytes and the messages each rank holds."""
-        strategy = plan.target_options["strategy_obj"]
+        """Shares of the strategy's ranks, by the bytes and the messages each rank holds; complete
+        safetensors by source stage (each worker writing its tensors at their planned places)."""
+        strategy = plan.target_options.get("strategy_obj")
+        if strategy is None:
+            return workers.share_plans(plan, count, folder)
         naming = ms_names.load_naming(plan.family, plan.target_options["naming"])
         dtypes = mapping.TensorDtypes(plan.params_dtype or plan.source_dtype)
         rank_bytes = [0] * strategy.world_size
