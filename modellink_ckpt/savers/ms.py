@@ -212,7 +212,7 @@ def publish_shares(staging: StagedDir, results: list[dict]) -> dict:
     written.update(hash_files(staging.path, results[0]["unhashed"]))
     write_manifest(staging.path, written, **manifest)
     staging.publish()
-    return workers.combined_result(results, files=len(written))
+    return workers.combined_result(results, files=sum(r["files"] for r in results) + len(results[0]["unhashed"]))
 
 
 def _copy_strategy(source: Path, folder: Path) -> list[str]:

@@ -343,7 +343,7 @@ def save(plan, receiver) -> dict:
                         dtypes={key: str(dtype) for key, dtype in layout.dtypes().items()
                                 if dtype != dtypes.default})  # kept as stored (an fp32 router)
         if staging is not None:
-            _complete(folder, written, manifest)
+            written = _complete(folder, written, manifest)
             staging.publish(iteration)
     except BaseException:
         progress.close()
@@ -355,19 +355,21 @@ def save(plan, receiver) -> dict:
             "files": len(written), "written": written, "manifest": manifest}
 
 
-def _complete(folder: Path, written: dict, manifest: dict) -> None:
-    """metadata.json, which marks the store complete, then the manifest of every file."""
+def _complete(folder: Path, written: dict, manifest: dict) -> dict:
+    """metadata.json, which marks the store complete, then the manifest of every file (returned)."""
     (folder / METADATA_JSON).write_text(json.dumps(BACKEND))
-    write_manifest(folder, {**written, **hash_files(folder, [METADATA_JSON])}, **manifest)
+    files = {**written, **hash_files(folder, [METADATA_JSON])}
+    write_manifest(folder, files, **manifest)
+    return files
 
 
 def publish_shares(staging: StagedIteration, results: list[dict]) -> dict:
     """Every worker succeeded: hash the data file they filled, complete the store and put it in place."""
     written, manifest = workers.merged_outputs(results)
     written.update(hash_files(staging.folder, [DATA_FILE]))
-    _complete(staging.folder, written, manifest)
+    files = _complete(staging.folder, written, manifest)
     staging.publish(manifest["iteration"])
-    return workers.combined_result(results, files=len(written) + 1)
+    return workers.combined_result(results, files=len(files))
 
 
 class TorchDistTargetFormat(MegatronTargetFormat):
