@@ -1,8 +1,11 @@
-"""--workers N: several loader -> saver pairs, each writing the rank files of some pipeline stages
-of a Megatron target. The output is the same bytes whatever N (manifests equal), a failing worker
-stops every worker and publishes nothing, and what cannot be shared is refused by name."""
+"""--workers N: several loader -> saver pairs, each writing its share of the target (pipeline
+stages or rank files of a Megatron target, torch or torch_dist; source stages of an HF target or
+of complete MindSpore safetensors; ranks of a distributed MindSpore target). The output is the same
+bytes whatever N (manifests equal, with more than one worker really run), a failing worker stops
+every worker and publishes nothing, and what cannot be shared is refused by name."""
 
 import json
+import re
 
 import pytest
 
@@ -12,6 +15,16 @@ from modellink_ckpt.workers import Share, source_stages_of, stage_shares
 from util import assert_one_line_error, cli_argv, hf_to_mg, looks_complete, run_cli, staging_leftovers
 
 import subprocess
+
+
+def _convert(*argv, workers: int):
+    """`convert_ckpt.py ... --workers N` as a user runs it; asserts that it succeeded and that more
+    than one worker ran when more were asked (same bytes from a single worker would prove nothing)."""
+    result = run_cli(*argv, "--workers", workers)
+    assert result.returncode == 0, result.stderr
+    ran = re.search(r", (\d+) workers, ", result.stdout)
+    assert (ran is not None and int(ran.group(1)) > 1) == (workers > 1), result.stdout
+    return result
 
 
 def _files(mg):
@@ -58,26 +71,31 @@ def models(tmp_path_factory):
     ("qwen25-tied", ("--target-pipeline-parallel-size", "4", "--ckpt-format", "torch_dist")),
     ("mixtral", ("--target-pipeline-parallel-size", "2", "--target-expert-parallel-size", "2", "--ckpt-format",
                  "torch_dist")),
-], ids=["dense-tp2pp4", "tied-pp4", "vpp", "moe-ep2pp2", "by-rank-tp4", "by-rank-moe-tp2ep2", "torch_dist-tp2pp4", "torch_dist-tied-pp4",
-        "torch_dist-moe-ep2pp2"])
+], ids=["dense-tp2pp4", "tied-pp4", "vpp", "moe-ep2pp2", "by-rank-tp4", "by-rank-moe-tp2ep2", "torch_dist-tp2pp4",
+        "torch_dist-tied-pp4", "torch_dist-moe-ep2pp2"])
 def test_hf_to_mg_is_the_same_bytes_for_any_number_of_workers(tmp_path, models, family, layout):
     flag = {"qwen25-tied": "qwen25"}.get(family, family)
-    one = _files(hf_to_mg(models[family], tmp_path / "w1", flag, *layout, "--workers", "1"))
-    for n in (2, 3):
-        assert _files(hf_to_mg(models[family], tmp_path / f"w{n}", flag, *layout, "--workers", str(n))) == one, n
+    flags = ("--model-type", "GPT", "--load-model-type", "hf", "--save-model-type", "mg", "--model-type-hf", flag,
+             "--load-dir", models[family], *layout)
+    for n in (1, 2, 3):
+        _convert(*flags, "--save-dir", tmp_path / f"w{n}", workers=n)
+        assert _files(tmp_path / f"w{n}") == _files(tmp_path / "w1"), n
 
 
-@pytest.mark.parametrize("ckpt_format", ["torch", "torch_dist"])
-def test_mg_to_mg_is_the_same_bytes_for_any_number_of_workers(tmp_path, models, ckpt_format):
+@pytest.mark.parametrize("source_format,ckpt_format", [("torch", "torch"), ("torch", "torch_dist"),
+                                                        ("torch_dist", "torch")])
+def test_mg_to_mg_is_the_same_bytes_for_any_number_of_workers(tmp_path, models, source_format, ckpt_format):
+    """A torch_dist source reads as one TP1 PP1 rank: the target's rank files are shared, and one
+    worker reads (and checks) the whole store."""
     source = hf_to_mg(models["mixtral"], tmp_path / "src", "mixtral", "--target-tensor-parallel-size", "2",
-                      "--target-pipeline-parallel-size", "2", "--target-expert-parallel-size", "2")
+                      "--target-pipeline-parallel-size", "2", "--target-expert-parallel-size", "2",
+                      "--ckpt-format", source_format)
     layout = ("--target-tensor-parallel-size", "1", "--target-pipeline-parallel-size", "4",
               "--target-expert-parallel-size", "1", "--ckpt-format", ckpt_format)
     flags = ("--model-type", "GPT", "--load-model-type", "mg", "--save-model-type", "mg", "--load-dir", source)
     outputs = {}
     for n in (1, 2, 3):
-        result = run_cli(*flags, "--save-dir", tmp_path / f"w{n}", *layout, "--workers", str(n))
-        assert result.returncode == 0, result.stderr
+        _convert(*flags, "--save-dir", tmp_path / f"w{n}", *layout, workers=n)
         outputs[n] = _files(tmp_path / f"w{n}")
     assert outputs[1] == outputs[2] == outputs[3]
 
@@ -117,10 +135,9 @@ def test_mg_to_hf_is_the_same_bytes_for_any_number_of_workers(tmp_path, models, 
         manifests = {}
         for n in (1, 2, 3):
             save = tmp_path / f"{shard_size}-w{n}"
-            result = run_cli("--model-type", "GPT", "--load-model-type", "mg", "--save-model-type", "hf",
-                             "--model-type-hf", flag, "--load-dir", source, "--save-dir", save,
-                             "--max-shard-size", shard_size, "--workers", str(n))
-            assert result.returncode == 0, result.stderr
+            _convert("--model-type", "GPT", "--load-model-type", "mg", "--save-model-type", "hf",
+                     "--model-type-hf", flag, "--load-dir", source, "--save-dir", save,
+                     "--max-shard-size", shard_size, workers=n)
             manifests[n] = json.loads((save / "mg2hf" / "convert_manifest.json").read_text())["files"]
         assert len([name for name in manifests[1] if name.endswith(".safetensors")]) >= shards
         assert manifests[1] == manifests[2] == manifests[3], shard_size
@@ -169,10 +186,9 @@ def test_distributed_mindspore_target_is_the_same_bytes_for_any_number_of_worker
     manifests = {}
     for n in (1, 2, 3):
         save = tmp_path / f"w{n}"
-        result = run_cli("--model-type", "GPT", "--load-model-type", source_type, "--save-model-type", "ms",
-                         "--model-type-hf", "mixtral", "--load-dir", source, "--save-dir", save,
-                         "--dst-strategy", strategy, "--ms-format", fmt, "--workers", str(n))
-        assert result.returncode == 0, result.stderr
+        _convert("--model-type", "GPT", "--load-model-type", source_type, "--save-model-type", "ms",
+                 "--model-type-hf", "mixtral", "--load-dir", source, "--save-dir", save,
+                 "--dst-strategy", strategy, "--ms-format", fmt, workers=n)
         manifests[n] = json.loads((save / "convert_manifest.json").read_text())
         del manifests[n]["created"]
         assert not staging_leftovers(save)
@@ -190,10 +206,9 @@ def test_mg_to_complete_mindspore_safetensors_is_the_same_bytes_for_any_number_o
         manifests = {}
         for n in (1, 2, 3):
             save = tmp_path / f"{shard_size}-w{n}"
-            result = run_cli("--model-type", "GPT", "--load-model-type", "mg", "--save-model-type", "ms",
-                             "--model-type-hf", "mixtral", "--load-dir", source, "--save-dir", save,
-                             "--max-shard-size", shard_size, "--workers", str(n))
-            assert result.returncode == 0, result.stderr
+            _convert("--model-type", "GPT", "--load-model-type", "mg", "--save-model-type", "ms",
+                     "--model-type-hf", "mixtral", "--load-dir", source, "--save-dir", save,
+                     "--max-shard-size", shard_size, workers=n)
             manifests[n] = json.loads((save / "convert_manifest.json").read_text())["files"]
         assert len([name for name in manifests[1] if name.endswith(".safetensors")]) >= shards
         assert ("param_name_map.json" in manifests[1]) == (shards > 1)

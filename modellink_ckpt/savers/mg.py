@@ -305,12 +305,6 @@ def save(plan, receiver) -> dict:
             "files": len(files.files), "written": files.files, "manifest": manifest}
 
 
-def stage_shares_of(plan, workers_asked: int) -> tuple[StagedIteration, list]:
-    """The staged iteration folder and one plan per worker (`--workers`)."""
-    staging = StagedIteration(plan.save_dir, iteration_dir_name(target_iteration(plan)), TRACKER, plan.overwrite)
-    return staging, workers.share_plans(plan, workers_asked, str(staging.folder))
-
-
 def publish_shares(staging: StagedIteration, results: list[dict]) -> dict:
     """Every worker succeeded: one manifest for all their files, then the folder goes into place."""
     written, manifest = workers.merged_outputs(results)
@@ -328,8 +322,10 @@ class MegatronTargetFormat(registry.TargetFormat):
     def why_one_process(self, plan) -> str | None:
         return None  # --workers: each worker writes the rank files of some pipeline stages
 
-    def shares(self, plan, workers: int) -> tuple:
-        return stage_shares_of(plan, workers)
+    def shares(self, plan, count: int) -> tuple:
+        """The staged iteration folder and one plan per worker."""
+        staging = StagedIteration(plan.save_dir, iteration_dir_name(target_iteration(plan)), TRACKER, plan.overwrite)
+        return staging, self.share_plans(plan, count, str(staging.folder))
 
     def share_plans(self, plan, count: int, folder: str) -> list:
         """By pipeline stage; with more workers than (source-aligned) stage groups, by rank file:
