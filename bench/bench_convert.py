@@ -90,7 +90,7 @@ SHAPES = {
                       rms_norm_eps=1e-05, rope_theta=1000000.0, num_local_experts=4, num_experts_per_tok=2),
 }
 STEPS = ("copy", "hf2mg", "mg2hf", "mg2mg", "hf2ms", "ms2hf", "hf2dist", "dist2hf")
-SHARED_STEPS = ("hf2mg", "mg2mg")  # the steps --workers applies to (Megatron targets, by stage)
+SHARED_STEPS = ("hf2mg", "mg2mg", "mg2hf", "hf2dist")  # the steps --workers applies to
 KERNEL_COPY_STEPS = ("hf2mg", "mg2hf", "mg2mg")  # the steps whose unchanged bytes may be copied in the kernel
 # Per family: the default layouts (TP, PP, EP) of hf2mg (--layout) and of mg2mg (--mg2mg-layout), and the
 # Megatron checkpoint mg2hf and mg2mg start from. Dense: TP2PP2, TP1PP4 and TP2PP2; MoE: the same with
@@ -632,10 +632,10 @@ class Bench:
         return fmt_layout(layout, self.moe)
 
     def convert_cmd(self, *flags) -> list[str]:
-        workers = [] if "--save-model-type" in flags and flags[flags.index("--save-model-type") + 1] != "mg" \
-            or "torch_dist" in flags else ["--workers", "1"]
+        # one worker unless a shared step asks for more (appended later: the last flag counts), so
+        # that a machine with more cores times the same thing
         return self.converter + ["--model-type", "GPT", "--model-type-hf", self.family, "--use-mcore-models",
-                                 *map(str, flags), *workers, "--quiet"]
+                                 *map(str, flags), "--workers", "1", "--quiet"]
 
     def layout_flags(self, layout: tuple[int, int, int]) -> list:
         tp, pp, ep = layout
@@ -693,7 +693,7 @@ class Bench:
         return ok
 
     def step(self, key: str, workers: int = 1, kernel_copy: bool = True) -> dict:
-        """One timed step; hf2mg and mg2mg run with `--workers workers` (every other step, and the
+        """One timed step; the SHARED_STEPS run with `--workers workers` (every other step, and the
         untimed sources, with one worker, whatever the machine's default); `kernel_copy` False
         adds --no-kernel-copy."""
         layout, layout2 = self.args.layout, self.args.mg2mg_layout
@@ -879,8 +879,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--settle", type=float, default=5.0,
                    help="seconds to wait (after sync) before each timed run, so every step starts alike")
     p.add_argument("--workers", default="1", type=lambda text: [int(n) for n in text.split(",")],
-                   help="comma list: hf2mg and mg2mg run once per number of workers (e.g. 1,2,4,8); "
-                        "a scaling table follows")
+                   help="comma list: hf2mg, mg2mg, mg2hf and hf2dist run once per number of workers "
+                        "(e.g. 1,2,4,8); a scaling table follows")
     p.add_argument("--kernel-copy", default="on", choices=["on", "off", "both"],
                    type=str, help="hf2mg, mg2hf and mg2mg with the kernel-copy path (on, the converter's default), "
                                   "with --no-kernel-copy (off), or each both ways")
