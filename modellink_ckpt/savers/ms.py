@@ -12,8 +12,10 @@ Layout of `--save-dir`:
 
 Every file's tensor list is planned from the model sizes before the first message arrives; each
 tensor is written (sliced per rank) as soon as it arrives, so memory holds one layer. With
-`--workers` a distributed target is shared by rank (`workers.rank_share_plans`): each worker writes
-the rank files of some ranks into the folder the parent staged, the parent publishes it.
+`--workers` a distributed target is shared by rank (`workers.rank_share_plans`: each worker writes
+the rank files of some ranks), complete safetensors from a Megatron source by source stage (each
+worker writes its tensors at their planned places in the shards), into the folder the parent
+staged; the parent publishes it.
 """
 
 from __future__ import annotations
