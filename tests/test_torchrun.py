@@ -13,7 +13,7 @@ import time
 import pytest
 
 from modellink_ckpt.demo_models import build_hf_checkpoint
-from util import ROOT, hf_to_mg, looks_complete, staging_leftovers
+from util import ROOT, looks_complete, run_cli, staging_leftovers
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 LAYOUT = ("--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "4")
@@ -25,7 +25,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch_nodes(script, hf, save, log_dir, env=None, flags=()):
+def _launch_nodes(script, hf, save, log_dir, env=None, target=("--save-model-type", "mg", *LAYOUT)):
     """Both node launches of a 2 x 2 torchrun job; returns their Popen objects and log paths."""
     port, procs = _free_port(), []
     for node in (0, 1):
@@ -33,8 +33,8 @@ def _launch_nodes(script, hf, save, log_dir, env=None, flags=()):
         command = [*TORCHRUN, "--nnodes", "2", "--node-rank", str(node), "--nproc-per-node", "2",
                    "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--max-restarts", "0",
                    "--log-dir", str(log_dir / f"ranks{node}"), "--redirects", "3",  # each rank's output apart
-                   str(script), "--model-type", "GPT", "--load-model-type", "hf", "--save-model-type", "mg",
-                   "--model-type-hf", "llama2", "--load-dir", str(hf), "--save-dir", str(save), *LAYOUT, *flags, "--quiet"]
+                   str(script), "--model-type", "GPT", "--load-model-type", "hf", "--model-type-hf", "llama2",
+                   "--load-dir", str(hf), "--save-dir", str(save), *map(str, target), "--quiet"]
         procs.append((subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT,
                                        env={**os.environ, **(env or {})}), log))
     return procs
@@ -45,8 +45,8 @@ def _rank_outputs(log_dir) -> dict:
     return {str(path): path.read_text() for path in sorted(log_dir.glob("ranks*/**/std*.log"))}
 
 
-def _manifest_files(mg):
-    (manifest,) = mg.glob("iter_*/convert_manifest.json")
+def _manifest_files(target):
+    (manifest,) = [*target.glob("iter_*/convert_manifest.json"), *target.glob("convert_manifest.json")]
     return json.loads(manifest.read_text())["files"]
 
 
@@ -55,17 +55,27 @@ def hf(tmp_path_factory):
     return build_hf_checkpoint("llama2", tmp_path_factory.mktemp("torchrun") / "hf", num_layers=4, tokenizer=False)
 
 
-@pytest.mark.parametrize("ckpt_format", ["torch", "torch_dist"])
-def test_two_nodes_of_two_ranks_write_what_one_process_writes(tmp_path, hf, ckpt_format):
-    flags = ("--ckpt-format", ckpt_format)
-    single = hf_to_mg(hf, tmp_path / "single", "llama2", *LAYOUT, *flags, "--workers", "1")
-    procs = _launch_nodes(ROOT / "convert_ckpt.py", hf, tmp_path / "job", tmp_path, flags=flags)
+@pytest.mark.parametrize("target", ["torch", "torch_dist", "mindspore"])
+def test_two_nodes_of_two_ranks_write_what_one_process_writes(tmp_path, hf, target):
+    """Each rank writes its share: stages of a Megatron target (torch, torch_dist), ranks of a
+    MindSpore target split by a strategy."""
+    if target == "mindspore":
+        from test_mindspore_format import _strategy_for
+
+        strategy, _ = _strategy_for(tmp_path, hf, "llama2", pp=2, mp=2)
+        flags = ("--save-model-type", "ms", "--dst-strategy", strategy)
+    else:
+        flags = ("--save-model-type", "mg", *LAYOUT, "--ckpt-format", target)
+    single = run_cli("--model-type", "GPT", "--load-model-type", "hf", "--model-type-hf", "llama2", "--load-dir", hf,
+                     "--save-dir", tmp_path / "single", *flags, "--workers", "1")
+    assert single.returncode == 0, single.stderr
+    procs = _launch_nodes(ROOT / "convert_ckpt.py", hf, tmp_path / "job", tmp_path, target=flags)
     for proc, log in procs:
         assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
     lines = [line for output in _rank_outputs(tmp_path).values() for line in output.splitlines()
              if line.startswith("rank ")]
     assert sorted(line.split(":")[0] for line in lines) == [f"rank {r}/4" for r in range(4)], lines
-    assert _manifest_files(tmp_path / "job") == _manifest_files(single)
+    assert _manifest_files(tmp_path / "job") == _manifest_files(tmp_path / "single")
 
 
 _SLOW_RANK = """
