@@ -252,16 +252,22 @@ class MsTargetFormat(registry.TargetFormat):
             return workers.share_plans(plan, count, folder)
         naming = ms_names.load_naming(plan.family, plan.target_options["naming"])
         dtypes = mapping.TensorDtypes(plan.params_dtype or plan.source_dtype)
-        rank_bytes = [0] * strategy.world_size
-        rank_messages: list[set] = [set() for _ in range(strategy.world_size)]
+        # every rank of a pipeline stage holds the same tensors, in slices of (about) the same size:
+        # counted per stage, so that thousands of ranks cost no more than one
+        stage_bytes = [0] * strategy.stages
+        stage_messages: list[set] = [set() for _ in range(strategy.stages)]
         for kind, layer, tensors in ms_names.model_ms_tensors(naming, plan.family, plan.dims, dtypes):
             for name, tensor in tensors.items():
-                for rank in range(strategy.world_size):
-                    if strategy.holds(name, rank):
-                        rank_messages[rank].add(workers.message_group(kind, layer))
-                        ranges = strategy.slice_of(name, tuple(tensor.shape), rank)
-                        rank_bytes[rank] += torch.Size(b - a for a, b in ranges).numel() * tensor.dtype.itemsize
-        return workers.rank_share_plans(plan, count, folder, rank_bytes, rank_messages)
+                layout = strategy.layouts.get(name)
+                stages = range(strategy.stages) if layout is None else [layout.stage]
+                ranges = strategy.slice_of(name, tuple(tensor.shape), stages[0] * strategy.devices)
+                nbytes = torch.Size(b - a for a, b in ranges).numel() * tensor.dtype.itemsize
+                for stage in stages:
+                    stage_bytes[stage] += nbytes
+                    stage_messages[stage].add(workers.message_group(kind, layer))
+        ranks = range(strategy.world_size)
+        return workers.rank_share_plans(plan, count, folder, [stage_bytes[r // strategy.devices] for r in ranks],
+                                        [stage_messages[r // strategy.devices] for r in ranks])
 
     def publish(self, staged, results: list[dict]) -> dict:
         return publish_shares(staged, results)
