@@ -90,11 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue-gb", type=float, default=1.0, help="at most this many GB in flight")
     p.add_argument("--max-shard-size", default="5GB", help="largest HF output shard (e.g. 5GB, 500MB)")
     p.add_argument("--workers", type=int, default=None,
-                   help="parallel loader/saver pairs, each writing some pipeline stages of a Megatron target "
-                        "(torch or torch_dist), some ranks of a MindSpore target split by --dst-strategy, or for "
-                        "an HF target (or complete MindSpore safetensors) from Megatron the tensors of some "
-                        "source stages (default: one per two cores, as memory allows; same output bytes for "
-                        "any N)")
+                   help="parallel loader/saver pairs, each writing some pipeline stages (or rank files) of a "
+                        "Megatron target, some ranks of a MindSpore target split by --dst-strategy, or the tensors "
+                        "of some layers of an HF, torch_dist or complete MindSpore safetensors target (default: "
+                        "one per two cores, as memory allows; same output bytes for any N)")
     p.add_argument("--hash", choices=list(HASHES), default=DEFAULT_HASH,
                    help="digest of every output file in the manifest (default: %(default)s; --verify reads both)")
     p.add_argument("--no-kernel-copy", action="store_true",
@@ -385,10 +384,9 @@ def describe_plan(plan: Plan, files: dict[str, int], shares: list | None = None)
                 chunks.append(f"{layout.model_key(vchunk)}: layers {shown or '-'}")
             lines.append(f"  stage {pp_rank}: " + "; ".join(chunks))
     if shares and len(shares) > 1:
-        ranks = shares[0].ranks
-        what = "writing stages" if ranks is None and plan.target_layout is not None else \
-            "reading source stages" if ranks is None else \
-            "writing rank files (tp.pp.ep)" if isinstance(ranks[0], tuple) else "writing ranks"
+        first = shares[0]
+        what = "writing stages" if first.parts is None else "writing" if first.by_message else \
+            "writing rank files (tp.pp.ep)" if isinstance(first.parts[0], tuple) else "writing ranks"
         lines.append(f"workers: {len(shares)}, {what} " + " | ".join(share.describe() for share in shares))
     for name, nbytes in files.items():
         lines.append(f"  {name}: {nbytes / 1e6:.1f} MB")

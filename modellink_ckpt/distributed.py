@@ -2,8 +2,8 @@
 
 `torchrun --nnodes 2 --nproc-per-node 8 ... convert_ckpt.py <the usual flags>`: every rank parses
 the same command line and plans the same conversion; rank k then runs the loader -> saver pair of
-the k-th share of the target (its pipeline stages, or its ranks for a MindSpore target: the
-target's `share_plans` with one share per rank; ranks beyond the shares idle). Rank 0 stages the target folder on the shared filesystem and
+the k-th share of the target (`--workers` with one share per rank: the target's `share_plans`;
+ranks beyond the shares idle). Rank 0 stages the target folder on the shared filesystem and
 broadcasts where it is; every rank writes its files there. The target is published by rank 0
 only after every rank reported success over torch.distributed (gloo): an error on any rank, or
 the death of one, stops every rank with one line naming the rank, and nothing is published (the

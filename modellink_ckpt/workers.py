@@ -1,27 +1,24 @@
-"""Parallel workers on one machine (`--workers N`): the target's files split into disjoint shares,
-one loader -> saver pair per share, published together.
+"""Parallel workers on one machine (`--workers N`): the target split into disjoint shares, one
+loader -> saver pair per share, all writing into the one folder the parent staged. The parent
+writes the manifest and publishes the folder only after every worker has reported success (a
+failure anywhere stops all and publishes nothing). Each part of the target is written by exactly
+one worker, exactly as a single worker writes it, so the output is byte-identical whatever N.
 
-An HF target (or complete MindSpore safetensors) from a Megatron source is shared by source
-stage: worker k reads (and checks) whole source stages and writes their tensors at their planned
-places in the planned shards (the safetensors header fixes every tensor's offset; whichever worker
-comes first to a file writes its header; the parent hashes the shards at the end).
+- A Megatron (torch-format) target is shared by pipeline stage: worker k writes every rank file
+  (all TP and EP ranks) of a contiguous run of stages, and its loader sends only the messages those
+  stages hold (their layers; the embedding to the first stage, and to the last when tied; final
+  norm, output layer and MTP layers to the last). From a Megatron source a share holds whole
+  source stages, so each source rank file is read, and checked, by one worker. With more workers
+  than such groups of stages (a PP1 target, say) the rank files themselves are shared.
+- A target whose files every worker writes into at planned places (HF safetensors shards, whose
+  header fixes every tensor's offset; complete MindSpore safetensors; a torch_dist store, whose
+  blobs are planned in `savers.torch_dist.StoreLayout`) is shared by message: runs of layers with
+  about the same bytes, whatever the layouts; the parent hashes those files at the end.
+- A distributed MindSpore target is shared by rank: runs of ranks with about the same bytes, each
+  worker's loader sending the messages its ranks hold a slice of.
 
-A Megatron target is shared by pipeline stage: worker k writes every rank file (all TP and EP
-ranks) of a contiguous run of stages, and its loader sends only the messages those stages hold
-(their layers; the embedding to the first stage, and to the last when tied; final norm, output
-layer and MTP layers to the last). Each rank file is written by exactly one worker, exactly as a
-single worker writes it, so the output is byte-identical whatever N. Every worker writes into the
-one staged folder the parent created; the parent writes the manifest and publishes the folder only
-after every worker has reported success (a failure anywhere stops all and publishes nothing).
-
-With more workers than groups of stages (a PP1 target, say), a Megatron torch-format target is
-shared by rank file instead, like a MindSpore target below. A torch_dist target has one data file:
-each worker writes its stages' chunks at the places planned for them (`savers.torch_dist.StoreLayout`).
-
-A distributed MindSpore target is shared by rank: worker k writes the rank files of a contiguous run
-of ranks (about the same bytes each), and its loader sends the messages those ranks hold a slice
-of (every message when the strategy has no pipeline stages); from a Megatron source each source
-stage is also read whole, and checked, by the worker that reads most of it.
+Where a share is not whole source stages (rank files, ranks, messages), each Megatron source stage
+is also read whole, and checked for tensors nothing explains, by the worker that reads most of it.
 """
 
 from __future__ import annotations
@@ -39,25 +36,38 @@ _WORKER_OVERHEAD_BYTES = 1 << 30
 @dataclasses.dataclass(frozen=True)
 class Share:
     """What one worker writes, into `folder`: the pipeline stages `stages` of the target, or the
-    ranks `ranks` of a target shared by rank, whose loader sends the `messages` (message groups,
-    `message_group`) and checks the Megatron source stages `source_stages`."""
+    `parts` of a target shared otherwise (MindSpore ranks, Megatron (tp, pp, ep) rank files, or
+    message groups `message_group` of a target whose files every worker writes into), whose
+    loader sends the `messages` (message groups) and checks the Megatron source stages
+    `source_stages`."""
 
     index: int
     count: int
     stages: tuple[int, ...]
     folder: str
-    ranks: tuple[int, ...] | None = None
+    parts: tuple | None = None
     messages: frozenset | None = None
     source_stages: frozenset[int] | None = None
+    by_message: bool = False  # the parts are message groups
 
     def holds_rank(self, rank: tuple[int, int, int]) -> bool:
         """Whether this worker writes the files of Megatron rank (tp, pp, ep)."""
-        return rank in self.ranks if self.ranks is not None else rank[1] in self.stages
+        return rank in self.parts if self.parts is not None else rank[1] in self.stages
+
+    def owns(self, kind: str, layer: int | None) -> bool:
+        """Whether this worker writes this message (a worker of a share by message also receives
+        the rest of the source stages it checks, which another worker writes)."""
+        return not self.by_message or message_group(kind, layer) in self.parts
 
     def describe(self) -> str:
-        if self.ranks is None:
+        if self.parts is None:
             return ",".join(map(str, self.stages))
-        return ",".join(".".join(map(str, r)) if isinstance(r, tuple) else str(r) for r in self.ranks)
+        if self.by_message:
+            layers = [layer for kind, layer in self.parts if kind == "layer"]
+            words = ["embedding"] * (("embeddings", None) in self.parts)
+            words += [f"layers {layers[0]}-{layers[-1]}" if len(layers) > 1 else f"layer {layers[0]}"] * bool(layers)
+            return ", ".join(words + ["head"] * (("tail", None) in self.parts))
+        return ",".join(".".join(map(str, r)) if isinstance(r, tuple) else str(r) for r in self.parts)
 
     def holds_stage(self, pp_rank: int) -> bool:
         return pp_rank in self.stages
@@ -144,18 +154,9 @@ def _available_memory() -> int:
     return 0
 
 
-def share_layout(plan):
-    """The layout whose pipeline stages the workers divide: the target's, or for a target without
-    stages (HF) the Megatron source's; None when there is neither."""
-    if plan.target_layout is not None:
-        return plan.target_layout
-    return plan.source_layout if plan.load_type == "mg" else None
-
-
 def plan_shares(plan, workers: int) -> list[tuple[int, ...]]:
     """`stage_shares` of a conversion plan's target (aligned with a Megatron source's stages)."""
-    aligned = plan.source_layout if plan.load_type == "mg" and plan.target_layout is not None else None
-    return stage_shares(share_layout(plan), workers, aligned)
+    return stage_shares(plan.target_layout, workers, plan.source_layout if plan.load_type == "mg" else None)
 
 
 def _with_share(plan, share: Share):
@@ -194,7 +195,7 @@ def stage_messages(layout, tied_copy: bool = False) -> dict[int, set]:
 
 
 def rank_share_plans(plan, workers: int, folder: str, rank_bytes: list[int], rank_messages: list[set],
-                     labels: list | None = None) -> list:
+                     labels: list | None = None, by_message: bool = False) -> list:
     """One plan per worker of a target shared by rank: contiguous runs of ranks with about the same
     bytes (`rank_bytes`), each sending the message groups its ranks hold (`rank_messages`); the
     shares name their ranks by `labels` (default: 0..n-1). From a Megatron source, every source
@@ -209,10 +210,26 @@ def rank_share_plans(plan, workers: int, folder: str, rank_bytes: list[int], ran
             reader = max(range(len(groups)), key=lambda k: (len(held & messages[k]), -len(checked[k]), -k))
             messages[reader] |= held
             checked[reader].add(pp)
-    return [_with_share(plan, Share(k, len(groups), (), folder, ranks=tuple(labels[r] for r in group),
-                                    messages=frozenset(messages[k]),
-                                    source_stages=frozenset(checked[k])))
+    return [_with_share(plan, Share(k, len(groups), (), folder, parts=tuple(labels[r] for r in group),
+                                    messages=frozenset(messages[k]), source_stages=frozenset(checked[k]),
+                                    by_message=by_message))
             for k, group in enumerate(groups)]
+
+
+def message_share_plans(plan, workers: int, folder: str) -> list:
+    """One plan per worker of a target whose files every worker writes into at planned places (HF
+    shards, complete MindSpore safetensors, a torch_dist store): runs of messages (the embedding,
+    layers, the head) with about the same bytes, whatever the layouts. Pure."""
+    from modellink_ckpt import mapping
+
+    sizes: dict[tuple, int] = {}
+    dtype = plan.params_dtype or plan.source_dtype
+    for kind, layer, tensors in mapping.model_messages(plan.family, plan.dims, dtype):
+        group = message_group(kind, layer)
+        sizes[group] = sizes.get(group, 0) + sum(t.numel() * t.element_size() for t in tensors.values())
+    groups = list(sizes)
+    return rank_share_plans(plan, workers, folder, list(sizes.values()), [{group} for group in groups], groups,
+                            by_message=True)
 
 
 def why_not_shared(plan, target) -> str | None:
@@ -248,7 +265,7 @@ def wanted(plan, kind: str, layer: int | None) -> bool:
         return True
     if share.messages is not None:
         return message_group(kind, layer) in share.messages
-    layout = share_layout(plan)
+    layout = plan.target_layout
     last = layout.pp - 1
     if kind == "layer":
         return share.holds_stage(layout.slot_of_hf_layer()[layer].pp_rank)
@@ -258,11 +275,27 @@ def wanted(plan, kind: str, layer: int | None) -> bool:
     return share.holds_stage(last)  # final norm, output layer, MTP layers
 
 
+def owned(plan, messages):
+    """The messages this worker writes, of those its loader sends (all of them but where a share by
+    message also receives source stages it only checks)."""
+    share = getattr(plan, "share", None)
+    for message in messages:
+        if share is None or message.kind in ("meta", "done") or share.owns(message.kind, message.get("layer")):
+            yield message
+
+
+def written_layers(plan) -> int:
+    """How many layers this worker writes (its progress bar's length)."""
+    share = getattr(plan, "share", None)
+    return sum(1 for layer in range(plan.dims.num_layers)
+               if wanted(plan, "layer", layer) and (share is None or share.owns("layer", layer)))
+
+
 def checked_source_stages(share: Share, plan) -> set[int]:
     """The Megatron source stages the worker of `share` reads whole and checks."""
     if share.source_stages is not None:
         return set(share.source_stages)
-    return source_stages_of(share, share_layout(plan), plan.source_layout)
+    return source_stages_of(share, plan.target_layout, plan.source_layout)
 
 
 def merged_outputs(results: list[dict]) -> tuple[dict, dict]:

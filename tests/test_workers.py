@@ -71,8 +71,9 @@ def models(tmp_path_factory):
     ("qwen25-tied", ("--target-pipeline-parallel-size", "4", "--ckpt-format", "torch_dist")),
     ("mixtral", ("--target-pipeline-parallel-size", "2", "--target-expert-parallel-size", "2", "--ckpt-format",
                  "torch_dist")),
+    ("llama2", ("--target-tensor-parallel-size", "2", "--ckpt-format", "torch_dist")),  # PP1: by layers
 ], ids=["dense-tp2pp4", "tied-pp4", "vpp", "moe-ep2pp2", "by-rank-tp4", "by-rank-moe-tp2ep2", "torch_dist-tp2pp4",
-        "torch_dist-tied-pp4", "torch_dist-moe-ep2pp2"])
+        "torch_dist-tied-pp4", "torch_dist-moe-ep2pp2", "torch_dist-tp2pp1"])
 def test_hf_to_mg_is_the_same_bytes_for_any_number_of_workers(tmp_path, models, family, layout):
     flag = {"qwen25-tied": "qwen25"}.get(family, family)
     flags = ("--model-type", "GPT", "--load-model-type", "hf", "--save-model-type", "mg", "--model-type-hf", flag,
@@ -123,14 +124,15 @@ def test_a_failing_worker_stops_all_and_publishes_nothing(tmp_path, models):
         assert not looks_complete(save) and not staging_leftovers(save) and not staging_leftovers(save / "mg2hf")
 
 
-@pytest.mark.parametrize("family", ["llama2", "qwen25-tied", "mixtral"])
-def test_mg_to_hf_is_the_same_bytes_for_any_number_of_workers(tmp_path, models, family):
-    """An HF target from Megatron: each worker reads whole source stages and writes their tensors
-    at their planned places in the planned shards; the parent hashes the shards."""
+@pytest.mark.parametrize("family,pp", [("llama2", 4), ("qwen25-tied", 4), ("mixtral", 4), ("llama2", 1)])
+def test_mg_to_hf_is_the_same_bytes_for_any_number_of_workers(tmp_path, models, family, pp):
+    """An HF target: each worker writes the tensors of some layers at their planned places in the
+    planned shards (from a PP1 source too: one worker reads and checks the whole source stage);
+    the parent hashes the shards."""
     flag = {"qwen25-tied": "qwen25"}.get(family, family)
     ep = ("--target-expert-parallel-size", "2") if family == "mixtral" else ()
     source = hf_to_mg(models[family], tmp_path / "src", flag, "--target-tensor-parallel-size", "2",
-                      "--target-pipeline-parallel-size", "4", *ep)
+                      "--target-pipeline-parallel-size", str(pp), *ep)
     for shard_size, shards in (("5GB", 1), ("100KB", 4)):  # one file every worker writes into; many
         manifests = {}
         for n in (1, 2, 3):
@@ -145,7 +147,7 @@ def test_mg_to_hf_is_the_same_bytes_for_any_number_of_workers(tmp_path, models, 
 
 @pytest.mark.parametrize("save_type,flags,expected", [
     ("mg", ("--workers", "0"), "--workers 0: must be at least 1"),
-    ("ms", ("--workers", "2"), "complete MindSpore safetensors target from hf is written by one process"),
+    ("ms", ("--ms-format", "ckpt", "--workers", "2"), "complete MindSpore ckpt target is written by one process"),
 ])
 def test_workers_that_cannot_apply_are_refused(tmp_path, models, save_type, flags, expected):
     layout = ("--target-pipeline-parallel-size", "2") if save_type == "mg" else ()
@@ -197,16 +199,18 @@ def test_distributed_mindspore_target_is_the_same_bytes_for_any_number_of_worker
     assert manifests[1] == manifests[2] == manifests[3]
 
 
-def test_mg_to_complete_mindspore_safetensors_is_the_same_bytes_for_any_number_of_workers(tmp_path, models):
-    """Complete MindSpore safetensors from Megatron: shared by source stage like an HF target, in one
-    file every worker writes into and in many shards (with their name map)."""
-    source = hf_to_mg(models["mixtral"], tmp_path / "src", "mixtral", "--target-pipeline-parallel-size", "4",
-                      "--target-expert-parallel-size", "2")
+@pytest.mark.parametrize("source_type", ["hf", "mg"])
+def test_complete_mindspore_safetensors_is_the_same_bytes_for_any_number_of_workers(tmp_path, models, source_type):
+    """Complete MindSpore safetensors: shared by layers like an HF target, in one file every worker
+    writes into and in many shards (with their name map)."""
+    source = models["mixtral"] if source_type == "hf" else \
+        hf_to_mg(models["mixtral"], tmp_path / "src", "mixtral", "--target-pipeline-parallel-size", "4",
+                 "--target-expert-parallel-size", "2")
     for shard_size, shards in (("5GB", 1), ("100KB", 4)):
         manifests = {}
         for n in (1, 2, 3):
             save = tmp_path / f"{shard_size}-w{n}"
-            _convert("--model-type", "GPT", "--load-model-type", "mg", "--save-model-type", "ms",
+            _convert("--model-type", "GPT", "--load-model-type", source_type, "--save-model-type", "ms",
                      "--model-type-hf", "mixtral", "--load-dir", source, "--save-dir", save,
                      "--max-shard-size", shard_size, workers=n)
             manifests[n] = json.loads((save / "convert_manifest.json").read_text())["files"]

@@ -196,10 +196,10 @@ def save(plan, receiver) -> dict:
     shards = plan_shards(entries, plan.max_shard_bytes)
     output = PlacedShards(folder, shards) if share else ShardedOutput(folder, shards)
     stacks = SlabStacks()
-    layers = sum(1 for layer in range(dims.num_layers) if workers.wanted(plan, "layer", layer))
+    layers = workers.written_layers(plan)
     progress = tqdm(total=layers, desc="saving layers", unit="layer", disable=plan.quiet)
     try:
-        for message in messages:
+        for message in workers.owned(plan, messages):
             for rule in mapping.message_rules(message.kind, family, dims, message.get("layer")):
                 full = dtypes.apply(message.kind, message.get("layer"), rule.mcore, message.tensors[rule.mcore])
                 for name, part in zip(rule.hf, rule.to_hf(full)):
@@ -250,18 +250,14 @@ class HfTargetFormat(registry.TargetFormat):
     kernel_copy = True
 
     def why_one_process(self, plan) -> str | None:
-        """--workers from a Megatron source: each worker reads some source stages."""
-        if plan.load_type != "mg":
-            return f"an HF target from {plan.load_type} is written by one process (from a Megatron source, " \
-                   f"workers share its source stages)"
-        return None
+        return None  # --workers: each worker writes some layers into the planned shards
 
     def shares(self, plan, count: int) -> tuple:
         staging = StagedDir(plan.save_dir / HF_SUBDIR, overwrite=plan.overwrite)
-        return staging, workers.share_plans(plan, count, str(staging.path))
+        return staging, self.share_plans(plan, count, str(staging.path))
 
     def share_plans(self, plan, count: int, folder: str) -> list:
-        return workers.share_plans(plan, count, folder)
+        return workers.message_share_plans(plan, count, folder)
 
     def publish(self, staged, results: list[dict]) -> dict:
         return publish_shares(staged, results)

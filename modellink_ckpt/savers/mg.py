@@ -269,7 +269,7 @@ def save(plan, receiver) -> dict:
     staging = None if share else StagedIteration(plan.save_dir, iteration_dir_name(iteration), TRACKER, plan.overwrite)
     iteration_dir = Path(share.folder) if share else staging.folder
     files = RankFiles(iteration_dir, placer.layout, stored_args, iteration, optim)
-    layers = sum(1 for layer in range(plan.dims.num_layers) if workers.wanted(plan, "layer", layer))
+    layers = workers.written_layers(plan)
     progress = tqdm(total=layers, desc="saving layers", unit="layer", disable=plan.quiet)
     try:
         for message in messages:

@@ -163,14 +163,14 @@ def save(plan, receiver) -> dict:
     staging = None if share else StagedDir(plan.save_dir, overwrite=plan.overwrite)
     folder = Path(share.folder) if share else staging.path
     files = None
-    layers = sum(1 for layer in range(plan.dims.num_layers) if workers.wanted(plan, "layer", layer))
+    layers = workers.written_layers(plan)
     progress = tqdm(total=layers, desc="saving layers", unit="layer", disable=plan.quiet)
     try:
         options = plan.target_options
         files = MsFiles(folder, options["format"], entries, strategy=options.get("strategy_obj"),
                         prefix=options.get("prefix"), max_shard_bytes=plan.max_shard_bytes,
-                        ranks=share.ranks if share else None, placed=share is not None)
-        for message in messages:  # (to the end: the receiver acknowledges "done" after it)
+                        ranks=share.parts if share else None, placed=share is not None)
+        for message in workers.owned(plan, messages):  # (to the end: the receiver acknowledges "done" after it)
             layer = message.get("layer")
             typed = {name: dtypes.apply(message.kind, layer, name, t) for name, t in message.tensors.items()}
             for name, tensor in ms_names.to_ms(naming, message.kind, layer, typed, plan.dims).items():
@@ -232,12 +232,11 @@ class MsTargetFormat(registry.TargetFormat):
     saver = "modellink_ckpt.savers.ms:save"
 
     def why_one_process(self, plan) -> str | None:
-        """Split by a strategy: shared by rank; complete safetensors from Megatron: by source stage."""
+        """Split by a strategy: shared by rank; complete safetensors: by layers."""
         options = plan.target_options
-        if options.get("strategy_obj") is None and (options["format"] != "safetensors" or plan.load_type != "mg"):
-            return (f"a complete MindSpore {options['format']} target from {plan.load_type} is written by one "
-                    f"process (workers share the ranks of --dst-strategy, or from a Megatron source the source "
-                    f"stages of complete safetensors)")
+        if options.get("strategy_obj") is None and options["format"] != "safetensors":
+            return ("a complete MindSpore ckpt target is written by one process (workers share the ranks of "
+                    "--dst-strategy, or the layers of complete safetensors)")
         return None
 
     def shares(self, plan, count: int) -> tuple:
@@ -249,7 +248,7 @@ class MsTargetFormat(registry.TargetFormat):
         safetensors by source stage (each worker writing its tensors at their planned places)."""
         strategy = plan.target_options.get("strategy_obj")
         if strategy is None:
-            return workers.share_plans(plan, count, folder)
+            return workers.message_share_plans(plan, count, folder)
         naming = ms_names.load_naming(plan.family, plan.target_options["naming"])
         dtypes = mapping.TensorDtypes(plan.params_dtype or plan.source_dtype)
         # every rank of a pipeline stage holds the same tensors, in slices of (about) the same size:

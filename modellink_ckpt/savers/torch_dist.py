@@ -310,10 +310,10 @@ def save(plan, receiver) -> dict:
     staging = None if share else StagedIteration(plan.save_dir, iteration_dir_name(iteration), TRACKER, plan.overwrite)
     folder = Path(share.folder) if share else staging.folder
     store = StoreWriter(folder, layout, shared=share is not None)
-    layers = sum(1 for layer in range(plan.dims.num_layers) if workers.wanted(plan, "layer", layer))
+    layers = workers.written_layers(plan)
     progress = tqdm(total=layers, desc="saving layers", unit="layer", disable=plan.quiet)
     try:
-        for message in messages:
+        for message in workers.owned(plan, messages):
             if message.kind in ("meta", "done"):
                 continue
             layer = message.get("layer")
@@ -381,7 +381,7 @@ class TorchDistTargetFormat(MegatronTargetFormat):
     saver = "modellink_ckpt.savers.torch_dist:save"
 
     def share_plans(self, plan, count: int, folder: str) -> list:
-        return workers.share_plans(plan, count, folder)  # by stage only: one data file, no rank files
+        return workers.message_share_plans(plan, count, folder)  # one data file: any layers, any layout
 
     def publish(self, staged, results: list[dict]) -> dict:
         return publish_shares(staged, results)
