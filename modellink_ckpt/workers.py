@@ -170,7 +170,15 @@ def share_plans(plan, workers: int, folder: str) -> list:
     """One plan per worker, each with its `Share` of the stages, writing into `folder`. Pure:
     every torchrun rank gets the same."""
     groups = plan_shares(plan, workers)
-    return [_with_share(plan, Share(k, len(groups), stages, folder)) for k, stages in enumerate(groups)]
+    held = stage_messages(plan.target_layout, tied_copy=plan.dims.tie_word_embeddings)
+    plans = []
+    for k, stages in enumerate(groups):
+        share = Share(k, len(groups), stages, folder, messages=frozenset().union(*(held[pp] for pp in stages)))
+        if plan.load_type == "mg":
+            checked = source_stages_of(share, plan.target_layout, plan.source_layout)
+            share = dataclasses.replace(share, source_stages=frozenset(checked))
+        plans.append(_with_share(plan, share))
+    return plans
 
 
 def message_group(kind: str, layer: int | None) -> tuple[str, int | None]:
@@ -183,7 +191,7 @@ def message_group(kind: str, layer: int | None) -> tuple[str, int | None]:
 
 def stage_messages(layout, tied_copy: bool = False) -> dict[int, set]:
     """{pipeline stage: the message groups it holds} (`tied_copy`: the last stage keeps its own
-    copy of a tied embedding, as a legacy Megatron target does)."""
+    copy of a tied embedding, as a Megatron torch-format target does)."""
     held: dict[int, set] = {pp: set() for pp in range(layout.pp)}
     for hf, slot in layout.slot_of_hf_layer().items():
         held[slot.pp_rank].add(("layer", hf))
@@ -194,15 +202,16 @@ def stage_messages(layout, tied_copy: bool = False) -> dict[int, set]:
     return held
 
 
-def rank_share_plans(plan, workers: int, folder: str, rank_bytes: list[int], rank_messages: list[set],
-                     labels: list | None = None, by_message: bool = False) -> list:
-    """One plan per worker of a target shared by rank: contiguous runs of ranks with about the same
-    bytes (`rank_bytes`), each sending the message groups its ranks hold (`rank_messages`); the
-    shares name their ranks by `labels` (default: 0..n-1). From a Megatron source, every source
-    stage is read whole by one worker, which checks that nothing in it is left unexplained. Pure."""
-    labels = labels or list(range(len(rank_bytes)))
-    groups = balanced_runs(rank_bytes, workers)
-    messages = [set().union(*(rank_messages[rank] for rank in group)) for group in groups]
+def share_plans_by_parts(plan, workers: int, folder: str, part_bytes: list[int], part_messages: list[set],
+                         labels: list | None = None, by_message: bool = False) -> list:
+    """One plan per worker of a target shared by parts (ranks, rank files, or with `by_message`
+    message groups): contiguous runs of parts with about the same bytes (`part_bytes`), each
+    sending the message groups its parts hold (`part_messages`); the shares name their parts by
+    `labels` (default: 0..n-1). From a Megatron source, every source stage is read whole by one
+    worker, which checks that nothing in it is left unexplained. Pure."""
+    labels = labels or list(range(len(part_bytes)))
+    groups = balanced_runs(part_bytes, workers)
+    messages = [set().union(*(part_messages[part] for part in group)) for group in groups]
     checked: list[set[int]] = [set() for _ in groups]
     if plan.load_type == "mg":
         for pp, held in stage_messages(plan.source_layout).items():
@@ -228,7 +237,7 @@ def message_share_plans(plan, workers: int, folder: str) -> list:
         group = message_group(kind, layer)
         sizes[group] = sizes.get(group, 0) + sum(t.numel() * t.element_size() for t in tensors.values())
     groups = list(sizes)
-    return rank_share_plans(plan, workers, folder, list(sizes.values()), [{group} for group in groups], groups,
+    return share_plans_by_parts(plan, workers, folder, list(sizes.values()), [{group} for group in groups], groups,
                             by_message=True)
 
 
@@ -261,18 +270,7 @@ def check_workers(requested: int | None, plan, target) -> int:
 def wanted(plan, kind: str, layer: int | None) -> bool:
     """Whether the loader of `plan`'s share sends this message (always, without a share)."""
     share = getattr(plan, "share", None)
-    if share is None or kind in ("meta", "done"):
-        return True
-    if share.messages is not None:
-        return message_group(kind, layer) in share.messages
-    layout = plan.target_layout
-    last = layout.pp - 1
-    if kind == "layer":
-        return share.holds_stage(layout.slot_of_hf_layer()[layer].pp_rank)
-    if kind == "embeddings":  # a legacy Megatron target's last stage keeps its own copy of a tied table
-        tied_copy = plan.dims.tie_word_embeddings and plan.target_format == "mg"
-        return share.holds_stage(0) or (tied_copy and share.holds_stage(last))
-    return share.holds_stage(last)  # final norm, output layer, MTP layers
+    return share is None or kind in ("meta", "done") or message_group(kind, layer) in share.messages
 
 
 def owned(plan, messages):
@@ -289,13 +287,6 @@ def written_layers(plan) -> int:
     share = getattr(plan, "share", None)
     return sum(1 for layer in range(plan.dims.num_layers)
                if wanted(plan, "layer", layer) and (share is None or share.owns("layer", layer)))
-
-
-def checked_source_stages(share: Share, plan) -> set[int]:
-    """The Megatron source stages the worker of `share` reads whole and checks."""
-    if share.source_stages is not None:
-        return set(share.source_stages)
-    return source_stages_of(share, plan.target_layout, plan.source_layout)
 
 
 def merged_outputs(results: list[dict]) -> tuple[dict, dict]:

@@ -404,7 +404,7 @@ def stream(plan, sender, source: MegatronSource, states: tuple[str, ...] = (), *
     dtype, dtypes = _stored_dtypes(source, plan)
     sender.send("meta", dims=dims.to_dict(), source="mg", dtype=dtype, dtypes=dtypes, **meta)
     if getattr(plan, "share", None) is not None:  # --workers: this worker reads (and checks) its part
-        source.checked_stages = workers.checked_source_stages(plan.share, plan)
+        source.checked_stages = set(plan.share.source_stages)
 
     def take_all(pp_rank, vchunk, name, kind, shape, arena, rows=None, required=True):
         tensors = {}

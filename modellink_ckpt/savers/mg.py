@@ -338,8 +338,8 @@ class MegatronTargetFormat(registry.TargetFormat):
         ranks = sorted(layout.ranks(), key=lambda rank: (rank[1], rank[2], rank[0]))
         sizes = self.files(plan)
         held = workers.stage_messages(layout, tied_copy=plan.dims.tie_word_embeddings)
-        return workers.rank_share_plans(plan, count, folder, [sizes[f"{layout.rank_dir(*r)}/{RANK_FILE}"] for r in ranks],
-                                        [held[r[1]] for r in ranks], ranks)
+        return workers.share_plans_by_parts(plan, count, folder, [sizes[f"{layout.rank_dir(*r)}/{RANK_FILE}"]
+                                                                  for r in ranks], [held[r[1]] for r in ranks], ranks)
 
     def publish(self, staged, results: list[dict]) -> dict:
         return publish_shares(staged, results)

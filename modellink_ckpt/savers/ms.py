@@ -12,10 +12,9 @@ Layout of `--save-dir`:
 
 Every file's tensor list is planned from the model sizes before the first message arrives; each
 tensor is written (sliced per rank) as soon as it arrives, so memory holds one layer. With
-`--workers` a distributed target is shared by rank (`workers.rank_share_plans`: each worker writes
-the rank files of some ranks), complete safetensors from a Megatron source by source stage (each
-worker writes its tensors at their planned places in the shards), into the folder the parent
-staged; the parent publishes it.
+`--workers` a distributed target is shared by rank (each worker writes the rank files of some
+ranks), complete safetensors by layers (each worker writes the tensors of some layers at their
+planned places in the shards), into the folder the parent staged; the parent publishes it.
 """
 
 from __future__ import annotations
@@ -265,8 +264,8 @@ class MsTargetFormat(registry.TargetFormat):
                     stage_bytes[stage] += nbytes
                     stage_messages[stage].add(workers.message_group(kind, layer))
         ranks = range(strategy.world_size)
-        return workers.rank_share_plans(plan, count, folder, [stage_bytes[r // strategy.devices] for r in ranks],
-                                        [stage_messages[r // strategy.devices] for r in ranks])
+        return workers.share_plans_by_parts(plan, count, folder, [stage_bytes[r // strategy.devices] for r in ranks],
+                                            [stage_messages[r // strategy.devices] for r in ranks])
 
     def publish(self, staged, results: list[dict]) -> dict:
         return publish_shares(staged, results)
