@@ -97,8 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hash", choices=list(HASHES), default=DEFAULT_HASH,
                    help="digest of every output file in the manifest (default: %(default)s; --verify reads both)")
     p.add_argument("--no-kernel-copy", action="store_true",
-                   help="move every byte through memory, also those a Megatron or HF target takes unchanged from "
-                        "the source (by default copied file to file inside the kernel; the output is the same bytes)")
+                   help="move every byte through memory, also those a Megatron, HF or MindSpore safetensors target "
+                        "takes unchanged from the source (by default copied file to file inside the kernel; the "
+                        "output is the same bytes)")
     p.add_argument("--hf-cfg-dir", type=Path, default=None, help="folder with the HF config.json for HF output")
     p.add_argument("--overwrite", action="store_true", help="replace an existing target")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -338,7 +339,7 @@ def build_plan(args) -> Plan:
     if not plan.save_lora_to_hf:
         target = registry.target(plan.target_format)
         target.check(plan)
-        plan.kernel_copy = target.kernel_copy and not args.no_kernel_copy
+        plan.kernel_copy = target.copies_in_kernel(plan) and not args.no_kernel_copy
     return plan
 
 

@@ -180,6 +180,24 @@ def to_ms(naming: MsNaming, kind: str, layer: int | None, tensors: dict, dims) -
     return out
 
 
+# transforms whose MindSpore tensors are row blocks of the Megatron ones (bytes unchanged)
+ROW_BLOCKS = ("rename", "split_halves")
+
+
+def reordered_names(naming: MsNaming, family, dims) -> set[str]:
+    """The Megatron message tensors (message-local names) that `naming` reorders or joins on the
+    way to MindSpore, rather than taking their bytes as they are."""
+    unchanged = [TRANSFORMS[name] for name in ROW_BLOCKS]
+    found = set()
+    for kind, layer, tensors in mapping.model_messages(family, dims, torch.bfloat16):
+        if kind == "mtp_layer":
+            continue  # not in MindSpore checkpoints (refused before any data moves)
+        for inst in naming.plan(kind, layer, global_message(kind, layer, tensors), dims):
+            if not any(inst.transform is t for t in unchanged):
+                found.update(local_name(kind, layer, name) for name in inst.mg)
+    return found
+
+
 def model_ms_tensors(naming: MsNaming, family, dims, dtypes: "mapping.TensorDtypes"):
     """(kind, layer, {MindSpore name: meta tensor}) of every message: names, shapes and dtypes of
     the MindSpore checkpoint, from the model sizes alone."""

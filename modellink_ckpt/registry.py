@@ -107,9 +107,11 @@ class TargetFormat:
     def save_function(self) -> Callable:
         return _resolve(self.saver)
 
-    # The kernel-copy path: a saver that writes through HashedFile.write_tensor and runs under
-    # kernel_copy.FillOnTouch may receive bytes still in their source files (kernel_copy.py)
-    kernel_copy = False
+    def copies_in_kernel(self, plan) -> bool:
+        """The kernel-copy path: a saver that writes through `HashedFile.write_tensor` (or
+        `PositionalFile.write_tensor_at`) and runs under kernel_copy.FillOnTouch may receive bytes
+        still in their source files (kernel_copy.py)."""
+        return False
 
     def computes_on(self, plan) -> Callable:
         """A hint for the kernel-copy path: predicate over message rules (mapping.TensorRule) that

@@ -1,6 +1,7 @@
-"""The kernel-copy path (modellink_ckpt/kernel_copy.py): bytes a Megatron or HF target takes
-unchanged stay in their source file and are copied file to file inside the kernel; anything else
-that looks at them reads them first. The output is the same bytes with the path on and off."""
+"""The kernel-copy path (modellink_ckpt/kernel_copy.py): bytes a Megatron, HF or MindSpore
+safetensors target takes unchanged stay in their source file and are copied file to file inside the
+kernel; anything else that looks at them reads them first. The output is the same bytes with the
+path on and off."""
 
 import errno
 import json
@@ -15,7 +16,8 @@ from util import hf_to_mg, run_convert
 
 
 def _manifest_files(folder):
-    (manifest,) = list(folder.glob("iter_*/convert_manifest.json")) or list(folder.glob("mg2hf/convert_manifest.json"))
+    (manifest,) = list(folder.glob("iter_*/convert_manifest.json")) or list(folder.glob("mg2hf/convert_manifest.json")) \
+        or [folder / "convert_manifest.json"]
     return json.loads(manifest.read_text())["files"]
 
 
@@ -69,6 +71,36 @@ def test_from_megatron_is_the_same_bytes_with_and_without_kernel_copies(tmp_path
     on, off, files_on, files_off = _both_ways(flags, tmp_path)
     assert files_on == files_off
     assert on["kernel_copied"] > 0 and off["kernel_copied"] == 0
+
+
+MS_TARGETS = {
+    "complete-mcore": ("safetensors", "mcore", None),
+    "complete-legacy-concat": ("safetensors", "legacy-concat", None),
+    "pp2mp2": ("safetensors", "mcore", dict(pp=2, mp=2)),
+    "ckpt": ("ckpt", "mcore", None),
+}
+
+
+@pytest.mark.parametrize("source_type", ["hf", "mg"])
+@pytest.mark.parametrize("case", MS_TARGETS)
+def test_mindspore_targets_are_the_same_bytes_with_and_without_kernel_copies(tmp_path, models, source_type, case):
+    """MindSpore safetensors take renamed tensors and row blocks file to file (the rows the naming
+    reorders, and a strategy's column slices, through memory); a `.ckpt` checksums every byte, so
+    nothing goes through the kernel there."""
+    from test_mindspore_format import _strategy_for
+
+    fmt, naming, layout = MS_TARGETS[case]
+    source = models["llama2"] if source_type == "hf" else \
+        hf_to_mg(models["llama2"], tmp_path / "src", "llama2", "--target-tensor-parallel-size", "2",
+                 "--target-pipeline-parallel-size", "2")
+    flags = ("--load-model-type", source_type, "--save-model-type", "ms", "--model-type-hf", "llama2",
+             "--load-dir", source, "--ms-format", fmt, "--ms-naming", naming)
+    if layout:
+        flags += ("--dst-strategy", _strategy_for(tmp_path, models["llama2"], "llama2", naming, **layout)[0])
+    on, off, files_on, files_off = _both_ways(flags, tmp_path)
+    assert files_on == files_off
+    assert (on["kernel_copied"] > 0.3 * on["bytes"]) == (fmt == "safetensors"), (on["kernel_copied"], on["bytes"])
+    assert off["kernel_copied"] == 0
 
 
 def test_a_saver_that_computes_on_the_bytes_sees_them(tmp_path, models):

@@ -247,7 +247,9 @@ class HfTargetFormat(registry.TargetFormat):
     name = "hf"
     description = "Hugging Face safetensors shards, index, config.json and tokenizer in <save-dir>/mg2hf"
     saver = "modellink_ckpt.savers.hf:save"
-    kernel_copy = True
+
+    def copies_in_kernel(self, plan) -> bool:
+        return True
 
     def why_one_process(self, plan) -> str | None:
         return None  # --workers: each worker writes some layers into the planned shards

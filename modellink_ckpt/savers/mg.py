@@ -317,7 +317,9 @@ class MegatronTargetFormat(registry.TargetFormat):
     name = "mg"
     description = "Megatron-Core checkpoint, legacy torch layout, at the target TP/PP/EP/VPP layout"
     saver = "modellink_ckpt.savers.mg:save"
-    kernel_copy = True
+
+    def copies_in_kernel(self, plan) -> bool:
+        return True
 
     def why_one_process(self, plan) -> str | None:
         return None  # --workers: each worker writes the rank files of some pipeline stages

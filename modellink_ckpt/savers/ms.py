@@ -230,6 +230,18 @@ class MsTargetFormat(registry.TargetFormat):
     description = "MindSpore / MindFormers checkpoint (.ckpt or safetensors; complete or distributed by a strategy)"
     saver = "modellink_ckpt.savers.ms:save"
 
+    def copies_in_kernel(self, plan) -> bool:
+        """Safetensors tensors are plain bytes at an offset; a `.ckpt` checksums every byte it
+        writes, so there nothing would stay in the kernel."""
+        return plan.target_options["format"] == "safetensors"
+
+    def computes_on(self, plan):
+        """Tensors the naming reorders (QKV split per head group, interleaved or stacked MLPs)."""
+        folds = super().computes_on(plan)
+        naming = ms_names.load_naming(plan.family, plan.target_options["naming"])
+        reordered = ms_names.reordered_names(naming, plan.family, plan.dims)
+        return lambda rule: folds(rule) or rule.mcore in reordered
+
     def why_one_process(self, plan) -> str | None:
         """Split by a strategy: shared by rank; complete safetensors: by layers."""
         options = plan.target_options
