@@ -207,12 +207,19 @@ def model_ms_tensors(naming: MsNaming, family, dims, dtypes: "mapping.TensorDtyp
 
 
 def from_ms(naming: MsNaming, kind: str, layer: int | None, shapes: dict[str, tuple], dims,
-            read: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor]:
+            read: Callable[[str], torch.Tensor],
+            read_as: Callable[[str, str], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """One message's tensors (local names) from MindSpore tensors that `read(name)` returns;
-    `shapes` are the message tensors' shapes (global names as `global_message` gives them)."""
+    `shapes` are the message tensors' shapes (global names as `global_message` gives them).
+    A tensor that is only renamed comes from `read_as(MindSpore name, local name)` where given
+    (the loader reads it straight into the message's memory)."""
     out = {}
     for inst in naming.plan(kind, layer, shapes, dims):
-        parts = inst.transform.from_ms([read(name) for name in inst.ms], [shapes[n] for n in inst.mg], dims)
+        if read_as is not None and inst.transform is TRANSFORMS["rename"]:
+            tensors = [read_as(name, local_name(kind, layer, mg)) for name, mg in zip(inst.ms, inst.mg)]
+        else:
+            tensors = [read(name) for name in inst.ms]
+        parts = inst.transform.from_ms(tensors, [shapes[n] for n in inst.mg], dims)
         for name, part in zip(inst.mg, parts):
             if tuple(part.shape) != tuple(shapes[name]):
                 raise ConvertError(f"MindSpore tensor(s) {', '.join(inst.ms)} give '{name}' {list(part.shape)}, "

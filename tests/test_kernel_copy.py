@@ -103,6 +103,42 @@ def test_mindspore_targets_are_the_same_bytes_with_and_without_kernel_copies(tmp
     assert off["kernel_copied"] == 0
 
 
+@pytest.mark.parametrize("save_type", ["hf", "mg"])
+@pytest.mark.parametrize("case", MS_TARGETS)
+def test_from_mindspore_is_the_same_bytes_with_and_without_kernel_copies(tmp_path, models, save_type, case):
+    """A MindSpore source (`.ckpt` too: its tensors are raw bytes at an offset) leaves the tensors
+    the naming only renames in their files for the saver."""
+    from test_mindspore_format import _strategy_for
+
+    fmt, naming, layout = MS_TARGETS[case]
+    strategy = ("--dst-strategy", _strategy_for(tmp_path, models["llama2"], "llama2", naming, **layout)[0]) \
+        if layout else ()
+    source = tmp_path / "src"
+    run_convert("--load-model-type", "hf", "--save-model-type", "ms", "--model-type-hf", "llama2", "--load-dir",
+                models["llama2"], "--save-dir", source, "--ms-format", fmt, "--ms-naming", naming, *strategy)
+    flags = ("--load-model-type", "ms", "--save-model-type", save_type, "--model-type-hf", "llama2",
+             "--load-dir", source, "--ms-naming", naming, *(("--src-strategy", strategy[1]) if layout else ()),
+             *(("--target-tensor-parallel-size", "2") if save_type == "mg" else ()))
+    on, off, files_on, files_off = _both_ways(flags, tmp_path)
+    assert files_on == files_off
+    assert on["kernel_copied"] > 0.1 * on["bytes"], (on["kernel_copied"], on["bytes"])
+    assert off["kernel_copied"] == 0
+
+
+@pytest.mark.parametrize("save_type", ["hf", "mg"])
+def test_from_a_training_torch_dist_store_is_the_same_bytes_with_and_without_kernel_copies(tmp_path, save_type):
+    """Megatron-LM's own torch_dist save (chunks in two data files): a chunk part that is one run of
+    its bytes (a layer of a stacked tensor, a whole chunk) stays in the file for the saver."""
+    from test_torch_dist import FIXTURE
+
+    flags = ("--load-model-type", "mg", "--save-model-type", save_type, "--model-type-hf", "llama2",
+             "--load-dir", FIXTURE, *(("--target-tensor-parallel-size", "2") if save_type == "mg" else ()))
+    on, off, files_on, files_off = _both_ways(flags, tmp_path)
+    assert files_on == files_off
+    assert on["kernel_copied"] > 0.3 * on["bytes"], (on["kernel_copied"], on["bytes"])
+    assert off["kernel_copied"] == 0
+
+
 def test_a_saver_that_computes_on_the_bytes_sees_them(tmp_path, models):
     """--params-dtype casts every tensor in the saver: each deferred byte is read before the cast."""
     flags = ("--model-type", "GPT", "--load-model-type", "hf", "--save-model-type", "mg", "--use-mcore-models",

@@ -25,7 +25,7 @@ import torch
 
 from modellink_ckpt.errors import ConvertError
 from modellink_ckpt.formats.safe_pickle import Placeholder, RestrictedUnpickler, placeholder_class
-from modellink_ckpt.formats.torch_zip import TorchZipFile, load_lazy
+from modellink_ckpt.formats.torch_zip import LazyTensor, TorchZipFile, load_lazy
 
 METADATA_JSON = "metadata.json"
 DCP_METADATA = ".metadata"
@@ -180,14 +180,18 @@ class TorchDistStore:
             if any(h <= l for l, h in zip(lo, hi)):
                 continue
             stored = self._blob(chunk).load()
-            tensor = stored.load() if hasattr(stored, "load") else stored
-            if tuple(tensor.shape) != chunk.sizes or tensor.dtype != entry.dtype:
+            if not isinstance(stored, (LazyTensor, torch.Tensor)) or tuple(stored.shape) != chunk.sizes \
+                    or stored.dtype != entry.dtype:
+                held = f"{list(stored.shape)} {stored.dtype}" if hasattr(stored, "shape") else type(stored).__name__
                 raise ConvertError(f"{self.folder / chunk.file}: chunk {list(chunk.offsets)} of '{key}' holds "
-                                   f"{list(tensor.shape)} {tensor.dtype}, the metadata says {list(chunk.sizes)} "
-                                   f"{entry.dtype}")
-            source = tensor[tuple(slice(l - o, h - o) for l, h, o in zip(lo, hi, chunk.offsets))]
-            out[tuple(slice(l - a, h - a) for l, h, (a, _) in zip(lo, hi, bounds))].copy_(source)
-            covered += source.numel()
+                                   f"{held}, the metadata says {list(chunk.sizes)} {entry.dtype}")
+            source = tuple(slice(l - o, h - o) for l, h, o in zip(lo, hi, chunk.offsets))
+            target = out[tuple(slice(l - a, h - a) for l, h, (a, _) in zip(lo, hi, bounds))]
+            # a run of the chunk's bytes goes straight to its place (or stays in the file for the
+            # saver, the kernel-copy path); any other part is gathered from the whole chunk
+            if not (isinstance(stored, LazyTensor) and stored.read_block(source, target)):
+                target.copy_((stored.load() if isinstance(stored, LazyTensor) else stored)[source])
+            covered += target.numel()
         if covered != out.numel():  # chunks of one key do not overlap (DCP writes each element once)
             raise ConvertError(f"{self.folder}: the chunks of '{key}' cover {covered} of {out.numel()} elements "
                                f"of the region read")

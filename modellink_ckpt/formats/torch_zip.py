@@ -14,6 +14,7 @@ import collections
 import enum
 import hashlib
 import io
+import math
 import pickle
 import struct
 import sys
@@ -238,6 +239,21 @@ class LazyTensor:
 
     def read_into(self, out: torch.Tensor) -> torch.Tensor:
         return self.read_rows(0, self.shape[0] if self.shape else 1, out.view(self.shape) if self.shape else out)
+
+    def read_block(self, index: tuple[slice, ...], out: torch.Tensor) -> bool:
+        """The part `index` (a slice per dimension) straight into `out` (contiguous, same dtype)
+        where that part is one run of the stored bytes: single indices first, then one range, then
+        whole dimensions. False, reading nothing, for any other part (the caller gathers it)."""
+        sizes = [s.stop - s.start for s in index]
+        if len(index) != len(self.shape) or out.dtype != self.dtype or not out.is_contiguous() \
+                or out.numel() != math.prod(sizes) or not self.is_contiguous():
+            return False
+        ranged = next((d for d, n in enumerate(sizes) if n != 1), len(sizes))
+        if any(s.start != 0 or s.stop != n for s, n in zip(index[ranged + 1:], self.shape[ranged + 1:])):
+            return False
+        start = sum(s.start * math.prod(self.shape[d + 1:]) for d, s in enumerate(index))
+        self.file.read_into(self.record_offset + (self.offset + start) * self.dtype.itemsize, out)
+        return True
 
     def load(self) -> torch.Tensor:
         """The tensor itself (allocated here)."""

@@ -4,19 +4,22 @@ out by a strategy file, `--src-strategy`).
 
 Every MindSpore tensor a message needs is assembled whole (from the slices of the ranks that hold
 it, each distinct slice read once) and turned back into Megatron tensors by the family's MindSpore
-naming (`ms_names`). The model's sizes come from an HF `config.json` (next to the checkpoint, as
-our MindSpore output writes one, or `--hf-cfg-dir`). Before anything is sent, every tensor of the
-checkpoint must be explained by the naming or be training state (optimizer moments, step counters).
+naming (`ms_names`); a tensor the naming only renames is read straight into the message's memory
+(or left in its file for the saver: the kernel-copy path). The model's sizes come from an HF
+`config.json` (next to the checkpoint, as our MindSpore output writes one, or `--hf-cfg-dir`).
+Before anything is sent, every tensor of the checkpoint must be explained by the naming or be
+training state (optimizer moments, step counters).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
 import torch
 
-from modellink_ckpt import mapping, ms_names, registry
+from modellink_ckpt import kernel_copy, mapping, ms_names, registry
 from modellink_ckpt.errors import ConvertError, UsageError
 from modellink_ckpt.formats.ms_ckpt import MsCkptFile
 from modellink_ckpt.formats.ms_strategy import Strategy, load_strategy
@@ -292,8 +295,21 @@ def open_store(path: Path, options: dict):
     return LoraMergedStore(store, adapters, MsLora.from_flags(lora.get("scaling"), lora.get("r"), lora.get("alpha")))
 
 
-def read_message(store: MsStore, naming, kind: str, layer, shapes: dict, dims) -> dict[str, torch.Tensor]:
-    return ms_names.from_ms(naming, kind, layer, shapes, dims, store.read)
+def read_message(store: MsStore, naming, kind: str, layer, shapes: dict, dims, arena=None,
+                 unchanged=lambda name: False) -> dict[str, torch.Tensor]:
+    """One message's Megatron tensors. With `arena` (the message's memory) a renamed tensor is
+    read straight into it, and where `unchanged(local name)` its bytes may stay in their file for
+    the saver (the kernel-copy path)."""
+    if arena is None or not isinstance(store, MsStore):  # merged LoRA weights are computed
+        return ms_names.from_ms(naming, kind, layer, shapes, dims, store.read)
+
+    def read_as(name: str, local: str) -> torch.Tensor:
+        shape, dtype = store.shape_dtype(name)
+        out = arena.alloc(shape, dtype)
+        with kernel_copy.placing() if unchanged(local) else contextlib.nullcontext():
+            return store.read(name, out)
+
+    return ms_names.from_ms(naming, kind, layer, shapes, dims, store.read, read_as)
 
 
 def message_dtypes(store: MsStore, naming, family, dims) -> tuple[torch.dtype, dict]:
@@ -324,9 +340,15 @@ def load(plan, sender) -> dict:
     sender.plan(max(message_bytes(torch.Size(s).numel() * 4 for s in shapes.values()) for _, _, shapes in messages))
     hf_config = json.loads(Path(options["config"]).read_text())
     sender.send("meta", dims=dims.to_dict(), source="ms", dtype=dtype, dtypes=dtypes, hf_config=hf_config)
+    target_computes = registry.target(plan.target_format).computes_on(plan)
+    cast = plan.params_dtype is not None and plan.params_dtype != dtype  # every tensor computed on
+
     for kind, layer, shapes in messages:
-        tensors = read_message(store, naming, kind, layer, shapes, dims)
-        sender.send(kind, tensors, layer=layer)
+        rules = {rule.mcore: rule for rule in mapping.message_rules(kind, family, dims, layer)}
+        arena = sender.arena()
+        tensors = read_message(store, naming, kind, layer, shapes, dims, arena,
+                               lambda local: not cast and local in rules and not target_computes(rules[local]))
+        sender.send(kind, tensors, arena, layer=layer)
     sender.send("done")
     return {}
 

@@ -47,7 +47,7 @@ class DistRegion(LazyTensor):
 
     def read_rows(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
         region = tuple(slice(i, i + 1) for i in self.index) + ((slice(start, stop),) if self.shape else ())
-        out.view((1,) * len(self.index) + tuple(out.shape)).copy_(self.store.read(self.key, region))
+        self.store.read(self.key, region, out.view((1,) * len(self.index) + tuple(out.shape)))
         return out
 
     def load(self) -> torch.Tensor:
