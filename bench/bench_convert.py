@@ -91,7 +91,7 @@ SHAPES = {
 }
 STEPS = ("copy", "hf2mg", "mg2hf", "mg2mg", "hf2ms", "ms2hf", "hf2dist", "dist2hf")
 SHARED_STEPS = ("hf2mg", "mg2mg", "mg2hf", "hf2dist")  # the steps --workers applies to
-KERNEL_COPY_STEPS = ("hf2mg", "mg2hf", "mg2mg")  # the steps whose unchanged bytes may be copied in the kernel
+KERNEL_COPY_STEPS = STEPS[1:]  # the steps whose unchanged bytes may be copied in the kernel (all but cp)
 # Per family: the default layouts (TP, PP, EP) of hf2mg (--layout) and of mg2mg (--mg2mg-layout), and the
 # Megatron checkpoint mg2hf and mg2mg start from. Dense: TP2PP2, TP1PP4 and TP2PP2; MoE: the same with
 # the experts spread over EP2 (hf2mg, source) and EP4 (mg2mg: TP1PP4EP4, each rank file holds 1/16 of

@@ -184,17 +184,17 @@ def to_ms(naming: MsNaming, kind: str, layer: int | None, tensors: dict, dims) -
 ROW_BLOCKS = ("rename", "split_halves")
 
 
-def reordered_names(naming: MsNaming, family, dims) -> set[str]:
-    """The Megatron message tensors (message-local names) that `naming` reorders or joins on the
-    way to MindSpore, rather than taking their bytes as they are."""
-    unchanged = [TRANSFORMS[name] for name in ROW_BLOCKS]
-    found = set()
-    for kind, layer, tensors in mapping.model_messages(family, dims, torch.bfloat16):
-        if kind == "mtp_layer":
-            continue  # not in MindSpore checkpoints (refused before any data moves)
-        for inst in naming.plan(kind, layer, global_message(kind, layer, tensors), dims):
-            if not any(inst.transform is t for t in unchanged):
-                found.update(local_name(kind, layer, name) for name in inst.mg)
+def reordered_names(naming: MsNaming, dims) -> set[str]:
+    """The Megatron message tensors (message-local names) that `naming` may reorder or join on the
+    way to MindSpore, rather than take their bytes as they are (from the rules alone: a hint)."""
+    prefix, found = f"{LAYER}[layer_idx].", set()
+    for rule in naming.rules:
+        if rule.transform in ROW_BLOCKS or (rule.when is not None and not getattr(dims, rule.when)):
+            continue
+        for template in rule.mg:
+            local = template.removeprefix(prefix)
+            experts = range(dims.num_experts or 0) if "[expert_idx]" in local else [None]
+            found.update(_fill(local, None, expert) for expert in experts)
     return found
 
 

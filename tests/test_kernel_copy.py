@@ -103,6 +103,25 @@ def test_mindspore_targets_are_the_same_bytes_with_and_without_kernel_copies(tmp
     assert off["kernel_copied"] == 0
 
 
+def test_the_mindspore_hint_names_the_tensors_a_naming_reorders(models):
+    """The loader reads these at once (the saver computes on them) and leaves the rest in the file."""
+    import json
+
+    from modellink_ckpt import ms_names
+    from modellink_ckpt.model_cfg import dims_from_hf_config, load_family
+
+    family = load_family("mixtral")
+    dims = dims_from_hf_config(family, json.loads((models["mixtral"] / "config.json").read_text()))
+    experts = {f"mlp.experts.local_experts.{e}.linear_fc1.weight" for e in range(dims.num_experts)}
+    hinted = {naming: ms_names.reordered_names(ms_names.load_naming(family, naming), dims)
+              for naming in ("mcore", "mcore-contiguous", "legacy", "legacy-concat")}
+    assert experts <= hinted["mcore"] and experts <= hinted["mcore-contiguous"]  # stacked, transposed
+    assert "mlp.linear_fc1.weight" in hinted["mcore"]  # gate/up rows interleaved
+    assert "self_attention.linear_qkv.weight" in hinted["legacy"]  # split into wq, wk, wv
+    assert "self_attention.linear_qkv.weight" not in hinted["legacy-concat"]  # w_qkv: Megatron's rows
+    assert not {"self_attention.linear_proj.weight", "input_layernorm.weight"} & set().union(*hinted.values())
+
+
 @pytest.mark.parametrize("save_type", ["hf", "mg"])
 @pytest.mark.parametrize("case", MS_TARGETS)
 def test_from_mindspore_is_the_same_bytes_with_and_without_kernel_copies(tmp_path, models, save_type, case):

@@ -239,7 +239,7 @@ class MsTargetFormat(registry.TargetFormat):
         """Tensors the naming reorders (QKV split per head group, interleaved or stacked MLPs)."""
         folds = super().computes_on(plan)
         naming = ms_names.load_naming(plan.family, plan.target_options["naming"])
-        reordered = ms_names.reordered_names(naming, plan.family, plan.dims)
+        reordered = ms_names.reordered_names(naming, plan.dims)
         return lambda rule: folds(rule) or rule.mcore in reordered
 
     def why_one_process(self, plan) -> str | None:
