@@ -208,24 +208,42 @@ def model_ms_tensors(naming: MsNaming, family, dims, dtypes: "mapping.TensorDtyp
 
 def from_ms(naming: MsNaming, kind: str, layer: int | None, shapes: dict[str, tuple], dims,
             read: Callable[[str], torch.Tensor],
-            read_as: Callable[[str, str], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+            place: Callable[[Instance, list], list | None] | None = None) -> dict[str, torch.Tensor]:
     """One message's tensors (local names) from MindSpore tensors that `read(name)` returns;
     `shapes` are the message tensors' shapes (global names as `global_message` gives them).
-    A tensor that is only renamed comes from `read_as(MindSpore name, local name)` where given
-    (the loader reads it straight into the message's memory)."""
+    `place(instance, part shapes)`, where given, may build an instance's parts itself (the loader
+    reads them straight into the message's memory); None leaves them to the transform."""
     out = {}
     for inst in naming.plan(kind, layer, shapes, dims):
-        if read_as is not None and inst.transform is TRANSFORMS["rename"]:
-            tensors = [read_as(name, local_name(kind, layer, mg)) for name, mg in zip(inst.ms, inst.mg)]
-        else:
-            tensors = [read(name) for name in inst.ms]
-        parts = inst.transform.from_ms(tensors, [shapes[n] for n in inst.mg], dims)
+        part_shapes = [shapes[n] for n in inst.mg]
+        parts = place(inst, part_shapes) if place is not None else None
+        if parts is None:
+            parts = inst.transform.from_ms([read(name) for name in inst.ms], part_shapes, dims)
         for name, part in zip(inst.mg, parts):
             if tuple(part.shape) != tuple(shapes[name]):
                 raise ConvertError(f"MindSpore tensor(s) {', '.join(inst.ms)} give '{name}' {list(part.shape)}, "
                                    f"expected {list(shapes[name])} (another model or naming?)")
             out[local_name(kind, layer, name)] = part
     return out
+
+
+def row_order(transform: Transform, ms_shapes: list[tuple], part_shapes: list[tuple], dims) -> list | None:
+    """Where `transform.from_ms` only moves whole rows (vectors along the last dimension, which
+    every tensor shares), each part's rows as indices into the rows of the MindSpore tensors taken
+    one after the other; None for any other transform. Found by running the transform on row
+    numbers: whatever it does to rows, it does to their numbers."""
+    shapes = [*ms_shapes, *part_shapes]
+    if transform is TRANSFORMS["stack_transposed"] or any(len(s) < 2 or s[-1] != shapes[0][-1] for s in shapes):
+        return None
+    numbers, start = [], 0
+    for shape in ms_shapes:
+        count = torch.Size(shape[:-1]).numel()
+        numbers.append(torch.arange(start, start + count).reshape(*shape[:-1], 1))
+        start += count
+    parts = [T.as_tensor(p) for p in transform.from_ms(numbers, [(*s[:-1], 1) for s in part_shapes], dims)]
+    if [tuple(p.shape) for p in parts] != [(*s[:-1], 1) for s in part_shapes]:
+        return None
+    return [p.reshape(-1).contiguous() for p in parts]
 
 
 def load_naming(family, name: str) -> MsNaming:

@@ -13,7 +13,7 @@ import torch
 
 from modellink_ckpt import mapping, ms_names
 from modellink_ckpt.demo_models import build_hf_checkpoint
-from modellink_ckpt.errors import ConvertError
+from modellink_ckpt.errors import ConvertError, UsageError
 from modellink_ckpt.formats.ms_ckpt import MsCkptFile, MsCkptWriter, write_ckpt
 from modellink_ckpt.formats.ms_strategy import ParamLayout, load_strategy, write_strategy
 from modellink_ckpt.loaders.ms import MsStore
@@ -524,3 +524,39 @@ def test_glm4_mcore_names_follow_mindformers_weight_mapping(tmp_path):
     assert torch.equal(ms[layer + "self_attention.linear_qkv.weight"], grouped)
     shutil.copy(hf / "config.json", tmp_path / "ms" / "config.json")
     assert_same_tensors(state, load_hf_state(ms_to("hf", tmp_path / "ms", tmp_path / "back", "glm4")), "glm4 mcore")
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen25", "deepseek3"])
+def test_a_transform_that_moves_rows_is_its_row_order(models, family):
+    """The MindSpore loader gathers the parts of a row-moving transform (interleaved fc1, split
+    QKV, stacked experts) by `ms_names.row_order` instead of running it: the same tensors, for
+    every naming; only a transpose (`stack_transposed`) and 1-D tensors are left to the transform."""
+    from modellink_ckpt.model_cfg import dims_from_hf_config
+
+    family_cfg = load_family(family)
+    dims = dims_from_hf_config(family_cfg, json.loads((Path(models(family)) / "config.json").read_text()))
+    moved = set()
+    for naming_name in ms_names.NAMINGS:
+        try:
+            naming = ms_names.load_naming(family_cfg, naming_name)
+            messages = list(ms_names.model_ms_tensors(naming, family_cfg, dims, mapping.TensorDtypes(torch.float32)))
+        except UsageError:  # a legacy naming without names for this family
+            continue
+        for (kind, layer, tensors), (_, _, mg) in zip(messages, mapping.model_messages(family_cfg, dims, torch.float32)):
+            shapes = {name: tuple(t.shape) for name, t in ms_names.global_message(kind, layer, mg).items()}
+            for inst in naming.plan(kind, layer, shapes, dims):
+                ms = [torch.randn(tensors[name].shape) for name in inst.ms]
+                part_shapes = [shapes[name] for name in inst.mg]
+                order = ms_names.row_order(inst.transform, [tuple(t.shape) for t in ms], part_shapes, dims)
+                name = next(n for n, t in ms_names.TRANSFORMS.items() if t is inst.transform)
+                if order is None:
+                    assert name in ("rename", "stack_transposed") or any(len(s) < 2 for s in part_shapes), name
+                    continue
+                rows = torch.cat([t.reshape(-1, t.shape[-1]) for t in ms])
+                expected = inst.transform.from_ms(ms, part_shapes, dims)
+                for part, index, shape in zip(expected, order, part_shapes):
+                    assert torch.equal(rows.index_select(0, index).view(shape), part), (naming_name, inst.ms)
+                moved.add(name)
+    assert moved >= {"mixtral": {"split_qkv", "stack", "stack_halves"},
+                     "qwen25": {"interleave_halves", "split_halves", "split_qkv"},
+                     "deepseek3": {"cat_rows", "interleave_halves"}}[family], moved

@@ -5,10 +5,11 @@ out by a strategy file, `--src-strategy`).
 Every MindSpore tensor a message needs is assembled whole (from the slices of the ranks that hold
 it, each distinct slice read once) and turned back into Megatron tensors by the family's MindSpore
 naming (`ms_names`); a tensor the naming only renames is read straight into the message's memory
-(or left in its file for the saver: the kernel-copy path). The model's sizes come from an HF
-`config.json` (next to the checkpoint, as our MindSpore output writes one, or `--hf-cfg-dir`).
-Before anything is sent, every tensor of the checkpoint must be explained by the naming or be
-training state (optimizer moments, step counters).
+(or left in its file for the saver: the kernel-copy path), and the rows of tensors it only
+reorders (interleaved fc1, split QKV, stacked experts) are gathered into it from one reused read
+buffer. The model's sizes come from an HF `config.json` (next to the checkpoint, as our MindSpore
+output writes one, or `--hf-cfg-dir`). Before anything is sent, every tensor of the checkpoint
+must be explained by the naming or be training state (optimizer moments, step counters).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from modellink_ckpt import kernel_copy, mapping, ms_names, registry
+from modellink_ckpt import file_io, kernel_copy, mapping, ms_names, registry
 from modellink_ckpt.errors import ConvertError, UsageError
 from modellink_ckpt.formats.ms_ckpt import MsCkptFile
 from modellink_ckpt.formats.ms_strategy import Strategy, load_strategy
@@ -296,20 +297,44 @@ def open_store(path: Path, options: dict):
 
 
 def read_message(store: MsStore, naming, kind: str, layer, shapes: dict, dims, arena=None,
-                 unchanged=lambda name: False) -> dict[str, torch.Tensor]:
-    """One message's Megatron tensors. With `arena` (the message's memory) a renamed tensor is
-    read straight into it, and where `unchanged(local name)` its bytes may stay in their file for
-    the saver (the kernel-copy path)."""
+                 unchanged=lambda name: False, orders: dict | None = None) -> dict[str, torch.Tensor]:
+    """One message's Megatron tensors. With `arena` (the message's memory) a renamed tensor is read
+    straight into it, and where `unchanged(local name)` its bytes may stay in their file for the
+    saver (the kernel-copy path); the parts of a transform that only moves rows (interleaved fc1,
+    split QKV, stacked experts) are gathered into it from one reused read buffer. `orders` caches
+    each transform's row order."""
     if arena is None or not isinstance(store, MsStore):  # merged LoRA weights are computed
         return ms_names.from_ms(naming, kind, layer, shapes, dims, store.read)
+    orders = {} if orders is None else orders
 
-    def read_as(name: str, local: str) -> torch.Tensor:
+    def read_placed(name: str, mg: str) -> torch.Tensor:
         shape, dtype = store.shape_dtype(name)
-        out = arena.alloc(shape, dtype)
-        with kernel_copy.placing() if unchanged(local) else contextlib.nullcontext():
-            return store.read(name, out)
+        with kernel_copy.placing() if unchanged(ms_names.local_name(kind, layer, mg)) else contextlib.nullcontext():
+            return store.read(name, arena.alloc(shape, dtype))
 
-    return ms_names.from_ms(naming, kind, layer, shapes, dims, store.read, read_as)
+    def gather_rows(inst: ms_names.Instance, part_shapes: list) -> list | None:
+        stored = [store.shape_dtype(name) for name in inst.ms]
+        key = (inst.transform, tuple(shape for shape, _ in stored), tuple(map(tuple, part_shapes)))
+        if key not in orders:
+            orders[key] = ms_names.row_order(inst.transform, list(key[1]), list(key[2]), dims)
+        dtype = stored[0][1]
+        if orders[key] is None or any(d != dtype for _, d in stored):
+            return None
+        width, start = stored[0][0][-1], 0
+        rows = file_io.scratch_tensor((sum(torch.Size(s[:-1]).numel() for s, _ in stored), width), dtype)
+        for name, (shape, _) in zip(inst.ms, stored):
+            count = torch.Size(shape[:-1]).numel()
+            store.read(name, rows[start:start + count].view(shape))
+            start += count
+        return [torch.index_select(rows, 0, order, out=arena.alloc(shape, dtype).view(-1, width)).view(shape)
+                for order, shape in zip(orders[key], part_shapes)]
+
+    def place(inst: ms_names.Instance, part_shapes: list) -> list | None:
+        if inst.transform is ms_names.TRANSFORMS["rename"]:
+            return [read_placed(name, mg) for name, mg in zip(inst.ms, inst.mg)]
+        return gather_rows(inst, part_shapes)
+
+    return ms_names.from_ms(naming, kind, layer, shapes, dims, store.read, place)
 
 
 def message_dtypes(store: MsStore, naming, family, dims) -> tuple[torch.dtype, dict]:
@@ -343,11 +368,13 @@ def load(plan, sender) -> dict:
     target_computes = registry.target(plan.target_format).computes_on(plan)
     cast = plan.params_dtype is not None and plan.params_dtype != dtype  # every tensor computed on
 
+    orders = {}  # each transform's row order, found once
     for kind, layer, shapes in messages:
         rules = {rule.mcore: rule for rule in mapping.message_rules(kind, family, dims, layer)}
         arena = sender.arena()
         tensors = read_message(store, naming, kind, layer, shapes, dims, arena,
-                               lambda local: not cast and local in rules and not target_computes(rules[local]))
+                               lambda local: not cast and local in rules and not target_computes(rules[local]),
+                               orders)
         sender.send(kind, tensors, arena, layer=layer)
     sender.send("done")
     return {}
