@@ -268,17 +268,17 @@ def _hash_file_range(hasher, fd: int, offset: int, nbytes: int) -> None:
         position = start + length
 
 
-_scratch: dict[int, torch.Tensor] = {}
+_scratch: dict[tuple[int, str], torch.Tensor] = {}
 
 
-def scratch_tensor(shape, dtype: torch.dtype) -> torch.Tensor:
+def scratch_tensor(shape, dtype: torch.dtype, slot: str = "gather") -> torch.Tensor:
     """A per-process buffer, reused (freshly faulted-in memory costs more than the copy into it).
-    Valid until the next call in the same process."""
+    Valid until the next call for the same `slot` in the same process."""
     nbytes = torch.Size(shape).numel() * dtype.itemsize
-    pid = os.getpid()
-    buffer = _scratch.get(pid)
+    key = (os.getpid(), slot)
+    buffer = _scratch.get(key)
     if buffer is None or buffer.numel() < nbytes:
-        buffer = _scratch[pid] = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+        buffer = _scratch[key] = torch.empty(max(nbytes, 1), dtype=torch.uint8)
     return buffer[:nbytes].view(dtype).view(shape)
 
 

@@ -172,12 +172,20 @@ def local_name(kind: str, layer: int | None, name: str) -> str:
 
 def to_ms(naming: MsNaming, kind: str, layer: int | None, tensors: dict, dims) -> dict[str, torch.Tensor]:
     """{MindSpore name: tensor} of one message (works on meta tensors too)."""
+    return dict(to_ms_items(naming, kind, layer, tensors, dims))
+
+
+def to_ms_items(naming: MsNaming, kind: str, layer: int | None, tensors: dict, dims,
+                gather: Callable[[Instance, list], list | None] | None = None):
+    """(MindSpore name, tensor) of one message, a rule instance at a time: an instance's tensors
+    are made only once the caller has taken the previous one's. `gather(instance, Megatron
+    tensors)`, where given, may make an instance's MindSpore tensors itself (None: the transform)."""
     message = global_message(kind, layer, tensors)
-    out = {}
     for inst in naming.plan(kind, layer, message, dims):
-        for name, tensor in zip(inst.ms, inst.transform.to_ms([message[n] for n in inst.mg], dims)):
-            out[name] = T.as_tensor(tensor)
-    return out
+        parts = [message[n] for n in inst.mg]
+        made = gather(inst, parts) if gather is not None else None
+        for name, tensor in zip(inst.ms, made if made is not None else inst.transform.to_ms(parts, dims)):
+            yield name, T.as_tensor(tensor)
 
 
 # transforms whose MindSpore tensors are row blocks of the Megatron ones (bytes unchanged)
@@ -227,23 +235,52 @@ def from_ms(naming: MsNaming, kind: str, layer: int | None, shapes: dict[str, tu
     return out
 
 
-def row_order(transform: Transform, ms_shapes: list[tuple], part_shapes: list[tuple], dims) -> list | None:
-    """Where `transform.from_ms` only moves whole rows (vectors along the last dimension, which
-    every tensor shares), each part's rows as indices into the rows of the MindSpore tensors taken
-    one after the other; None for any other transform. Found by running the transform on row
-    numbers: whatever it does to rows, it does to their numbers."""
-    shapes = [*ms_shapes, *part_shapes]
+def _moved_rows(transform: Transform, run: Callable[[list], list], shapes: list[tuple]) -> list | None:
+    """`run` (a transform's one direction) applied to the row numbers of tensors of `shapes` (rows:
+    vectors along the last dimension, which they all share), taken one after the other: its
+    outputs as row numbers, where it only moves whole rows; None where it does anything else."""
     if transform is TRANSFORMS["stack_transposed"] or any(len(s) < 2 or s[-1] != shapes[0][-1] for s in shapes):
         return None
     numbers, start = [], 0
-    for shape in ms_shapes:
+    for shape in shapes:
         count = torch.Size(shape[:-1]).numel()
         numbers.append(torch.arange(start, start + count).reshape(*shape[:-1], 1))
         start += count
-    parts = [T.as_tensor(p) for p in transform.from_ms(numbers, [(*s[:-1], 1) for s in part_shapes], dims)]
-    if [tuple(p.shape) for p in parts] != [(*s[:-1], 1) for s in part_shapes]:
+    outputs = [T.as_tensor(out) for out in run(numbers)]
+    if any(out.dim() < 2 or out.shape[-1] != 1 for out in outputs):
+        return None
+    return outputs
+
+
+def row_order(transform: Transform, ms_shapes: list[tuple], part_shapes: list[tuple], dims) -> list | None:
+    """Where `transform.from_ms` only moves whole rows, each part's rows as indices into the rows
+    of the MindSpore tensors taken one after the other; None for any other transform. Found by
+    running the transform on row numbers: whatever it does to rows, it does to their numbers."""
+    if any(len(s) < 2 or s[-1] != ms_shapes[0][-1] for s in part_shapes):
+        return None
+    parts = _moved_rows(transform, lambda numbers: transform.from_ms(
+        numbers, [(*s[:-1], 1) for s in part_shapes], dims), list(ms_shapes))
+    if parts is None or [tuple(p.shape) for p in parts] != [(*s[:-1], 1) for s in part_shapes]:
         return None
     return [p.reshape(-1).contiguous() for p in parts]
+
+
+def row_places(transform: Transform, part_shapes: list[tuple], dims) -> tuple[list, torch.Tensor] | None:
+    """Where `transform.to_ms` only moves whole rows, once each: (the MindSpore tensors' shapes,
+    where each row of the parts, taken one after the other, goes in those tensors' rows taken one
+    after the other); None for any other transform."""
+    outputs = _moved_rows(transform, lambda numbers: transform.to_ms(numbers, dims), list(part_shapes))
+    if outputs is None:
+        return None
+    order, total = torch.cat([out.reshape(-1) for out in outputs]), sum(torch.Size(s[:-1]).numel() for s in part_shapes)
+    if len(order) != total or (total and (order.min() < 0 or order.max() >= total)):
+        return None
+    places = torch.full((total,), -1)
+    places[order] = torch.arange(total)
+    if (places < 0).any():
+        return None  # a row repeated, another dropped: not a move
+    width = part_shapes[0][-1]
+    return [(*out.shape[:-1], width) for out in outputs], places
 
 
 def load_naming(family, name: str) -> MsNaming:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from modellink_ckpt import mapping, ms_names
+from modellink_ckpt import transforms as T
 from modellink_ckpt.demo_models import build_hf_checkpoint
 from modellink_ckpt.errors import ConvertError, UsageError
 from modellink_ckpt.formats.ms_ckpt import MsCkptFile, MsCkptWriter, write_ckpt
@@ -529,9 +530,11 @@ def test_glm4_mcore_names_follow_mindformers_weight_mapping(tmp_path):
 @pytest.mark.parametrize("family", ["mixtral", "qwen25", "deepseek3"])
 def test_a_transform_that_moves_rows_is_its_row_order(models, family):
     """The MindSpore loader gathers the parts of a row-moving transform (interleaved fc1, split
-    QKV, stacked experts) by `ms_names.row_order` instead of running it: the same tensors, for
-    every naming; only a transpose (`stack_transposed`) and 1-D tensors are left to the transform."""
+    QKV, stacked experts) by `ms_names.row_order` instead of running it, and the saver makes the
+    MindSpore tensors by `ms_names.row_places` (`RowGather`): the same tensors both ways, for every
+    naming; only a transpose (`stack_transposed`) and 1-D tensors are left to the transform."""
     from modellink_ckpt.model_cfg import dims_from_hf_config
+    from modellink_ckpt.savers.ms import RowGather
 
     family_cfg = load_family(family)
     dims = dims_from_hf_config(family_cfg, json.loads((Path(models(family)) / "config.json").read_text()))
@@ -556,6 +559,10 @@ def test_a_transform_that_moves_rows_is_its_row_order(models, family):
                 expected = inst.transform.from_ms(ms, part_shapes, dims)
                 for part, index, shape in zip(expected, order, part_shapes):
                     assert torch.equal(rows.index_select(0, index).view(shape), part), (naming_name, inst.ms)
+                made = RowGather(dims)(inst, list(expected))
+                assert made is not None or name == "rename", name
+                for got, want in zip(made or [], inst.transform.to_ms(list(expected), dims)):
+                    assert torch.equal(got, T.as_tensor(want)), (naming_name, inst.ms)
                 moved.add(name)
     assert moved >= {"mixtral": {"split_qkv", "stack", "stack_halves"},
                      "qwen25": {"interleave_halves", "split_halves", "split_qkv"},

@@ -11,7 +11,9 @@ Layout of `--save-dir`:
   manifest. The folder is staged and published whole.
 
 Every file's tensor list is planned from the model sizes before the first message arrives; each
-tensor is written (sliced per rank) as soon as it arrives, so memory holds one layer. With
+tensor is written (sliced per rank) as soon as it arrives, so memory holds one layer. Tensors the
+naming only reorders by rows (interleaved fc1, split QKV, stacked experts) are made in one reused
+buffer (`RowGather`). With
 `--workers` a distributed target is shared by rank (each worker writes the rank files of some
 ranks), complete safetensors by layers (each worker writes the tensors of some layers at their
 planned places in the shards), into the folder the parent staged; the parent publishes it.
@@ -27,7 +29,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from modellink_ckpt import mapping, ms_names, registry, workers
+from modellink_ckpt import file_io, mapping, ms_names, registry, workers
 from modellink_ckpt.errors import UsageError
 from modellink_ckpt.formats.ms_ckpt import MsCkptWriter
 from modellink_ckpt.formats.ms_strategy import Strategy, load_strategy
@@ -149,6 +151,43 @@ class MsFiles:
             self._placed.close()
 
 
+class RowGather:
+    """Makes the MindSpore tensors of a transform that only moves rows (interleaved fc1, split QKV,
+    stacked experts) in one reused buffer, each Megatron row copied to its place, instead of in
+    fresh memory every layer (freshly faulted-in memory costs more than the copy into it). Valid
+    until the next instance: `ms_names.to_ms_items` makes one only after the last is written."""
+
+    def __init__(self, dims):
+        self.dims, self._places = dims, {}
+
+    def __call__(self, inst: ms_names.Instance, parts: list) -> list | None:
+        if inst.transform is ms_names.TRANSFORMS["rename"] or any(p.dtype != parts[0].dtype for p in parts):
+            return None
+        key = (inst.transform, tuple(tuple(p.shape) for p in parts))
+        if key not in self._places:
+            found = ms_names.row_places(inst.transform, list(key[1]), self.dims)
+            self._places[key] = found and (*found, torch.argsort(found[1]))  # + each place's row
+        if self._places[key] is None:
+            return None
+        shapes, places, order = self._places[key]
+        width = parts[0].shape[-1]
+        rows = file_io.scratch_tensor((len(places), width), parts[0].dtype, slot="ms rows")
+        if len(parts) == 1:  # a gather from one tensor (measured: 0.6x the time of the scatter below)
+            torch.index_select(parts[0].reshape(-1, width), 0, order, out=rows)
+        else:
+            start = 0
+            for part in parts:
+                count = part.numel() // width
+                rows.index_copy_(0, places[start:start + count], part.reshape(-1, width))
+                start += count
+        made, start = [], 0
+        for shape in shapes:
+            count = torch.Size(shape[:-1]).numel()
+            made.append(rows[start:start + count].view(shape))
+            start += count
+        return made
+
+
 def save(plan, receiver) -> dict:
     """Write the MindSpore checkpoint, or with `plan.share` (`--workers`) the rank files of the
     share's ranks into the folder the parent staged (the parent then publishes it)."""
@@ -161,7 +200,7 @@ def save(plan, receiver) -> dict:
     entries = planned_tensors(plan, dtypes)
     staging = None if share else StagedDir(plan.save_dir, overwrite=plan.overwrite)
     folder = Path(share.folder) if share else staging.path
-    files = None
+    files, gather = None, RowGather(plan.dims)
     layers = workers.written_layers(plan)
     progress = tqdm(total=layers, desc="saving layers", unit="layer", disable=plan.quiet)
     try:
@@ -172,7 +211,7 @@ def save(plan, receiver) -> dict:
         for message in workers.owned(plan, messages):  # (to the end: the receiver acknowledges "done" after it)
             layer = message.get("layer")
             typed = {name: dtypes.apply(message.kind, layer, name, t) for name, t in message.tensors.items()}
-            for name, tensor in ms_names.to_ms(naming, message.kind, layer, typed, plan.dims).items():
+            for name, tensor in ms_names.to_ms_items(naming, message.kind, layer, typed, plan.dims, gather):
                 files.add(name, tensor)
             if message.kind == "layer":
                 progress.update(1)
