@@ -265,10 +265,11 @@ def row_order(transform: Transform, ms_shapes: list[tuple], part_shapes: list[tu
     return [p.reshape(-1).contiguous() for p in parts]
 
 
-def row_places(transform: Transform, part_shapes: list[tuple], dims) -> tuple[list, torch.Tensor] | None:
+def row_places(transform: Transform, part_shapes: list[tuple], dims) -> tuple[list, torch.Tensor, torch.Tensor] \
+        | None:
     """Where `transform.to_ms` only moves whole rows, once each: (the MindSpore tensors' shapes,
-    where each row of the parts, taken one after the other, goes in those tensors' rows taken one
-    after the other); None for any other transform."""
+    where each row of the parts goes, which part row each MindSpore row takes), the rows of each
+    side taken one after the other; None for any other transform."""
     outputs = _moved_rows(transform, lambda numbers: transform.to_ms(numbers, dims), list(part_shapes))
     if outputs is None:
         return None
@@ -280,7 +281,7 @@ def row_places(transform: Transform, part_shapes: list[tuple], dims) -> tuple[li
     if (places < 0).any():
         return None  # a row repeated, another dropped: not a move
     width = part_shapes[0][-1]
-    return [(*out.shape[:-1], width) for out in outputs], places
+    return [(*out.shape[:-1], width) for out in outputs], places, order
 
 
 def load_naming(family, name: str) -> MsNaming:

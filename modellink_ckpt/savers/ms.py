@@ -165,8 +165,7 @@ class RowGather:
             return None
         key = (inst.transform, tuple(tuple(p.shape) for p in parts))
         if key not in self._places:
-            found = ms_names.row_places(inst.transform, list(key[1]), self.dims)
-            self._places[key] = found and (*found, torch.argsort(found[1]))  # + each place's row
+            self._places[key] = ms_names.row_places(inst.transform, list(key[1]), self.dims)
         if self._places[key] is None:
             return None
         shapes, places, order = self._places[key]
