@@ -511,6 +511,20 @@ def largest_file(folder: Path) -> int:
     return max((p.stat().st_size for p in folder.rglob("*") if p.is_file()), default=0) if folder.is_dir() else 0
 
 
+def drop_caches() -> None:
+    """Empty the page cache (root only), so the timed run reads its source from the disk."""
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def warm_tools(converter: str) -> None:
+    """Read the converter's own code (Python, torch) back into the cache after `drop_caches`: the
+    cold runs measure a checkpoint not yet read, with the tools as warm as `cp`'s."""
+    subprocess.run([sys.executable, "-c", "import modellink_ckpt.cli"], cwd=Path(converter).parent, check=True,
+                   stdout=subprocess.DEVNULL)
+
+
 def read_cache(folder: Path) -> None:
     """Read every file once (untimed) so the timed run starts with a warm page cache."""
     buf = bytearray(16 << 20)
@@ -773,7 +787,11 @@ class Bench:
             remove(out)
             if prepare:
                 prepare()
-            read_cache(source)
+            if self.args.cache == "cold":
+                drop_caches()
+                warm_tools(self.args.converter)
+            else:
+                read_cache(source)
             run = measure(cmd, self.runs, self.args.interval, self.args.settle)
             run["complete"] = run["rc"] == 0 and complete()
             written = out / "mg2hf" if key in ("mg2hf", "ms2hf", "dist2hf") else out
@@ -884,6 +902,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kernel-copy", default="on", choices=["on", "off", "both"],
                    type=str, help="hf2mg, mg2hf and mg2mg with the kernel-copy path (on, the converter's default), "
                                   "with --no-kernel-copy (off), or each both ways")
+    p.add_argument("--cache", default="warm", choices=["warm", "cold"],
+                   help="warm: read the step's source before each timed run; cold: empty the page cache instead "
+                        "(root only; the converter's own code is read back), so the source comes from the disk")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--plot", default=None, metavar="FILE.png",
                    help="also draw the table (GB/s per step beside cp -r, and the --workers scaling) as a PNG")
@@ -892,6 +913,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--generate-only", action="store_true", help="make the checkpoint and stop")
     args = p.parse_args(argv)
     args.kernel_copy = {"on": [True], "off": [False], "both": [True, False]}[args.kernel_copy]
+    if args.cache == "cold" and not os.access("/proc/sys/vm/drop_caches", os.W_OK):
+        p.error("--cache cold: emptying the page cache needs root (/proc/sys/vm/drop_caches is not writable)")
     if args.repeat < 1:
         p.error("--repeat must be at least 1")
     steps = STEPS if not args.only else tuple(s.strip() for s in args.only.split(",") if s.strip())
@@ -952,7 +975,7 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"shape: {shape_name} ({dims})\n"
               f"machine: {info['cpus_usable']} cores ({info['cpu']}), {info['ram_bytes'] / 2**30:.1f} GiB RAM, "
               f"Linux {info['kernel']}, Python {info['python']}\n"
-              f"warm page cache; wall = fastest good run of {args.repeat}; memory = peak over good runs, "
+              f"{args.cache} page cache; wall = fastest good run of {args.repeat}; memory = peak over good runs, "
               f"whole process tree sampled every {args.interval * 1000:.0f} ms")
     text = header + "\n\n" + table(results, copy["wall_s"] if copy else None)
     if len(args.workers) > 1:
