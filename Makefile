@@ -14,7 +14,7 @@ LATEST := .venv-latest
 MS_VENV := .venv-ms
 MS_LOCK := requirements-ms.lock
 
-.PHONY: setup setup-ms demo test test-slow test-all test-latest lock bench clean
+.PHONY: setup setup-ms compile demo test test-slow test-all test-latest lock bench clean
 
 setup: $(VENV)/.installed
 
@@ -41,16 +41,23 @@ $(MS_VENV)/.installed: $(MS_LOCK)
 	$(MS_VENV)/bin/python tools/lockcheck.py $(MS_LOCK)
 	touch $@
 
-demo: setup
+# Byte-code for the package, kept current before every run: an editable install leaves compiling
+# it to the first run, and where PYTHONDONTWRITEBYTECODE is set (as in many containers) Python never
+# writes it, so every conversion compiled ~25 modules again: 0.13-0.21 s of each start-up, against
+# 0.04-0.06 s with the byte-code (measured here). Up to date, this takes a few milliseconds.
+compile: setup
+	$(BIN)/python -m compileall -q modellink_ckpt
+
+demo: compile
 	$(BIN)/python -m modellink_ckpt.demo
 
-test: setup
+test: compile
 	$(BIN)/python -m pytest -q
 
-test-slow: setup setup-ms
+test-slow: compile setup-ms
 	REQUIRE_MINDSPORE=1 $(BIN)/python -m pytest -q -m slow
 
-test-all: setup setup-ms
+test-all: compile setup-ms
 	REQUIRE_MINDSPORE=1 $(BIN)/python -m pytest -q --run-slow
 
 # The default suite against the newest versions requirements*.txt allow (torch stays pinned: any
@@ -70,7 +77,7 @@ test-latest:
 lock: setup
 	$(BIN)/python tools/lockcheck.py --write $(LOCK)
 
-bench: setup
+bench: compile
 	$(BIN)/python bench/bench_convert.py
 
 clean:
