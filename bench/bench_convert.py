@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import struct
 import subprocess
@@ -92,6 +93,7 @@ SHAPES = {
 STEPS = ("copy", "hf2mg", "mg2hf", "mg2mg", "hf2ms", "ms2hf", "hf2dist", "dist2hf")
 SHARED_STEPS = ("hf2mg", "mg2mg", "mg2hf", "hf2dist")  # the steps --workers applies to
 KERNEL_COPY_STEPS = STEPS[1:]  # the steps whose unchanged bytes may be copied in the kernel (all but cp)
+STEADY_MIN_S = 1.0  # the shortest steady state whose cores busy the scaling table estimates
 # Per family: the default layouts (TP, PP, EP) of hf2mg (--layout) and of mg2mg (--mg2mg-layout), and the
 # Megatron checkpoint mg2hf and mg2mg start from. Dense: TP2PP2, TP1PP4 and TP2PP2; MoE: the same with
 # the experts spread over EP2 (hf2mg, source) and EP4 (mg2mg: TP1PP4EP4, each rank file holds 1/16 of
@@ -473,6 +475,9 @@ def measure(cmd: list[str], log_dir: Path, interval: float, settle: float = 0.0)
     # same state.
     time.sleep(settle)
     with tempfile.TemporaryFile(dir=log_dir) as out:
+        # CPU time of the whole tree: the converter waits for its loader and saver, so their time
+        # (threads included) is in its children's, and so in ours once we have waited for it
+        cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO)
         sampler = TreeSampler(proc.pid, interval)
@@ -488,12 +493,14 @@ def measure(cmd: list[str], log_dir: Path, interval: float, settle: float = 0.0)
             sampler.stop()
             raise
         wall = time.perf_counter() - started
+        cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
         sampler.stop()
         out.seek(0)
         text = out.read().decode(errors="replace").replace(str(REPO) + os.sep, "")  # repo-relative paths
     summary = next((line for line in text.splitlines() if line.startswith("done:")), None)
     first = re.search(r"first byte read ([0-9.]+) s after start", summary or "")
     return {"rc": rc, "wall_s": wall, "first_byte_s": float(first.group(1)) if first else None,
+            "cpu_user_s": cpu_after.ru_utime - cpu_before.ru_utime, "cpu_sys_s": cpu_after.ru_stime - cpu_before.ru_stime,
             **sampler.result(), "peak_shm_delta": sampler.peak_shm,
             "max_processes": sampler.max_procs, "samples": sampler.samples, "converter_summary": summary,
             "output_tail": text[-2000:] if rc else ""}
@@ -818,7 +825,7 @@ class Bench:
         if good:
             best = min(good, key=lambda r: r["wall_s"])
             result.update(wall_s=best["wall_s"], bytes=best["bytes"], largest_file_bytes=best["largest_file_bytes"],
-                          first_byte_s=best.get("first_byte_s"))
+                          first_byte_s=best.get("first_byte_s"), cpu_s=best["cpu_user_s"] + best["cpu_sys_s"])
             for key in [f"peak_{k}" for k in TreeSampler.FIELDS] + ["peak_shm_delta"]:
                 values = [r[key] for r in good]
                 result[key] = None if None in values else max(values)
@@ -845,36 +852,58 @@ def machine() -> dict:
             "kernel": platform.release(), "python": platform.python_version()}
 
 
+def steady(r: dict) -> tuple[float | None, float | None]:
+    """A step's rate after start-up (GB/s), and the cores its process tree kept busy meanwhile:
+    start-up is one process importing, one core, so the rest of the CPU time is the steady state's
+    (None where that state lasts under STEADY_MIN_S: too short to tell apart from start-up)."""
+    start = r.get("first_byte_s")
+    if start is None or r["wall_s"] <= start:
+        return None, None
+    rest = r["wall_s"] - start
+    cores = (r["cpu_s"] - start) / rest if r.get("cpu_s") is not None and rest >= STEADY_MIN_S else None
+    return r["bytes"] / 1e9 / rest, cores if cores is None or cores > 0 else None
+
+
 def table(results: list[dict], copy_wall: float | None) -> str:
     """One row per step: wall time against the copy, overall GB/s, start-up (process start to the
-    first checkpoint byte read, from the converter's summary) and the steady rate after it."""
-    rows = ["| step | bytes | wall s | × copy | GB/s | start-up s | steady GB/s | peak RSS tree | peak PSS tree |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    first checkpoint byte read, from the converter's summary), the steady rate after it, and the
+    CPU time (user + system) of the whole process tree."""
+    rows = ["| step | bytes | wall s | × copy | GB/s | start-up s | steady GB/s | CPU s | peak RSS tree | peak PSS tree |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         if "wall_s" not in r:
-            rows.append(f"| {r['label']} | – | FAILED | – | – | – | – | – | – |")
+            rows.append(f"| {r['label']} | – | FAILED | – | – | – | – | – | – | – |")
             continue
         wall = f"{r['wall_s']:.2f}" + ("" if r["status"] == "ok" else " FAILED")
         ratio = f"{r['wall_s'] / copy_wall:.2f}" if copy_wall else "–"
         rate = f"{r['bytes'] / 1e9 / max(r['wall_s'], 1e-9):.2f}"
-        start = r.get("first_byte_s")
-        steady = f"{r['bytes'] / 1e9 / max(r['wall_s'] - start, 1e-9):.2f}" if start is not None else "–"
+        start, (rate_after, _), cpu = r.get("first_byte_s"), steady(r), r.get("cpu_s")
         rows.append(f"| {r['label']} | {fmt_bytes(r['bytes'])} | {wall} | {ratio} | {rate} | "
-                    f"{'–' if start is None else f'{start:.2f}'} | {steady} | "
+                    f"{'–' if start is None else f'{start:.2f}'} | {'–' if rate_after is None else f'{rate_after:.2f}'} | "
+                    f"{'–' if cpu is None else f'{cpu:.2f}'} | "
                     f"{fmt_bytes(r['peak_rss'])} | {fmt_bytes(r['peak_pss'])} |")
     return "\n".join(rows)
 
 
-def scaling_table(results: list[dict]) -> str:
-    """Throughput of each shared step against its number of workers, relative to one worker."""
-    rows = ["| step | workers | wall s | GB/s | × 1 worker |", "|---|---:|---:|---:|---:|"]
+def scaling_table(results: list[dict], cores: int) -> str:
+    """Throughput of each shared step against its number of workers, relative to one worker, in all
+    and after start-up (which workers do not share: every one imports torch at once). The ceiling
+    is what `cores` allow: one worker keeps k cores busy after start-up, so W workers can at best
+    run min(W, cores / k) times as fast."""
+    rows = ["| step | workers | wall s | GB/s | × 1 worker | steady GB/s | steady × 1 worker | cores busy | ceiling × |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for key in SHARED_STEPS:
         runs = [r for r in results if r["step"] == key and r.get("status") == "ok" and "wall_s" in r]
         for r in sorted(runs, key=lambda r: not r.get("kernel_copy", True)):  # each variant against its own
             one = next((o for o in runs if o["workers"] == 1 and o.get("kernel_copy") == r.get("kernel_copy")), None)
             rate = r["bytes"] / 1e9 / max(r["wall_s"], 1e-9)
             speedup = f"{one['wall_s'] / r['wall_s']:.2f}" if one else "–"
-            rows.append(f"| {r['label'].rsplit(',', 1)[0]} | {r['workers']} | {r['wall_s']:.2f} | {rate:.2f} | {speedup} |")
+            (rate_after, busy), (one_after, one_busy) = steady(r), steady(one) if one else (None, None)
+            steady_speedup = f"{rate_after / one_after:.2f}" if rate_after and one_after else "–"
+            ceiling = f"{min(r['workers'], cores / one_busy):.2f}" if one_busy and one_busy > 0 else "–"
+            rows.append(f"| {r['label'].rsplit(',', 1)[0]} | {r['workers']} | {r['wall_s']:.2f} | {rate:.2f} | "
+                        f"{speedup} | {'–' if rate_after is None else f'{rate_after:.2f}'} | {steady_speedup} | "
+                        f"{'–' if busy is None else f'{busy:.2f}'} | {ceiling} |")
     return "\n".join(rows)
 
 
@@ -979,7 +1008,7 @@ def main(argv: list[str] | None = None) -> int:
               f"whole process tree sampled every {args.interval * 1000:.0f} ms")
     text = header + "\n\n" + table(results, copy["wall_s"] if copy else None)
     if len(args.workers) > 1:
-        text += "\n\n" + scaling_table(results)
+        text += "\n\n" + scaling_table(results, info["cpus_usable"])
     print(text)
     if args.plot:
         from plot import render  # bench/plot.py, beside this script
