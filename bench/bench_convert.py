@@ -39,7 +39,9 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -634,6 +636,19 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+@dataclass
+class Step:
+    """A planned step: its record (label, command, runs) and how to run and check it."""
+
+    result: dict
+    cmd: list[str]
+    source: Path
+    out: Path
+    complete: Callable[[], bool]
+    prepare: Callable[[], None] | None
+    keep_as: Path | None  # where its first complete output is kept, as another step's source
+
+
 class Bench:
     def __init__(self, args, shape_name: str, shape: dict):
         self.args, self.shape = args, shape
@@ -713,7 +728,7 @@ class Bench:
             log(f"could not make the MindSpore source checkpoint (rc {run['rc']}):\n{run['output_tail']}")
         return ok
 
-    def step(self, key: str, workers: int = 1, kernel_copy: bool = True) -> dict:
+    def plan(self, key: str, workers: int = 1, kernel_copy: bool = True) -> Step:
         """One timed step; the SHARED_STEPS run with `--workers workers` (every other step, and the
         untimed sources, with one worker, whatever the machine's default); `kernel_copy` False
         adds --no-kernel-copy."""
@@ -777,49 +792,59 @@ class Bench:
             label += f", {workers} worker{'s' if workers > 1 else ''}" if len(self.args.workers) > 1 else ""
         result = {"step": key, "label": label, "command": shown(cmd), "runs": [], "workers": workers,
                   "kernel_copy": kernel_copy and key in KERNEL_COPY_STEPS}
-        if source == self.dist_src and not self.ensure_dist_source():
-            result["status"] = "FAILED"
-            result["error"] = "no torch_dist source checkpoint (hf→torch_dist failed)"
-            return result
-        if source == self.ms_src and not self.ensure_ms_source():
-            result["status"] = "FAILED"
-            result["error"] = "no MindSpore source checkpoint (hf→ms failed)"
-            return result
-        if source == self.mg_src and not self.ensure_mg_source():
-            result["status"] = "FAILED"
-            result["error"] = f"no source checkpoint (hf→mg {self.name(self.source)} failed)"
-            return result
-        keep_as_source = key == "hf2mg" and layout == self.source
-        for k in range(self.args.repeat):
+        # an output that is another step's source is kept (its first complete run's)
+        keeps = {self.mg_src: key == "hf2mg" and layout == self.source, self.ms_src: key == "hf2ms",
+                 self.dist_src: key == "hf2dist"}
+        return Step(result, cmd, source, out, complete, prepare, next((k for k, v in keeps.items() if v), None))
+
+    def has_source(self, step: Step) -> bool:
+        """Whether the step's source exists (made untimed if need be); if not, the step FAILED."""
+        for path, ensure, error in (
+                (self.dist_src, self.ensure_dist_source, "no torch_dist source checkpoint (hf→torch_dist failed)"),
+                (self.ms_src, self.ensure_ms_source, "no MindSpore source checkpoint (hf→ms failed)"),
+                (self.mg_src, self.ensure_mg_source, f"no source checkpoint (hf→mg {self.name(self.source)} failed)")):
+            if step.source == path and not ensure():
+                step.result.update(status="FAILED", error=error)
+                return False
+        return True
+
+    def run(self, step: Step, k: int) -> None:
+        """The step's run number k (0-based), logged and added to its record."""
+        if "error" in step.result or (k == 0 and not self.has_source(step)):
+            return
+        result, out, key, label = step.result, step.out, step.result["step"], step.result["label"]
+        remove(out)
+        if step.prepare:
+            step.prepare()
+        if self.args.cache == "cold":
+            drop_caches()
+            warm_tools(self.args.converter)
+        else:
+            read_cache(step.source)
+        run = measure(step.cmd, self.runs, self.args.interval, self.args.settle)
+        run["complete"] = run["rc"] == 0 and step.complete()
+        written = out / "mg2hf" if key in ("mg2hf", "ms2hf", "dist2hf") else out
+        run["bytes"], run["largest_file_bytes"] = dir_bytes(written), largest_file(written)
+        result["runs"].append(run)
+        state = "ok" if run["complete"] else f"FAILED (rc {run['rc']}{', output incomplete' if run['rc'] == 0 else ''})"
+        log(f"{label} run {k + 1}/{self.args.repeat}: {run['wall_s']:.2f} s, peak RSS {fmt_bytes(run['peak_rss'])},"
+            f" PSS {fmt_bytes(run['peak_pss'])} (peaks of its parts: anon {fmt_bytes(run['peak_pss_anon'])},"
+            f" file {fmt_bytes(run['peak_pss_file'])}, shmem {fmt_bytes(run['peak_pss_shmem'])}),"
+            f" largest output file {fmt_bytes(run['largest_file_bytes'])}, {state}"
+            + (f"\n  {run['converter_summary']}" if run["converter_summary"] else ""))
+        if not run["complete"] and run["output_tail"]:
+            log("  " + run["output_tail"].strip().replace("\n", "\n  "))
+        if step.keep_as and run["complete"] and not step.keep_as.exists():
+            os.replace(out, step.keep_as)
+        else:
             remove(out)
-            if prepare:
-                prepare()
-            if self.args.cache == "cold":
-                drop_caches()
-                warm_tools(self.args.converter)
-            else:
-                read_cache(source)
-            run = measure(cmd, self.runs, self.args.interval, self.args.settle)
-            run["complete"] = run["rc"] == 0 and complete()
-            written = out / "mg2hf" if key in ("mg2hf", "ms2hf", "dist2hf") else out
-            run["bytes"], run["largest_file_bytes"] = dir_bytes(written), largest_file(written)
-            result["runs"].append(run)
-            state = "ok" if run["complete"] else f"FAILED (rc {run['rc']}{', output incomplete' if run['rc'] == 0 else ''})"
-            log(f"{label} run {k + 1}/{self.args.repeat}: {run['wall_s']:.2f} s, peak RSS {fmt_bytes(run['peak_rss'])},"
-                f" PSS {fmt_bytes(run['peak_pss'])} (peaks of its parts: anon {fmt_bytes(run['peak_pss_anon'])},"
-                f" file {fmt_bytes(run['peak_pss_file'])}, shmem {fmt_bytes(run['peak_pss_shmem'])}),"
-                f" largest output file {fmt_bytes(run['largest_file_bytes'])}, {state}"
-                + (f"\n  {run['converter_summary']}" if run["converter_summary"] else ""))
-            if not run["complete"] and run["output_tail"]:
-                log("  " + run["output_tail"].strip().replace("\n", "\n  "))
-            if keep_as_source and run["complete"] and not self.mg_src.exists():
-                os.replace(out, self.mg_src)
-            elif key == "hf2ms" and run["complete"] and not self.ms_src.exists():
-                os.replace(out, self.ms_src)
-            elif key == "hf2dist" and run["complete"] and not self.dist_src.exists():
-                os.replace(out, self.dist_src)
-            else:
-                remove(out)
+
+    @staticmethod
+    def summary(step: Step) -> dict:
+        """The step's record: the fastest good run's time and bytes, the largest peaks of all good runs."""
+        result = step.result
+        if "error" in result:
+            return result
         good = [r for r in result["runs"] if r["complete"]]
         result["status"] = "ok" if len(good) == len(result["runs"]) else "FAILED"
         if good:
@@ -984,12 +1009,16 @@ def main(argv: list[str] | None = None) -> int:
     remove(bench.runs)  # outputs of earlier runs
     bench.runs.mkdir(parents=True)
     info = machine()
-    results = []
+    planned = [bench.plan(key, workers, copying) for key in steps
+               for workers in (args.workers if key in SHARED_STEPS else [1])
+               for copying in (args.kernel_copy if key in KERNEL_COPY_STEPS else [True])]
     try:
-        for key in steps:
-            for workers in (args.workers if key in SHARED_STEPS else [1]):
-                for copying in (args.kernel_copy if key in KERNEL_COPY_STEPS else [True]):
-                    results.append(bench.step(key, workers, copying))
+        # round by round (every step's first run, then every step's second...): a machine whose
+        # speed drifts during the benchmark then slows every step alike, not all runs of one
+        for k in range(args.repeat):
+            for step in planned:
+                bench.run(step, k)
+        results = [bench.summary(step) for step in planned]
     finally:
         remove(bench.runs)
         if args.clean:
