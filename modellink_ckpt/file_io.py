@@ -45,13 +45,20 @@ def _hasher_thread() -> ThreadPoolExecutor:
     return _executors[pid]
 
 
-def _blake3():
+def _blake3(parallel: bool = False):
     import blake3  # imported on first use: start-up stays lean
 
-    return blake3.blake3()
+    # BLAKE3 is a tree: one large update can be split over every core. Only where nothing else
+    # runs beside it (a whole file hashed after the fact); a saver's hashing thread already runs
+    # beside its writes, one core each.
+    return blake3.blake3(max_threads=blake3.blake3.AUTO if parallel else 1)
 
 
-HASHES = {"blake3": _blake3, "sha256": hashlib.sha256}
+def _sha256(parallel: bool = False):
+    return hashlib.sha256()  # a chain: no parallel form
+
+
+HASHES = {"blake3": _blake3, "sha256": _sha256}
 DEFAULT_HASH = "blake3" if importlib.util.find_spec("blake3") else "sha256"
 _hash_in_use = [DEFAULT_HASH]
 
@@ -63,11 +70,12 @@ def use_hash(algorithm: str) -> None:
     _hash_in_use[0] = algorithm
 
 
-def new_hash(algorithm: str | None = None):
-    """(algorithm, a fresh hash object) for `algorithm` or the one in use."""
+def new_hash(algorithm: str | None = None, parallel: bool = False):
+    """(algorithm, a fresh hash object) for `algorithm` or the one in use; `parallel`: one that
+    may spread a large update over every core."""
     algorithm = algorithm or _hash_in_use[0]
     try:
-        return algorithm, HASHES[algorithm]()
+        return algorithm, HASHES[algorithm](parallel)
     except ImportError:
         raise ConvertError(f"{algorithm}: the package is not installed (pip install {algorithm}), "
                            f"or pass --hash sha256") from None
@@ -292,8 +300,10 @@ def tensor_bytes(tensor: torch.Tensor):
 
 
 def file_digest(path: str | Path, algorithm: str | None = None) -> tuple[int, str]:
-    """(bytes, digest) of an existing file, through maps of a window at a time (constant memory)."""
-    algorithm, hasher = new_hash(algorithm)
+    """(bytes, digest) of an existing file, through maps of a window at a time (constant memory),
+    on every core where the algorithm allows (the parent's hashing of files several workers wrote,
+    `--verify`)."""
+    algorithm, hasher = new_hash(algorithm, parallel=True)
     with open(path, "rb", buffering=0) as f:
         size = os.fstat(f.fileno()).st_size
         _hash_file_range(hasher, f.fileno(), 0, size)

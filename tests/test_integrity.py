@@ -11,6 +11,7 @@ import blake3
 import pytest
 import torch
 
+from modellink_ckpt import file_io
 from modellink_ckpt.demo_models import build_hf_checkpoint
 from modellink_ckpt.errors import UsageError
 from util import hf_to_mg, mg_to_hf, run_cli, run_convert
@@ -68,6 +69,18 @@ def test_sha256_on_request_is_recorded_and_verified(hf, tmp_path):
         assert entry == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     result = verify(mg)
     assert result.returncode == 0 and "sha256 as in the manifest" in result.stdout, result.stderr
+
+
+@pytest.mark.parametrize("algorithm", ["blake3", "sha256"])
+def test_a_whole_file_hashed_on_every_core_has_the_plain_digest(tmp_path, monkeypatch, algorithm):
+    """file_digest (the parent's hashing of files several workers wrote, and --verify) spreads
+    BLAKE3 over the cores and maps the file a window at a time: the digest must not change."""
+    monkeypatch.setattr(file_io, "_MAP_WINDOW", 1 << 20)  # several windows, the last one partial
+    data = torch.randint(0, 256, ((3 << 20) + 12345,), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    path = tmp_path / "blob"
+    path.write_bytes(data.numpy().tobytes())
+    expected = {"blake3": blake3.blake3, "sha256": hashlib.sha256}[algorithm](path.read_bytes()).hexdigest()
+    assert file_io.file_digest(path, algorithm) == (path.stat().st_size, f"{algorithm}:{expected}")
 
 
 @pytest.mark.parametrize("algorithm", ["blake3", "sha256"])
