@@ -886,7 +886,7 @@ def steady(r: dict) -> tuple[float | None, float | None]:
         return None, None
     rest = r["wall_s"] - start
     cores = (r["cpu_s"] - start) / rest if r.get("cpu_s") is not None and rest >= STEADY_MIN_S else None
-    return r["bytes"] / 1e9 / rest, cores if cores is None or cores > 0 else None
+    return r["bytes"] / 1e9 / rest, cores if cores and cores > 0 else None
 
 
 def table(results: list[dict], copy_wall: float | None) -> str:
@@ -912,7 +912,7 @@ def table(results: list[dict], copy_wall: float | None) -> str:
 
 def scaling_table(results: list[dict], cores: int) -> str:
     """Throughput of each shared step against its number of workers, relative to one worker, in all
-    and after start-up (which workers do not share: every one imports torch at once). The ceiling
+    and after start-up (one import of torch in the parent, whatever the number of workers). The ceiling
     is what `cores` allow: one worker keeps k cores busy after start-up, so W workers can at best
     run min(W, cores / k) times as fast."""
     rows = ["| step | workers | wall s | GB/s | × 1 worker | steady GB/s | steady × 1 worker | cores busy | ceiling × |",
@@ -925,7 +925,7 @@ def scaling_table(results: list[dict], cores: int) -> str:
             speedup = f"{one['wall_s'] / r['wall_s']:.2f}" if one else "–"
             (rate_after, busy), (one_after, one_busy) = steady(r), steady(one) if one else (None, None)
             steady_speedup = f"{rate_after / one_after:.2f}" if rate_after and one_after else "–"
-            ceiling = f"{min(r['workers'], cores / one_busy):.2f}" if one_busy and one_busy > 0 else "–"
+            ceiling = f"{min(r['workers'], cores / one_busy):.2f}" if one_busy else "–"
             rows.append(f"| {r['label'].rsplit(',', 1)[0]} | {r['workers']} | {r['wall_s']:.2f} | {rate:.2f} | "
                         f"{speedup} | {'–' if rate_after is None else f'{rate_after:.2f}'} | {steady_speedup} | "
                         f"{'–' if busy is None else f'{busy:.2f}'} | {ceiling} |")
