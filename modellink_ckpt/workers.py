@@ -65,7 +65,8 @@ class Share:
         if self.by_message:
             layers = [layer for kind, layer in self.parts if kind == "layer"]
             words = ["embedding"] * (("embeddings", None) in self.parts)
-            words += [f"layers {layers[0]}-{layers[-1]}" if len(layers) > 1 else f"layer {layers[0]}"] * bool(layers)
+            if layers:  # a share of a small model may hold only the embedding or only the head
+                words.append(f"layers {layers[0]}-{layers[-1]}" if len(layers) > 1 else f"layer {layers[0]}")
             return ", ".join(words + ["head"] * (("tail", None) in self.parts))
         return ",".join(".".join(map(str, r)) if isinstance(r, tuple) else str(r) for r in self.parts)
 

@@ -168,7 +168,23 @@ def test_dry_run_shows_each_workers_stages(tmp_path, models):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "workers: 3, writing rank files (tp.pp.ep) 0.0.0 | 1.0.0,0.0.1 | 1.0.1" in result.stdout, result.stdout
+    # more workers than messages: one share each, some with no layer at all
+    result = subprocess.run(cli_argv("hf", "mg", models["llama2"], tmp_path / "out", "--ckpt-format", "torch_dist",
+                                     "--workers", "64", "--dry-run"), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "workers: 6, writing embedding | layer 0 | layer 1 | layer 2 | layer 3 | head\n" in result.stdout, \
+        result.stdout
     assert not (tmp_path / "out").exists()
+
+
+def test_a_share_by_message_names_what_it_holds():
+    def share(*parts):
+        return Share(0, 2, (), "", parts=parts, by_message=True)
+
+    assert share(("embeddings", None)).describe() == "embedding"
+    assert share(("tail", None)).describe() == "head"
+    assert share(("embeddings", None), ("layer", 0)).describe() == "embedding, layer 0"
+    assert share(("layer", 1), ("layer", 2), ("layer", 3), ("tail", None)).describe() == "layers 1-3, head"
 
 
 @pytest.mark.parametrize("source_type", ["hf", "mg"])
