@@ -145,6 +145,27 @@ def test_mg_to_hf_is_the_same_bytes_for_any_number_of_workers(tmp_path, models, 
         assert manifests[1] == manifests[2] == manifests[3], shard_size
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("load_type,save_type,flags", [
+    ("hf", "mg", ("--target-tensor-parallel-size", "2")),  # 2 rank files
+    ("mg", "hf", ()),  # 6 messages: shares of the embedding alone and of the head alone
+    ("hf", "ms", ()),  # complete MindSpore safetensors, by message like HF
+], ids=["by-rank", "hf-by-message", "ms-by-message"])
+def test_more_workers_than_the_target_has_parts_write_what_one_writes(tmp_path, models, load_type, save_type, flags):
+    """--workers 64 on a 4-layer model: the count is cut to the parts there are, and every share,
+    also one without a layer, writes exactly what one worker writes."""
+    source = models["llama2"] if load_type == "hf" else \
+        hf_to_mg(models["llama2"], tmp_path / "src", "llama2", "--target-pipeline-parallel-size", "4")
+    manifests = {}
+    for n in (1, 64):
+        save = tmp_path / f"w{n}"
+        _convert("--model-type", "GPT", "--load-model-type", load_type, "--save-model-type", save_type,
+                 "--load-dir", source, "--save-dir", save, *flags, workers=n)
+        (manifest,) = save.rglob("convert_manifest.json")
+        manifests[n] = json.loads(manifest.read_text())["files"]
+    assert manifests[64] == manifests[1]
+
+
 @pytest.mark.parametrize("save_type,flags,expected", [
     ("mg", ("--workers", "0"), "--workers 0: must be at least 1"),
     ("ms", ("--ms-format", "ckpt", "--workers", "2"), "complete MindSpore ckpt target is written by one process"),
