@@ -1,9 +1,7 @@
 #!/usr/bin/env python
 """MindFormers' `convert_weight.py` command line, run by this converter (see modellink_ckpt/mindformers_cli.py)."""
 
-import sys
-
-from modellink_ckpt.mindformers_cli import convert_weight_main
+from modellink_ckpt.entry import mindformers_convert_weight
 
 if __name__ == "__main__":
-    sys.exit(convert_weight_main())
+    mindformers_convert_weight()

@@ -1,9 +1,7 @@
 #!/usr/bin/env python
 """MindFormers' `transform_checkpoint.py` command line, run by this converter (see modellink_ckpt/mindformers_cli.py)."""
 
-import sys
-
-from modellink_ckpt.mindformers_cli import transform_checkpoint_main
+from modellink_ckpt.entry import mindformers_transform_checkpoint
 
 if __name__ == "__main__":
-    sys.exit(transform_checkpoint_main())
+    mindformers_transform_checkpoint()

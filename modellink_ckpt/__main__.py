@@ -1,3 +1,3 @@
-from modellink_ckpt.cli import exit_fast, main
+from modellink_ckpt.entry import convert_ckpt
 
-exit_fast(main())
+convert_ckpt()

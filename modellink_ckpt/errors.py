@@ -2,7 +2,8 @@
 
 `UsageError` is a problem with the command line or the requested layout (exit code 2, raised
 before anything is written); `ConvertError` is a problem found in the input or while writing
-(exit code 1). Both carry a message that names the file, tensor or flag involved.
+(exit code 1). Both carry a message that names the file, tensor or flag involved. `Interrupted`
+is Ctrl-C, at any moment of a run (exit code 130, as shells report SIGINT).
 """
 
 
@@ -16,6 +17,16 @@ class UsageError(ConvertError):
     """The command line asks for something impossible; nothing has been written."""
 
     exit_code = 2
+
+
+class Interrupted(ConvertError):
+    """Ctrl-C (SIGINT): every process stopped, and no target was published."""
+
+    exit_code = 130
+    message = "interrupted; nothing was completed"
+
+    def __init__(self):
+        super().__init__(self.message)
 
 
 class UnsafeCheckpointError(ConvertError):

@@ -31,7 +31,7 @@ import torch
 import torch.multiprocessing as mp
 
 from modellink_ckpt import file_io, kernel_copy
-from modellink_ckpt.errors import ConvertError
+from modellink_ckpt.errors import ConvertError, Interrupted
 from modellink_ckpt.file_io import DEFAULT_HASH, first_read_time, use_hash
 from modellink_ckpt.formats.safetensors_io import shared_empty
 from modellink_ckpt.staging import pid_alive
@@ -381,7 +381,7 @@ def run_pairs(shares: list, load: Callable, save: Callable, start_method: str = 
             outcomes[role] = outcome
     except KeyboardInterrupt:
         _stop(processes)
-        raise ConvertError("interrupted; nothing was completed") from None
+        raise Interrupted() from None
     finally:
         signal.signal(signal.SIGTERM, previous)
         _stop(processes)
