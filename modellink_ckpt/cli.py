@@ -471,11 +471,7 @@ def verify_main(argv: list[str]) -> int:
     parser.add_argument("--no-hash", action="store_true", help="check sizes, not contents")
     parser.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(["--verify" if a == "verify" else a for a in argv])
-    try:
-        problems, summary = verify(args.path, manifest_check=not args.no_hash)
-    except ConvertError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    problems, summary = verify(args.path, manifest_check=not args.no_hash)
     if problems:
         for problem in problems[:20]:
             print(f"  {problem}", file=sys.stderr)
@@ -495,12 +491,8 @@ def inspect_main(argv: list[str]) -> int:
                         help="the format (default: detected)")
     parser.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)  # as every other command takes
     args = parser.parse_args(argv)
-    try:
-        name = args.format or registry.detect(args.path)
-        facts = registry.source(name).inspect(args.path)
-    except ConvertError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    name = args.format or registry.detect(args.path)
+    facts = registry.source(name).inspect(args.path)
     width = max(map(len, facts))
     for key, value in facts.items():
         if isinstance(value, dict) and key in ("files", "dtypes"):
@@ -562,7 +554,7 @@ def run_guarded(action) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["inspect"]:
-        return inspect_main(argv[1:])
+        return run_guarded(lambda: inspect_main(argv[1:]))
     if argv[:1] == ["verify"] or "--verify" in argv:
-        return verify_main(argv)
+        return run_guarded(lambda: verify_main(argv))  # hashing a large checkpoint takes a while: Ctrl-C
     return run_guarded(lambda: convert(argv, start_method="fork"))

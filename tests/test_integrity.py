@@ -127,6 +127,24 @@ def test_verify_errors_are_one_line_for_non_checkpoints(tmp_path):
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "neither a Megatron" in result.stderr
 
 
+@pytest.mark.parametrize("raised,code,line", [
+    (KeyboardInterrupt, 130, "error: interrupted"),
+    (RuntimeError("boom"), 1, "error: internal error: RuntimeError: boom (set CONVERT_CKPT_DEBUG=1 for the traceback)"),
+], ids=["ctrl-c", "bug"])
+def test_verify_and_inspect_end_in_one_line_whatever_stops_them(mg, monkeypatch, capsys, raised, code, line):
+    """Hashing a large checkpoint takes minutes: a Ctrl-C there (or a bug of ours) is one line too."""
+    from modellink_ckpt import cli, registry, verify as verify_module
+
+    def stop(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(verify_module, "verify", stop)
+    monkeypatch.setattr(registry, "detect", stop)
+    for argv in (["--verify", str(mg)], ["inspect", str(mg)]):
+        assert cli.main(argv) == code, argv
+        assert capsys.readouterr().err == line + "\n", argv
+
+
 def test_dry_run_prints_the_plan_and_writes_nothing(hf, tmp_path):
     result = run_cli("--load-model-type", "hf", "--save-model-type", "mg", "--model-type-hf", "qwen25",
                      "--load-dir", hf, "--save-dir", tmp_path / "out", "--target-pipeline-parallel-size", "2",
