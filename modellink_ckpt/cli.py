@@ -14,6 +14,7 @@ import os
 import re
 import resource
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 
 from modellink_ckpt import distributed, pipeline, registry, workers
-from modellink_ckpt.errors import ConvertError, Interrupted, UsageError
+from modellink_ckpt.errors import ConvertError, Interrupted, Terminated, UsageError
 from modellink_ckpt.file_io import DEFAULT_HASH, HASHES, use_hash
 from modellink_ckpt.layout import ParallelLayout
 from modellink_ckpt.megatron_args import DTYPE_FLAGS
@@ -419,6 +420,9 @@ def convert(argv: list[str] | None = None, start_method: str = "forkserver") -> 
     check_free_space(plan, files)
     load, save = registry.source(plan.load_type).load_function(), target.save_function()
     started = time.monotonic()
+    # a scheduler's time limit or `kill` from here on: one line, and no target (the loaders' and
+    # savers' own handler takes over while they run, stops them and raises the same)
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         if distributed.launched():  # one share per torchrun rank
             result = distributed.run(plan, target, load, save)
@@ -432,10 +436,14 @@ def convert(argv: list[str] | None = None, start_method: str = "forkserver") -> 
                 staged.discard()
                 raise
     except (ConvertError, KeyboardInterrupt) as exc:
-        remove_stale_partials(plan.save_dir, quiet=True)  # what a killed saver could not remove
+        # what a killed saver could not remove, and what this process staged (a signal can land
+        # between creating the workers' staging folder and taking charge of it)
+        remove_stale_partials(plan.save_dir, quiet=True, own=True)
         if isinstance(exc, KeyboardInterrupt):  # Ctrl-C before the workers' target was published
             raise Interrupted() from None
         raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     result["wall_seconds"] = time.monotonic() - started
     result["describe"] = target.where(plan)
     if result.get("first_read"):
@@ -525,6 +533,10 @@ def summary_line(result: dict) -> str:
         first = f", {_gb(result['kernel_copied'])} copied in the kernel" + first
     return (f"{rank}done: wrote {_gb(result['bytes'])} in {result['files']} file(s) to {result['describe']} "
             f"in {seconds:.1f} s ({result['bytes'] / 1e9 / max(seconds, 1e-9):.2f} GB/s{first}), {memory}")
+
+
+def _terminated(*_) -> None:
+    raise Terminated()
 
 
 def run_guarded(action) -> int:

@@ -19,7 +19,7 @@ import threading
 import time
 
 from modellink_ckpt import pipeline, workers
-from modellink_ckpt.errors import ConvertError, UsageError
+from modellink_ckpt.errors import ConvertError, Terminated, UsageError
 
 _DONE = "modellink_ckpt/done/"  # store keys: a rank's outcome, set before the final exchange
 _BEAT = "modellink_ckpt/beat/"  # store counters: a rank's heartbeat, so the others can tell it died
@@ -98,10 +98,10 @@ def _convert_share(plan, load, save, rank: int) -> tuple[str, object]:
         return "ok", []
     try:
         return "ok", pipeline.run_pairs([plan], load, save, start_method="forkserver")
+    except Terminated as exc:  # run_pairs stopped its processes on SIGTERM (and restored our handler)
+        raise _Stopped() from exc
     except ConvertError as exc:
         return "error", str(exc)
-    except SystemExit as exc:  # run_pairs stopped its processes on SIGTERM (and restored our handler)
-        raise _Stopped() from exc
 
 
 def _gather(dist, store, outcome, rank: int, size: int) -> list:

@@ -3,7 +3,8 @@
 `UsageError` is a problem with the command line or the requested layout (exit code 2, raised
 before anything is written); `ConvertError` is a problem found in the input or while writing
 (exit code 1). Both carry a message that names the file, tensor or flag involved. `Interrupted`
-is Ctrl-C, at any moment of a run (exit code 130, as shells report SIGINT).
+is Ctrl-C, at any moment of a run (exit code 130, as shells report SIGINT); `Terminated` is
+SIGTERM while the loaders and savers run (exit code 143).
 """
 
 
@@ -24,6 +25,17 @@ class Interrupted(ConvertError):
 
     exit_code = 130
     message = "interrupted; nothing was completed"
+
+    def __init__(self):
+        super().__init__(self.message)
+
+
+class Terminated(ConvertError):
+    """SIGTERM to the command (a scheduler's time limit, `kill`): every process stopped, and no
+    target was published."""
+
+    exit_code = 143  # 128 + SIGTERM
+    message = "terminated (SIGTERM); nothing was completed"
 
     def __init__(self):
         super().__init__(self.message)

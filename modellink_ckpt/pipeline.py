@@ -31,7 +31,7 @@ import torch
 import torch.multiprocessing as mp
 
 from modellink_ckpt import file_io, kernel_copy
-from modellink_ckpt.errors import ConvertError, Interrupted
+from modellink_ckpt.errors import ConvertError, Interrupted, Terminated
 from modellink_ckpt.file_io import DEFAULT_HASH, first_read_time, use_hash
 from modellink_ckpt.formats.safetensors_io import shared_empty
 from modellink_ckpt.staging import pid_alive
@@ -208,6 +208,9 @@ def _die_with_parent(caller: int) -> None:
         os._exit(1)
 
 
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
 def _quiet_thread_errors() -> None:
     """Errors in helper threads (e.g. multiprocessing's descriptor server when the other process
     died) are consequences: the parent reports the cause as one line."""
@@ -237,6 +240,7 @@ def _run_child(role: str, work: Callable, args, channel, errors, results, caller
     # Being stopped by the parent raises SystemExit here, so the saver's cleanup still runs.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # held back by a forking parent
     # Two processes share the machine with the saver's hashing thread: torch's own thread pool
     # would only spin against them (measured: slower, not faster). Tensors are long-lived and
     # few, so the cyclic garbage collector only costs time.
@@ -283,6 +287,12 @@ def _stop(processes) -> None:
         if process.is_alive():
             process.kill()
             process.join()
+
+
+def _terminate(processes) -> None:
+    """SIGTERM to the parent: stop every child, then fail the run with one line."""
+    _stop(processes)
+    raise Terminated()
 
 
 def _context(start_method: str):
@@ -353,9 +363,18 @@ def run_pairs(shares: list, load: Callable, save: Callable, start_method: str = 
     outcomes: dict[str, dict] = {}
     previous = signal.getsignal(signal.SIGTERM)
     try:
-        for process in processes:
-            process.start()
-        signal.signal(signal.SIGTERM, lambda *_: (_stop(processes), sys.exit(143)))
+        # Ctrl-C or SIGTERM while a child is being forked runs the handler inside the fork's
+        # after-fork callbacks, where Python prints the exception and drops it: the parent carried
+        # on as if never stopped (7 of 12 trials with two workers). Held back until every child is
+        # started and the handler is in place; each child lets them through once it has its own.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS) if start_method == "fork" else None
+        try:
+            for process in processes:
+                process.start()
+            signal.signal(signal.SIGTERM, lambda *_: _terminate(processes))
+        finally:
+            if held is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
         pending = {p.sentinel: p for p in processes}
         while pending:
             ready = wait(list(pending) + [errors._reader, results._reader], timeout=1.0)

@@ -47,17 +47,19 @@ def _exchange(a: Path, b: Path) -> bool:
     return result == 0
 
 
-def remove_stale_partials(target: Path, quiet: bool = False) -> None:
-    """Remove leftovers of killed runs (their pid is gone) for `target` and for what is staged inside it."""
+def remove_stale_partials(target: Path, quiet: bool = False, own: bool = False) -> None:
+    """Remove leftovers of killed runs (their pid is gone) for `target` and for what is staged inside it;
+    `own`: also this process's (its run failed, whatever it staged is abandoned)."""
     for parent, name in ((target.parent, target.name), (target, None)):
         if parent.is_dir():
-            _remove_partials_in(parent, name, quiet)
+            _remove_partials_in(parent, name, quiet, os.getpid() if own else None)
 
 
-def _remove_partials_in(parent: Path, name: str | None, quiet: bool) -> None:
+def _remove_partials_in(parent: Path, name: str | None, quiet: bool, own_pid: int | None) -> None:
     for entry in parent.iterdir():
         match = _PARTIAL.match(entry.name)
-        if match and (name is None or match["name"] == name) and not pid_alive(int(match["pid"])):
+        if match and (name is None or match["name"] == name) and \
+                (int(match["pid"]) == own_pid or not pid_alive(int(match["pid"]))):
             target = parent / match["name"]
             if entry.name.endswith(f".old-{match['pid']}") and not target.exists():
                 # killed between the two renames of a replace: the previous target comes back

@@ -1,8 +1,10 @@
-"""Ctrl-C at any moment of a run: one line, exit code 130 (as shells report SIGINT), no target.
+"""Ctrl-C at any moment of a run: one line, exit code 130 (as shells report SIGINT), no target;
+SIGTERM to the command (a scheduler's time limit) while it converts: one line, exit code 143.
 
 A terminal sends SIGINT to the whole foreground process group: the command-line process and its
 loader and saver. The trials do the same, to a run started in a session of its own with SIGINT at
-its default (a background job of a non-interactive shell would inherit it ignored).
+its default (a background job of a non-interactive shell would inherit it ignored). SIGTERM goes
+to the command alone, as `kill` and schedulers send it.
 """
 
 from __future__ import annotations
@@ -35,8 +37,11 @@ def _start(hf_model, save_dir, *flags) -> subprocess.Popen:
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
-def _interrupt(process: subprocess.Popen) -> tuple[int, str]:
-    os.killpg(process.pid, signal.SIGINT)
+def _interrupt(process: subprocess.Popen, sig=signal.SIGINT) -> tuple[int, str]:
+    if sig == signal.SIGINT:
+        os.killpg(process.pid, sig)  # the terminal's foreground group
+    else:
+        process.send_signal(sig)
     _, stderr = process.communicate(timeout=60)
     return process.returncode, stderr
 
@@ -61,8 +66,12 @@ def test_ctrl_c_while_starting_up_is_one_line(hf_model, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("sig,code,words", [(signal.SIGINT, 130, "interrupted; nothing was completed"),
+                                             (signal.SIGTERM, 143, "terminated (SIGTERM); nothing was completed")],
+                         ids=["ctrl-c", "sigterm"])
 @pytest.mark.parametrize("workers", ["1", "2"])
-def test_ctrl_c_while_converting_stops_every_process_and_publishes_nothing(hf_model, tmp_path, workers):
+def test_a_signal_while_converting_stops_every_process_and_publishes_nothing(hf_model, tmp_path, workers, sig, code,
+                                                                             words):
     save_dir = tmp_path / "out"
     process = _start(hf_model, save_dir, "--workers", workers)
     deadline = time.monotonic() + 60
@@ -70,8 +79,8 @@ def test_ctrl_c_while_converting_stops_every_process_and_publishes_nothing(hf_mo
         assert process.poll() is None, f"the run ended before it could be interrupted: {process.communicate()}"
         assert time.monotonic() < deadline, "no staging folder appeared"
         time.sleep(0.002)
-    returncode, stderr = _interrupt(process)
-    line = assert_one_line_error(returncode, stderr, "Ctrl-C mid-run")
-    assert returncode == INTERRUPTED and "interrupted; nothing was completed" in line, (returncode, line)
+    returncode, stderr = _interrupt(process, sig)
+    line = assert_one_line_error(returncode, stderr, f"{sig.name} mid-run")
+    assert returncode == code and words in line, (returncode, line)
     assert _children_gone(process.pid), "a loader or saver outlived the interrupted run"
     assert not looks_complete(save_dir) and not staging_leftovers(tmp_path)
