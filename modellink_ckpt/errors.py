@@ -20,25 +20,27 @@ class UsageError(ConvertError):
     exit_code = 2
 
 
-class Interrupted(ConvertError):
-    """Ctrl-C (SIGINT): every process stopped, and no target was published."""
+class _Stopped(ConvertError):
+    """A signal stopped the run: every process stopped, and no target was published."""
 
-    exit_code = 130
-    message = "interrupted; nothing was completed"
+    message = ""
 
     def __init__(self):
         super().__init__(self.message)
 
 
-class Terminated(ConvertError):
-    """SIGTERM to the command (a scheduler's time limit, `kill`): every process stopped, and no
-    target was published."""
+class Interrupted(_Stopped):
+    """Ctrl-C (SIGINT)."""
+
+    exit_code = 130  # 128 + SIGINT, as shells report it
+    message = "interrupted; nothing was completed"
+
+
+class Terminated(_Stopped):
+    """SIGTERM to the command (a scheduler's time limit, `kill`)."""
 
     exit_code = 143  # 128 + SIGTERM
     message = "terminated (SIGTERM); nothing was completed"
-
-    def __init__(self):
-        super().__init__(self.message)
 
 
 class UnsafeCheckpointError(ConvertError):
