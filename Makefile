@@ -10,6 +10,13 @@ MCORE_RANGE := megatron-core>=0.16.1,<0.17
 # `make test-latest`: the newest versions the ranges allow, in a venv of their own
 LATEST := .venv-latest
 
+# torch at the lock's version, whichever build pip's configuration offers (a local CPU wheel, or
+# PyPI's CUDA build). `make setup TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu` takes the
+# CPU build from PyTorch's own index instead (~200 MB rather than ~3.5 GB), on a machine that
+# reaches it; everything else still comes from the usual index.
+TORCH_INDEX_URL ?=
+TORCH_FROM := $(if $(TORCH_INDEX_URL),--extra-index-url $(TORCH_INDEX_URL))
+
 # the MindSpore test venv: MindSpore and MindFormers (CPU) check our MindSpore output
 MS_VENV := .venv-ms
 MS_LOCK := requirements-ms.lock
@@ -23,7 +30,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt $(LOCK) pyproject.toml
 	@test -n "$(PYTHON)" || { echo "error: no Python 3.10+ with the venv module found (on Debian: apt-get install python3-venv)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -c $(LOCK) pip setuptools
-	$(BIN)/pip install -q -c $(LOCK) torch
+	$(BIN)/pip install -q -c $(LOCK) $(TORCH_FROM) torch
 	$(BIN)/pip install -q -c $(LOCK) -r requirements.txt -r requirements-dev.txt
 	$(BIN)/pip install -q -c $(LOCK) --no-deps "$(MCORE_RANGE)"
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .

@@ -530,7 +530,7 @@ def drop_caches() -> None:
 def warm_tools(converter: str) -> None:
     """Read the converter's own code (Python, torch) back into the cache after `drop_caches`: the
     cold runs measure a checkpoint not yet read, with the tools as warm as `cp`'s."""
-    subprocess.run([sys.executable, "-c", "import modellink_ckpt.cli"], cwd=Path(converter).parent, check=True,
+    subprocess.run([sys.executable, "-c", "import modellink_ckpt.cli.convert"], cwd=Path(converter).parent, check=True,
                    stdout=subprocess.DEVNULL)
 
 

@@ -1,3 +1,3 @@
-from modellink_ckpt.entry import convert_ckpt
+from modellink_ckpt.cli.entry import convert_ckpt
 
 convert_ckpt()

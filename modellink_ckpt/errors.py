@@ -45,3 +45,15 @@ class Terminated(_Stopped):
 
 class UnsafeCheckpointError(ConvertError):
     """A pickle inside a checkpoint tried to reach code that loading must never run."""
+
+
+def missing_package(exc: ModuleNotFoundError) -> str | None:
+    """The one line for a Python that lacks a package the converter needs (a fresh shell's system
+    Python rather than the repository's .venv), or None when the module missing is our own."""
+    import sys
+
+    package = (exc.name or "").split(".")[0]
+    if not package or package == "modellink_ckpt":
+        return None
+    return (f"this Python ({sys.executable}) lacks the package '{package}' the converter needs: run 'make setup' "
+            f"in the repository, then use .venv/bin/python (or activate .venv)")

@@ -121,6 +121,12 @@ def compute_args(dims: ModelDims) -> dict:
 GELU_TANH = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")
 
 
+def recorded_computes(margs) -> frozenset:
+    """The COMPUTE_ARGS stored args hold a value for (ours hold every one; a training run's, those
+    Megatron-LM also has)."""
+    return frozenset(name for name in COMPUTE_ARGS if getattr(margs, name, None) is not None)
+
+
 def _computes_from_args(margs) -> dict:
     """The inverse of `compute_args`: COMPUTE_ARGS from stored args, ours or a training run's (which
     may hold only the Megatron-Core spellings)."""

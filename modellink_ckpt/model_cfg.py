@@ -119,6 +119,24 @@ class ModelFamily:
     def has(self, module: str) -> bool:
         return module in self.hf_modules
 
+    @property
+    def model_types(self) -> tuple[str, ...]:
+        """The config.json `model_type`s this family converts faithfully: its own, and those the
+        entry lists in `hf_model_types_also` (MindSpeed-LLM's `llama2` serves Mistral, Qwen2, ...)."""
+        own = self.settings.get("hf_model_type", "llama")
+        return (own, *[t for t in self.settings.get("hf_model_types_also", ()) if t != own])
+
+    @property
+    def has_experts(self) -> bool:
+        """Whether the family's layers may be mixture-of-experts layers (it maps routed experts)."""
+        return any(module.startswith(("layers_mlp_experts_", "layers_mlp_router")) for module in self.hf_modules)
+
+    def fits_config(self, config: dict) -> bool:
+        """Whether an HF config.json describes a model of this family (by `model_type` or `architectures`)."""
+        architectures = set(config.get("architectures") or [])
+        return config.get("model_type") in self.model_types or \
+            bool(architectures & set(self.settings.get("hf_architectures") or []))
+
     def config_key(self, arg: str) -> str:
         """The config.json key (first spelling) an argument is read from."""
         return config_key_spellings(self.config_keys.get(arg, arg))[0][0]
@@ -190,6 +208,61 @@ def families_for_config(config: dict, cfg_path: str | Path | None = None) -> lis
         elif config.get("model_type") and settings.get("hf_model_type") == config.get("model_type"):
             by_type.append(name)
     return by_architecture or by_type
+
+
+UNSAFE_FLAG = "--skip-family-check"  # converts with an explicit family although the evidence disagrees
+
+
+def check_family_fits_config(family: ModelFamily, config: dict, where: str) -> None:
+    """Refuse an explicit family that does not convert the model `config` (an HF config.json at
+    `where`) describes: such a conversion writes a different model (a Gemma's zero-centred norms
+    onto a Llama, a Mixtral with no experts) without a tensor going missing."""
+    if family.fits_config(config):
+        return
+    architectures = "/".join(config.get("architectures") or []) or "no architectures"
+    fitting = [name for name in family_names(family.cfg_path)
+               if load_family(name, family.cfg_path).fits_config(config)]
+    hint = f"families that fit: {', '.join(fitting)}" if fitting else "no family of the model config fits it"
+    raise UsageError(f"--model-type-hf {family.name}: {where} describes model_type {config.get('model_type')!r} "
+                     f"({architectures}), which {family.name} does not convert ({hint}; {UNSAFE_FLAG} converts "
+                     f"anyway, unsafe)")
+
+
+def check_family_fits_recorded(family: ModelFamily, recorded: str, where: str) -> None:
+    """Refuse an explicit family that does not convert the model a checkpoint records it was
+    converted as (`recorded`: the model_cfg.json entry in its args or manifest)."""
+    try:
+        model_type = load_family(recorded, family.cfg_path).settings.get("hf_model_type", "llama")
+    except UsageError:  # an entry of another model_cfg.json: nothing to compare
+        return
+    if model_type in family.model_types:
+        return
+    fitting = [name for name in family_names(family.cfg_path)
+               if model_type in load_family(name, family.cfg_path).model_types]
+    raise UsageError(f"--model-type-hf {family.name}: {where} records family {recorded} (model_type "
+                     f"{model_type!r}), which {family.name} does not convert (families that fit: "
+                     f"{', '.join(fitting)}; {UNSAFE_FLAG} converts anyway, unsafe)")
+
+
+def check_family_fits_dims(family: ModelFamily, dims: "ModelDims", where: str, recorded: frozenset = frozenset()) -> None:
+    """Refuse a family whose parts contradict the model's own description (a Megatron run's args):
+    experts, multi-latent attention, and what the family fixes of the computation that the
+    description records (`recorded`: the COMPUTE_ARGS it holds a value for)."""
+    problems = []
+    if family.has_experts != bool(dims.num_experts):
+        problems.append(f"{family.name} is a {'mixture-of-experts' if family.has_experts else 'dense'} family "
+                        f"but the model has {dims.num_experts or 'no'} experts")
+    if bool(family.settings.get("multi_latent_attention")) != dims.multi_latent_attention:
+        problems.append(f"{family.name} {'uses' if family.settings.get('multi_latent_attention') else 'has no'} "
+                        f"multi-latent attention but the model {'does' if dims.multi_latent_attention else 'does not'}")
+    for name, value in family.settings.items():
+        if name in COMPUTE_ARGS and name not in family.config_keys and name in recorded \
+                and dims.computes.get(name, COMPUTE_ARGS[name]) != value:
+            problems.append(f"{family.name} computes with {name}={value!r} but the model with "
+                            f"{dims.computes.get(name, COMPUTE_ARGS[name])!r}")
+    if problems:
+        raise UsageError(f"--model-type-hf {family.name}: {where}: {problems[0]} ({UNSAFE_FLAG} converts anyway, "
+                         f"unsafe)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,13 +13,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from tqdm import tqdm
-
 from modellink_ckpt.errors import UsageError
 from modellink_ckpt.formats.ms_strategy import load_strategy
 from modellink_ckpt.loaders.ms import MsStore
 from modellink_ckpt.manifest import hash_files, write_manifest
 from modellink_ckpt.savers.ms import MsFiles, _copy_strategy, STRATEGY_DIR
+from modellink_ckpt.progress import progress
 from modellink_ckpt.staging import StagedDir
 
 
@@ -47,7 +46,7 @@ def reshard(src: Path, dst: Path, *, src_strategy: Path | None, dst_strategy: Pa
     files = None
     try:
         files = MsFiles(staging.path, fmt, entries, strategy=target, prefix=prefix)
-        for name, _, _ in tqdm(entries, desc="re-sharding", unit="tensor", disable=quiet):
+        for name, _, _ in progress(entries, total=len(entries), desc="re-sharding", unit="tensor", quiet=quiet):
             files.add(name, source.read(name))
         files.close()
         extra = _copy_strategy(Path(dst_strategy), staging.path / STRATEGY_DIR) if dst_strategy else []

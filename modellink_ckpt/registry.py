@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 from pathlib import Path
 from typing import Callable
-
-import torch
 
 from modellink_ckpt.errors import UsageError
 
@@ -63,6 +62,10 @@ class SourceInfo:
     lora: object | None = None                      # lora.LoraSpec to merge or export
     lora_dir: Path | None = None
     options: dict = dataclasses.field(default_factory=dict)  # format-specific facts for the loader
+    # what the source says of the model it holds, to hold an explicit --model-type-hf against
+    config_path: Path | None = None                 # the HF config.json it is described by
+    recorded_family: tuple[str, str] | None = None  # (model_cfg.json entry, where) a converted checkpoint records
+    recorded_computes: frozenset = frozenset()      # COMPUTE_ARGS its stored args hold a value for
 
 
 class SourceFormat:
@@ -144,7 +147,7 @@ def census(shapes_and_dtypes) -> tuple[dict[str, int], int]:
     """({dtype name: elements}, total elements) of (shape, dtype) pairs, for `inspect`."""
     dtypes, total = {}, 0
     for shape, dtype in shapes_and_dtypes:
-        count, key = torch.Size(shape).numel(), str(dtype).replace("torch.", "")
+        count, key = math.prod(shape), str(dtype).replace("torch.", "")
         dtypes[key] = dtypes.get(key, 0) + count
         total += count
     return dtypes, total
@@ -169,6 +172,8 @@ def target(name: str) -> TargetFormat:
 
 def detect(path: Path) -> str:
     """The name of the source format `path` holds."""
+    if not path.exists():
+        raise UsageError(f"{path}: does not exist")
     for name in DETECTION_ORDER:
         if source(name).detect(path):
             return name

@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from modellink_ckpt.errors import ConvertError, UsageError
@@ -78,6 +79,42 @@ def _remove_partials_in(parent: Path, name: str | None, quiet: bool, own_pid: in
 def occupied(target: Path) -> bool:
     """An existing file or a non-empty folder (an empty folder is free to be replaced)."""
     return target.exists() and (not target.is_dir() or any(target.iterdir()))
+
+
+def check_writable(folder: Path, flag: str = "--save-dir") -> None:
+    """Refuse, before anything is written, a target folder that cannot be created or written in:
+    a path through a file, a read-only filesystem, a folder without write permission. Probed by
+    creating (and removing) a folder where the conversion will first write."""
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "is a file" if existing == folder else f"lies under {existing}, which is a file"
+        raise UsageError(f"{flag} {folder}: {what}, not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".convert-probe-", dir=existing))
+    except OSError as exc:
+        where = "" if existing == folder else f" (in {existing}, where it would be created)"
+        raise UsageError(f"{flag} {folder}: cannot write there{where}: {exc.strerror}") from None
+
+
+def missing_folders(folder: Path) -> list[Path]:
+    """`folder` and its ancestors that do not exist yet, deepest first (what a run creates)."""
+    missing, folder = [], Path(folder)
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove the folders of `missing_folders` a failed run created and left empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (something else was put there), or already gone
+            pass
 
 
 def check_target(target: Path, overwrite: bool, flag: str = "--save-dir") -> None:

@@ -23,7 +23,7 @@ from modellink_ckpt.errors import ConvertError, UsageError
 from modellink_ckpt.loaders.mg import RANK_FILE, TRACKER, MegatronSource
 from modellink_ckpt.manifest import MANIFEST, check_files, files_summary, read_manifest
 from modellink_ckpt.megatron_args import spelling_from_args
-from modellink_ckpt.model_cfg import dims_from_hf_config, load_family
+from modellink_ckpt.model_cfg import DEFAULT_FAMILY, check_family_fits_config, dims_from_hf_config, load_family
 from modellink_ckpt.formats.torch_zip import LazyTensor, load_lazy
 from modellink_ckpt.formats.safetensors_io import SafetensorsFile
 
@@ -65,14 +65,29 @@ def _compare(where: str, found: dict, expected: dict) -> list[str]:
     return problems
 
 
-def _verify_mg(root: Path, manifest_check: bool) -> tuple[list[str], str]:
+def _check_manifest(folder: Path, hash_contents: bool) -> tuple[dict | None, list[str], str]:
+    """(the manifest, problems of the files against it, what the summary says of the files). A
+    folder without one (a training run's, transformers') has its structure checked only."""
+    manifest = read_manifest(folder)
+    if manifest is None:
+        return None, [], f"no {MANIFEST} (not written by this tool): file contents not checked"
+    summary = files_summary(manifest)
+    if not hash_contents:
+        summary = summary.split(", ")[0] + f", {manifest.get('total_bytes', 0) / 1e9:.2f} GB, sizes as in the manifest"
+    return manifest, check_files(folder, manifest, hash_contents), summary
+
+
+def _family(explicit: str | None, *recorded: str | None, cfg_path=None):
+    """The family a checkpoint is checked as: --model-type-hf, else the one it records."""
+    return load_family(explicit or next((r for r in recorded if isinstance(r, str)), None) or DEFAULT_FAMILY,
+                       cfg_path)
+
+
+def _verify_mg(root: Path, manifest_check: bool, family_name: str | None = None) -> tuple[list[str], str]:
     source = MegatronSource(root)
     folder, margs = source.iter_dir, source.args
-    manifest = read_manifest(folder)
-    problems = check_files(folder, manifest) if manifest and manifest_check else []
-    if manifest is None:
-        problems.append(f"{folder / MANIFEST}: missing (not written by this tool, or tampered with)")
-    family = load_family(getattr(margs, "model_type_hf", None) or (manifest or {}).get("model_type_hf") or "llama2")
+    manifest, problems, files = _check_manifest(folder, manifest_check)
+    family = _family(family_name, getattr(margs, "model_type_hf", None), (manifest or {}).get("model_type_hf"))
     dims = source.dims()
     layout = source.layout(dims)
     dtype = getattr(margs, "params_dtype", torch.float32)
@@ -107,7 +122,7 @@ def _verify_mg(root: Path, manifest_check: bool) -> tuple[list[str], str]:
             problems += _compare(f"{path} [{model_key}]", found, _with_odd_dtypes(names, manifest))
             tensors += len(found)
     lay = layout.describe()
-    summary = (f"{files_summary(manifest)}; {tensors} tensors in "
+    summary = (f"{files}; {tensors} tensors in "
                f"{len(expected)} rank files match the stored args (TP{lay['tensor_parallel']} "
                f"PP{lay['pipeline_parallel']}{' EP' + str(layout.ep) if layout.ep > 1 else ''}"
                f"{' VPP' + str(layout.vpp) if layout.vpp_layers else ''})")
@@ -123,15 +138,22 @@ def _model_dtype(manifest: dict | None, found: dict) -> torch.dtype:
     return counts.most_common(1)[0][0] if counts else torch.float32
 
 
-def _verify_hf(folder: Path, manifest_check: bool) -> tuple[list[str], str]:
+def _verify_hf(folder: Path, manifest_check: bool, family_name: str | None = None) -> tuple[list[str], str]:
+    from modellink_ckpt.loaders.hf import SOURCE as HF_SOURCE
     from modellink_ckpt.savers.hf import hf_tensors
 
-    manifest = read_manifest(folder)
-    problems = check_files(folder, manifest) if manifest and manifest_check else []
-    if manifest is None:
-        problems.append(f"{folder / MANIFEST}: missing (not written by this tool, or tampered with)")
-    family = load_family((manifest or {}).get("model_type_hf") or "llama2")
+    manifest, problems, files = _check_manifest(folder, manifest_check)
     config = json.loads((folder / "config.json").read_text())
+    recorded = (manifest or {}).get("model_type_hf")
+    if family_name:
+        family = load_family(family_name)
+        check_family_fits_config(family, config, str(folder / "config.json"))
+        how = "--model-type-hf"
+    elif isinstance(recorded, str):
+        family, how = load_family(recorded), "recorded in the manifest"
+    else:  # a folder the tool did not write: the family its config.json and tensors name, as a conversion finds it
+        name, how = HF_SOURCE.family_hint(folder)
+        family = load_family(name)
     found = {}
     for path in sorted(folder.glob("*.safetensors")):
         try:
@@ -148,42 +170,46 @@ def _verify_hf(folder: Path, manifest_check: bool) -> tuple[list[str], str]:
     plan = types.SimpleNamespace(family=family, dims=dims)
     expected = {name: (tuple(shape), dt) for name, shape, dt in hf_tensors(plan, TensorDtypes(dtype))}
     problems += _compare(str(folder), found, _with_odd_dtypes(expected, manifest))
-    summary = f"{files_summary(manifest)}; {len(found)} tensors match config.json"
+    summary = f"{files}; {len(found)} tensors match config.json as --model-type-hf {family.name} ({how})"
     return problems, summary
 
 
-def verify(path: str | Path, manifest_check: bool = True) -> tuple[list[str], str]:
-    """(problems, summary) for the checkpoint at `path` (Megatron folder, its iteration folder,
-    an HF output folder, or the HF folder holding `mg2hf/`)."""
+def verify(path: str | Path, manifest_check: bool = True, family: str | None = None) -> tuple[list[str], str, Path]:
+    """(problems, summary, the folder checked) for the checkpoint at `path` (Megatron folder, its
+    iteration folder, an HF output folder, or the HF folder holding `mg2hf/`); `family`: the
+    --model-type-hf to check it as (default: the one it records, or, for an HF folder, detected)."""
     path = Path(path)
+    if not path.exists():
+        raise UsageError(f"--verify {path}: does not exist")
     if not path.is_dir():
         raise UsageError(f"--verify {path}: not a directory")
     from modellink_ckpt.formats.torch_dist import is_torch_dist
     from modellink_ckpt.loaders.mg import find_iteration
 
     if (path / TRACKER).is_file() and is_torch_dist(find_iteration(path)[1]) or is_torch_dist(path):
-        return _verify_dist(find_iteration(path)[1], manifest_check)
+        folder = find_iteration(path)[1]
+        return (*_verify_dist(folder, manifest_check, family), folder)
     if (path / TRACKER).is_file() or any(path.glob(f"mp_rank_*/{RANK_FILE}")):
-        return _verify_mg(path, manifest_check)
-    if not (path / MANIFEST).is_file() and (path / "mg2hf" / MANIFEST).is_file():
-        path = path / "mg2hf"
+        return (*_verify_mg(path, manifest_check, family), path)
+    if not (path / MANIFEST).is_file() and (path / "mg2hf").is_dir() \
+            and ((path / "mg2hf" / MANIFEST).is_file() or (path / "mg2hf" / "config.json").is_file()):
+        path = path / "mg2hf"  # the HF folder a conversion wrote into
     if (read_manifest(path) or {}).get("kind") == "ms":
-        return _verify_ms(path, manifest_check)
+        return (*_verify_ms(path, manifest_check, family), path)
     if (path / "config.json").is_file():
-        return _verify_hf(path, manifest_check)
+        return (*_verify_hf(path, manifest_check, family), path)
     raise UsageError(f"--verify {path}: neither a Megatron checkpoint (no {TRACKER}) nor an HF folder")
 
 
-def _verify_ms(folder: Path, manifest_check: bool) -> tuple[list[str], str]:
+def _verify_ms(folder: Path, manifest_check: bool, family_name: str | None = None) -> tuple[list[str], str]:
     """A MindSpore output: files against the manifest; every tensor the naming expects, with its
     shape and dtype, in the complete file(s) or, sliced by the strategy, in every rank file."""
     from modellink_ckpt import ms_names
     from modellink_ckpt.formats.ms_strategy import load_strategy
     from modellink_ckpt.loaders.ms import MsStore
 
-    manifest = read_manifest(folder)
-    problems = check_files(folder, manifest) if manifest_check else []
-    family = load_family(manifest.get("model_type_hf") or "llama2")
+    manifest, problems, files = _check_manifest(folder, manifest_check)
+    family = _family(family_name, manifest.get("model_type_hf"))
     config = json.loads((folder / "config.json").read_text())
     dims = dims_from_hf_config(family, config, source=str(folder / "config.json"))
     naming = ms_names.load_naming(family, manifest.get("ms_naming") or "mcore")
@@ -199,24 +225,21 @@ def _verify_ms(folder: Path, manifest_check: bool) -> tuple[list[str], str]:
         return problems + [str(exc)], "unreadable"
     problems += _compare(str(folder), {n: (tuple(s), d) for n, (s, d) in found.items()}, expected)
     layout = f"{strategy.world_size} rank files by the strategy" if strategy else "complete"
-    summary = (f"{files_summary(manifest)}; {len(found)} tensors ({layout}) match MindSpore naming '{naming.name}' of config.json")
+    summary = (f"{files}; {len(found)} tensors ({layout}) match MindSpore naming '{naming.name}' of config.json")
     return problems, summary
 
 
-def _verify_dist(folder: Path, manifest_check: bool) -> tuple[list[str], str]:
+def _verify_dist(folder: Path, manifest_check: bool, family_name: str | None = None) -> tuple[list[str], str]:
     """A torch_dist output: files against the manifest; every key the model needs (tensors with
     their global shape and dtype, extra-state objects) in the store, nothing else."""
     from modellink_ckpt.formats.torch_dist import TorchDistStore
     from modellink_ckpt.megatron_args import dims_from_args
     from modellink_ckpt.savers.torch_dist import DistKeys, object_key
 
-    manifest = read_manifest(folder)
-    problems = check_files(folder, manifest) if manifest and manifest_check else []
-    if manifest is None:
-        problems.append(f"{folder / MANIFEST}: missing (not written by this tool, or tampered with)")
+    manifest, problems, files = _check_manifest(folder, manifest_check)
     store = TorchDistStore(folder)
     margs = store.common()["args"]
-    family = load_family(getattr(margs, "model_type_hf", None) or (manifest or {}).get("model_type_hf") or "llama2")
+    family = _family(family_name, getattr(margs, "model_type_hf", None), (manifest or {}).get("model_type_hf"))
     dims = dims_from_args(margs, source=str(folder))
     dtype = getattr(margs, "params_dtype", torch.float32)
     plan = types.SimpleNamespace(family=family, dims=dims, padded_vocab=int(getattr(margs, "padded_vocab_size")),
@@ -233,5 +256,5 @@ def _verify_dist(folder: Path, manifest_check: bool) -> tuple[list[str], str]:
     problems += _compare(str(folder), found, _with_odd_dtypes(expected, manifest))
     problems += [f"{folder}: missing object '{k}'" for k in sorted(objects - set(store.objects))]
     problems += [f"{folder}: unexpected object '{k}'" for k in sorted(set(store.objects) - objects)]
-    summary = (f"{files_summary(manifest)}; {len(found)} tensors and {len(store.objects)} objects match the stored args (torch_dist)")
+    summary = (f"{files}; {len(found)} tensors and {len(store.objects)} objects match the stored args (torch_dist)")
     return problems, summary

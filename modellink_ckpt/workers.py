@@ -252,20 +252,20 @@ def why_not_shared(plan, target) -> str | None:
     return None
 
 
-def check_workers(requested: int | None, plan, target) -> int:
-    """The number of workers to run: what was asked (or the default), at most one per share of the
-    target; refused where the source or target cannot be shared."""
+def check_workers(requested: int | None, plan, target) -> tuple[int, str | None]:
+    """(the number of workers to run, a note when it is fewer than asked): what was asked (or the
+    default), at most one per share of the target, one where the source or target cannot be shared."""
     if requested is not None and requested < 1:
         raise UsageError(f"--workers {requested}: must be at least 1")
     wanted = requested or default_workers()
     if wanted == 1:
-        return 1
+        return 1, None
     reason = why_not_shared(plan, target)
-    if reason is not None:
-        if requested:
-            raise UsageError(f"--workers {requested}: {reason}")
-        return 1
-    return len(target.share_plans(plan, wanted, ""))
+    count = 1 if reason is not None else len(target.share_plans(plan, wanted, ""))
+    if not requested or count == requested:
+        return count, None
+    why = reason or f"the target has {count} part{'s' * (count > 1)} that workers can write side by side"
+    return count, f"--workers {requested}: running {count}; {why}"
 
 
 def wanted(plan, kind: str, layer: int | None) -> bool:

@@ -4,6 +4,7 @@ tensors and the families that do fit. Without --model-type-hf the family is foun
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -141,3 +142,60 @@ def test_an_unknown_model_type_without_a_fitting_family_asks_for_the_flag(tmp_pa
     (source / "config.json").write_text(json.dumps(config))
     result = _convert(source, tmp_path / "mg")
     _refused(result, tmp_path / "mg", "model_type 'mystery'", "pass --model-type-hf")
+
+
+# ---- an explicit family must convert the model the source describes ---------------------------
+
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "megatron-lm-core_v0.16.1" / "torch"
+
+
+@pytest.mark.parametrize("source,family,model_type", [
+    ("llama2", "mixtral", "llama"),    # read as MoE: written with 0 experts
+    ("llama2", "gemma", "llama"),      # zero-centred norms: other logits, every tensor present
+    ("qwen3", "qwen3-moe", "qwen3"),   # a dense Qwen3 as Qwen3-MoE
+])
+def test_an_explicit_family_that_contradicts_config_json_is_refused(tmp_path, hf, source, family, model_type):
+    result = _convert(hf(source), tmp_path / "mg", family=family)
+    line = _refused(result, tmp_path / "mg", f"--model-type-hf {family}", f"model_type '{model_type}'",
+                    f"which {family} does not convert", "families that fit:", "--skip-family-check")
+    assert not (tmp_path / "mg").exists(), line
+
+
+def test_mindspeed_scripts_keep_llama2_for_llama_architecture_models_and_qwen25_with_qkv_bias(tmp_path, hf):
+    """MindSpeed-LLM's long-standing routes: --model-type-hf llama2 on Llama-architecture configs,
+    and llama2 --add-qkv-bias on Qwen2.5 (model_type qwen2), in both directions."""
+    for source, flags in (("llama2", ()), ("qwen25", ("--add-qkv-bias",))):
+        mg = tmp_path / f"mg-{source}"
+        assert _convert(hf(source), mg, *flags, family="llama2").returncode == 0
+        result = _convert(mg, tmp_path / f"out-{source}", family="llama2", load_type="mg", save_type="hf")
+        assert result.returncode == 0, result.stderr
+        assert_same_tensors(load_hf_state(hf(source)), load_hf_state(tmp_path / f"out-{source}" / "mg2hf"))
+
+
+@pytest.mark.parametrize("family,evidence", [
+    ("mixtral", "records family llama2 (model_type 'llama'), which mixtral does not convert"),
+    ("gemma", "records family llama2 (model_type 'llama'), which gemma does not convert"),
+])
+def test_an_explicit_family_that_contradicts_the_recorded_one_is_refused(tmp_path, hf, family, evidence):
+    """mg -> hf with no HF config.json at hand (the output's config would be built from the family):
+    the family our own checkpoint records is the evidence."""
+    mg = tmp_path / "mg"
+    assert _convert(hf("llama2"), mg, family="llama2").returncode == 0
+    result = _convert(mg, tmp_path / "out", family=family, load_type="mg", save_type="hf")
+    _refused(result, tmp_path / "out", f"--model-type-hf {family}", evidence)
+
+
+@pytest.mark.parametrize("family,evidence", [
+    ("mixtral", "mixtral is a mixture-of-experts family but the model has no experts"),
+    ("deepseek2-lite", "deepseek2-lite is a mixture-of-experts family but the model has no experts"),
+    ("gemma", "gemma computes with layernorm_zero_centered_gamma=True but the model with False"),
+])
+def test_an_explicit_family_that_contradicts_a_training_runs_args_is_refused(tmp_path, family, evidence):
+    """A checkpoint Megatron-LM's training wrote records no family: its args are the evidence."""
+    result = _convert(FIXTURE, tmp_path / "out", family=family, load_type="mg", save_type="hf")
+    _refused(result, tmp_path / "out", f"--model-type-hf {family}", evidence)
+
+
+def test_the_unsafe_flag_converts_against_the_evidence(tmp_path, hf):
+    result = _convert(hf("llama2"), tmp_path / "mg", "--skip-family-check", family="gemma")
+    assert result.returncode == 0, result.stderr

@@ -26,9 +26,9 @@ HANG = 60
 # The command line with the up-front free-space check disabled, so the writes themselves hit ENOSPC.
 _NO_PRECHECK = """
 import sys
-from modellink_ckpt import cli
-cli.check_free_space = lambda *args, **kwargs: None
-sys.exit(cli.main(sys.argv[1:]))
+from modellink_ckpt.cli import convert, main
+convert.check_free_space = lambda *args, **kwargs: None
+sys.exit(main.main(sys.argv[1:]))
 """
 
 

@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -157,3 +158,45 @@ def test_success_prints_a_one_line_summary(hf, tmp_path):
     result = hf2mg(hf, tmp_path / "out", "--target-tensor-parallel-size", "2")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("done: wrote ") and "GB/s" in result.stdout and "peak memory" in result.stdout
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.05], ids=["half", "head"])
+def test_a_truncated_rank_file_is_one_short_line_and_leaves_no_folder_behind(mg, tmp_path, cut):
+    """Torch's own message for a zip without its end is ~450 characters; ours names the file and
+    what is wrong. The save dir the failed run created is gone again."""
+    broken = shutil.copytree(mg, tmp_path / "mg")
+    victim = broken / "iter_0000001" / "mp_rank_00_001" / "model_optim_rng.pt"
+    os.truncate(victim, int(victim.stat().st_size * cut))
+    save_dir = tmp_path / "new" / "out"
+    result = mg2hf(broken, save_dir)
+    one_line_error(result, str(victim), "truncated or corrupt")
+    assert len(result.stderr) < 300, result.stderr
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_failed_run_into_a_missing_save_dir_removes_what_it_created(mg, tmp_path):
+    broken = shutil.copytree(mg, tmp_path / "mg")
+    (broken / "iter_0000001" / "mp_rank_01_001" / "model_optim_rng.pt").unlink()
+    one_line_error(mg2hf(broken, tmp_path / "a" / "b"), "missing rank file")
+    assert not (tmp_path / "a").exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()  # a folder that was there before the run stays
+    one_line_error(mg2hf(broken, kept), "missing rank file")
+    assert kept.is_dir()
+
+
+@pytest.mark.parametrize("save", ["file", "under-file", "read-only"])
+def test_a_target_that_cannot_be_written_is_refused_before_writing_also_on_dry_run(hf, tmp_path, save):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a folder")
+    save_dir = {"file": blocker, "under-file": blocker / "out", "read-only": Path("/sys/convert-ckpt-test/out")}[save]
+    expected = {"file": f"--save-dir {blocker}: is a file, not a folder",
+                "under-file": f"--save-dir {blocker / 'out'}: lies under {blocker}, which is a file",
+                "read-only": "--save-dir /sys/convert-ckpt-test/out: cannot write there (in /sys"}[save]
+    for flags in (["--dry-run"], []):
+        one_line_error(hf2mg(hf, save_dir, *flags), expected, code=2)
+    assert blocker.read_text() == "not a folder"
+
+
+def test_inspect_of_a_missing_path_names_it(tmp_path):
+    one_line_error(run_cli("inspect", tmp_path / "nowhere"), f"{tmp_path / 'nowhere'}: does not exist", code=2)

@@ -29,5 +29,24 @@ def test_inspect_every_format(tmp_path):
     assert facts["dist"]["format"] == "mg (torch_dist)" and facts["dist"]["iteration"] == "7"
     assert facts["hf"]["parameters"] == facts["ms"]["parameters"]  # the same model, its bytes counted alike
     assert facts["hf"]["dtypes"].startswith("1 ")
+    (tmp_path / "nothing-here").mkdir()
     result = run_cli("inspect", tmp_path / "nothing-here")
     assert "not a checkpoint this tool recognises" in assert_one_line_error(result.returncode, result.stderr)
+    result = run_cli("inspect", tmp_path / "nowhere")
+    assert f"{tmp_path / 'nowhere'}: does not exist" in assert_one_line_error(result.returncode, result.stderr)
+
+
+def test_inspect_of_torch_dist_names_the_spec_that_wrote_it(tmp_path):
+    """A torch_dist store spells every norm fused into its linear whichever spec wrote it: the
+    spelling shown is the stored args' (Megatron-LM's fixture used the local spec)."""
+    hf = build_hf_checkpoint("llama2", tmp_path / "hf", num_layers=2, tokenizer=False)
+    spellings = {}
+    for impl in ("local", "transformer_engine"):
+        run_convert("--load-model-type", "hf", "--save-model-type", "mg", "--ckpt-format", "torch_dist",
+                           "--transformer-impl", impl, "--load-dir", hf, "--save-dir", tmp_path / impl)
+        spellings[impl] = _facts(tmp_path / impl)["spelling"]
+    fixture = ROOT / "tests" / "fixtures" / "megatron-lm-core_v0.16.1" / "torch_dist"
+    spellings["fixture"] = _facts(fixture)["spelling"]
+    assert spellings["local"].startswith("transformer_impl local,"), spellings
+    assert spellings["transformer_engine"].startswith("transformer_impl transformer_engine,"), spellings
+    assert spellings["fixture"].startswith("transformer_impl local,"), spellings

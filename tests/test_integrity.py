@@ -133,7 +133,8 @@ def test_verify_errors_are_one_line_for_non_checkpoints(tmp_path):
 ], ids=["ctrl-c", "bug"])
 def test_verify_and_inspect_end_in_one_line_whatever_stops_them(mg, monkeypatch, capsys, raised, code, line):
     """Hashing a large checkpoint takes minutes: a Ctrl-C there (or a bug of ours) is one line too."""
-    from modellink_ckpt import cli, registry, verify as verify_module
+    from modellink_ckpt import registry, verify as verify_module
+    from modellink_ckpt.cli import main as cli
 
     def stop(*args, **kwargs):
         raise raised
@@ -157,7 +158,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(hf, tmp_path):
 
 
 def test_not_enough_free_space_is_refused_before_writing(hf, tmp_path, monkeypatch):
-    import modellink_ckpt.cli as cli
+    import modellink_ckpt.cli.convert as cli
 
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(cli.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
@@ -165,3 +166,41 @@ def test_not_enough_free_space_is_refused_before_writing(hf, tmp_path, monkeypat
         run_convert("--load-model-type", "hf", "--save-model-type", "mg", "--load-dir", hf,
                     "--save-dir", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family,expected", [("qwen3", "qwen3"), ("qwen3-moe", "qwen3-moe"), ("mixtral", "mixtral"),
+                                             ("qwen25-tied", "qwen25")])
+def test_verify_checks_an_hf_folder_transformers_wrote_as_its_own_family(tmp_path, family, expected):
+    """No manifest: the family is found as a conversion finds it (config.json and tensors), and
+    every tensor is checked against config.json; the missing manifest is said, not a failure."""
+    folder = build_hf_checkpoint(family, tmp_path / family, num_layers=2, tokenizer=False)
+    result = verify(folder)
+    assert result.returncode == 0, result.stderr
+    assert f"verified: {folder}: no convert_manifest.json (not written by this tool)" in result.stdout
+    assert f"as --model-type-hf {expected} (from config.json" in result.stdout
+    result = verify(folder, "--model-type-hf", "gemma")  # a family that does not convert it: said, not checked
+    assert result.returncode == 2 and "which gemma does not convert" in result.stderr
+    import safetensors.torch  # a missing tensor is still found
+
+    weights = safetensors.torch.load_file(folder / "model.safetensors")
+    del weights[sorted(weights)[-1]]
+    safetensors.torch.save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    result = verify(folder)
+    assert result.returncode == 1 and "missing tensor" in result.stderr
+
+
+def test_verify_names_the_folder_it_checked(hf, tmp_path):
+    """DIR holding no manifest but an mg2hf/ output: the summary and the errors name DIR/mg2hf."""
+    outer = tmp_path / "hf"
+    shutil.copytree(hf, outer / "mg2hf")
+    result = verify(outer)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"verified: {outer / 'mg2hf'}: ")
+
+
+@pytest.mark.parametrize("argv", [["verify", "--help"], ["--verify", "--help"], ["inspect", "--help"], ["--help"],
+                                  ["--version"]])
+def test_every_command_has_working_help(argv):
+    result = run_cli(*argv)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert "usage: convert_ckpt.py" in result.stdout or "(modellink-ckpt)" in result.stdout

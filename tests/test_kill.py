@@ -361,7 +361,7 @@ def fired():
     Path(os.environ["INJECTED"]).write_text("fired")
 """
 _MAIN = """
-from modellink_ckpt.cli import main
+from modellink_ckpt.cli.main import main
 sys.exit(main(sys.argv[1:]))
 """
 

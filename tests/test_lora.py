@@ -314,7 +314,7 @@ def _merge(fixture, save_dir, save_type="mg", *flags):
 
 def _export(fixture, save_dir):
     """`--save-lora-to-hf`, as in the MindSpeed-LLM documentation; the adapter lands in <save-dir>/mg2hf."""
-    from modellink_ckpt.cli import summary_line
+    from modellink_ckpt.cli.main import summary_line
 
     result = run_convert("--model-type", "GPT", "--load-model-type", "mg", "--save-model-type", "hf", "--model-type-hf",
                          "llama2", "--use-mcore-models", "--load-dir", fixture.lora_load, *_lora_flags(fixture),

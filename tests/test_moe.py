@@ -7,7 +7,7 @@ Logit parity with Megatron-Core for these families is in test_mcore_parity.py.
 import pytest
 import torch
 
-from modellink_ckpt.cli import convert
+from modellink_ckpt.cli.convert import convert
 from modellink_ckpt.demo_models import build_hf_checkpoint
 from test_reshard import assert_same_checkpoint, mg_to_mg
 from util import assert_one_line_error, assert_same_tensors, hf_to_mg, load_hf_state, load_mg_state, mg_to_hf, run_cli

@@ -600,7 +600,7 @@ def test_example_script_reshards_a_training_checkpoint(fixtures, tmp_path):
     root = fixtures(DENSE)
     target = DENSE.replace(tp=2, dp=1)
     env = {**os.environ, "LOAD_DIR": str(root / "ckpt"), "SAVE_DIR": str(tmp_path / "target"), "TP": "2", "PP": "1",
-           "DP": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+           "DP": "1", "PYTHON": sys.executable}
     script = ROOT / "examples" / "mcore" / "llama2" / "ckpt_convert_llama2_optim.sh"
     result = subprocess.run(["bash", str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from modellink_ckpt.cli import convert
+from modellink_ckpt.cli.convert import convert
 
 ROOT = Path(__file__).resolve().parent.parent
 

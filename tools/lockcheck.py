@@ -5,7 +5,11 @@
     python tools/lockcheck.py --write requirements.lock   re-pin the lock from the venv (make lock)
 
 A package installed but not in the lock fails the check too: a new dependency must be pinned, or a
-fresh clone would get whatever version is newest that day.
+fresh clone would get whatever version is newest that day. One exception: torch's own platform
+dependencies. The lock pins torch's version; which build of it pip installs depends on the
+machine's pip configuration (a CPU build where one is offered, else PyPI's CUDA build with its
+nvidia-*, cuda-* and triton wheels). What that torch requires and the lock does not pin is accepted
+and named, never a failure; every package the lock pins must still match it exactly.
 """
 
 from __future__ import annotations
@@ -38,6 +42,40 @@ def installed() -> dict[str, str]:
     return found
 
 
+def _requirements(dist_name: str, extras: frozenset) -> list:
+    """[(name, extras)] that the installed `dist_name` requires with `extras`, markers evaluated here."""
+    try:
+        from packaging.requirements import InvalidRequirement, Requirement
+    except ImportError:  # a venv without packaging: no platform dependencies are recognised
+        return []
+    found = []
+    for line in metadata.requires(dist_name) or []:
+        try:
+            requirement = Requirement(line)
+        except InvalidRequirement:
+            continue
+        marker = requirement.marker
+        if marker is None or any(marker.evaluate({"extra": extra}) for extra in extras | {""}):
+            found.append((canonical(requirement.name), frozenset(requirement.extras)))
+    return found
+
+
+def platform_dependencies(pins: dict[str, str], root: str = "torch") -> set[str]:
+    """The packages installed because `root`'s build requires them (transitively) that the lock does
+    not pin: the CUDA build's nvidia-*, cuda-* and triton, nothing for the CPU build."""
+    seen, todo = set(), [(canonical(root), frozenset())]
+    while todo:
+        name, extras = todo.pop()
+        if (name, extras) in seen:
+            continue
+        seen.add((name, extras))
+        try:
+            todo += _requirements(name, extras)
+        except metadata.PackageNotFoundError:
+            continue
+    return {name for name, _ in seen} - set(pins) - {canonical(root)}
+
+
 def read_lock(path: Path) -> dict[str, str]:
     pins = {}
     for line in path.read_text().splitlines():
@@ -48,9 +86,10 @@ def read_lock(path: Path) -> dict[str, str]:
     return pins
 
 
-def differences(pins: dict[str, str], have: dict[str, str]) -> list[str]:
+def differences(pins: dict[str, str], have: dict[str, str], allowed: set[str] = frozenset()) -> list[str]:
+    """What differs between the lock and the environment; `allowed`: unpinned packages accepted."""
     lines = []
-    for name in sorted(set(pins) | set(have)):
+    for name in sorted(set(pins) | set(have) - set(allowed)):
         if name not in have:
             lines.append(f"{name}: locked {pins[name]}, not installed")
         elif name not in pins:
@@ -68,11 +107,19 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--write", action="store_true", help="write the lock from this environment")
     args = parser.parse_args(argv)
     have = installed()
-    if args.write:
-        args.lock.write_text(HEADER + "".join(f"{name}=={have[name]}\n" for name in sorted(have)))
-        print(f"{args.lock}: {len(have)} packages pinned")
+    if args.write:  # torch's platform dependencies stay out of the lock: they differ by build
+        platform = platform_dependencies(read_lock(args.lock) if args.lock.is_file() else {})
+        kept = {name: version for name, version in have.items() if name not in platform}
+        args.lock.write_text(HEADER + "".join(f"{name}=={kept[name]}\n" for name in sorted(kept)))
+        print(f"{args.lock}: {len(kept)} packages pinned" + (f" ({len(platform)} of torch's platform dependencies "
+                                                             f"left out)" if platform else ""))
         return 0
-    diff = differences(read_lock(args.lock), have)
+    pins = read_lock(args.lock)
+    platform = platform_dependencies(pins)
+    diff = differences(pins, have, platform)
+    if platform and not args.report:
+        print(f"torch's platform dependencies (this build of torch {have.get('torch', '?')}; not pinned): "
+              + ", ".join(f"{name} {have[name]}" for name in sorted(platform) if name in have))
     if args.report:
         print(f"versions that differ from {args.lock}: " + ("none" if not diff else ""))
         for line in diff:

@@ -319,7 +319,9 @@ class TorchZipFile:
                 offset, record_length = self._records["data.pkl"]
                 raw.seek(offset)
                 pickled = raw.read(record_length)  # tensor records carry no CRC (see StreamingTorchWriter)
-        except (zipfile.BadZipFile, StopIteration, OSError, ValueError, KeyError) as exc:
+        except OSError as exc:  # e.g. a zip directory pointing past a truncated end
+            raise ConvertError(f"{where}: cannot read checkpoint: truncated or unreadable ({exc.strerror or exc})") from None
+        except (zipfile.BadZipFile, StopIteration, ValueError, KeyError) as exc:
             raise ConvertError(f"{where}: cannot read checkpoint ({exc or type(exc).__name__})") from None
         for name, (offset, record_length) in self._records.items():
             if offset + record_length > start + length:
@@ -374,11 +376,25 @@ def _lazy_rebuild(storage, storage_offset, size, stride, *_ignored):
     return tensor
 
 
+def _refuse_broken_zip(path: Path) -> None:
+    """A file that starts like a `torch.save` zip but has no readable end: say so in a few words
+    (torch's own message for it is ~450 characters)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as exc:
+        raise ConvertError(f"{path}: cannot read ({exc.strerror})") from None
+    if head == b"PK\x03\x04":
+        raise ConvertError(f"{path}: cannot read checkpoint: truncated or corrupt ({path.stat().st_size} bytes; a "
+                           f"torch.save zip file whose end, the zip directory, is missing or damaged)")
+
+
 def load_lazy(path: str | Path):
     """The object saved in a torch file, with `LazyTensor`s for tensors (zip format), or real
     tensors through the restricted unpickler for the old non-zip format."""
     if zipfile.is_zipfile(path):
         return TorchZipFile(path).load()
+    _refuse_broken_zip(Path(path))
     from modellink_ckpt.formats.safe_pickle import load_torch
 
     return load_torch(path, mmap=False)

@@ -14,7 +14,7 @@ import torch
 
 from modellink_ckpt import kernel_copy, mapping, quantized, registry, workers
 from modellink_ckpt.errors import ConvertError, UsageError
-from modellink_ckpt.model_cfg import ModelDims, ModelFamily, dims_from_hf_config
+from modellink_ckpt.model_cfg import ModelDims, ModelFamily, dims_from_hf_config, load_family
 from modellink_ckpt.formats.torch_zip import LazyTensor, load_lazy
 from modellink_ckpt.formats.safetensors_io import SafetensorsFile
 
@@ -58,7 +58,7 @@ class HfSource:
     def __init__(self, directory: str | Path, dequantize_to: torch.dtype | None = None):
         self.dir = Path(directory)
         if not self.dir.is_dir():
-            raise UsageError(f"--load-dir {self.dir}: not a directory")
+            raise UsageError(f"--load-dir {self.dir}: " + ("not a directory" if self.dir.exists() else "does not exist"))
         config_path = self.dir / "config.json"
         try:
             self.config = json.loads(config_path.read_text())
@@ -215,6 +215,8 @@ class HfSource:
         named = families_for_config(self.config, family.cfg_path)  # the ones config.json names come first
         fitting = sorted(mapping.families_fitting(self.config, self.tensor_names(), family.cfg_path),
                          key=lambda name: name not in named)
+        # of those, the ones that also convert the model config.json describes, where any do
+        fitting = [n for n in fitting if load_family(n, family.cfg_path).fits_config(self.config)] or fitting
         hint = (f"families that convert it whole: {', '.join(fitting)}" if fitting
                 else "no family in the model config converts it whole")
         if left:
@@ -326,7 +328,8 @@ class HfSourceFormat(registry.SourceFormat):
         source = HfSource(request.load_dir)
         dims = source.dims(request.family, request.overrides)
         source.check_accounted(request.family, dims, mtp_asked=request.overrides.get("mtp_num_layers") is not None)
-        return registry.SourceInfo(dims=dims, dtype=source.dtype(request.family))
+        return registry.SourceInfo(dims=dims, dtype=source.dtype(request.family),
+                                   config_path=source.dir / "config.json")
 
     def family_hint(self, path: Path, cfg_path=None) -> tuple[str, str] | None:
         """The family of an HF folder: the one entry whose `hf_model_type` / `hf_architectures`

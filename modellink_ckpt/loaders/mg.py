@@ -19,7 +19,7 @@ from modellink_ckpt import kernel_copy, mapping, mg_names, registry, workers
 from modellink_ckpt import transforms as T
 from modellink_ckpt.errors import ConvertError, UsageError
 from modellink_ckpt.layout import ParallelLayout
-from modellink_ckpt.megatron_args import dims_from_args, layout_from_args
+from modellink_ckpt.megatron_args import dims_from_args, layout_from_args, recorded_computes, spelling_from_args
 from modellink_ckpt.file_io import scratch_tensor
 from modellink_ckpt.lora import merge_lora
 from modellink_ckpt.optim_layout import is_parameter_name
@@ -501,7 +501,9 @@ class MegatronSourceFormat(registry.SourceFormat):
             tokenizer=Path(recorded) if isinstance(recorded, str) and Path(recorded).is_file() else None,
             padded_vocab=source.padded_vocab(),
             divisible_by=int(getattr(source.args, "make_vocab_size_divisible_by", None) or 1),
-            lora=lora, lora_dir=lora_dir)
+            lora=lora, lora_dir=lora_dir, recorded_computes=recorded_computes(source.args),
+            recorded_family=(source.args.model_type_hf, f"{source.iter_dir} (its stored args)")
+            if isinstance(getattr(source.args, "model_type_hf", None), str) else None)
 
     def family_hint(self, path: Path, cfg_path=None) -> tuple[str, str] | None:
         recorded = getattr(self.open(path).args, "model_type_hf", None)
@@ -525,7 +527,9 @@ class MegatronSourceFormat(registry.SourceFormat):
         dtypes, params = registry.census(tensors)
         if hasattr(source, "store"):  # torch_dist: the store's files, not rank files
             files = {p.name: p.stat().st_size for p in sorted(source.iter_dir.iterdir()) if p.is_file()}
-        spelling = source.spelling(layout, 0)
+        # a torch_dist store spells every norm fused into its linear whatever spec wrote it: the
+        # stored args say which one did
+        spelling = spelling_from_args(source.args) if hasattr(source, "store") else source.spelling(layout, 0)
         return {"format": "mg (torch_dist)" if hasattr(source, "store") else self.name, "iteration": source.iteration,
                 "family": getattr(source.args, "model_type_hf", None) or "not recorded", "layout": layout.summary(),
                 "spelling": ", ".join(f"{k} {v}" for k, v in dataclasses.asdict(spelling).items()),

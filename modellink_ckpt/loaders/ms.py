@@ -25,6 +25,7 @@ from modellink_ckpt.errors import ConvertError, UsageError
 from modellink_ckpt.formats.ms_ckpt import MsCkptFile
 from modellink_ckpt.formats.ms_strategy import Strategy, load_strategy
 from modellink_ckpt.formats.safetensors_io import SafetensorsFile
+from modellink_ckpt.manifest import MANIFEST, read_manifest
 from modellink_ckpt.model_cfg import dims_from_hf_config
 from modellink_ckpt.ms_lora import MsLora, find_adapters, is_adapter, merged
 
@@ -235,8 +236,6 @@ class LoraMergedStore:
 def _recorded_naming(path: Path) -> str | None:
     """The naming our own output recorded in its manifest: names alone cannot tell MindFormers'
     interleaved fc1 (`mcore`) from the contiguous one (`mcore-contiguous`)."""
-    from modellink_ckpt.manifest import read_manifest
-
     return (read_manifest(path if path.is_dir() else path.parent) or {}).get("ms_naming")
 
 
@@ -405,10 +404,13 @@ class MsSourceFormat(registry.SourceFormat):
         check_accounted(store, naming, request.family, dims)
         dtype, _ = message_dtypes(store, naming, request.family, dims)
         options["config"] = str(config_path)
-        return registry.SourceInfo(dims=dims, dtype=dtype, options=options)
+        folder = request.load_dir if request.load_dir.is_dir() else request.load_dir.parent
+        recorded = (read_manifest(folder) or {}).get("model_type_hf")
+        return registry.SourceInfo(dims=dims, dtype=dtype, options=options, config_path=config_path,
+                                   recorded_family=(recorded, f"{folder / MANIFEST}")
+                                   if isinstance(recorded, str) else None)
 
     def family_hint(self, path: Path, cfg_path=None) -> tuple[str, str] | None:
-        from modellink_ckpt.manifest import read_manifest
         from modellink_ckpt.model_cfg import families_for_config
 
         folder = path if path.is_dir() else path.parent

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from modellink_ckpt import mapping, registry, workers
 from modellink_ckpt import transforms as T
@@ -22,6 +21,7 @@ from modellink_ckpt.errors import ConvertError, UsageError
 from modellink_ckpt.manifest import hash_files, write_manifest
 from modellink_ckpt.model_cfg import dims_from_hf_config, hf_config_from_dims
 from modellink_ckpt.formats.safetensors_io import PlacedTensors, SafetensorsWriter
+from modellink_ckpt.progress import progress as show_progress
 from modellink_ckpt.staging import StagedDir, check_target
 
 HF_SUBDIR = "mg2hf"
@@ -197,7 +197,7 @@ def save(plan, receiver) -> dict:
     output = PlacedShards(folder, shards) if share else ShardedOutput(folder, shards)
     stacks = SlabStacks()
     layers = workers.written_layers(plan)
-    progress = tqdm(total=layers, desc="saving layers", unit="layer", disable=plan.quiet)
+    progress = show_progress(total=layers, desc="saving layers", unit="layer", quiet=plan.quiet)
     try:
         for message in workers.owned(plan, messages):
             for rule in mapping.message_rules(message.kind, family, dims, message.get("layer")):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from tqdm import tqdm
 
 from modellink_ckpt.errors import ConvertError, UsageError
 from modellink_ckpt.loaders.mg import MegatronSource
@@ -20,6 +19,7 @@ from modellink_ckpt.lora import ADAPTER_CONFIG, LoraSpec, ADAPTER_WEIGHTS, load_
     write_peft_adapter
 from modellink_ckpt.manifest import hash_files, write_manifest
 from modellink_ckpt.savers.hf import HF_SUBDIR
+from modellink_ckpt.progress import progress
 from modellink_ckpt.staging import StagedDir
 
 
@@ -28,8 +28,8 @@ def _megatron_adapters(plan):
     source = MegatronSource(plan.lora_dir or plan.load_dir, keep_adapters=True)
     layers = load_layer_adapters(source, plan.source_layout, plan.family, plan.dims, plan.lora)
     tensors = {}
-    for layer, adapters in tqdm(layers, total=plan.dims.num_layers, desc="exporting adapters", unit="layer",
-                                disable=plan.quiet):
+    for layer, adapters in progress(layers, total=plan.dims.num_layers, desc="exporting adapters", unit="layer",
+                                    quiet=plan.quiet):
         tensors.update(peft_layer_tensors(plan.family, plan.dims, layer, adapters))
     _check_all_exported(source, plan.source_layout, plan.lora)
     return tensors, plan.lora

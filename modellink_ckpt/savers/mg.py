@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from modellink_ckpt import mapping, mg_names, registry, workers
 from modellink_ckpt.errors import UsageError
@@ -22,6 +21,7 @@ from modellink_ckpt.manifest import write_manifest
 from modellink_ckpt.megatron_args import carry_over, make_args, mark_weights_only
 from modellink_ckpt.optim_layout import OPTIM_FILE
 from modellink_ckpt.savers.optim_state import STATES, OptimStateWriter
+from modellink_ckpt.progress import progress as show_progress
 from modellink_ckpt.staging import StagedIteration, check_target
 from modellink_ckpt.formats.torch_zip import StreamingTorchWriter
 
@@ -270,7 +270,7 @@ def save(plan, receiver) -> dict:
     iteration_dir = Path(share.folder) if share else staging.folder
     files = RankFiles(iteration_dir, placer.layout, stored_args, iteration, optim)
     layers = workers.written_layers(plan)
-    progress = tqdm(total=layers, desc="saving layers", unit="layer", disable=plan.quiet)
+    progress = show_progress(total=layers, desc="saving layers", unit="layer", quiet=plan.quiet)
     try:
         for message in messages:
             for rank, vchunk, name, shard in placer.place(message.kind, message.tensors, message.get("layer")):

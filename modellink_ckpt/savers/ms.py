@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from modellink_ckpt import file_io, mapping, ms_names, registry, workers
 from modellink_ckpt.errors import UsageError
@@ -36,6 +35,7 @@ from modellink_ckpt.formats.ms_strategy import Strategy, load_strategy
 from modellink_ckpt.formats.safetensors_io import PlacedTensors, SafetensorsWriter
 from modellink_ckpt.manifest import hash_files, write_manifest
 from modellink_ckpt.savers.hf import _hf_config, plan_shards, write_index
+from modellink_ckpt.progress import progress as show_progress
 from modellink_ckpt.staging import StagedDir, check_target
 
 NAME_MAP = "param_name_map.json"
@@ -201,7 +201,7 @@ def save(plan, receiver) -> dict:
     folder = Path(share.folder) if share else staging.path
     files, gather = None, RowGather(plan.dims)
     layers = workers.written_layers(plan)
-    progress = tqdm(total=layers, desc="saving layers", unit="layer", disable=plan.quiet)
+    progress = show_progress(total=layers, desc="saving layers", unit="layer", quiet=plan.quiet)
     try:
         options = plan.target_options
         files = MsFiles(folder, options["format"], entries, strategy=options.get("strategy_obj"),

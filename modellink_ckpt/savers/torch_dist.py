@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from modellink_ckpt import mapping, mg_names, registry, workers
 from modellink_ckpt import transforms as T
@@ -35,6 +34,7 @@ from modellink_ckpt.loaders.mg import TRACKER, iteration_dir_name
 from modellink_ckpt.manifest import hash_files, write_manifest
 from modellink_ckpt.megatron_args import carry_over, make_args, mark_weights_only
 from modellink_ckpt.savers.mg import MegatronTargetFormat, target_iteration
+from modellink_ckpt.progress import progress as show_progress
 from modellink_ckpt.staging import StagedIteration
 
 DATA_FILE = "__0_0.distcp"
@@ -311,7 +311,7 @@ def save(plan, receiver) -> dict:
     folder = Path(share.folder) if share else staging.folder
     store = StoreWriter(folder, layout, shared=share is not None)
     layers = workers.written_layers(plan)
-    progress = tqdm(total=layers, desc="saving layers", unit="layer", disable=plan.quiet)
+    progress = show_progress(total=layers, desc="saving layers", unit="layer", quiet=plan.quiet)
     try:
         for message in workers.owned(plan, messages):
             if message.kind in ("meta", "done"):

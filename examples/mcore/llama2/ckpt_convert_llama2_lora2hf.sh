@@ -2,10 +2,11 @@
 # LoRA adapters only (trained with --lora-ckpt-filter) -> a PEFT adapter folder in ${HF_DIR}/mg2hf/
 # (adapter_config.json + adapter_model.safetensors) that peft.PeftModel.from_pretrained loads.
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/../env.sh"  # REPO and PYTHON: runs from any directory
 LORA_DIR=${LORA_DIR:-./ckpt/llama2_lora_filter/}
 HF_DIR=${HF_DIR:-./model_from_hf/llama-2-7b-hf/}
 
-python convert_ckpt.py \
+"${PYTHON}" "${REPO}/convert_ckpt.py" \
     --model-type GPT \
     --use-mcore-models \
     --load-model-type mg \

@@ -6,13 +6,14 @@
 # as before (or pass --target-overlap-grad-reduce / --target-ddp-bucket-size for the new run).
 # For Hugging Face weights from the master weights instead: --save-model-type hf.
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/../env.sh"  # REPO and PYTHON: runs from any directory
 LOAD_DIR=${LOAD_DIR:-./ckpt/llama-2-7b-pretrain/}
 SAVE_DIR=${SAVE_DIR:-./ckpt/llama-2-7b-pretrain-tp2pp4/}
 TP=${TP:-2}
 PP=${PP:-4}
 DP=${DP:-4}
 
-python convert_ckpt.py \
+"${PYTHON}" "${REPO}/convert_ckpt.py" \
     --model-type GPT \
     --use-mcore-models \
     --load-model-type optim \

@@ -2,10 +2,11 @@
 # Megatron-Core (any TP/PP/EP layout and expert format, read from the checkpoint) -> Hugging Face.
 # The weights land in ${HF_DIR}/mg2hf/; config.json and tokenizer files are taken from ${HF_DIR}.
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/../env.sh"  # REPO and PYTHON: runs from any directory
 MCORE_DIR=${MCORE_DIR:-./model_weights/mixtral-8x7b-mcore/}
 HF_DIR=${HF_DIR:-./model_from_hf/mixtral-8x7b-hf/}
 
-python convert_ckpt.py \
+"${PYTHON}" "${REPO}/convert_ckpt.py" \
     --model-type GPT \
     --load-model-type mg \
     --save-model-type hf \

@@ -13,7 +13,7 @@ import importlib
 import os
 import sys
 
-from modellink_ckpt.errors import Interrupted
+from modellink_ckpt.errors import Interrupted, missing_package
 
 
 def _run(target: str) -> int:
@@ -24,6 +24,11 @@ def _run(target: str) -> int:
     except KeyboardInterrupt:
         print(f"error: {Interrupted.message}", file=sys.stderr)
         return Interrupted.exit_code
+    except ModuleNotFoundError as exc:  # run with a Python that lacks the converter's packages
+        if missing_package(exc) is None:
+            raise
+        print(f"error: {missing_package(exc)}", file=sys.stderr)
+        return 1
     return main()
 
 
@@ -39,14 +44,14 @@ def exit_fast(code: int):
 
 def convert_ckpt():
     """MindSpeed-LLM's `python convert_ckpt.py ...` (also `convert-ckpt`, `python -m modellink_ckpt`)."""
-    exit_fast(_run("modellink_ckpt.cli:main"))
+    exit_fast(_run("modellink_ckpt.cli.main:main"))
 
 
 def mindformers_convert_weight():
     """MindFormers' `python convert_weight.py ...` (also `mindformers-convert-weight`)."""
-    exit_fast(_run("modellink_ckpt.mindformers_cli:convert_weight_main"))
+    exit_fast(_run("modellink_ckpt.cli.mindformers:convert_weight_main"))
 
 
 def mindformers_transform_checkpoint():
     """MindFormers' `python transform_checkpoint.py ...` (also `mindformers-transform-checkpoint`)."""
-    exit_fast(_run("modellink_ckpt.mindformers_cli:transform_checkpoint_main"))
+    exit_fast(_run("modellink_ckpt.cli.mindformers:transform_checkpoint_main"))

@@ -19,13 +19,20 @@ next to the checkpoint (our output writes one) or `--config`.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
 
-from modellink_ckpt.cli import _Parser, convert, run_guarded
-from modellink_ckpt.errors import UsageError
+from modellink_ckpt.cli.arguments import Parser
+from modellink_ckpt.cli.convert import convert
+from modellink_ckpt.cli.main import run_guarded
+from modellink_ckpt.errors import ConvertError, UsageError
+from modellink_ckpt.model_cfg import load_family
+from modellink_ckpt.staging import check_writable
 
 # MindFormers' --model value -> (model_cfg.json family, MindSpore naming)
 MODELS = {"llama": ("llama2", "legacy"), "qwen": ("qwen25", "legacy"), "mixtral": ("mixtral", "legacy"),
@@ -38,8 +45,67 @@ def _staging(path: Path) -> Path:
     return path.parent / f".{path.name}.convert-{os.getpid()}"
 
 
+@contextlib.contextmanager
+def their_words(flags: dict[str, str], paths: dict[Path, Path]):
+    """Errors in the words of the command line the user typed: its flag names for ours
+    (`--load-dir` is `--input_path` there) and the user's paths for the staging ones we write to."""
+    try:
+        yield
+    except ConvertError as exc:
+        message = str(exc)
+        for ours, theirs in sorted(paths.items(), key=lambda item: -len(str(item[0]))):
+            message = message.replace(str(ours), str(theirs))
+        for ours, theirs in flags.items():
+            message = re.sub(rf"(?<![\w-]){re.escape(ours)}(?![\w-])", theirs, message)
+        exc.args = (message,)
+        raise
+
+
+# convert_weight.py's flag for each of ours that an error may name
+CONVERT_WEIGHT_FLAGS = {"--load-dir": "--input_path", "--save-dir": "--output_path", "--hf-cfg-dir": "--config",
+                        "--params-dtype": "--dtype"}
+# transform_checkpoint.py's
+TRANSFORM_CHECKPOINT_FLAGS = {"--load-dir": "--src_checkpoint", "--save-dir": "--dst_checkpoint_dir",
+                              "--src-strategy": "--src_strategy", "--dst-strategy": "--dst_strategy",
+                              "--ms-prefix": "--prefix"}
+
+
+def _config_of(args) -> tuple[dict, Path] | None:
+    """The HF config.json describing the model: the input folder's, or for --reversed --config's or
+    the one beside the checkpoint."""
+    if not args.reversed:
+        candidates = [args.input_path / "config.json"]
+    else:
+        given = args.config
+        candidates = [given if given and given.is_file() else given / "config.json" if given else None,
+                      (args.input_path if args.input_path.is_dir() else args.input_path.parent) / "config.json"]
+    for path in candidates:
+        if path is not None and path.is_file():
+            try:
+                return json.loads(path.read_text()), path
+            except ValueError as exc:
+                raise ConvertError(f"{path}: not valid JSON ({exc})") from None
+    return None
+
+
+def _check_model(args) -> None:
+    """--model must name the model the config.json describes (a MindSpore file records no sizes)."""
+    found = _config_of(args)
+    if found is None:
+        if args.reversed:
+            raise UsageError(f"--input_path {args.input_path}: a MindSpore checkpoint holds no model sizes; pass "
+                             f"--config with the model's HF config.json (or put it next to the checkpoint)")
+        return  # the input folder's own error follows
+    config, path = found
+    if not load_family(MODELS[args.model][0]).fits_config(config):
+        fitting = [model for model, (family, _) in MODELS.items() if load_family(family).fits_config(config)]
+        raise UsageError(f"--model {args.model}: {path} describes model_type {config.get('model_type')!r}; "
+                         + (f"use --model {' or '.join(fitting)}" if fitting else
+                            f"no --model of this command converts it ({', '.join(MODELS)})"))
+
+
 def convert_weight(argv: list[str] | None = None) -> dict:
-    p = _Parser(prog="convert_weight.py", description="MindFormers' convert_weight.py command line: HF <-> "
+    p = Parser(prog="convert_weight.py", description="MindFormers' convert_weight.py command line: HF <-> "
                 "MindSpore Transformers weights, run by this converter")
     p.add_argument("--model", required=True, help=f"one of {', '.join(MODELS)}")
     p.add_argument("--reversed", action="store_true", help="MindSpore -> HF")
@@ -60,29 +126,32 @@ def convert_weight(argv: list[str] | None = None) -> dict:
     out = args.output_path
     if out.exists() and not args.overwrite:
         raise UsageError(f"--output_path {out}: already exists; pass --overwrite to replace it")
+    _check_model(args)
     common = ["--model-type-hf", family, "--ms-naming", naming, "--load-dir", str(args.input_path)]
     common += ["--params-dtype", DTYPES[args.dtype.lower()]] if args.dtype else []
     common += ["--quiet"] if args.quiet else []
     stage = _staging(out)
     shutil.rmtree(stage, ignore_errors=True)
+    staged_paths = {stage / "mg2hf": out, stage / "model.ckpt": out, stage / "model.safetensors": out, stage: out}
     try:
-        if not args.reversed:  # HF folder -> one MindSpore file
-            fmt = "safetensors" if out.suffix == ".safetensors" else "ckpt"
-            result = convert(["--load-model-type", "hf", "--save-model-type", "ms", "--ms-format", fmt,
-                              "--save-dir", str(stage), *common], start_method="fork")
-            (stage / f"model.{fmt}").replace(out)
-        else:
-            config = args.config.parent if args.config and args.config.is_file() else args.config
-            extra = ["--hf-cfg-dir", str(config)] if config else []
-            result = convert(["--load-model-type", "ms", "--save-model-type", "hf", "--save-dir", str(stage),
-                              *extra, *common], start_method="fork")
-            folder = stage / "mg2hf"
-            if out.suffix in TORCH_SUFFIXES:
-                _safetensors_to_torch(folder, out)
+        with their_words({f"--model-type-hf {family}": f"--model {args.model}", **CONVERT_WEIGHT_FLAGS}, staged_paths):
+            if not args.reversed:  # HF folder -> one MindSpore file
+                fmt = "safetensors" if out.suffix == ".safetensors" else "ckpt"
+                result = convert(["--load-model-type", "hf", "--save-model-type", "ms", "--ms-format", fmt,
+                                  "--save-dir", str(stage), *common], start_method="fork")
+                (stage / f"model.{fmt}").replace(out)
             else:
-                if out.exists():
-                    shutil.rmtree(out)
-                folder.replace(out)
+                config = args.config.parent if args.config and args.config.is_file() else args.config
+                extra = ["--hf-cfg-dir", str(config)] if config else []
+                result = convert(["--load-model-type", "ms", "--save-model-type", "hf", "--save-dir", str(stage),
+                                  *extra, *common], start_method="fork")
+                folder = stage / "mg2hf"
+                if out.suffix in TORCH_SUFFIXES:
+                    _safetensors_to_torch(folder, out)
+                else:
+                    if out.exists():
+                        shutil.rmtree(out)
+                    folder.replace(out)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     result["describe"] = str(out)
@@ -118,7 +187,7 @@ def _safetensors_to_torch(folder: Path, out: Path) -> None:
 def transform_checkpoint(argv: list[str] | None = None) -> dict:
     from modellink_ckpt.ms_reshard import reshard
 
-    p = _Parser(prog="transform_checkpoint.py", description="MindFormers' transform_checkpoint.py command line: "
+    p = Parser(prog="transform_checkpoint.py", description="MindFormers' transform_checkpoint.py command line: "
                 "split, merge or re-shard MindSpore checkpoints between strategies, run by this converter")
     p.add_argument("--src_checkpoint", required=True, type=Path,
                    help="a complete checkpoint file, or a folder of rank_<r>/ folders")
@@ -138,8 +207,11 @@ def transform_checkpoint(argv: list[str] | None = None) -> dict:
         args.src_strategy = None
     if args.dst_strategy is not None and str(args.dst_strategy) == "None":
         args.dst_strategy = None
-    return reshard(args.src_checkpoint, args.dst, src_strategy=args.src_strategy, dst_strategy=args.dst_strategy,
-                   prefix=args.prefix, world_size=args.world_size, overwrite=args.overwrite, quiet=args.quiet)
+    with their_words(TRANSFORM_CHECKPOINT_FLAGS, {}):
+        check_writable(args.dst, "--dst_checkpoint_dir")
+        return reshard(args.src_checkpoint, args.dst, src_strategy=args.src_strategy,
+                       dst_strategy=args.dst_strategy, prefix=args.prefix, world_size=args.world_size,
+                       overwrite=args.overwrite, quiet=args.quiet)
 
 
 def convert_weight_main() -> int:
