@@ -9,18 +9,42 @@ like one later on, with one line and exit code 130, not a traceback.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import importlib
 import os
+import signal
 import sys
 
 from modellink_ckpt.errors import Interrupted, missing_package
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Hold a Ctrl-C that lands while torch (with numpy) imports until the import is done, then
+    raise it: inside those imports a KeyboardInterrupt is swallowed in places (leaving a half
+    imported numpy that every forked loader and saver inherits) or turns into a C++ abort."""
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
+def load_torch() -> None:
+    """Import torch, the first seconds of every command that converts or reads a checkpoint."""
+    with interrupts_deferred():
+        import torch  # noqa: F401
 
 
 def _run(target: str) -> int:
     """Import `module:function` and call it; its exit code."""
     module, _, function = target.partition(":")
     try:
-        main = getattr(importlib.import_module(module), function)
+        with interrupts_deferred():  # a command module may import torch as it loads
+            main = getattr(importlib.import_module(module), function)
     except KeyboardInterrupt:
         print(f"error: {Interrupted.message}", file=sys.stderr)
         return Interrupted.exit_code

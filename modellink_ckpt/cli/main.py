@@ -16,6 +16,7 @@ from pathlib import Path
 
 from modellink_ckpt import registry
 from modellink_ckpt.cli.arguments import Parser, build_parser
+from modellink_ckpt.cli.entry import load_torch
 from modellink_ckpt.errors import ConvertError, Interrupted, missing_package
 
 
@@ -63,16 +64,26 @@ def inspect_main(argv: list[str]) -> int:
     name = args.format or registry.detect(args.path)
     facts = registry.source(name).inspect(args.path)
     width = max(map(len, facts))
+    lines = []
     for key, value in facts.items():
         if isinstance(value, dict) and key in ("files", "dtypes"):
             total = sum(value.values())
-            print(f"{key:<{width}}  {len(value)} ({_gb(total) if key == 'files' else f'{total:,} elements'})")
+            lines.append(f"{key:<{width}}  {len(value)} ({_gb(total) if key == 'files' else f'{total:,} elements'})")
             for item, amount in value.items():
                 shown = _gb(amount) if key == "files" else f"{amount:,}"
-                print(f"{'':<{width}}    {item}: {shown}")
+                lines.append(f"{'':<{width}}    {item}: {shown}")
         else:
-            print(f"{key:<{width}}  {value:,}" if isinstance(value, int) and not isinstance(value, bool)
-                  else f"{key:<{width}}  {value}")
+            lines.append(f"{key:<{width}}  {value:,}" if isinstance(value, int) and not isinstance(value, bool)
+                         else f"{key:<{width}}  {value}")
+    return _emit(lines)
+
+
+def _emit(lines: list[str]) -> int:
+    """Print a command's report; a reader that closed the pipe (`| head`) has what it wanted."""
+    try:
+        print("\n".join(lines), flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more reaches it
     return 0
 
 
@@ -107,9 +118,6 @@ def run_guarded(action) -> int:
     except KeyboardInterrupt:  # outside a conversion's own handling: what it left is not known here
         print("error: interrupted", file=sys.stderr)
         return Interrupted.exit_code
-    except BrokenPipeError:  # `| head`: the reader has what it wanted; nothing more to write
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
     except Exception as exc:  # a bug of ours: still one line unless asked for the traceback
         missing = missing_package(exc) if isinstance(exc, ModuleNotFoundError) else None
         if missing:  # a command imports its packages as it runs
@@ -136,9 +144,18 @@ def convert_main(argv: list[str]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["inspect"]:
-        return run_guarded(lambda: inspect_main(argv[1:]))
-    if argv[:1] == ["verify"] or any(a == "--verify" or a.startswith("--verify=") for a in argv):
-        return run_guarded(lambda: verify_main(argv))  # hashing a large checkpoint takes a while: Ctrl-C
-    if {"-h", "--help", "--version"} & set(argv):  # answered before torch loads
-        build_parser().parse_args(argv)
-    return run_guarded(lambda: convert_main(argv))
+        command, args = inspect_main, argv[1:]
+    elif argv[:1] == ["verify"] or any(a == "--verify" or a.startswith("--verify=") for a in argv):
+        command, args = verify_main, argv  # hashing a large checkpoint takes a while: Ctrl-C is one line too
+    else:
+        command, args = convert_main, argv
+        if {"-h", "--help", "--version"} & set(argv):  # answered before torch loads
+            build_parser().parse_args(argv)
+    if {"-h", "--help"} & set(args):
+        return run_guarded(lambda: command(args))
+
+    def run():
+        load_torch()  # a Ctrl-C while it imports ends like one later on
+        return command(args)
+
+    return run_guarded(run)
