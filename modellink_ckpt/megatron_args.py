@@ -38,7 +38,8 @@ def make_args(dims: ModelDims, layout: ParallelLayout, *, padded_vocab: int, div
         norm_epsilon=dims.norm_epsilon,
         add_bias_linear=dims.add_dense_bias,
         add_qkv_bias=dims.add_qkv_bias,
-        qk_layernorm=dims.qk_layernorm,
+        # Megatron builds MLA's q_layernorm (with q LoRA) and kv_layernorm only with qk_layernorm
+        qk_layernorm=dims.qk_layernorm or dims.multi_latent_attention,
         post_norm=dims.post_norm,
         norm_has_bias=dims.norm_has_bias,
         embed_layernorm=dims.embed_layernorm,
@@ -158,6 +159,14 @@ LAYOUT_FIELDS = (
     "num_layer_list", "noop_layers", "padded_vocab_size", "make_vocab_size_divisible_by", "transformer_impl",
     "moe_grouped_gemm", "mla_spelling", "params_dtype", "bf16", "fp16",
 )
+# The args that decide whether a module exists: set for the target from the tensors it holds (a
+# source's own may contradict them: an MLA model stored with qk_layernorm False, a conversion
+# that leaves the MTP layers out)
+MODULE_FIELDS = (
+    "qk_layernorm", "add_qkv_bias", "add_bias_linear", "untie_embeddings_and_output_weights", "num_experts",
+    "moe_shared_expert_intermediate_size", "moe_shared_expert_gate", "shared_expert_gate",
+    "moe_router_enable_expert_bias", "multi_latent_attention", "q_lora_rank", "mtp_num_layers",
+)
 # How the checkpoint is stored (`--ckpt-format`): set for the target where the source recorded it
 FORMAT_FIELDS = ("ckpt_format", "use_dist_ckpt")
 # What the checkpoint holds besides the weights: a weights-only output says it has no optimizer
@@ -167,6 +176,45 @@ CONTENT_FIELDS = ("no_save_optim", "no_save_rng")
 PIPELINE_SPLIT_FIELDS = ("decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers")
 # What our reader needs and a training run may not have stored
 READER_FIELDS = ("vocab_size",)
+
+
+# (arg, what a true value builds: a pattern of the tensor names it adds) for the flags Megatron
+# builds modules from; `module_contradictions` holds stored args against the tensors present
+_MODULE_PATTERNS = (
+    ("qk_layernorm", r"self_attention\.(q_layernorm|k_layernorm|kv_layernorm)\.|"
+                     r"self_attention\.linear_(q|kv)_up_proj\.layer_norm_weight"),
+    ("add_bias_linear", r"self_attention\.linear_proj\.bias"),
+    ("moe_shared_expert_gate", r"mlp\.shared_experts\.gate_weight"),
+    ("moe_router_enable_expert_bias", r"mlp\.router\.expert_bias"),
+    ("num_experts", r"mlp\.router\.weight"),
+    ("mtp_num_layers", r"^mtp\."),
+)
+
+
+def module_contradictions(margs, names) -> list[str]:
+    """Where the stored args and the tensors disagree on a module: Megatron builds its model from
+    the args, so a run started from them could not load the file (e.g. an MLA model's q/kv norms
+    with qk_layernorm False). `names`: every tensor name of the checkpoint, any rank, any chunk."""
+    import re
+
+    names = set(names)
+    problems = []
+    checks = list(_MODULE_PATTERNS)
+    if not _get(margs, "multi_latent_attention", False):  # MLA has no fused q/k/v projection bias
+        checks.append(("add_qkv_bias", r"self_attention\.linear_qkv\.bias"))
+    for arg, pattern in checks:
+        said = bool(_get(margs, arg, False))
+        if arg == "add_qkv_bias":
+            said = said or bool(_get(margs, "add_bias_linear", False))  # Megatron: either makes the bias
+        found = sorted(n for n in names if re.search(pattern, n))
+        if said != bool(found):
+            problems.append(f"stored args say {arg}={_get(margs, arg)!r}, but the tensors "
+                            + (f"hold '{found[0]}' ({len(found)} such)" if found else "hold none it builds"))
+    mtp = {m.group(1) for m in map(re.compile(r"^mtp\.(?:layers|final_layernorms)\.(\d+)\.").match, names) if m}
+    if mtp and len(mtp) != int(_get(margs, "mtp_num_layers", 0)):
+        problems.append(f"stored args say mtp_num_layers={_get(margs, 'mtp_num_layers')!r}, but the tensors hold "
+                        f"{len(mtp)} multi-token-prediction layer(s)")
+    return problems
 
 
 def mark_weights_only(args: argparse.Namespace) -> argparse.Namespace:
@@ -183,6 +231,9 @@ def carry_over(source_args: argparse.Namespace, target_args: argparse.Namespace,
                                  if not (drop_prefixes and k.startswith(drop_prefixes))})
     for name in LAYOUT_FIELDS:
         setattr(args, name, getattr(target_args, name))
+    for name in MODULE_FIELDS:  # what the target holds; a field the run never had stays out while off
+        if hasattr(args, name) or getattr(target_args, name):
+            setattr(args, name, getattr(target_args, name))
     for name in PIPELINE_SPLIT_FIELDS:
         if getattr(args, name, None) is not None:
             setattr(args, name, None)

@@ -160,17 +160,39 @@ def detect_spelling(names) -> Spelling:
         layout = "te_grouped"
     else:
         layout = "per_expert"
-    mla = "mcore" if any(".linear_q_down_proj." in n or ".linear_kv_down_proj." in n or ".linear_q_proj." in n
-                         for n in names) else "mindspeed"
+    if any(n.startswith(MINDSPEED_MTP_NORMS) for n in names):  # MTP layers say it without MLA (GLM-4.5)
+        mla = "mindspeed"
+    elif any(n.startswith("mtp.layers.") and ".final_layernorm." in n and MTP_INNER not in n for n in names) \
+            or any(".linear_q_down_proj." in n or ".linear_kv_down_proj." in n or ".linear_q_proj." in n for n in names):
+        mla = "mcore"
+    else:
+        mla = "mindspeed"
     te = layout == "te_grouped" or any(n.endswith(".layer_norm_weight") for n in names)
     return Spelling("transformer_engine" if te else "local", layout, mla)
 
 
+# With MTP layers, MindSpeed-LLM's GPT model (mindspeed_llm/core/models/gpt/gpt_model.py and
+# core/transformer/{transformer_block,multi_token_prediction}.py) moves every final norm out of its
+# module: the main model's from the decoder to the top level (`final_layernorm`, the decoder has
+# none) and each MTP layer's into a list of the MTP block (`mtp.final_layernorms.<k>`).
+# Megatron-Core 0.16.1 keeps `decoder.final_layernorm` and `mtp.layers.<k>.final_layernorm`.
+# `Spelling.mla` "mindspeed" / "mcore" chooses between the two models for MTP as for MLA.
+MINDSPEED_MTP_NORMS = "mtp.final_layernorms."
+_DECODER_FINAL_NORM = "decoder.final_layernorm."
+
+
+def plain_file_name(name: str, dims, spelling: Spelling) -> str:
+    """File name of a message tensor outside the layers (embedding, final norm, output layer)."""
+    if dims.mtp_num_layers and spelling.mla == "mindspeed" and name.startswith(_DECODER_FINAL_NORM):
+        return name[len("decoder."):]
+    return name
+
+
 def mtp_file_name(k: int, name: str, spelling: Spelling) -> str:
     """File name of an MTP layer's own tensor (`enorm.weight`, `hnorm.weight`, `eh_proj.weight`,
-    `final_layernorm.weight`); MindSpeed-LLM keeps the final norms in a list of their own."""
-    if name == "final_layernorm.weight" and spelling.mla == "mindspeed":
-        return f"mtp.final_layernorms.{k}.weight"
+    `final_layernorm.weight`)."""
+    if name.startswith("final_layernorm.") and spelling.mla == "mindspeed":
+        return f"{MINDSPEED_MTP_NORMS}{k}.{name.rpartition('.')[2]}"
     return f"mtp.layers.{k}.{name}"
 
 

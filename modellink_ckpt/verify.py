@@ -22,7 +22,7 @@ from modellink_ckpt.mapping import TensorDtypes
 from modellink_ckpt.errors import ConvertError, UsageError
 from modellink_ckpt.loaders.mg import RANK_FILE, TRACKER, MegatronSource
 from modellink_ckpt.manifest import MANIFEST, check_files, files_summary, read_manifest
-from modellink_ckpt.megatron_args import spelling_from_args
+from modellink_ckpt.megatron_args import module_contradictions, spelling_from_args
 from modellink_ckpt.model_cfg import DEFAULT_FAMILY, check_family_fits_config, dims_from_hf_config, load_family
 from modellink_ckpt.formats.torch_zip import LazyTensor, load_lazy
 from modellink_ckpt.formats.safetensors_io import SafetensorsFile
@@ -101,7 +101,7 @@ def _verify_mg(root: Path, manifest_check: bool, family_name: str | None = None)
     on_disk = {p.parent.name for p in folder.glob(f"mp_rank_*/{RANK_FILE}")}
     for extra in sorted(on_disk - set(expected)):
         problems.append(f"{folder / extra / RANK_FILE}: not part of the layout in the stored args")
-    tensors = 0
+    tensors, present = 0, set()
     for rank_dir, models in expected.items():
         path = folder / rank_dir / RANK_FILE
         if not path.is_file():
@@ -121,6 +121,8 @@ def _verify_mg(root: Path, manifest_check: bool, family_name: str | None = None)
                      if isinstance(t, (torch.Tensor, LazyTensor)) and not n.endswith("_extra_state")}
             problems += _compare(f"{path} [{model_key}]", found, _with_odd_dtypes(names, manifest))
             tensors += len(found)
+            present |= set(found)
+    problems += [f"{folder}: {problem}" for problem in module_contradictions(margs, present)]
     lay = layout.describe()
     summary = (f"{files}; {tensors} tensors in "
                f"{len(expected)} rank files match the stored args (TP{lay['tensor_parallel']} "
@@ -254,6 +256,7 @@ def _verify_dist(folder: Path, manifest_check: bool, family_name: str | None = N
         objects |= {object_key(key, shape, offsets) for key, shape, offsets in extra}
     found = {key: (tuple(t.shape), t.dtype) for key, t in store.tensors.items()}
     problems += _compare(str(folder), found, _with_odd_dtypes(expected, manifest))
+    problems += [f"{folder}: {problem}" for problem in module_contradictions(margs, found)]
     problems += [f"{folder}: missing object '{k}'" for k in sorted(objects - set(store.objects))]
     problems += [f"{folder}: unexpected object '{k}'" for k in sorted(set(store.objects) - objects)]
     summary = (f"{files}; {len(found)} tensors and {len(store.objects)} objects match the stored args (torch_dist)")

@@ -103,6 +103,12 @@ TE_NORM_RENAMES = (
     ("self_attention.linear_kv_up_proj.layer_norm_weight", "self_attention.kv_layernorm.weight"),
 )
 
+# MindSpeed-LLM's GPT model with MTP layers (its gpt_model.py, transformer_block.py and
+# multi_token_prediction.py) is Megatron-Core's module tree but for the final norms: the main one at
+# the top level (the decoder has none), each MTP layer's in a list of the MTP block.
+_MINDSPEED_MTP_NORMS = ((re.compile(r"^final_layernorm\."), "decoder.final_layernorm."),
+                        (re.compile(r"^mtp\.final_layernorms\.(\d+)\."), r"mtp.layers.\1.final_layernorm."))
+
 _LEGACY_GROUPED = re.compile(r"^(.*\.mlp\.experts\.)weight([12])$")
 _TE_GROUPED = re.compile(r"^(.*\.mlp\.experts\.)linear_fc([12])\.weight(\d+)$")
 _LOCAL_EXPERT = re.compile(r"\.mlp\.experts\.local_experts\.\d+\.")
@@ -274,6 +280,8 @@ def to_local_names(state: Dict[str, torch.Tensor], transformer_impl: str,
         local_experts = None
     out: Dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
+        for pattern, replacement in _MINDSPEED_MTP_NORMS:
+            name = pattern.sub(replacement, name)
         if te:
             if name.endswith("._extra_state"):
                 continue
@@ -541,7 +549,6 @@ def mla_config_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
         mscale=1.0,
         mscale_all_dim=0.0,
         rotary_interleaved=False,
-        qk_layernorm=True,  # q_layernorm (with q LoRA) / kv_layernorm always exist in MLA checkpoints
     )
 
 
@@ -642,7 +649,7 @@ def transformer_config_from_args(args: argparse.Namespace, slots: List[List[List
                   activation_func_clamp_value=getattr(args, "activation_func_clamp_value", None))
     kwargs.update(moe)
     kwargs.update(mla)
-    if getattr(args, "mtp_num_layers", None):  # torch_dist loads build the MTP block (its keys must load too)
+    if getattr(args, "mtp_num_layers", None):  # the last chunk builds the MTP block: its keys must load too
         kwargs["mtp_num_layers"] = int(args.mtp_num_layers)
     return cls(**kwargs)
 
@@ -655,6 +662,13 @@ def _use_causal_attention_stand_in(block_spec) -> None:
     """MLA: swap the local core attention (q/k dim must equal v dim) for CausalSoftmaxAttention."""
     for layer_spec in block_spec.layer_specs:
         layer_spec.submodules.self_attention.submodules.core_attention = CausalSoftmaxAttention
+
+
+def _main_head_only(model) -> None:
+    """A loaded model with MTP layers: its forward wants labels for them; the logits compared are
+    the main head's."""
+    if getattr(model, "mtp_process", False):
+        model.mtp_process, model.config.mtp_num_layers = False, None
 
 
 def _logits_worker(rank: int, world: int, out_dir: str, payload: Dict[str, Any]) -> None:
@@ -702,7 +716,7 @@ def _logits_worker(rank: int, world: int, out_dir: str, payload: Dict[str, Any])
         if mla:
             _use_causal_attention_stand_in(spec)
         mtp_spec = None
-        if getattr(config, "mtp_num_layers", None) and from_store:  # built to load them; the logits ignore them
+        if getattr(config, "mtp_num_layers", None):  # built to load them; the logits are the main head's
             from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
 
             mtp_spec = get_gpt_mtp_block_spec(config, spec, use_transformer_engine=False, vp_stage=vp_stage,
@@ -734,6 +748,7 @@ def _logits_worker(rank: int, world: int, out_dir: str, payload: Dict[str, Any])
         if not from_store:
             state = to_local_names(checkpoint["model" if chunks == 1 else f"model{v}"], impl, args)
             model.load_state_dict(state, strict=True)
+            _main_head_only(model)
         model.eval()
         models.append(model)
     del checkpoint
@@ -752,8 +767,7 @@ def _logits_worker(rank: int, world: int, out_dir: str, payload: Dict[str, Any])
         loaded = dist_checkpointing.load(sharded, payload["iter_dir"], strict=StrictHandling.RAISE_ALL)
         for v, model in enumerate(models):
             model.load_state_dict(loaded[f"model{v}"], strict=True)
-            if getattr(model, "mtp_process", False):  # loaded; its forward wants labels: main-head logits only
-                model.mtp_process, model.config.mtp_num_layers = False, None
+            _main_head_only(model)
 
     b, s = tokens.shape
     position_ids = torch.arange(s).unsqueeze(0).expand(b, s)

@@ -588,6 +588,7 @@ _MLA = dict(
     num_query_groups=None,
     kv_channels=None,
     multi_latent_attention=True,
+    qk_layernorm=True,  # Megatron builds MLA's q/kv latent norms from it; the stored args say so
     kv_lora_rank=32,
     qk_head_dim=16,
     qk_pos_emb_head_dim=8,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -226,6 +227,33 @@ class HfSource:
         raise UsageError(f"--load-dir {self.dir}: --model-type-hf {family.name} needs tensor '{missing[0]}' "
                          f"({len(missing)} missing in all) ({hint})")
 
+    def check_mtp_copies(self, family: ModelFamily, dims: ModelDims, block_bytes: int = 64 << 20) -> None:
+        """Stop unless every converted MTP layer's embedding and output head are copies of the main
+        model's: Megatron's MTP layers share those, so a different copy would be left behind.
+        Compared a block of rows at a time (memory: two blocks)."""
+        main = {mapping.EMBEDDING: family.hf_name("embedding_word_embeddings"),
+                mapping.OUTPUT_LAYER: family.hf_name("embedding_word_embeddings" if dims.tie_word_embeddings
+                                                     else "output_layer")}
+        for k in range(dims.mtp_num_layers):
+            for rule in mapping.mtp_rules(family, dims, k):
+                if rule.mcore not in mapping.MTP_COPIES or rule.hf[0] not in self.weight_map:
+                    continue
+                copy, original = rule.hf[0], main[rule.mcore]
+                (shape, dtype), (main_shape, main_dtype) = self.shape_dtype(copy), self.shape_dtype(original)
+                if (shape, dtype) != (main_shape, main_dtype):
+                    raise ConvertError(f"{self.dir}: '{copy}' {list(shape)} {dtype} is not a copy of '{original}' "
+                                       f"{list(main_shape)} {main_dtype}; Megatron's MTP layers share the main "
+                                       f"model's, so it would be left behind")
+                rows = max(1, block_bytes // max(1, math.prod(shape[1:]) * dtype.itemsize))
+                a, b = torch.empty((rows, *shape[1:]), dtype=dtype), torch.empty((rows, *shape[1:]), dtype=dtype)
+                for start in range(0, shape[0], rows):
+                    stop = min(start + rows, shape[0])
+                    self.read_rows(copy, start, stop, a[:stop - start])
+                    self.read_rows(original, start, stop, b[:stop - start])
+                    if not torch.equal(a[:stop - start].view(torch.uint8), b[:stop - start].view(torch.uint8)):
+                        raise ConvertError(f"{self.dir}: '{copy}' differs from '{original}' (in rows {start}-{stop - 1});"
+                                           f" Megatron's MTP layers share the main model's, so it would be left behind")
+
     def dtype(self, family: ModelFamily | None = None) -> torch.dtype:
         """The model's dtype: its embedding's (a few tensors may be stored in another, e.g. the
         fp32 routers transformers 5.24 writes into a bf16 DeepSeek-V3; FP8 weights read as this)."""
@@ -328,6 +356,7 @@ class HfSourceFormat(registry.SourceFormat):
         source = HfSource(request.load_dir)
         dims = source.dims(request.family, request.overrides)
         source.check_accounted(request.family, dims, mtp_asked=request.overrides.get("mtp_num_layers") is not None)
+        source.check_mtp_copies(request.family, dims)
         return registry.SourceInfo(dims=dims, dtype=source.dtype(request.family),
                                    config_path=source.dir / "config.json")
 

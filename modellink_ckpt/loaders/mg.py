@@ -361,8 +361,10 @@ def _stored_dtypes(source: MegatronSource, plan) -> tuple[torch.dtype, dict]:
     stored = {}
     for kind, (pp_rank, vchunk) in (("embeddings", layout.first_stage), ("final_norm", (last_pp, last_chunk)),
                                     ("output_layer", (last_pp, last_chunk))):
+        spelling = source.spelling(layout, pp_rank)
         for rule in mapping.message_rules(kind, family, dims):
-            stored[mapping.message_key(kind, None, rule.mcore)] = source.stored_dtype(layout, pp_rank, vchunk, rule.mcore)
+            stored[mapping.message_key(kind, None, rule.mcore)] = source.stored_dtype(
+                layout, pp_rank, vchunk, mg_names.plain_file_name(rule.mcore, dims, spelling))
 
     def scan(kind, layer, pp_rank, vchunk, sources):
         for rules, files, rename in sources:
@@ -406,10 +408,11 @@ def stream(plan, sender, source: MegatronSource, states: tuple[str, ...] = (), *
     if getattr(plan, "share", None) is not None:  # --workers: this worker reads (and checks) its part
         source.checked_stages = set(plan.share.source_stages)
 
-    def take_all(pp_rank, vchunk, name, kind, shape, arena, rows=None, required=True):
+    def take_all(pp_rank, vchunk, name, kind, shape, arena, rows=None, required=True, file=None):
+        """Message tensor `name` (and its optimizer states), stored as `file` (default: `name`)."""
         tensors = {}
         for state in every:
-            stored = state_name(name, state)
+            stored = state_name(file or name, state)
             out = arena.alloc(shape, source.dtype_of(layout, pp_rank, vchunk, stored))
             tensor = source.take(layout, pp_rank, vchunk, stored, kind, out=out, rows=rows, required=required)
             if tensor is None:
@@ -427,10 +430,12 @@ def stream(plan, sender, source: MegatronSource, states: tuple[str, ...] = (), *
     def send_plain(kind, pp_rank, vchunk):
         """A message of the tensors outside the layers (a vocabulary table, a norm and its bias)."""
         arena, tensors = sender.arena(), {}
+        spelling = source.spelling(layout, pp_rank)
         for rule in mapping.message_rules(kind, family, dims):
             shape = (rows, *rule.shape[1:]) if rule.tp == "vocab" else rule.shape
             tensors.update(take_all(pp_rank, vchunk, rule.mcore, rule.tp, shape, arena,
-                                    rows=rows if rule.tp == "vocab" else None))
+                                    rows=rows if rule.tp == "vocab" else None,
+                                    file=mg_names.plain_file_name(rule.mcore, dims, spelling)))
         sender.send(kind, tensors, arena)
 
     if workers.wanted(plan, "embeddings", None):
@@ -447,11 +452,14 @@ def stream(plan, sender, source: MegatronSource, states: tuple[str, ...] = (), *
 
     if workers.wanted(plan, "final_norm", None):
         send_plain("final_norm", last_pp, last_chunk)
-        if dims.tie_word_embeddings:  # the last stage's copy (PP > 1) is only checked off, never sent
+        # the copies of the embedding the last chunk keeps (as its output layer when tied, for its
+        # MTP layers) are only checked off, never sent: the first chunk's embedding is the model's
+        copies = [mapping.OUTPUT_LAYER] * dims.tie_word_embeddings + [mapping.EMBEDDING] * bool(
+            dims.mtp_num_layers and (last_pp, last_chunk) != (first_pp, first_chunk))
+        for copy in copies:
             for state in every:
-                source.take(layout, last_pp, last_chunk, state_name(mapping.OUTPUT_LAYER, state), "vocab",
-                            rows=rows, required=False)
-        else:
+                source.take(layout, last_pp, last_chunk, state_name(copy, state), "vocab", rows=rows, required=False)
+        if not dims.tie_word_embeddings:
             send_plain("output_layer", last_pp, last_chunk)
         for k in range(dims.mtp_num_layers):
             arena = sender.arena()

@@ -190,11 +190,16 @@ class ShardPlacer:
                 yield from self._split(first_pp, first_chunk, rule.mcore, tensors, rule.tp)
             if self.dims.tie_word_embeddings and self.layout.pp > 1:  # the last stage keeps its own copy
                 yield from self._split(last_pp, last_chunk, mapping.OUTPUT_LAYER, tensors, "vocab", mapping.EMBEDDING)
+            if self.dims.mtp_num_layers and (last_pp, last_chunk) != (first_pp, first_chunk):
+                # the MTP layers embed their input tokens: their chunk builds an embedding of its own
+                # (both GPT models, `pre_process or mtp_process`), tied to the first one
+                yield from self._split(last_pp, last_chunk, mapping.EMBEDDING, tensors, "vocab")
         elif kind == "layer":
             yield from self._place_layer(layer, tensors)
         elif kind == "final_norm":
             for rule in mapping.final_norm_rules(self.plan.family, self.dims):
-                yield from self._split(last_pp, last_chunk, rule.mcore, tensors, rule.tp)
+                yield from self._split(last_pp, last_chunk, mg_names.plain_file_name(rule.mcore, self.dims, self.spelling),
+                                       tensors, rule.tp, rule.mcore)
         elif kind == "output_layer":
             yield from self._split(last_pp, last_chunk, mapping.OUTPUT_LAYER, tensors, "vocab")
         elif kind == "mtp_layer":
