@@ -58,14 +58,20 @@ compile: setup
 demo: compile
 	$(BIN)/python -m modellink_ckpt.demo
 
+# The tests run on every core (pytest-xdist; `make test TEST_WORKERS=1` runs them in one process).
+# worksteal: a worker that runs out takes queued tests from the busy one, so the long tests at the
+# end of one folder do not leave a core idle.
+TEST_WORKERS ?= auto
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
+
 test: compile
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 test-slow: compile setup-ms
-	REQUIRE_MINDSPORE=1 $(BIN)/python -m pytest -q -m slow
+	REQUIRE_MINDSPORE=1 $(PYTEST) -m slow
 
 test-all: compile setup-ms
-	REQUIRE_MINDSPORE=1 $(BIN)/python -m pytest -q --run-slow
+	REQUIRE_MINDSPORE=1 $(PYTEST) --run-slow
 
 # The default suite against the newest versions requirements*.txt allow (torch stays pinned: any
 # other spec pulls CUDA wheels). It reports what changed upstream; CI does not fail on it.
@@ -78,7 +84,7 @@ test-latest:
 		-r requirements.txt -r requirements-dev.txt
 	$(LATEST)/bin/pip install -q --upgrade --no-deps "$(MCORE_RANGE)"
 	$(LATEST)/bin/python tools/lockcheck.py --report $(LOCK)
-	$(LATEST)/bin/python -m pytest -q -p no:cacheprovider
+	$(LATEST)/bin/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist worksteal
 
 # Re-pin requirements.lock from the current venv (after changing requirements*.txt).
 lock: setup

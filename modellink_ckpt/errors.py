@@ -7,6 +7,8 @@ is Ctrl-C, at any moment of a run (exit code 130, as shells report SIGINT); `Ter
 SIGTERM while the loaders and savers run (exit code 143).
 """
 
+import sys
+
 
 class ConvertError(Exception):
     """A conversion failed for a reason the user can act on."""
@@ -50,8 +52,6 @@ class UnsafeCheckpointError(ConvertError):
 def missing_package(exc: ModuleNotFoundError) -> str | None:
     """The one line for a Python that lacks a package the converter needs (a fresh shell's system
     Python rather than the repository's .venv), or None when the module missing is our own."""
-    import sys
-
     package = (exc.name or "").split(".")[0]
     if not package or package == "modellink_ckpt":
         return None

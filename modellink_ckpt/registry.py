@@ -15,9 +15,12 @@ import dataclasses
 import importlib
 import math
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from modellink_ckpt.errors import UsageError
+
+if TYPE_CHECKING:  # annotations only: the registry stays light (no torch) for --help
+    import torch
 
 SOURCES = {
     "hf": "modellink_ckpt.loaders.hf:SOURCE",
@@ -30,7 +33,9 @@ TARGETS = {
     "mg": "modellink_ckpt.savers.mg:TARGET",
     "torch_dist": "modellink_ckpt.savers.torch_dist:TARGET",  # --save-model-type mg --ckpt-format torch_dist
     "ms": "modellink_ckpt.savers.ms:TARGET",
+    "peft": "modellink_ckpt.savers.peft:TARGET",  # --save-model-type hf --save-lora-to-hf
 }
+SAVE_MODEL_TYPES = ("hf", "mg", "ms")  # --save-model-type; torch_dist and peft are chosen by a flag besides
 DETECTION_ORDER = ("optim", "mg", "ms", "hf")  # the first source whose `detect` accepts a path
 
 
@@ -38,29 +43,31 @@ DETECTION_ORDER = ("optim", "mg", "ms", "hf")  # the first source whose `detect`
 class SourceRequest:
     """What the command line asks of a source (the argparse namespace stops in the CLI)."""
 
-    load_dir: Path
-    family: object                                  # model_cfg.ModelFamily
+    path: Path                                      # --load-dir
+    family: object                                  # families.ModelFamily
+    options: dict                                   # the flags the source declares: {argparse dest: value}
     overrides: dict                                 # model settings from flags (qkv bias, MTP layers, ...)
     config_dirs: tuple[Path, ...] = ()              # where an HF config.json may be found (vocabulary, sizes)
-    save_type: str = ""
-    noop_layers: str | None = None                  # a checkpoint's noop layers its args do not record
-    lora: dict | None = None                        # {load, r, alpha, target_modules, export}
-    options: dict = dataclasses.field(default_factory=dict)  # format-specific flags (MindSpore naming, strategy)
+    target: str = ""                                # the target's registry name
     quiet: bool = False
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class SourceInfo:
-    """What a source says about itself."""
+    """What a source says about itself (the source half of the plan)."""
 
-    dims: object                                    # model_cfg.ModelDims
+    dims: object                                    # families.ModelDims
     dtype: torch.dtype
+    format: str = ""                                # its registry name (set by the caller of describe)
+    path: Path | None = None                        # --load-dir
     layout: object | None = None                    # layout.ParallelLayout of a Megatron source
     tokenizer: Path | None = None                   # a tokenizer file the source records
     padded_vocab: int | None = None
     divisible_by: int | None = None                 # its vocabulary padding rule
     lora: object | None = None                      # lora.LoraSpec to merge or export
     lora_dir: Path | None = None
+    args: object | None = None                      # a Megatron source's stored args (its saver carries them over)
+    iteration: int | str | None = None              # a Megatron source's iteration
     options: dict = dataclasses.field(default_factory=dict)  # format-specific facts for the loader
     # what the source says of the model it holds, to hold an explicit --model-type-hf against
     config_path: Path | None = None                 # the HF config.json it is described by
@@ -72,9 +79,13 @@ class SourceFormat:
     name = ""
     description = ""
     loader = ""  # "module:function" of load(plan, sender), run in the loader process
+    flags: frozenset = frozenset()  # the command-line options (argparse dests) it takes besides the common ones
 
     def describe(self, request: SourceRequest) -> SourceInfo:
         raise NotImplementedError
+
+    def check(self, plan) -> None:
+        """What this source refuses of the whole plan (a target it cannot feed), before writing."""
 
     def detect(self, path: Path) -> bool:
         return False
@@ -95,6 +106,18 @@ class TargetFormat:
     name = ""
     description = ""
     saver = ""  # "module:function" of save(plan, receiver), run in the saver process
+    flags: frozenset = frozenset()  # the command-line options (argparse dests) it takes besides the common ones
+    selected_by = ""  # the --save-model-type (and flag) that chooses it
+    streams = True  # written by a saver process from the loader's messages; else by `write(plan)`
+
+    def write(self, plan) -> dict:
+        """A target that does not stream (`streams` False) writes itself here; its summary."""
+        raise NotImplementedError
+
+    def spec(self, options: dict, path: Path, params_dtype, family, source: SourceInfo):
+        """The target half of the plan (plan.TargetSpec) from its flags (`options`: {dest: value}),
+        the model and the source; refuses what cannot be written (before anything is)."""
+        raise NotImplementedError
 
     def check(self, plan) -> None:
         """Everything about the target that can be refused before writing (existing output, flags)."""
@@ -105,10 +128,25 @@ class TargetFormat:
 
     def where(self, plan) -> str:
         """The target, as the summary line names it."""
-        return str(plan.save_dir)
+        return str(plan.target.path)
 
     def save_function(self) -> Callable:
         return _resolve(self.saver)
+
+    def pieces(self, plan, kind: str, layer: int | None, tensors: dict) -> list:
+        """[(file, tensor name, piece)] the message tensors `tensors` become in this target, by the
+        saver's own placement (`inspect --explain`): pieces of the given tensors, which may carry
+        anything (the explanation traces row and column ids through them)."""
+        raise NotImplementedError
+
+    def recognises(self, path: Path) -> Path | None:
+        """The folder of this target's output at `path` (`--verify`), or None."""
+        return None
+
+    def verify(self, folder: Path, hash_contents: bool = True, family: str | None = None) -> tuple[list[str], str]:
+        """(problems, summary) of this target's output in `folder`: its files against the manifest
+        and its tensors against its own description (`--verify`)."""
+        raise NotImplementedError
 
     def copies_in_kernel(self, plan) -> bool:
         """The kernel-copy path: a saver that writes through `HashedFile.write_tensor` (or
@@ -119,15 +157,16 @@ class TargetFormat:
     def computes_on(self, plan) -> Callable:
         """A hint for the kernel-copy path: predicate over message rules (mapping.TensorRule) that
         says which tensors this target transforms in memory instead of writing their bytes
-        unchanged; the loader reads those at once, beside the saver, rather than leaving them in
-        the file for the saver to read. A wrong answer costs time, never bytes."""
+        unchanged; the parent turns it into the plan's `target.computed`, and the loader reads
+        those at once, beside the saver, rather than leaving them in the file for the saver to
+        read. A wrong answer costs time, never bytes."""
         return lambda rule: rule.fold is not None
 
     # --workers: a target whose files several savers can write side by side says so and stages
     # them (one plan per worker), then publishes what they wrote once all of them succeeded
     def why_one_process(self, plan) -> str | None:
         """Why this target is written by one process (None: `--workers` may share it)."""
-        return f"a {plan.target_format} target is written by one process"
+        return f"a {plan.target.format} target is written by one process"
 
     def shares(self, plan, workers: int) -> tuple:
         """(staged output, [plan of each worker])."""

@@ -6,13 +6,11 @@ Light to import on purpose (no torch): `--help` answers at once, before anything
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
 from modellink_ckpt import __version__, registry
-from modellink_ckpt.errors import UsageError
-from modellink_ckpt.model_cfg import UNSAFE_FLAG
+from modellink_ckpt.model.families import UNSAFE_FLAG
 
 # The values these flags take. The modules that act on them key their tables by the same names
 # (megatron_args.DTYPE_FLAGS, mg_names.MLA_SPELLINGS, file_io.HASHES; a test holds them equal):
@@ -53,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-type", default="GPT", choices=["GPT"], help="only decoder-only GPT models")
     p.add_argument("--load-model-type", required=True, choices=sorted(registry.SOURCES),
                    help="source format: " + "; ".join(f"{name} {text}" for name, text in SOURCE_HELP.items()))
-    p.add_argument("--save-model-type", required=True, choices=sorted(set(registry.TARGETS) - {"torch_dist"}),
+    p.add_argument("--save-model-type", required=True, choices=registry.SAVE_MODEL_TYPES,
                    help="target format: " + "; ".join(f"{name} {text}" for name, text in TARGET_HELP.items()))
     p.add_argument("--ckpt-format", choices=["torch", "torch_dist"], default="torch",
                    help="Megatron output: the legacy torch layout (rank files; default) or torch_dist (megatron-core's "
@@ -172,14 +170,5 @@ def build_parser() -> argparse.ArgumentParser:
         kwargs = {"nargs": "*"} if flag == "--spec" else {"action": "store_true"}
         p.add_argument(flag, help=argparse.SUPPRESS, **kwargs)
     return p
-
-
-def parse_size(text: str, flag: str) -> int:
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", str(text), re.IGNORECASE)
-    if not match:
-        raise UsageError(f"{flag} {text!r}: expected a size like 5GB or 500MB")
-    unit = match[2].upper().replace("I", "").rstrip("B")
-    scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}[unit]
-    return int(float(match[1]) * scale)
 
 

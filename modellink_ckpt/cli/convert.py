@@ -19,135 +19,80 @@ from pathlib import Path
 
 import torch
 
-from modellink_ckpt import distributed, pipeline, registry, workers
-from modellink_ckpt.cli.arguments import build_parser, parse_size
+from modellink_ckpt import registry
+from modellink_ckpt.cli.arguments import build_parser
+from modellink_ckpt.engine import distributed, pipeline, workers
+from modellink_ckpt.engine.staging import check_writable, missing_folders, remove_empty, remove_stale_partials
 from modellink_ckpt.errors import ConvertError, Interrupted, Terminated, UsageError
-from modellink_ckpt.file_io import DEFAULT_HASH, use_hash
-from modellink_ckpt.layout import ParallelLayout
-from modellink_ckpt.megatron_args import DTYPE_FLAGS
-from modellink_ckpt.mg_names import Spelling
-from modellink_ckpt.model_cfg import (DEFAULT_FAMILY, ModelDims, ModelFamily, check_family_fits_config,
-                                      check_family_fits_dims, check_family_fits_recorded, families_for_config,
-                                      load_family)
-from modellink_ckpt.staging import check_writable, missing_folders, remove_empty, remove_stale_partials
+from modellink_ckpt.explain import explain
+from modellink_ckpt.formats.file_io import DEFAULT_HASH, use_hash
+from modellink_ckpt.formats.megatron.args import DTYPE_FLAGS
+from modellink_ckpt.model import mapping
+from modellink_ckpt.model.families import (DEFAULT_FAMILY, ModelFamily, check_family_fits_config,
+                                           check_family_fits_dims, check_family_fits_recorded, families_for_config,
+                                           load_family)
+from modellink_ckpt.plan import Plan, RunSettings
+
+# Options every conversion takes, whatever its formats (the rest each source and target format
+# declares in its `flags`). The target layout's sizes are among them: MindSpeed-LLM's scripts pass
+# them in every direction, and they mean nothing besides to a Megatron target.
+COMMON_FLAGS = frozenset({
+    "model_type", "load_model_type", "save_model_type", "model_type_hf", "skip_family_check", "model_cfg",
+    "load_dir", "save_dir", "target_tensor_parallel_size", "target_pipeline_parallel_size",
+    "target_expert_parallel_size", "use_mcore_models", "params_dtype", "add_qkv_bias", "add_dense_bias",
+    "mtp_num_layers", "hf_cfg_dir", "max_queue_size", "max_queue_gb", "workers", "hash", "no_kernel_copy",
+    "overwrite", "quiet", "dry_run", "spec", "load_checkpoint_loosely",
+})
 
 
-@dataclasses.dataclass
-class Plan:
-    """What will be read and written, fully validated before anything is written."""
-
-    load_type: str
-    save_type: str
-    load_dir: Path
-    save_dir: Path
-    family: ModelFamily
-    dims: ModelDims
-    source_layout: ParallelLayout | None
-    target_layout: ParallelLayout | None
-    padded_vocab: int | None
-    divisible_by: int
-    params_dtype: torch.dtype | None
-    target_spelling: Spelling
-    tokenizer_model: str | None
-    hf_config_dir: Path | None
-    max_queue_size: int
-    max_queue_gb: float
-    max_shard_bytes: int
-    overwrite: bool
-    quiet: bool
-    hash_algorithm: str
-
-    source_tokenizer: Path | None = None
-    source_dtype: torch.dtype = torch.float32
-    lora: "LoraSpec | None" = None        # merge (or, with save_lora_to_hf, export) these adapters
-    lora_dir: Path | None = None          # --lora-load: adapters kept apart from the base
-    save_lora_to_hf: bool = False
-    target_ddp: dict = dataclasses.field(default_factory=dict)  # optim -> mg: the resumed run's DDP settings
-    target_format: str = ""  # the registry's target (save_type, or torch_dist for mg --ckpt-format torch_dist)
-    source_options: dict = dataclasses.field(default_factory=dict)  # format-specific facts of the source
-    target_options: dict = dataclasses.field(default_factory=dict)  # format-specific choices for the target
-    share: "workers.Share | None" = None  # --workers: the part of the target one worker writes
-    kernel_copy: bool = False  # bytes the target takes unchanged are copied file to file (kernel_copy.py)
-
-    def tokenizer_dir(self) -> Path | None:
-        """Where the source's tokenizer files are: the HF folder, or the one the mg args recorded."""
-        if self.load_type == "hf":
-            return self.load_dir
-        return self.source_tokenizer.parent if self.source_tokenizer else None
+# common options every target's spec is given (a Megatron target's layout; where an HF config.json is)
+TARGET_OPTIONS = frozenset({"target_tensor_parallel_size", "target_pipeline_parallel_size",
+                            "target_expert_parallel_size", "hf_cfg_dir"})
 
 
-def _unsupported(args) -> None:
-    if args.save_lora_to_hf and args.moe_grouped_gemm:
-        raise UsageError("--save-lora-to-hf and --moe-grouped-gemm are exclusive (the adapter is per expert)")
-    for flag, value in (("--target-data-parallel-size", args.target_data_parallel_size),
-                        ("--target-overlap-grad-reduce", args.target_overlap_grad_reduce),
-                        ("--target-ddp-bucket-size", args.target_ddp_bucket_size)):
-        if value is not None and not (args.load_model_type == "optim" and args.save_model_type == "mg"):
-            raise UsageError(f"{flag}: only for --load-model-type optim --save-model-type mg (it shapes the "
-                             f"optimizer state, not the weights)")
-    lora_flags = args.lora_load or args.save_lora_to_hf or args.lora_r is not None or args.lora_scaling is not None
-    if lora_flags and args.load_model_type not in ("mg", "ms"):
-        raise UsageError("--lora-load / --lora-r / --lora-scaling / --save-lora-to-hf need --load-model-type mg or ms")
-    if args.lora_scaling is not None and args.load_model_type != "ms":
-        raise UsageError("--lora-scaling: MindFormers' LoRA scaling, for --load-model-type ms (Megatron: --lora-alpha)")
-    if args.save_lora_to_hf and args.save_model_type != "hf":
-        raise UsageError("--save-lora-to-hf writes a PEFT adapter: use it with --save-model-type hf")
-    if args.save_lora_to_hf and args.load_hf_from_config:
-        raise UsageError("--save-lora-to-hf and --load-hf-from-config are exclusive")
-    if args.load_model_type == "hf" and args.save_model_type == "hf":
-        raise UsageError("--load-model-type hf --save-model-type hf: nothing to convert")
-    if args.src_strategy and args.load_model_type != "ms":
-        raise UsageError("--src-strategy: only for --load-model-type ms")
-    if args.ckpt_format == "torch_dist" and args.save_model_type != "mg":
-        raise UsageError("--ckpt-format torch_dist: only for --save-model-type mg")
-    if args.ckpt_format == "torch_dist" and args.load_model_type == "optim":
-        raise UsageError("--ckpt-format torch_dist: optimizer state is written in the torch layout only")
-    if args.dst_strategy and args.save_model_type != "ms":
-        raise UsageError("--dst-strategy: only for --save-model-type ms")
+def target_name(args) -> str:
+    """The registry's target: --save-model-type, refined by --ckpt-format and --save-lora-to-hf."""
+    if args.save_lora_to_hf:
+        if args.moe_grouped_gemm:  # before the target is known: either flag would be the one refused
+            raise UsageError("--save-lora-to-hf and --moe-grouped-gemm are exclusive (the adapter is per expert)")
+        if args.save_model_type != "hf":
+            raise UsageError("--save-lora-to-hf writes a PEFT adapter: use it with --save-model-type hf")
+        return "peft"
+    if args.save_model_type == "mg" and args.ckpt_format == "torch_dist":
+        return "torch_dist"
+    return args.save_model_type
 
 
-def _expert_layout(args) -> str:
-    if not args.moe_grouped_gemm:
-        return "per_expert"
-    return "te_grouped" if args.transformer_impl == "transformer_engine" else "grouped_gemm"
+def check_flags(args, source: registry.SourceFormat, target: registry.TargetFormat) -> None:
+    """One rule for every flag: a flag given (not at its default) must be taken by the chosen
+    source or target, or by every conversion; else it is refused, naming the formats that take it."""
+    parser = build_parser()
+    given = sorted(dest for dest, value in vars(args).items() if value != parser.get_default(dest))
+    for dest in given:
+        if dest in COMMON_FLAGS or dest in source.flags or dest in target.flags:
+            continue
+        option = next(a.option_strings[0] for a in parser._actions if a.dest == dest)
+        takers = [f"--load-model-type {name}" for name in registry.SOURCES if dest in registry.source(name).flags]
+        takers += [f"--save-model-type {registry.target(name).selected_by}" for name in registry.TARGETS
+                   if dest in registry.target(name).flags]
+        raise UsageError(f"{option}: not taken by --load-model-type {args.load_model_type} --save-model-type "
+                         f"{target.selected_by} (it is for {', '.join(dict.fromkeys(takers))})")
 
 
-def source_request(args, family) -> registry.SourceRequest:
+def _options(args, declared: frozenset) -> dict:
+    """{dest: value} of the flags a format declares (its part of the command line)."""
+    return {dest: getattr(args, dest) for dest in declared}
+
+
+def source_request(args, family, target: str) -> registry.SourceRequest:
     """The source's part of the command line."""
-    lora = None
-    if args.lora_load or args.save_lora_to_hf or args.lora_r is not None or args.lora_scaling is not None:
-        lora = {"load": args.lora_load, "r": args.lora_r, "alpha": args.lora_alpha, "scaling": args.lora_scaling,
-                "target_modules": args.lora_target_modules, "export": args.save_lora_to_hf}
+    source = registry.source(args.load_model_type)
     return registry.SourceRequest(
-        load_dir=args.load_dir, family=family, save_type=args.save_model_type, quiet=args.quiet,
+        path=args.load_dir, family=family, options=_options(args, source.flags),
         overrides={"add_qkv_bias": args.add_qkv_bias, "add_dense_bias": args.add_dense_bias,
                    "mtp_num_layers": args.mtp_num_layers},
         config_dirs=tuple(d for d in (args.hf_cfg_dir, args.save_dir) if d is not None),
-        noop_layers=args.noop_layers if args.save_model_type == "hf" else None, lora=lora,
-        options={"naming": args.ms_naming, "src_strategy": args.src_strategy, "lora": lora}
-        if args.load_model_type == "ms" else {})
-
-
-def _target_layout(args, dims, info) -> tuple:
-    """(ParallelLayout, padded vocabulary, divisor) of a Megatron target."""
-    layout = ParallelLayout.build(
-        dims.num_layers, tp=args.target_tensor_parallel_size, pp=args.target_pipeline_parallel_size,
-        ep=args.target_expert_parallel_size, vpp_layers=args.num_layers_per_virtual_pipeline_stage,
-        num_layer_list=args.num_layer_list, noop_layers=args.noop_layers,
-        num_heads=dims.num_attention_heads,
-        num_query_groups=None if dims.multi_latent_attention else dims.num_query_groups,
-        num_experts=dims.num_experts, expert_tp=args.expert_tensor_parallel_size)
-    if args.moe_grouped_gemm and not dims.num_experts:
-        raise UsageError("--moe-grouped-gemm: the model has no experts")
-    if dims.num_experts and dims.add_dense_bias and layout.etp > 1:  # megatron-core asserts the same at start-up
-        raise UsageError(f"expert tensor parallel size {layout.etp}: Megatron-Core holds biased experts only at "
-                         f"expert TP 1; pass --expert-tensor-parallel-size 1")
-    divisor = args.make_vocab_size_divisible_by
-    if divisor is None:  # a Megatron source keeps its padding rule (a resumed run, and its state)
-        divisor = info.divisible_by or 1
-    if divisor < 1:
-        raise UsageError("--make-vocab-size-divisible-by must be at least 1")
-    return layout, layout.padded_vocab(dims.vocab_size, divisor), divisor
+        target=target, quiet=args.quiet)
 
 
 def resolve_family(args) -> ModelFamily:
@@ -191,88 +136,81 @@ def check_family(args, family: ModelFamily, info: registry.SourceInfo) -> None:
     check_family_fits_dims(family, info.dims, str(args.load_dir), info.recorded_computes)
 
 
-def build_plan(args) -> Plan:
-    _unsupported(args)
+def computed_tensors(plan: Plan) -> frozenset:
+    """The message tensors (layer-relative names) the target transforms in memory (its
+    `computes_on`), for the loader: what the saver would only copy may stay in its file."""
+    computes = registry.target(plan.target.format).computes_on(plan)
+    return frozenset(rule.mcore for kind, layer, _ in mapping.model_messages(plan.family, plan.dims, torch.float32)
+                     for rule in mapping.message_rules(kind, plan.family, plan.dims, layer) if computes(rule))
+
+
+def build_plan(args, writes: bool = True) -> Plan:
+    """The plan of the conversion `args` asks for; `writes` False: one that is only looked at
+    (`inspect --explain`), its target folder neither probed nor checked."""
+    if args.load_model_type == "hf" and args.save_model_type == "hf":
+        raise UsageError("--load-model-type hf --save-model-type hf: nothing to convert")
+    source_format, name = registry.source(args.load_model_type), target_name(args)
+    target_format = registry.target(name)
+    check_flags(args, source_format, target_format)
     family = resolve_family(args)
-    info = registry.source(args.load_model_type).describe(source_request(args, family))
+    info = source_format.describe(source_request(args, family, name))
+    info = dataclasses.replace(info, format=args.load_model_type, path=args.load_dir)
     check_family(args, family, info)
-    dims = info.dims
     if "hf" in (args.load_model_type, args.save_model_type):
-        from modellink_ckpt.mapping import require_hf_names
-
-        require_hf_names(family, dims)
-    target_layout = padded = divisor = None
-    if args.save_model_type == "mg":
-        target_layout, padded, divisor = _target_layout(args, dims, info)
-    if args.tokenizer_model and not Path(args.tokenizer_model).is_file():
-        raise UsageError(f"--tokenizer-model {args.tokenizer_model}: file not found")
-    if args.load_model_type == "optim" and args.target_data_parallel_size is not None \
-            and args.target_data_parallel_size < 1:
-        raise UsageError(f"--target-data-parallel-size {args.target_data_parallel_size}: must be at least 1")
-
-    plan = Plan(
-        load_type=args.load_model_type, save_type=args.save_model_type, load_dir=args.load_dir,
-        save_dir=args.save_dir, family=family, dims=dims, source_layout=info.layout,
-        target_layout=target_layout, padded_vocab=padded, divisible_by=divisor or 1,
-        # from optim the weights are the fp32 master weights, each written in its model weight's dtype
-        params_dtype=DTYPE_FLAGS[args.params_dtype] if args.params_dtype else None,
-        target_spelling=Spelling(args.transformer_impl, _expert_layout(args), args.mla_spelling),
-        tokenizer_model=args.tokenizer_model,
-        hf_config_dir=args.hf_cfg_dir, max_queue_size=args.max_queue_size, max_queue_gb=args.max_queue_gb,
-        max_shard_bytes=parse_size(args.max_shard_size, "--max-shard-size"), overwrite=args.overwrite,
-        quiet=args.quiet, hash_algorithm=args.hash or DEFAULT_HASH, source_tokenizer=info.tokenizer, source_dtype=info.dtype,
-        lora=info.lora, lora_dir=info.lora_dir, save_lora_to_hf=args.save_lora_to_hf,
-        target_ddp={"data_parallel_size": args.target_data_parallel_size,
-                    "overlap_grad_reduce": None if args.target_overlap_grad_reduce is None
-                    else args.target_overlap_grad_reduce == "on",
-                    "bucket_size": args.target_ddp_bucket_size},
-        target_format="torch_dist" if args.save_model_type == "mg" and args.ckpt_format == "torch_dist"
-        else args.save_model_type,
-        source_options=info.options,
-        target_options={"format": args.ms_format, "naming": args.ms_naming or "mcore", "strategy": args.dst_strategy,
-                        "prefix": args.ms_prefix} if args.save_model_type == "ms" else {})
-    check_writable(plan.save_dir)
-    if not plan.save_lora_to_hf:
-        target = registry.target(plan.target_format)
-        target.check(plan)
-        plan.kernel_copy = target.copies_in_kernel(plan) and not args.no_kernel_copy
+        mapping.require_hf_names(family, info.dims)
+    if writes:
+        check_writable(args.save_dir)
+    # from optim the weights are the fp32 master weights, each written in its model weight's dtype
+    params_dtype = DTYPE_FLAGS[args.params_dtype] if args.params_dtype else None
+    target = target_format.spec(_options(args, target_format.flags | TARGET_OPTIONS), args.save_dir, params_dtype,
+                                family, info)
+    run = RunSettings(max_queue_size=args.max_queue_size, max_queue_gb=args.max_queue_gb, overwrite=args.overwrite,
+                      quiet=args.quiet, hash_algorithm=args.hash or DEFAULT_HASH)
+    plan = Plan(family=family, source=info, target=target, run=run)
+    source_format.check(plan)
+    if writes:
+        target_format.check(plan)
+    if target_format.streams:
+        plan = dataclasses.replace(
+            plan, target=dataclasses.replace(target, computed=computed_tensors(plan)),
+            run=dataclasses.replace(run, kernel_copy=target_format.copies_in_kernel(plan) and not args.no_kernel_copy))
     return plan
 
 
 def output_files(plan: Plan) -> dict[str, int]:
     """{file relative to the target: bytes of tensor data} that the conversion will write."""
-    return registry.target(plan.target_format).files(plan)
+    return registry.target(plan.target.format).files(plan)
 
 
 def check_free_space(plan: Plan, files: dict[str, int]) -> None:
     # optimizer state passes through a scratch file per rank (a stage's ranks at once) before its
     # distrib_optim.pt is written
     scratch = 0
-    if plan.load_type == "optim" and plan.target_layout is not None:
-        layout = plan.target_layout
+    if plan.source.format == "optim" and getattr(plan.target, "layout", None) is not None:
+        layout = plan.target.layout
         scratch = max(sum(files.get(f"{layout.rank_dir(*rank)}/distrib_optim.pt", 0)
                           for rank in layout.ranks() if rank[1] == pp_rank) for pp_rank in range(layout.pp))
     needed = sum(files.values()) + scratch + (64 << 20)
-    folder = plan.save_dir
+    folder = plan.target.path
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     free = shutil.disk_usage(folder).free
     if free < needed:
-        raise UsageError(f"--save-dir {plan.save_dir}: needs {needed / 1e9:.2f} GB, only {free / 1e9:.2f} GB free "
+        raise UsageError(f"--save-dir {plan.target.path}: needs {needed / 1e9:.2f} GB, only {free / 1e9:.2f} GB free "
                          f"on that filesystem")
 
 
 def describe_plan(plan: Plan, files: dict[str, int], shares: list | None = None) -> str:
     """The `--dry-run` report (`shares`: each worker's `workers.Share`, with --workers)."""
-    dims = plan.dims
-    lines = [f"plan: {plan.load_type} {plan.load_dir} -> {plan.save_type} {registry.target(plan.target_format).where(plan)}",
+    dims, target = plan.dims, registry.target(plan.target.format)
+    lines = [f"plan: {plan.source.format} {plan.source.path} -> {target.selected_by.split()[0]} {target.where(plan)}",
              f"model: --model-type-hf {plan.family.name}, {dims.num_layers} layers, hidden {dims.hidden_size}, "
              f"heads {dims.num_attention_heads}/{dims.num_query_groups}, vocab {dims.vocab_size}"
-             + (f" padded to {plan.padded_vocab}" if plan.padded_vocab else "")
-             + f", dtype {str(plan.params_dtype or plan.source_dtype).replace('torch.', '')}"
-             + (" (cast)" if plan.params_dtype else "")]
-    if plan.target_layout is not None:
-        layout = plan.target_layout
+             + (f" padded to {plan.target.padded_vocab}" if plan.target.padded_vocab else "")
+             + f", dtype {str(plan.target.params_dtype or plan.source.dtype).replace('torch.', '')}"
+             + (" (cast)" if plan.target.params_dtype else "")]
+    if getattr(plan.target, "layout", None) is not None:
+        layout = plan.target.layout
         for pp_rank in range(layout.pp):
             chunks = []
             for vchunk in range(layout.vpp):
@@ -295,19 +233,17 @@ def convert(argv: list[str] | None = None, start_method: str = "forkserver") -> 
     """Run one conversion; raises ConvertError/UsageError. Returns the saver's summary."""
     args = build_parser().parse_args(argv)
     plan = build_plan(args)
-    use_hash(plan.hash_algorithm)
-    if plan.save_lora_to_hf:
-        from modellink_ckpt.savers import lora_hf
-
+    use_hash(plan.run.hash_algorithm)
+    target = registry.target(plan.target.format)
+    if not target.streams:  # written here, in one process
         if args.dry_run:
-            print(f"plan: export the LoRA adapters of {plan.lora_dir or plan.load_dir} as a PEFT adapter to "
-                  f"{plan.save_dir / 'mg2hf'}; nothing written (--dry-run)")
+            print(f"plan: {target.description} from {plan.source.lora_dir or plan.source.path} to "
+                  f"{target.where(plan)}; nothing written (--dry-run)")
             return {"dry_run": True}
-        result = lora_hf.save(plan)
-        result["describe"] = str(plan.save_dir / "mg2hf")
+        result = target.write(plan)
+        result["describe"] = target.where(plan)
         return result
     files = output_files(plan)
-    target = registry.target(plan.target_format)
     count, note = (1, None) if distributed.launched() else workers.check_workers(args.workers, plan, target)
     if note:
         print(f"note: {note}", file=sys.stderr, flush=True)
@@ -316,8 +252,8 @@ def convert(argv: list[str] | None = None, start_method: str = "forkserver") -> 
         print(describe_plan(plan, files, shares))
         return {"dry_run": True}
     check_free_space(plan, files)
-    created = missing_folders(plan.save_dir)  # a failed run leaves no empty folder of its own behind
-    load, save = registry.source(plan.load_type).load_function(), target.save_function()
+    created = missing_folders(plan.target.path)  # a failed run leaves no empty folder of its own behind
+    load, save = registry.source(plan.source.format).load_function(), target.save_function()
     started = time.monotonic()
     # a scheduler's time limit or `kill` from here on: one line, and no target (the loaders' and
     # savers' own handler takes over while they run, stops them and raises the same)
@@ -337,7 +273,7 @@ def convert(argv: list[str] | None = None, start_method: str = "forkserver") -> 
     except (ConvertError, KeyboardInterrupt) as exc:
         # what a killed saver could not remove, and what this process staged (a signal can land
         # between creating the workers' staging folder and taking charge of it)
-        remove_stale_partials(plan.save_dir, quiet=True, own=True)
+        remove_stale_partials(plan.target.path, quiet=True, own=True)
         remove_empty(created)
         if isinstance(exc, KeyboardInterrupt):  # Ctrl-C before the workers' target was published
             raise Interrupted() from None
@@ -370,3 +306,13 @@ def process_start_time() -> float:
 _IMPORTED = time.time()
 
 
+def explain_main(path: Path, source: str, name: str, argv: list[str]) -> int:
+    """`inspect PATH --explain TENSOR [conversion flags]`: where TENSOR of the checkpoint goes."""
+    argv = ["--load-model-type", source, "--load-dir", str(path), "--quiet", *argv]
+    if "--save-model-type" not in argv:
+        argv += ["--save-model-type", "mg"]
+    if "--save-dir" not in argv:
+        argv += ["--save-dir", "<save-dir>"]
+    plan = build_plan(build_parser().parse_args(argv), writes=False)
+    print("\n".join(explain(plan, name)))
+    return 0

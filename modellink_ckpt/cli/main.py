@@ -53,15 +53,27 @@ def verify_main(argv: list[str]) -> int:
 
 
 def inspect_main(argv: list[str]) -> int:
-    """`convert_ckpt.py inspect PATH [--format NAME]`: what a checkpoint is, without converting it."""
+    """`convert_ckpt.py inspect PATH [--format NAME] [--explain TENSOR ...]`: what a checkpoint is,
+    or where one of its tensors goes in a conversion, without converting it."""
     parser = Parser(prog="convert_ckpt.py inspect", description="Describe a checkpoint of any registered "
-                     "format: format, family, layout, layers, dtypes, parameter count, bytes per file.")
+                     "format: format, family, layout, layers, dtypes, parameter count, bytes per file. With "
+                     "--explain TENSOR and a conversion's flags (--save-model-type, default mg, the target "
+                     "layout, --model-type-hf, ...): where that tensor goes, file by file, with the rows and "
+                     "columns each piece holds, traced through the conversion's own rules.")
     parser.add_argument("path", type=Path)
     parser.add_argument("--format", choices=sorted(registry.SOURCES), default=None,
                         help="the format (default: detected)")
+    parser.add_argument("--explain", metavar="TENSOR", default=None,
+                        help="an HF tensor name of the model, e.g. model.layers.7.self_attn.q_proj.weight")
     parser.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)  # as every other command takes
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.explain is None:
+        parser.error(f"unrecognized arguments: {' '.join(rest)} (conversion flags go with --explain)")
     name = args.format or registry.detect(args.path)
+    if args.explain is not None:
+        from modellink_ckpt.cli.convert import explain_main
+
+        return explain_main(args.path, name, args.explain, rest)
     facts = registry.source(name).inspect(args.path)
     width = max(map(len, facts))
     lines = []

@@ -27,12 +27,17 @@ import shutil
 import sys
 from pathlib import Path
 
+import torch
+
 from modellink_ckpt.cli.arguments import Parser
 from modellink_ckpt.cli.convert import convert
 from modellink_ckpt.cli.main import run_guarded
+from modellink_ckpt.engine.reshard import reshard
+from modellink_ckpt.engine.staging import check_writable
 from modellink_ckpt.errors import ConvertError, UsageError
-from modellink_ckpt.model_cfg import load_family
-from modellink_ckpt.staging import check_writable
+from modellink_ckpt.formats.safetensors_io import SafetensorsFile
+from modellink_ckpt.formats.torch_zip import StreamingTorchWriter
+from modellink_ckpt.model.families import load_family
 
 # MindFormers' --model value -> (model_cfg.json family, MindSpore naming)
 MODELS = {"llama": ("llama2", "legacy"), "qwen": ("qwen25", "legacy"), "mixtral": ("mixtral", "legacy"),
@@ -161,11 +166,6 @@ def convert_weight(argv: list[str] | None = None) -> dict:
 def _safetensors_to_torch(folder: Path, out: Path) -> None:
     """The HF output as one `torch.save` state dict (what MindFormers' reversed conversion writes),
     tensor by tensor; written beside `out` and renamed into place."""
-    from modellink_ckpt.formats.safetensors_io import SafetensorsFile
-    from modellink_ckpt.formats.torch_zip import StreamingTorchWriter
-
-    import torch
-
     partial = out.parent / f".{out.name}.partial-{os.getpid()}"
     writer = StreamingTorchWriter(partial)
     try:
@@ -185,8 +185,6 @@ def _safetensors_to_torch(folder: Path, out: Path) -> None:
 
 
 def transform_checkpoint(argv: list[str] | None = None) -> dict:
-    from modellink_ckpt.ms_reshard import reshard
-
     p = Parser(prog="transform_checkpoint.py", description="MindFormers' transform_checkpoint.py command line: "
                 "split, merge or re-shard MindSpore checkpoints between strategies, run by this converter")
     p.add_argument("--src_checkpoint", required=True, type=Path,

@@ -23,8 +23,8 @@ import torch
 
 from modellink_ckpt.errors import ConvertError
 from modellink_ckpt.formats import protobuf_wire as W
-from modellink_ckpt.file_io import FileReader, HashedFile, tensor_bytes
-from modellink_ckpt.transforms import Rows
+from modellink_ckpt.formats.file_io import FileReader, HashedFile, tensor_bytes
+from modellink_ckpt.model.transforms import Rows
 
 # MindSpore's tensor_type strings (str(mstype))
 MS_DTYPES = {

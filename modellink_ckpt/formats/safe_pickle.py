@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import argparse
 import collections
+import copyreg
 import enum
 import pickle
 import signal
 import types
 import zipfile
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 
 import torch
@@ -184,8 +186,9 @@ class Placeholder:
     def __setstate__(self, state):
         self.state = state
 
-    def __reduce__(self):
-        """The same global and arguments it was read from (only for `repicklable` classes)."""
+    def written_back(self):
+        """The reduce value of the same global and arguments it was read from, for a checkpoint
+        written again (only for `repicklable` classes)."""
         cls = type(self)
         if not repicklable(cls) or self.kwargs:
             raise ConvertError(f"{self._qualname}: an object of an unknown class cannot be written back")
@@ -193,9 +196,12 @@ class Placeholder:
             return getattr, (cls, self._member)
         if self._called:
             return (cls, self.args) if self.state is None else (cls, self.args, self.state)
-        import copyreg
-
         return (copyreg.__newobj__, (cls, *self.args)) + (() if self.state is None else (self.state,))
+
+    def __reduce__(self):
+        """An exact copy for another process (the plan carries a training run's args to the saver);
+        a checkpoint writer asks for `written_back` instead."""
+        return _placeholder, (self._module, self._name, self.args, self.kwargs, self.state, self._called, self._member)
 
     def __repr__(self):
         if self._member is not None:
@@ -223,12 +229,27 @@ def is_placeholder_class(obj) -> bool:
     return isinstance(obj, type) and issubclass(obj, Placeholder)
 
 
+class _PlaceholderType(type):
+    """The type of each placeholder class (made on the fly, so no module holds it by name)."""
+
+
 def placeholder_class(module: str, name: str) -> type:
     qualname = f"{module}.{name}"
     if qualname not in _placeholders:
-        _placeholders[qualname] = type(name, (Placeholder,), {"_qualname": qualname, "_module": module, "_name": name,
-                                                              "__module__": "placeholder"})
+        _placeholders[qualname] = _PlaceholderType(name, (Placeholder,), {
+            "_qualname": qualname, "_module": module, "_name": name, "__module__": "placeholder"})
     return _placeholders[qualname]
+
+
+def _placeholder(module: str, name: str, args, kwargs, state, called: bool, member):
+    """A placeholder object again, in another process (the inverse of Placeholder.__reduce__)."""
+    obj = placeholder_class(module, name).__new__(placeholder_class(module, name), *args, **kwargs)
+    obj.state, obj._called, obj._member = state, called, member
+    return obj
+
+
+# a placeholder class travels to a child process as the call that makes it again
+ForkingPickler.register(_PlaceholderType, lambda cls: (placeholder_class, (cls._module, cls._name)))
 
 
 class RestrictedUnpickler(pickle.Unpickler):

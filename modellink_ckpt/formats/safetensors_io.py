@@ -10,14 +10,15 @@ memory that will cross to the saver process.
 from __future__ import annotations
 
 import json
+import re
 import struct
 from pathlib import Path
 
 import torch
 
-from modellink_ckpt.errors import ConvertError
-from modellink_ckpt.file_io import FileReader, HashedFile, PositionalFile
-from modellink_ckpt.transforms import Rows
+from modellink_ckpt.errors import ConvertError, UsageError
+from modellink_ckpt.formats.file_io import FileReader, HashedFile, PositionalFile
+from modellink_ckpt.model.transforms import Rows
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -200,3 +201,103 @@ class PlacedTensors:
         for placed in self._open.values():
             placed.close()
         self._open.clear()
+
+
+INDEX = "model.safetensors.index.json"
+
+
+HF_METADATA = {"format": "pt"}  # what transformers' save_pretrained writes in every shard
+
+
+def plan_shards(entries, max_bytes: int) -> list[list[tuple[str, tuple[int, ...], torch.dtype]]]:
+    """Consecutive groups of at most `max_bytes` (a larger tensor gets a shard of its own)."""
+    shards, size = [[]], 0
+    for entry in entries:
+        nbytes = torch.Size(entry[1]).numel() * entry[2].itemsize
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += nbytes
+    return shards
+
+
+def shard_names(count: int) -> list[str]:
+    if count == 1:
+        return ["model.safetensors"]
+    return [f"model-{k:05d}-of-{count:05d}.safetensors" for k in range(1, count + 1)]
+
+
+class ShardedOutput:
+    """The planned shards, opened one after the other as the tensors arrive."""
+
+    def __init__(self, folder: Path, shards):
+        self.folder, self._shards = folder, shards
+        self.names = shard_names(len(shards))
+        self._current: SafetensorsWriter | None = None
+        self._index = 0
+        self.files: dict[str, tuple[int, str]] = {}
+        self.total_bytes = 0
+
+    def add(self, name: str, value) -> None:
+        if self._current is None:
+            self._current = SafetensorsWriter(self.folder / self.names[self._index], self._shards[self._index],
+                                              metadata=HF_METADATA)
+        self._current.add(name, value)
+        if self._current.complete:
+            self.files[self.names[self._index]] = self._current.close()
+            self.total_bytes += self._current.tensor_bytes
+            self._current, self._index = None, self._index + 1
+
+    def finish(self) -> None:
+        if self._index != len(self._shards):
+            raise RuntimeError(f"only {self._index} of {len(self._shards)} planned shards were completed")
+
+    def abort(self) -> None:
+        if self._current is not None:
+            self._current.abort()
+
+
+class PlacedShards:
+    """The planned shards of a shared target (`--workers`): each worker writes the tensors of its
+    messages at their planned places; the files are hashed when every worker is done."""
+
+    def __init__(self, folder: Path, shards):
+        self.names = shard_names(len(shards))
+        self._tensors = PlacedTensors({name: (folder / name, shard, HF_METADATA)
+                                       for name, shard in zip(self.names, shards)})
+        self.files: dict[str, tuple[int, str]] = {}  # hashed by the parent
+
+    @property
+    def total_bytes(self) -> int:
+        return self._tensors.tensor_bytes
+
+    def add(self, name: str, value) -> None:
+        self._tensors.add(name, value)
+
+    def finish(self) -> None:
+        self._tensors.close()
+
+    def abort(self) -> None:
+        self._tensors.close()
+
+
+def write_index(folder: Path, names: list[str], shards, file_name: str = INDEX) -> list[str]:
+    """model.safetensors.index.json (or MindSpore's `param_name_map.json`, the same structure), for
+    a model in several shards; returns what it wrote."""
+    if len(shards) < 2:
+        return []
+    weight_map = {entry[0]: name for name, shard in zip(names, shards) for entry in shard}
+    total = sum(torch.Size(shape).numel() * dtype.itemsize for shard in shards for _, shape, dtype in shard)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / file_name).write_text(json.dumps(index, indent=2) + "\n")
+    return [file_name]
+
+
+def parse_size(text: str, flag: str) -> int:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", str(text), re.IGNORECASE)
+    if not match:
+        raise UsageError(f"{flag} {text!r}: expected a size like 5GB or 500MB")
+    unit = match[2].upper().replace("I", "").rstrip("B")
+    scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}[unit]
+    return int(float(match[1]) * scale)

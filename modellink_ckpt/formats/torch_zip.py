@@ -18,15 +18,17 @@ import math
 import pickle
 import struct
 import sys
-import zlib
 import zipfile
+import zlib
 from pathlib import Path
 
 import torch
 
 from modellink_ckpt.errors import ConvertError
-from modellink_ckpt.file_io import FileReader, HashedFile
-from modellink_ckpt.transforms import Rows
+from modellink_ckpt.formats.file_io import FileReader, HashedFile
+from modellink_ckpt.formats.safe_pickle import (Placeholder, RestrictedUnpickler, is_placeholder_class, load_torch,
+                                                repicklable)
+from modellink_ckpt.model.transforms import Rows
 
 ALIGNMENT = 64
 _ZIP64_EXTRA_ID = 0x0001
@@ -71,6 +73,8 @@ class _Pickler(pickle._Pickler):
         # torch.load(weights_only=True) -- megatron's common.pt loader -- refuses.
         if isinstance(obj, enum.Enum):
             return type(obj), (obj.value,)
+        if isinstance(obj, Placeholder):  # under the global it was read from (save_global below)
+            return obj.written_back()
         return NotImplemented
 
     def persistent_id(self, obj):
@@ -79,8 +83,6 @@ class _Pickler(pickle._Pickler):
         return None
 
     def save_global(self, obj, name=None):
-        from modellink_ckpt.formats.safe_pickle import is_placeholder_class, repicklable
-
         if not is_placeholder_class(obj):
             return super().save_global(obj, name)
         if not repicklable(obj):
@@ -329,8 +331,6 @@ class TorchZipFile:
         self._pickled = pickled
 
     def load(self):
-        from modellink_ckpt.formats.safe_pickle import RestrictedUnpickler
-
         reader = self
 
         class Unpickler(RestrictedUnpickler):
@@ -395,6 +395,5 @@ def load_lazy(path: str | Path):
     if zipfile.is_zipfile(path):
         return TorchZipFile(path).load()
     _refuse_broken_zip(Path(path))
-    from modellink_ckpt.formats.safe_pickle import load_torch
 
     return load_torch(path, mmap=False)

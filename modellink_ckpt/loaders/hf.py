@@ -13,15 +13,16 @@ from pathlib import Path
 
 import torch
 
-from modellink_ckpt import kernel_copy, mapping, quantized, registry, workers
+from modellink_ckpt import registry
+from modellink_ckpt.engine import workers
+from modellink_ckpt.engine.pipeline import message_bytes
 from modellink_ckpt.errors import ConvertError, UsageError
-from modellink_ckpt.model_cfg import ModelDims, ModelFamily, dims_from_hf_config, load_family
-from modellink_ckpt.formats.torch_zip import LazyTensor, load_lazy
+from modellink_ckpt.formats import kernel_copy, quantized
+from modellink_ckpt.formats.huggingface import TOKENIZER_FILES
 from modellink_ckpt.formats.safetensors_io import SafetensorsFile
-
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "vocab.txt",
-                   "chat_template.jinja")
+from modellink_ckpt.formats.torch_zip import LazyTensor, load_lazy
+from modellink_ckpt.model import mapping
+from modellink_ckpt.model.families import ModelDims, ModelFamily, dims_from_hf_config, families_for_config, load_family
 
 
 class TorchStateFile:
@@ -211,7 +212,6 @@ class HfSource:
         missing, left = mapping.hf_accounting(family, dims, self.tensor_names(), range(kept, kept + skipped))
         if not missing and not left:
             return
-        from modellink_ckpt.model_cfg import families_for_config
 
         named = families_for_config(self.config, family.cfg_path)  # the ones config.json names come first
         fitting = sorted(mapping.families_fitting(self.config, self.tensor_names(), family.cfg_path),
@@ -314,10 +314,8 @@ def _gather(source: HfSource, rules: list[mapping.TensorRule], dims: ModelDims, 
 
 
 def load(plan, sender) -> dict:
-    """Stream the HF checkpoint in `plan.load_dir` as whole Megatron tensors."""
-    from modellink_ckpt.pipeline import message_bytes
-
-    source = HfSource(plan.load_dir, dequantize_to=plan.params_dtype)
+    """Stream the HF checkpoint in `plan.source.path` as whole Megatron tensors."""
+    source = HfSource(plan.source.path, dequantize_to=plan.target.params_dtype)
     family, dims = plan.family, plan.dims
     dtype = source.dtype(family)
     messages = list(mapping.model_messages(family, dims, dtype))
@@ -331,11 +329,10 @@ def load(plan, sender) -> dict:
                 dtypes[mapping.message_key(kind, layer, rule.mcore)] = own
     config = {k: v for k, v in source.config.items() if k != "quantization_config"}  # written dequantized
     sender.send("meta", dims=dims.to_dict(), source="hf", hf_config=config, dtype=dtype, dtypes=dtypes)
-    target_computes = registry.target(plan.target_format).computes_on(plan)
-    cast = plan.params_dtype is not None and plan.params_dtype != dtype  # every tensor computed on
+    cast = plan.target.params_dtype is not None and plan.target.params_dtype != dtype  # every tensor computed on
 
     def computed(rule):
-        return cast or target_computes(rule)
+        return cast or rule.mcore in plan.target.computed
 
     for kind, layer, _ in messages:
         if not workers.wanted(plan, kind, layer):  # another worker's (--workers)
@@ -353,7 +350,7 @@ class HfSourceFormat(registry.SourceFormat):
     loader = "modellink_ckpt.loaders.hf:load"
 
     def describe(self, request: registry.SourceRequest) -> registry.SourceInfo:
-        source = HfSource(request.load_dir)
+        source = HfSource(request.path)
         dims = source.dims(request.family, request.overrides)
         source.check_accounted(request.family, dims, mtp_asked=request.overrides.get("mtp_num_layers") is not None)
         source.check_mtp_copies(request.family, dims)
@@ -361,23 +358,11 @@ class HfSourceFormat(registry.SourceFormat):
                                    config_path=source.dir / "config.json")
 
     def family_hint(self, path: Path, cfg_path=None) -> tuple[str, str] | None:
-        """The family of an HF folder: the one entry whose `hf_model_type` / `hf_architectures`
-        match config.json and that converts every tensor; else any entry that converts every tensor."""
-        from modellink_ckpt.model_cfg import families_for_config
-
         source = HfSource(path)
-        said = f"config.json model_type {source.config.get('model_type')!r}"
-        matching = families_for_config(source.config, cfg_path)
-        fitting = mapping.families_fitting(source.config, source.tensor_names(), cfg_path, candidates=matching)
-        if fitting:
-            return fitting[0], f"from {said}"
-        if matching:
-            return matching[0], f"from {said}"  # its accounting will say what does not fit
-        fitting = mapping.families_fitting(source.config, source.tensor_names(), cfg_path)
-        if fitting:
-            return fitting[0], f"by its tensor names; no entry names {said}"
-        raise UsageError(f"--load-dir {path}: no entry of the model config matches {said} or converts its "
-                         f"tensors; pass --model-type-hf (see README: model families)")
+        try:
+            return mapping.family_of_hf(source.config, source.tensor_names(), cfg_path)
+        except UsageError as exc:
+            raise UsageError(f"--load-dir {path}: {exc} (see README: model families)") from None
 
     def detect(self, path: Path) -> bool:
         return path.is_dir() and (path / "config.json").is_file() and \

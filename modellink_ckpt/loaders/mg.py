@@ -15,252 +15,21 @@ from typing import Callable
 
 import torch
 
-from modellink_ckpt import kernel_copy, mapping, mg_names, registry, workers
-from modellink_ckpt import transforms as T
+from modellink_ckpt import registry
+from modellink_ckpt.engine import workers
+from modellink_ckpt.engine.pipeline import message_bytes
 from modellink_ckpt.errors import ConvertError, UsageError
-from modellink_ckpt.layout import ParallelLayout
-from modellink_ckpt.megatron_args import dims_from_args, layout_from_args, recorded_computes, spelling_from_args
-from modellink_ckpt.file_io import scratch_tensor
-from modellink_ckpt.lora import merge_lora
-from modellink_ckpt.optim_layout import is_parameter_name
-from modellink_ckpt.formats.torch_zip import LazyTensor, load_lazy, loaded
-
-TRACKER = "latest_checkpointed_iteration.txt"
-RANK_FILE = "model_optim_rng.pt"
-
-
-def iteration_dir_name(iteration: int | str) -> str:
-    return "release" if iteration == "release" else f"iter_{int(iteration):07d}"
-
-
-def find_iteration(directory: Path, flag: str = "--load-dir") -> tuple[int | str, Path]:
-    """(iteration, its folder) of a Megatron checkpoint: from the tracker file, or `directory` is
-    the iteration folder itself (rank files, or a torch_dist store)."""
-    from modellink_ckpt.formats.torch_dist import is_torch_dist
-
-    if not directory.is_dir():
-        raise UsageError(f"{flag} {directory}: not a directory")
-    tracker = directory / TRACKER
-    if tracker.is_file():
-        text = tracker.read_text().strip()
-        if text != "release" and not text.isdigit():
-            raise ConvertError(f"{tracker}: expected an iteration number or 'release', found {text[:40]!r}")
-        iter_dir = directory / iteration_dir_name(text)
-        if not iter_dir.is_dir():
-            raise ConvertError(f"{tracker}: points to {iter_dir.name}, which does not exist")
-        return ("release" if text == "release" else int(text)), iter_dir
-    if any(directory.glob(f"mp_rank_*/{RANK_FILE}")) or is_torch_dist(directory):
-        name = directory.name
-        return ("release" if name == "release" else
-                int(name[5:]) if name.startswith("iter_") and name[5:].isdigit() else 1), directory
-    raise UsageError(f"{flag} {directory}: no {TRACKER} (not a complete Megatron checkpoint)")
-
-
-class MegatronSource:
-    """A Megatron checkpoint directory: its tracker, stored args and rank files."""
-
-    def __init__(self, directory: str | Path, *, flag: str = "--load-dir", lora=None, lora_dir: str | Path | None = None,
-                 keep_adapters: bool = False):
-        """`lora` (a lora.LoraSpec): merge the adapters, held in the same rank files or, with
-        `lora_dir`, in the same rank files of another checkpoint, into the weights as they are read.
-        `keep_adapters`: read LoRA tensors as they are (to export them)."""
-        self.dir = Path(directory)
-        self._lora, self._lora_source = lora, MegatronSource(lora_dir, flag="--lora-load") if lora_dir else None
-        self._keep_adapters = keep_adapters
-        self.iteration, self.iter_dir = find_iteration(self.dir, flag)
-        rank_files = sorted(self.iter_dir.glob(f"mp_rank_*/{RANK_FILE}"))
-        if not rank_files:
-            raise ConvertError(f"{self.iter_dir}: no mp_rank_*/{RANK_FILE} files")
-        first = load_lazy(rank_files[0])
-        if not isinstance(first, dict) or "args" not in first:
-            raise ConvertError(f"{rank_files[0]}: no 'args' stored; cannot tell its layout")
-        self.args = first["args"]
-        self._cache: dict[tuple[int, int, int], dict] = {}
-        self._released: set[int] = set()
-        self.checked_stages: set[int] | None = None  # whose tensors must all be used (None: every stage)
-
-    def dims(self, vocab_size: int | None = None, overrides: dict | None = None):
-        dims = dims_from_args(self.args, source=str(self.iter_dir), vocab_size=vocab_size)
-        if overrides:
-            dims = type(dims).from_dict({**dims.to_dict(), **{k: v for k, v in overrides.items() if v is not None}})
-        return dims
-
-    def layout(self, dims) -> ParallelLayout:
-        return layout_from_args(self.args, dims, source=str(self.iter_dir))
-
-    def padded_vocab(self) -> int | None:
-        return getattr(self.args, "padded_vocab_size", None)
-
-    def rank_state(self, layout: ParallelLayout, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> dict:
-        key = (tp_rank, pp_rank, ep_rank)
-        if key not in self._cache:
-            path = self.iter_dir / layout.rank_dir(tp_rank, pp_rank, ep_rank) / RANK_FILE
-            if not path.is_file():
-                raise ConvertError(f"{path}: missing rank file (the stored args say TP={layout.tp}, PP={layout.pp})")
-            models = _model_entries(load_lazy(path), path)
-            if self._lora is not None:
-                lora_path, lora_models = path, models
-                if self._lora_source is not None:
-                    lora_path = self._lora_source.iter_dir / layout.rank_dir(tp_rank, pp_rank, ep_rank) / RANK_FILE
-                    if not lora_path.is_file():
-                        raise ConvertError(f"{lora_path}: missing rank file (the base checkpoint has "
-                                           f"{path.parent.name})")
-                    lora_models = _model_entries(load_lazy(lora_path), lora_path)
-                models = merge_lora(models, lora_models, self._lora, path, lora_path)
-            elif not self._keep_adapters and any(".lora_A." in name for sd in models.values() for name in sd):
-                raise ConvertError(f"{path}: holds LoRA adapters; pass --lora-r and --lora-alpha to merge them, "
-                                   f"or --save-lora-to-hf to export them")
-            self._cache[key] = {"path": path, "models": models,
-                                "unused": set() if pp_rank in self._released else
-                                {(mk, name) for mk, sd in models.items() for name in sd
-                                 if not name.endswith("_extra_state")}}
-        return self._cache[key]
-
-    def release(self, layout: ParallelLayout, pp_rank: int) -> None:
-        """Forget stage `pp_rank`'s files after checking every tensor in them was used (once:
-        a stage read again later, for HF's MTP copies of the embedding, is not checked again)."""
-        self._released.add(pp_rank)
-        for key in [k for k in self._cache if k[1] == pp_rank]:
-            entry = self._cache.pop(key)
-            if entry["unused"] and (self.checked_stages is None or pp_rank in self.checked_stages):
-                model_key, name = sorted(entry["unused"])[0]
-                raise ConvertError(f"{entry['path']}: unexpected tensor '{name}' in '{model_key}' "
-                                   f"({len(entry['unused'])} in all) that the model config does not explain")
-
-    def spelling(self, layout: ParallelLayout, pp_rank: int) -> mg_names.Spelling:
-        """How stage `pp_rank`'s files spell their layers (detected from TP/EP rank 0's names)."""
-        models = self.rank_state(layout, 0, pp_rank)["models"]
-        return mg_names.detect_spelling(name for state in models.values() for name in state)
-
-    def shards(self, layout: ParallelLayout, pp_rank: int, vchunk: int, name: str, ep_rank: int | None = None,
-               required: bool = True) -> list | None:
-        """The TP shards of tensor `name` of one stage/chunk, from EP rank `ep_rank`'s files; with
-        `ep_rank` None the tensor is one every EP rank holds a copy of (read from EP rank 0)."""
-        model_key = layout.model_key(vchunk)
-        shards = []
-        for tp_rank in range(layout.tp):
-            for ep in (range(layout.ep) if ep_rank is None else (ep_rank,)):
-                entry = self.rank_state(layout, tp_rank, pp_rank, ep)
-                state = entry["models"].get(model_key)
-                if state is None:
-                    raise ConvertError(f"{entry['path']}: no '{model_key}' entry (VPP chunk {vchunk})")
-                if name not in state:
-                    if not required:
-                        return None
-                    raise ConvertError(f"{entry['path']}: missing tensor '{name}' in '{model_key}'")
-                entry["unused"].discard((model_key, name))
-                if ep == (ep_rank or 0):
-                    shards.append(state[name])
-        if not shards[0].dtype.is_floating_point:
-            raise ConvertError(f"{self.iter_dir}: '{name}' is {str(shards[0].dtype).replace('torch.', '')}; "
-                               f"model weights must be floating point")
-        return shards
-
-    def take(self, layout: ParallelLayout, pp_rank: int, vchunk: int, name: str, tp_kind: str,
-             required: bool = True, out: torch.Tensor | None = None, rows: int | None = None,
-             shards: list | None = None) -> torch.Tensor | None:
-        """The whole tensor `name` of one stage/chunk, its TP shards read straight into their place
-        in `out`; `rows` keeps only the first rows (the unpadded vocabulary)."""
-        if shards is None:
-            shards = self.shards(layout, pp_rank, vchunk, name, required=required)
-            if shards is None:
-                return None
-        kind = "column" if tp_kind == "vocab" else tp_kind
-        merged = _merged_shape(shards, kind)
-        if rows is not None:
-            if merged[0] < rows:
-                raise ConvertError(f"{self.iter_dir}: '{name}' has {merged[0]} rows, fewer than the vocabulary "
-                                   f"size {rows}")
-            merged = torch.Size((rows, *merged[1:]))
-        if out is None:
-            out = torch.empty(merged, dtype=shards[0].dtype)
-        if out.shape != merged or any(s.dtype != out.dtype for s in shards):
-            shapes = ", ".join(f"{list(s.shape)} {s.dtype}" for s in shards)
-            raise ConvertError(f"{self.iter_dir}: '{name}' over TP ranks is {shapes}, which does not form "
-                               f"{list(out.shape)} {out.dtype}")
-        _merge_into(shards, kind, out)
-        return out
-
-    def dtype_of(self, layout: ParallelLayout, pp_rank: int, vchunk: int, name: str, ep_rank: int = 0) -> torch.dtype:
-        """The dtype `name` is read in, from TP rank 0's file."""
-        state = self.rank_state(layout, 0, pp_rank, ep_rank)["models"].get(layout.model_key(vchunk), {})
-        return state[name].dtype if name in state else torch.float32  # missing: take() reports it
-
-    def stored_dtype(self, layout: ParallelLayout, pp_rank: int, vchunk: int, name: str, ep_rank: int = 0) -> torch.dtype:
-        """The dtype of model weight `name` (from optim, that of the model weight its fp32 master
-        weight stands in for)."""
-        state = self.rank_state(layout, 0, pp_rank, ep_rank)["models"].get(layout.model_key(vchunk), {})
-        tensor = state.get(name)
-        return getattr(tensor, "model_dtype", None) or self.dtype_of(layout, pp_rank, vchunk, name, ep_rank)
-
-
-def _model_entries(state, path) -> dict:
-    if not isinstance(state, dict):
-        raise ConvertError(f"{path}: not a Megatron checkpoint (no dict inside)")
-    models = {k: v for k, v in state.items() if k == "model" or (k.startswith("model") and k[5:].isdigit())}
-    if list(models) == ["model0"]:  # a single virtual chunk, as older writers stored it
-        models = {"model": models["model0"]}
-    if not models:
-        raise ConvertError(f"{path}: no 'model' entry")
-    return models
-
-
-def _read_rows(shard, start: int, stop: int, out: torch.Tensor) -> None:
-    if isinstance(shard, LazyTensor):
-        with kernel_copy.placing():  # placed unchanged: may stay in the file for the saver
-            shard.read_rows(start, stop, out)
-    else:  # an old non-zip file, loaded whole
-        out.copy_(shard[start:stop])
-
-
-def _merge_into(shards, kind: str, out: torch.Tensor) -> None:
-    """The inverse of the TP split of `kind`, reading each shard straight to its place in `out`
-    (which may stop early for a vocabulary without its padding)."""
-    if kind == "replicated":
-        _read_rows(shards[0], 0, shards[0].shape[0] if shards[0].shape else 1, out.view(shards[0].shape))
-    elif kind == "column":
-        start = 0
-        for shard in shards:
-            count = min(shard.shape[0], out.shape[0] - start)
-            if count > 0:
-                _read_rows(shard, 0, count, out[start:start + count])
-            start += shard.shape[0]
-    elif kind == "gated_column":  # rank r holds [G_r; U_r]
-        gate_out, up_out = T.split_gate_up(out)
-        start = 0
-        for shard in shards:
-            half = shard.shape[0] // 2
-            _read_rows(shard, 0, half, gate_out[start:start + half])
-            _read_rows(shard, half, 2 * half, up_out[start:start + half])
-            start += half
-    elif kind == "row":  # dim-1 pieces are strided in `out`: read each whole, then place it
-        start = 0
-        for shard in shards:
-            columns = shard.shape[1]
-            whole = shard.read_into(scratch_tensor(shard.shape, shard.dtype)) if isinstance(shard, LazyTensor) else shard
-            out[:, start:start + columns].copy_(whole)
-            start += columns
-    else:
-        raise ValueError(kind)
-
-
-def _merged_shape(shards, kind: str) -> torch.Size:
-    first = shards[0].shape
-    if kind in ("column", "gated_column"):
-        return torch.Size((sum(s.shape[0] for s in shards), *first[1:]))
-    if kind == "row":
-        return torch.Size((first[0], sum(s.shape[1] for s in shards), *first[2:]))
-    return first
-
-
-def state_name(name: str, state: str) -> str:
-    """The name of optimizer state `state` (e.g. exp_avg) of tensor `name`: in a source's rank
-    dicts `name::state`, in messages `state:name`; the weights themselves keep their names."""
-    return f"{name}::{state}" if state else name
-
-
-def message_state_name(name: str, state: str) -> str:
-    return f"{state}:{name}" if state else name
+from modellink_ckpt.formats.megatron import names as mg_names
+from modellink_ckpt.formats.megatron.args import recorded_computes, spelling_from_args
+from modellink_ckpt.formats.megatron.checkpoint import (RANK_FILE, TRACKER, MegatronSource, message_state_name,
+                                                        state_name)
+from modellink_ckpt.formats.megatron.lora import check_same_layout, spec_from_args
+from modellink_ckpt.formats.megatron.optim_layout import is_parameter_name
+from modellink_ckpt.formats.torch_dist import is_torch_dist
+from modellink_ckpt.formats.torch_zip import loaded
+from modellink_ckpt.loaders.torch_dist import open_megatron
+from modellink_ckpt.model import mapping
+from modellink_ckpt.model.lora import LORA_FLAGS, lora_request
 
 
 def _read_files(source, layout, dims, spelling, rules, files, pp_rank, vchunk, arena, *, where: str,
@@ -355,7 +124,7 @@ def _stored_dtypes(source: MegatronSource, plan) -> tuple[torch.dtype, dict]:
     """(the model's dtype, {message key: dtype} of every message tensor stored in another one),
     from the rank files' headers: Megatron keeps e.g. a router's expert bias in fp32 in a bf16
     model, and transformers 5.24 writes DeepSeek-V3's routers in fp32."""
-    family, dims, layout = plan.family, plan.dims, plan.source_layout
+    family, dims, layout = plan.family, plan.dims, plan.source.layout
     (embedding, output), (last_pp, last_chunk) = _vocab_tensors(layout, dims), layout.last_stage
     model_dtype = source.stored_dtype(layout, *embedding)
     stored = {}
@@ -386,15 +155,13 @@ def _stored_dtypes(source: MegatronSource, plan) -> tuple[torch.dtype, dict]:
 
 def load(plan, sender) -> dict:
     """Stream a Megatron checkpoint as whole (TP-merged, unpadded) Megatron tensors."""
-    return stream(plan, sender, SOURCE.open(plan.load_dir, lora=plan.lora, lora_dir=plan.lora_dir))
+    return stream(plan, sender, SOURCE.open(plan.source.path, lora=plan.source.lora, lora_dir=plan.source.lora_dir))
 
 
 def stream(plan, sender, source: MegatronSource, states: tuple[str, ...] = (), **meta) -> dict:
     """Send `source` message by message; `states`: optimizer states sent next to each tensor
     (`exp_avg:<name>`, ...), for a source that has them (loaders.optim)."""
-    from modellink_ckpt.pipeline import message_bytes
-
-    family, dims, layout = plan.family, plan.dims, plan.source_layout
+    family, dims, layout = plan.family, plan.dims, plan.source.layout
     first_pp, first_chunk = layout.first_stage
     last_pp, last_chunk = layout.last_stage
     every = ("",) + tuple(states)
@@ -424,8 +191,8 @@ def stream(plan, sender, source: MegatronSource, states: tuple[str, ...] = (), *
     # padded alike: there they are kept as they are (trained rows of the output layer and their
     # optimizer state take part in the softmax).
     rows = dims.vocab_size
-    if plan.save_type == "mg" and plan.padded_vocab == source.padded_vocab():
-        rows = plan.padded_vocab
+    if plan.target.padded_vocab is not None and plan.target.padded_vocab == source.padded_vocab():
+        rows = plan.target.padded_vocab
 
     def send_plain(kind, pp_rank, vchunk):
         """A message of the tensors outside the layers (a vocabulary table, a norm and its bias)."""
@@ -474,31 +241,32 @@ class MegatronSourceFormat(registry.SourceFormat):
     name = "mg"
     description = "Megatron-Core checkpoint, legacy torch layout (latest_checkpointed_iteration.txt, mp_rank_*)"
     loader = "modellink_ckpt.loaders.mg:load"
+    # --noop-layers: a checkpoint's noop slots its args do not record (for a target other than Megatron)
+    flags = LORA_FLAGS | {"noop_layers"}
 
     def open(self, directory, **kwargs) -> MegatronSource:
         """Legacy rank files or a torch_dist store."""
-        from modellink_ckpt.loaders.torch_dist import open_megatron
-
         return open_megatron(directory, **kwargs)
 
     def describe(self, request: registry.SourceRequest) -> registry.SourceInfo:
-        lora_request = request.lora or {}
-        source = self.open(request.load_dir, keep_adapters=bool(lora_request.get("export")))
-        lora, lora_dir = _lora_plan(request, source)
-        if lora is not None and not lora_request.get("export"):  # merged as the weights are read
-            source = self.open(request.load_dir, lora=lora, lora_dir=lora_dir)
+        lora_asked = lora_request(request.options) or {}
+        source = self.open(request.path, keep_adapters=bool(lora_asked.get("export")))
+        lora, lora_dir = _lora_plan(request, source, lora_asked)
+        if lora is not None and not lora_asked.get("export"):  # merged as the weights are read
+            source = self.open(request.path, lora=lora, lora_dir=lora_dir)
         vocab = None
         if getattr(source.args, "vocab_size", None) is None:
             for folder in request.config_dirs:  # the true vocabulary is the HF one
                 if folder is not None and (folder / "config.json").is_file():
                     vocab = json.loads((folder / "config.json").read_text()).get("vocab_size")
                     break
-        if request.noop_layers and not getattr(source.args, "noop_layers", None):
-            source.args.noop_layers = request.noop_layers  # a checkpoint whose args do not record them
+        noop = request.options.get("noop_layers")
+        if noop and request.target not in ("mg", "torch_dist") and not getattr(source.args, "noop_layers", None):
+            source.args.noop_layers = noop  # a checkpoint whose args do not record them
         stored_mtp = int(getattr(source.args, "mtp_num_layers", None) or 0)
         asked_mtp = request.overrides.get("mtp_num_layers")
         if asked_mtp is not None and asked_mtp != stored_mtp:
-            raise UsageError(f"--mtp-num-layers {asked_mtp}: {request.load_dir} holds {stored_mtp} "
+            raise UsageError(f"--mtp-num-layers {asked_mtp}: {request.path} holds {stored_mtp} "
                              f"multi-token-prediction layer(s) (its stored args)")
         dims = source.dims(vocab, {**request.overrides, "mtp_num_layers": None})
         layout = source.layout(dims)
@@ -509,7 +277,8 @@ class MegatronSourceFormat(registry.SourceFormat):
             tokenizer=Path(recorded) if isinstance(recorded, str) and Path(recorded).is_file() else None,
             padded_vocab=source.padded_vocab(),
             divisible_by=int(getattr(source.args, "make_vocab_size_divisible_by", None) or 1),
-            lora=lora, lora_dir=lora_dir, recorded_computes=recorded_computes(source.args),
+            lora=lora, lora_dir=lora_dir, args=source.args, iteration=source.iteration,
+            recorded_computes=recorded_computes(source.args),
             recorded_family=(source.args.model_type_hf, f"{source.iter_dir} (its stored args)")
             if isinstance(getattr(source.args, "model_type_hf", None), str) else None)
 
@@ -518,8 +287,6 @@ class MegatronSourceFormat(registry.SourceFormat):
         return (recorded, "recorded in its args") if isinstance(recorded, str) else None
 
     def detect(self, path: Path) -> bool:
-        from modellink_ckpt.formats.torch_dist import is_torch_dist
-
         return (path / TRACKER).is_file() or any(path.glob(f"mp_rank_*/{RANK_FILE}")) or is_torch_dist(path)
 
     def inspect(self, path: Path) -> dict:
@@ -546,19 +313,16 @@ class MegatronSourceFormat(registry.SourceFormat):
                 "dtypes": dtypes, "files": files}
 
 
-def _lora_plan(request: registry.SourceRequest, source: MegatronSource) -> tuple:
+def _lora_plan(request: registry.SourceRequest, source: MegatronSource, lora: dict) -> tuple:
     """(LoraSpec, --lora-load folder) when adapters are to be merged or exported, else (None, None)."""
-    lora = request.lora
     if not lora:
         return None, None
-    from modellink_ckpt.lora import check_same_layout, spec_from_args
-
     adapters = source
     if lora.get("load"):
         adapters = MegatronSource(lora["load"], flag="--lora-load")
-        check_same_layout(source.args, adapters.args, request.load_dir, lora["load"])
+        check_same_layout(source.args, adapters.args, request.path, lora["load"])
     spec = spec_from_args(adapters.args, r=lora.get("r"), alpha=lora.get("alpha"),
-                          target_modules=lora.get("target_modules"), source=str(lora.get("load") or request.load_dir))
+                          target_modules=lora.get("target_modules"), source=str(lora.get("load") or request.path))
     return spec, lora.get("load")
 
 

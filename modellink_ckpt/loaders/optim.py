@@ -11,15 +11,17 @@ messages carry the master weights and, per tensor, `exp_avg:<name>` / `exp_avg_s
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
 import torch
 
-from modellink_ckpt import optim_layout as O
 from modellink_ckpt.errors import ConvertError, UsageError
-from modellink_ckpt.loaders.mg import MegatronSource, MegatronSourceFormat, state_name, stream
-from modellink_ckpt.formats.torch_zip import LazyTensor, loaded
+from modellink_ckpt.formats.megatron import optim_layout as O
+from modellink_ckpt.formats.megatron.checkpoint import MegatronSource, state_name
+from modellink_ckpt.formats.torch_zip import LazyTensor, load_lazy, loaded
+from modellink_ckpt.loaders.mg import MegatronSourceFormat, stream
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 CARRIED = ("optimizer", "opt_param_scheduler", "rng_state", "num_floating_point_operations_so_far", "iteration")
@@ -107,8 +109,6 @@ class OptimSource(MegatronSource):
     def carried(self) -> dict:
         """What a target `model_optim_rng.pt` carries over: the optimizer's param groups and step,
         the scheduler, the RNG state, the iteration (from TP/PP/EP rank 0's file)."""
-        from modellink_ckpt.formats.torch_zip import load_lazy
-
         first = sorted(self.iter_dir.glob(f"mp_rank_*/{O.MODEL_FILE}"))[0]
         state = load_lazy(first)
         missing = [k for k in ("optimizer", "opt_param_scheduler") if k not in state]
@@ -125,8 +125,8 @@ class OptimSource(MegatronSource):
 
 
 def load(plan, sender) -> dict:
-    source = OptimSource(plan.load_dir)
-    optim = {**source.carried(), "settings": source.settings, "param_order": source.param_order(plan.source_layout)}
+    source = OptimSource(plan.source.path)
+    optim = {**source.carried(), "settings": source.settings, "param_order": source.param_order(plan.source.layout)}
     return stream(plan, sender, source, MOMENTS, optim=optim)
 
 
@@ -138,14 +138,33 @@ class OptimSourceFormat(MegatronSourceFormat):
     def open(self, directory, **kwargs) -> MegatronSource:
         return MegatronSource(directory, **kwargs)  # distrib_optim.pt sits beside legacy rank files
 
+    # the resumed run's data-parallel settings, which lay the optimizer state out (a Megatron target)
+    flags = MegatronSourceFormat.flags | {"target_data_parallel_size", "target_overlap_grad_reduce",
+                                          "target_ddp_bucket_size"}
+
     def describe(self, request):
         info = super().describe(request)
-        source = MegatronSource(request.load_dir)
+        source = MegatronSource(request.path)
         O.check_iteration_dir(source.iter_dir)
         O.DdpSettings.from_args(source.args, source=str(source.iter_dir))
         if info.dims.mtp_num_layers:
             raise UsageError("--load-model-type optim: multi-token-prediction layers are not supported")
-        return info
+        options = request.options
+        size = options.get("target_data_parallel_size")
+        if size is not None and size < 1:
+            raise UsageError(f"--target-data-parallel-size {size}: must be at least 1")
+        overlap = options.get("target_overlap_grad_reduce")
+        ddp = {"data_parallel_size": size, "overlap_grad_reduce": None if overlap is None else overlap == "on",
+               "bucket_size": options.get("target_ddp_bucket_size")}
+        return dataclasses.replace(info, options={**info.options, "ddp": ddp})
+
+    def check(self, plan) -> None:
+        asked = [flag for flag, value in zip(("--target-data-parallel-size", "--target-overlap-grad-reduce",
+                                              "--target-ddp-bucket-size"), plan.source.options["ddp"].values())
+                 if value is not None]
+        if asked and plan.target.format != "mg":
+            raise UsageError(f"{asked[0]}: only for --load-model-type optim --save-model-type mg (it shapes the "
+                             f"optimizer state, not the weights)")
 
     def detect(self, path: Path) -> bool:
         return super().detect(path) and any(path.glob(f"**/mp_rank_*/{O.OPTIM_FILE}"))

@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 
 from modellink_ckpt.errors import ConvertError, UsageError
-from modellink_ckpt.formats.torch_dist import TorchDistStore
+from modellink_ckpt.formats.megatron.checkpoint import MegatronSource, find_iteration
+from modellink_ckpt.formats.torch_dist import TorchDistStore, is_torch_dist
 from modellink_ckpt.formats.torch_zip import LazyTensor
-from modellink_ckpt.layout import ParallelLayout
-from modellink_ckpt.loaders.mg import MegatronSource, find_iteration
+from modellink_ckpt.model.layout import ParallelLayout
 
 _PER_LAYER = re.compile(r"^(decoder\.layers\.\d+\.|mtp\.layers\.\d+\.transformer_layer\.)(.+)$")
 _EXPERTS = "mlp.experts.experts."
@@ -133,8 +133,6 @@ class TorchDistSource(MegatronSource):
 
 def open_megatron(directory: str | Path, **kwargs) -> MegatronSource:
     """The Megatron source at `directory`: legacy rank files or a torch_dist store."""
-    from modellink_ckpt.formats.torch_dist import is_torch_dist
-
     _, iter_dir = find_iteration(Path(directory), kwargs.get("flag", "--load-dir"))
     if not is_torch_dist(iter_dir) and ((iter_dir / ".metadata").is_file() or any(iter_dir.glob("*.distcp"))):
         raise ConvertError(f"{iter_dir}: an incomplete torch_dist checkpoint (no metadata.json, which a save writes "

@@ -9,31 +9,33 @@ is published only when complete.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from modellink_ckpt import mapping, registry, workers
-from modellink_ckpt import transforms as T
+from modellink_ckpt import registry
+from modellink_ckpt.engine import workers
+from modellink_ckpt.engine.manifest import (MANIFEST, check_manifest, hash_files, model_dtype, read_manifest,
+                                            with_recorded_dtypes, write_manifest)
+from modellink_ckpt.engine.progress import progress as show_progress
+from modellink_ckpt.engine.staging import StagedDir, check_target
 from modellink_ckpt.errors import ConvertError, UsageError
-from modellink_ckpt.manifest import hash_files, write_manifest
-from modellink_ckpt.model_cfg import dims_from_hf_config, hf_config_from_dims
-from modellink_ckpt.formats.safetensors_io import PlacedTensors, SafetensorsWriter
-from modellink_ckpt.progress import progress as show_progress
-from modellink_ckpt.staging import StagedDir, check_target
-
-HF_SUBDIR = "mg2hf"
-INDEX = "model.safetensors.index.json"
-_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-_METADATA = {"format": "pt"}  # what transformers' save_pretrained writes
+from modellink_ckpt.formats.huggingface import HF_SUBDIR, TOKENIZER_FILES, output_config
+from modellink_ckpt.formats.safetensors_io import (PlacedShards, SafetensorsFile, ShardedOutput, parse_size,
+                                                   plan_shards, shard_names, write_index)
+from modellink_ckpt.model import mapping
+from modellink_ckpt.model import transforms as T
+from modellink_ckpt.model.accounting import account
+from modellink_ckpt.model.families import check_family_fits_config, dims_from_hf_config, load_family
+from modellink_ckpt.plan import HfTarget
 
 
-def hf_tensors(plan, dtypes: "mapping.TensorDtypes") -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+def hf_tensors(family, dims, dtypes: mapping.TensorDtypes) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
     """Every HF tensor the saver will write, in arrival order, with the dtype it is written in
     (from the model sizes and the loader's declared dtypes alone)."""
-    family, dims = plan.family, plan.dims
     entries = []
     for kind, layer, tensors in mapping.model_messages(family, dims, dtypes.default):
         for rule in mapping.message_rules(kind, family, dims, layer):
@@ -64,112 +66,11 @@ class SlabStacks:
         return stack
 
 
-def plan_shards(entries, max_bytes: int) -> list[list[tuple[str, tuple[int, ...], torch.dtype]]]:
-    """Consecutive groups of at most `max_bytes` (a larger tensor gets a shard of its own)."""
-    shards, size = [[]], 0
-    for entry in entries:
-        nbytes = torch.Size(entry[1]).numel() * entry[2].itemsize
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(entry)
-        size += nbytes
-    return shards
-
-
-def shard_names(count: int) -> list[str]:
-    if count == 1:
-        return ["model.safetensors"]
-    return [f"model-{k:05d}-of-{count:05d}.safetensors" for k in range(1, count + 1)]
-
-
-class ShardedOutput:
-    """The planned shards, opened one after the other as the tensors arrive."""
-
-    def __init__(self, folder: Path, shards):
-        self.folder, self._shards = folder, shards
-        self.names = shard_names(len(shards))
-        self._current: SafetensorsWriter | None = None
-        self._index = 0
-        self.files: dict[str, tuple[int, str]] = {}
-        self.total_bytes = 0
-
-    def add(self, name: str, value) -> None:
-        if self._current is None:
-            self._current = SafetensorsWriter(self.folder / self.names[self._index], self._shards[self._index],
-                                              metadata=_METADATA)
-        self._current.add(name, value)
-        if self._current.complete:
-            self.files[self.names[self._index]] = self._current.close()
-            self.total_bytes += self._current.tensor_bytes
-            self._current, self._index = None, self._index + 1
-
-    def finish(self) -> None:
-        if self._index != len(self._shards):
-            raise RuntimeError(f"only {self._index} of {len(self._shards)} planned shards were completed")
-
-    def abort(self) -> None:
-        if self._current is not None:
-            self._current.abort()
-
-
-class PlacedShards:
-    """The planned shards of a shared target (`--workers`): each worker writes the tensors of its
-    messages at their planned places; the files are hashed when every worker is done."""
-
-    def __init__(self, folder: Path, shards):
-        self.names = shard_names(len(shards))
-        self._tensors = PlacedTensors({name: (folder / name, shard, _METADATA)
-                                       for name, shard in zip(self.names, shards)})
-        self.files: dict[str, tuple[int, str]] = {}  # hashed by the parent
-
-    @property
-    def total_bytes(self) -> int:
-        return self._tensors.tensor_bytes
-
-    def add(self, name: str, value) -> None:
-        self._tensors.add(name, value)
-
-    def finish(self) -> None:
-        self._tensors.close()
-
-    def abort(self) -> None:
-        self._tensors.close()
-
-
-def write_index(folder: Path, names: list[str], shards, file_name: str = INDEX) -> list[str]:
-    """model.safetensors.index.json (or MindSpore's `param_name_map.json`, the same structure), for
-    a model in several shards; returns what it wrote."""
-    if len(shards) < 2:
-        return []
-    weight_map = {entry[0]: name for name, shard in zip(names, shards) for entry in shard}
-    total = sum(torch.Size(shape).numel() * dtype.itemsize for shard in shards for _, shape, dtype in shard)
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / file_name).write_text(json.dumps(index, indent=2) + "\n")
-    return [file_name]
-
-
-def _hf_config(plan, meta, dtype: torch.dtype) -> dict:
-    """The original config.json where there is one, else one built from the model sizes."""
-    for folder in (plan.hf_config_dir, plan.save_dir):
-        if folder is not None and (Path(folder) / "config.json").is_file():
-            config = json.loads((Path(folder) / "config.json").read_text())
-            break
-    else:
-        config = meta.get("hf_config") or hf_config_from_dims(plan.family, plan.dims, _DTYPE_NAMES.get(dtype, "float32"))
-    config = {k: v for k, v in config.items() if k != "quantization_config"}  # the weights are never quantized
-    dtype_key = "torch_dtype" if "torch_dtype" in config and "dtype" not in config else "dtype"
-    config[dtype_key] = _DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
-    return config
-
-
 def _copy_tokenizer(plan, folder: Path) -> list[str]:
-    from modellink_ckpt.loaders.hf import TOKENIZER_FILES
-
     copied = []
-    candidates = [Path(d) / n for d in (plan.hf_config_dir, plan.save_dir, plan.tokenizer_dir()) if d
+    candidates = [Path(d) / n for d in (plan.target.hf_config_dir, plan.target.path, plan.tokenizer_dir()) if d
                   for n in TOKENIZER_FILES]
-    for explicit in (plan.source_tokenizer, plan.tokenizer_model):
+    for explicit in (plan.source.tokenizer, plan.target.tokenizer_model):
         if explicit:
             candidates.insert(0, Path(explicit))
     for path in candidates:
@@ -187,17 +88,17 @@ def save(plan, receiver) -> dict:
     messages = iter(receiver)
     meta = next(messages)
     share = getattr(plan, "share", None)
-    dtypes = mapping.TensorDtypes.from_meta(meta, cast=plan.params_dtype)
+    dtypes = mapping.TensorDtypes.from_meta(meta, cast=plan.target.params_dtype)
     dtype = dtypes.default
-    staging = None if share else StagedDir(plan.save_dir / HF_SUBDIR, overwrite=plan.overwrite)
+    staging = None if share else StagedDir(plan.target.path / HF_SUBDIR, overwrite=plan.run.overwrite)
     folder = Path(share.folder) if share else staging.path
-    entries = hf_tensors(plan, dtypes)
+    entries = hf_tensors(plan.family, plan.dims, dtypes)
     odd_dtypes = {name: str(dt) for name, _, dt in entries if dt != dtype}
-    shards = plan_shards(entries, plan.max_shard_bytes)
+    shards = plan_shards(entries, plan.target.max_shard_bytes)
     output = PlacedShards(folder, shards) if share else ShardedOutput(folder, shards)
     stacks = SlabStacks()
     layers = workers.written_layers(plan)
-    progress = show_progress(total=layers, desc="saving layers", unit="layer", quiet=plan.quiet)
+    progress = show_progress(total=layers, desc="saving layers", unit="layer", quiet=plan.run.quiet)
     try:
         for message in workers.owned(plan, messages):
             for rule in mapping.message_rules(message.kind, family, dims, message.get("layer")):
@@ -213,11 +114,11 @@ def save(plan, receiver) -> dict:
         small, tokenizer = [], []  # config, tokenizer and index: written once (by the first worker)
         if share is None or share.index == 0:
             index = write_index(folder, output.names, shards)
-            (folder / "config.json").write_text(json.dumps(_hf_config(plan, meta, dtype), indent=2) + "\n")
+            (folder / "config.json").write_text(json.dumps(output_config(plan, meta, dtype), indent=2) + "\n")
             tokenizer = _copy_tokenizer(plan, folder)
             small = ["config.json", *tokenizer, *index]
         manifest = dict(kind="hf", model_type_hf=family.name,
-                        source={"type": plan.load_type, "dir": str(Path(plan.load_dir).resolve())},
+                        source={"type": plan.source.format, "dir": str(Path(plan.source.path).resolve())},
                         dtype=str(dtype), vocab_size=dims.vocab_size, dtypes=odd_dtypes)
         if staging is not None:
             write_manifest(folder, {**output.files, **hash_files(folder, small)}, **manifest)
@@ -229,7 +130,7 @@ def save(plan, receiver) -> dict:
             staging.discard()
         raise
     return {"bytes": output.total_bytes, "seconds": time.monotonic() - started,
-            "target": str(plan.save_dir / HF_SUBDIR if share else target), "files": len(output.names),
+            "target": str(plan.target.path / HF_SUBDIR if share else target), "files": len(output.names),
             "tokenizer_files": tokenizer, "shards": output.names, "small_files": small, "manifest": manifest}
 
 
@@ -243,10 +144,53 @@ def publish_shares(staging: StagedDir, results: list[dict]) -> dict:
     return workers.combined_result(results, files=len(first["shards"]))
 
 
+def verify(folder: Path, hash_contents: bool = True, family_name: str | None = None) -> tuple[list[str], str]:
+    """An HF folder against its manifest and its config.json: every tensor the family's model has,
+    with its shape and dtype, and nothing else. A folder this tool did not write is checked as
+    the family a conversion would find for it."""
+    manifest, problems, files = check_manifest(folder, hash_contents)
+    config = json.loads((folder / "config.json").read_text())
+    found = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            for name, (dtype, shape, _, _) in SafetensorsFile(path).entries.items():
+                found[name] = (tuple(shape), dtype)
+        except ConvertError as exc:
+            problems.append(str(exc))
+    recorded = (manifest or {}).get("model_type_hf")
+    if family_name:
+        family, how = load_family(family_name), "--model-type-hf"
+        check_family_fits_config(family, config, str(folder / "config.json"))
+    elif isinstance(recorded, str):
+        family, how = load_family(recorded), "recorded in the manifest"
+    else:  # not written by this tool: the family its config.json and tensors name, as a conversion finds it
+        name, how = mapping.family_of_hf(config, found)
+        family = load_family(name)
+    dims = dims_from_hf_config(family, config, source=str(folder / "config.json"))
+    layers = {int(m.group(1)) for m in (re.search(r"\.layers\.(\d+)\.", name) for name in found) if m}
+    mtp = max(layers, default=-1) + 1 - dims.num_layers  # multi-token-prediction layers follow the decoder's
+    if 0 < mtp <= int(config.get("num_nextn_predict_layers") or 0):
+        dims = dims_from_hf_config(family, config, source=str(folder / "config.json"), overrides={"mtp_num_layers": mtp})
+    dtype = model_dtype(manifest, found)
+    expected = {name: (tuple(shape), dt) for name, shape, dt in hf_tensors(family, dims, mapping.TensorDtypes(dtype))}
+    problems += account(with_recorded_dtypes(expected, manifest), found).problems(str(folder))
+    return problems, f"{files}; {len(found)} tensors match config.json as --model-type-hf {family.name} ({how})"
+
+
 class HfTargetFormat(registry.TargetFormat):
     name = "hf"
     description = "Hugging Face safetensors shards, index, config.json and tokenizer in <save-dir>/mg2hf"
     saver = "modellink_ckpt.savers.hf:save"
+    selected_by = "hf"
+    flags = frozenset({"max_shard_size", "tokenizer_model", "load_hf_from_config"})
+
+    def spec(self, options: dict, path: Path, params_dtype, family, source) -> HfTarget:
+        tokenizer = options["tokenizer_model"]
+        if tokenizer and not Path(tokenizer).is_file():
+            raise UsageError(f"--tokenizer-model {tokenizer}: file not found")
+        return HfTarget(format=self.name, path=path, params_dtype=params_dtype, tokenizer_model=tokenizer,
+                        max_shard_bytes=parse_size(options["max_shard_size"], "--max-shard-size"),
+                        hf_config_dir=options.get("hf_cfg_dir"))
 
     def copies_in_kernel(self, plan) -> bool:
         return True
@@ -255,7 +199,7 @@ class HfTargetFormat(registry.TargetFormat):
         return None  # --workers: each worker writes some layers into the planned shards
 
     def shares(self, plan, count: int) -> tuple:
-        staging = StagedDir(plan.save_dir / HF_SUBDIR, overwrite=plan.overwrite)
+        staging = StagedDir(plan.target.path / HF_SUBDIR, overwrite=plan.run.overwrite)
         return staging, self.share_plans(plan, count, str(staging.path))
 
     def share_plans(self, plan, count: int, folder: str) -> list:
@@ -265,17 +209,39 @@ class HfTargetFormat(registry.TargetFormat):
         return publish_shares(staged, results)
 
     def check(self, plan) -> None:
-        check_target(plan.save_dir / HF_SUBDIR, plan.overwrite)
-        _check_config_matches(plan.dims, plan.family, plan.hf_config_dir or plan.save_dir)
+        check_target(plan.target.path / HF_SUBDIR, plan.run.overwrite)
+        _check_config_matches(plan.dims, plan.family, plan.target.hf_config_dir or plan.target.path)
 
     def files(self, plan) -> dict[str, int]:
-        dtype = plan.params_dtype or plan.source_dtype
-        shards = plan_shards(hf_tensors(plan, mapping.TensorDtypes(dtype)), plan.max_shard_bytes)
+        dtype = plan.target.params_dtype or plan.source.dtype
+        shards = plan_shards(hf_tensors(plan.family, plan.dims, mapping.TensorDtypes(dtype)), plan.target.max_shard_bytes)
         return {name: sum(torch.Size(shape).numel() * dt.itemsize for _, shape, dt in shard)
                 for name, shard in zip(shard_names(len(shards)), shards)}
 
     def where(self, plan) -> str:
-        return str(plan.save_dir / HF_SUBDIR)
+        return str(plan.target.path / HF_SUBDIR)
+
+    def pieces(self, plan, kind: str, layer: int | None, tensors: dict) -> list[tuple[str, str, torch.Tensor]]:
+        """The HF tensors (a fused expert tensor's slab for one expert) and the shard holding each."""
+        dtype = plan.target.params_dtype or plan.source.dtype
+        shards = plan_shards(hf_tensors(plan.family, plan.dims, mapping.TensorDtypes(dtype)), plan.target.max_shard_bytes)
+        file_of = {entry[0]: name for name, shard in zip(shard_names(len(shards)), shards) for entry in shard}
+        out = []
+        for rule in mapping.message_rules(kind, plan.family, plan.dims, layer):
+            if rule.mcore in tensors:
+                for name, part in zip(rule.hf, rule.to_hf(tensors[rule.mcore])):
+                    where = f" [expert slab {rule.slab[0]} of {rule.slab[1]}]" if rule.slab else ""
+                    out.append((f"{HF_SUBDIR}/{file_of[name]}", name + where, T.as_tensor(part)))
+        return out
+
+    def recognises(self, path: Path) -> Path | None:
+        if not (path / MANIFEST).is_file() and (path / HF_SUBDIR).is_dir() and \
+                ((path / HF_SUBDIR / MANIFEST).is_file() or (path / HF_SUBDIR / "config.json").is_file()):
+            path = path / HF_SUBDIR  # the HF folder a conversion wrote into
+        return path if (path / "config.json").is_file() and (read_manifest(path) or {}).get("kind") != "ms" else None
+
+    def verify(self, folder: Path, hash_contents: bool = True, family: str | None = None) -> tuple[list[str], str]:
+        return verify(folder, hash_contents, family)
 
 
 def _check_config_matches(dims, family, folder: Path | None) -> None:

@@ -22,133 +22,37 @@ planned places in the shards), into the folder the parent staged; the parent pub
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from modellink_ckpt import file_io, mapping, ms_names, registry, workers
-from modellink_ckpt.errors import UsageError
-from modellink_ckpt.formats.ms_ckpt import MsCkptWriter
-from modellink_ckpt.formats.ms_strategy import Strategy, load_strategy
-from modellink_ckpt.formats.safetensors_io import PlacedTensors, SafetensorsWriter
-from modellink_ckpt.manifest import hash_files, write_manifest
-from modellink_ckpt.savers.hf import _hf_config, plan_shards, write_index
-from modellink_ckpt.progress import progress as show_progress
-from modellink_ckpt.staging import StagedDir, check_target
-
-NAME_MAP = "param_name_map.json"
-STRATEGY_DIR = "strategy"
-DEFAULT_PREFIX = "checkpoint_"
-_METADATA = {"format": "ms"}
+from modellink_ckpt import registry
+from modellink_ckpt.engine import workers
+from modellink_ckpt.engine.manifest import (check_manifest, hash_files, model_dtype, read_manifest,
+                                            with_recorded_dtypes, write_manifest)
+from modellink_ckpt.engine.progress import progress as show_progress
+from modellink_ckpt.engine.staging import StagedDir, check_target
+from modellink_ckpt.errors import ConvertError, UsageError
+from modellink_ckpt.formats import file_io
+from modellink_ckpt.formats.huggingface import output_config
+from modellink_ckpt.formats.mindspore import names as ms_names
+from modellink_ckpt.formats.mindspore.files import DEFAULT_PREFIX, STRATEGY_DIR, MsFiles, copy_strategy, rank_tensors
+from modellink_ckpt.formats.mindspore.store import MsStore
+from modellink_ckpt.formats.ms_strategy import load_strategy
+from modellink_ckpt.formats.safetensors_io import parse_size
+from modellink_ckpt.model import mapping
+from modellink_ckpt.model.accounting import account
+from modellink_ckpt.model.families import dims_from_hf_config, family_to_check
+from modellink_ckpt.plan import MsTarget
 
 
 def planned_tensors(plan, dtypes: mapping.TensorDtypes) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
     """Every MindSpore tensor in arrival order, with shape and dtype (from the model sizes)."""
-    naming = ms_names.load_naming(plan.family, plan.target_options["naming"])
+    naming = ms_names.load_naming(plan.family, plan.target.naming)
     return [(name, tuple(t.shape), t.dtype)
             for _, _, tensors in ms_names.model_ms_tensors(naming, plan.family, plan.dims, dtypes)
             for name, t in tensors.items()]
-
-
-def rank_tensors(entries, strategy: Strategy, rank: int):
-    """The (name, slice shape, dtype) that rank `rank` holds, in order."""
-    return [(name, tuple(b - a for a, b in strategy.slice_of(name, shape, rank)), dtype)
-            for name, shape, dtype in entries if strategy.holds(name, rank)]
-
-
-class MsFiles:
-    """The open output files of a MindSpore checkpoint (complete, or a rank file per rank of
-    `strategy`, or of the ranks `ranks` only) and where each tensor, or its slices, goes.
-    `entries`: every tensor in arrival order [(name, shape, dtype)]. With `placed`, complete
-    safetensors shards are written at their planned places by several workers side by side
-    (`--workers`), and hashed once all are done."""
-
-    def __init__(self, folder: Path, fmt: str, entries, *, strategy: Strategy | None = None,
-                 prefix: str | None = None, max_shard_bytes: int = 5 * 10**9, file_name: str | None = None,
-                 ranks=None, placed: bool = False):
-        self.folder, self.format, self.strategy = folder, fmt, strategy
-        self.files: dict[str, tuple[int, str]] = {}
-        self.unhashed: list[str] = []  # placed shards: the parent hashes them
-        self.tensor_bytes = 0
-        self._placed = None
-        self._writers: list[tuple[str, object, object]] = []  # (relative path, writer, rank or None)
-        suffix = ".ckpt" if self.format == "ckpt" else ".safetensors"
-        if self.strategy is not None:
-            prefix = prefix or DEFAULT_PREFIX
-            for rank in (range(self.strategy.world_size) if ranks is None else ranks):
-                (folder / f"rank_{rank}").mkdir(parents=True, exist_ok=True)
-                name = f"rank_{rank}/{prefix}{rank}{suffix}"
-                self._writers.append((name, self._open(folder / name, rank_tensors(entries, self.strategy, rank)), rank))
-            self.shards = None
-        elif self.format == "ckpt":  # MindSpore loads a complete checkpoint from one .ckpt
-            name = file_name or "model.ckpt"
-            self._writers.append((name, self._open(folder / name, entries), None))
-        else:
-            self.shards = plan_shards(entries, max_shard_bytes)
-            names = [file_name or "model.safetensors"] if len(self.shards) == 1 else \
-                [f"model-{k:05d}-of-{len(self.shards):05d}.safetensors" for k in range(1, len(self.shards) + 1)]
-            self._shard_of = {entry[0]: i for i, shard in enumerate(self.shards) for entry in shard}
-            self._names = names
-            self._open_shard = {}
-            if placed:
-                self._placed = PlacedTensors({name: (folder / name, shard, _METADATA)
-                                              for name, shard in zip(names, self.shards)})
-                self.unhashed = names
-
-    def _open(self, path: Path, entries):
-        if self.format == "ckpt":
-            return MsCkptWriter(path)
-        return SafetensorsWriter(path, entries, metadata=_METADATA)
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        if self.strategy is not None:
-            shape = tuple(tensor.shape)
-            for path, writer, rank in self._writers:
-                if self.strategy.holds(name, rank):
-                    ranges = self.strategy.slice_of(name, shape, rank)
-                    writer.add(name, tensor[tuple(slice(a, b) for a, b in ranges)])
-            return
-        if self.format == "ckpt":
-            self._writers[0][1].add(name, tensor)
-            return
-        if self._placed is not None:
-            self._placed.add(name, tensor)
-            return
-        index = self._shard_of[name]
-        if index not in self._open_shard:
-            self._open_shard[index] = self._open(self.folder / self._names[index], self.shards[index])
-        writer = self._open_shard[index]
-        writer.add(name, tensor)
-        if writer.complete:
-            self.files[self._names[index]] = writer.close()
-            self.tensor_bytes += writer.tensor_bytes
-            del self._open_shard[index]
-
-    def close(self) -> None:
-        for path, writer, _ in self._writers:
-            self.files[path] = writer.close()
-            self.tensor_bytes += writer.tensor_bytes
-        if self._placed is not None:
-            self._placed.close()
-            self.tensor_bytes = self._placed.tensor_bytes
-        elif self.strategy is None and self.format == "safetensors" and self._open_shard:
-            raise RuntimeError("a planned safetensors shard was not completed")
-
-    def write_index(self) -> list[str]:
-        """MindSpore's unified-checkpoint index, for complete safetensors in several shards."""
-        if self.strategy is None and self.format == "safetensors":
-            return write_index(self.folder, self._names, self.shards, NAME_MAP)
-        return []
-
-    def abort(self) -> None:
-        for _, writer, _ in self._writers:
-            writer.abort()
-        for writer in getattr(self, "_open_shard", {}).values():
-            writer.abort()
-        if self._placed is not None:
-            self._placed.close()
 
 
 class RowGather:
@@ -194,18 +98,18 @@ def save(plan, receiver) -> dict:
     messages = iter(receiver)
     meta = next(messages)
     share = getattr(plan, "share", None)
-    dtypes = mapping.TensorDtypes.from_meta(meta, cast=plan.params_dtype)
-    naming = ms_names.load_naming(plan.family, plan.target_options["naming"])
+    dtypes = mapping.TensorDtypes.from_meta(meta, cast=plan.target.params_dtype)
+    naming = ms_names.load_naming(plan.family, plan.target.naming)
     entries = planned_tensors(plan, dtypes)
-    staging = None if share else StagedDir(plan.save_dir, overwrite=plan.overwrite)
+    staging = None if share else StagedDir(plan.target.path, overwrite=plan.run.overwrite)
     folder = Path(share.folder) if share else staging.path
     files, gather = None, RowGather(plan.dims)
     layers = workers.written_layers(plan)
-    progress = show_progress(total=layers, desc="saving layers", unit="layer", quiet=plan.quiet)
+    progress = show_progress(total=layers, desc="saving layers", unit="layer", quiet=plan.run.quiet)
     try:
-        options = plan.target_options
-        files = MsFiles(folder, options["format"], entries, strategy=options.get("strategy_obj"),
-                        prefix=options.get("prefix"), max_shard_bytes=plan.max_shard_bytes,
+        target = plan.target
+        files = MsFiles(folder, target.file_format, entries, strategy=target.strategy, prefix=target.prefix,
+                        max_shard_bytes=target.max_shard_bytes,
                         ranks=share.parts if share else None, placed=share is not None)
         for message in workers.owned(plan, messages):  # (to the end: the receiver acknowledges "done" after it)
             layer = message.get("layer")
@@ -219,15 +123,15 @@ def save(plan, receiver) -> dict:
         small = []  # written once (by the first worker)
         if share is None or share.index == 0:
             small = files.write_index()
-            config = _hf_config(plan, meta, dtypes.default)
+            config = output_config(plan, meta, dtypes.default)
             (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
             small.append("config.json")
-            strategy_file = plan.target_options.get("strategy")
+            strategy_file = plan.target.strategy_path
             if strategy_file:
-                small += _copy_strategy(Path(strategy_file), folder / STRATEGY_DIR)
+                small += copy_strategy(Path(strategy_file), folder / STRATEGY_DIR)
         written = {**files.files, **hash_files(folder, small)}
         manifest = dict(kind="ms", model_type_hf=plan.family.name, ms_format=files.format, ms_naming=naming.name,
-                        source={"type": plan.load_type, "dir": str(Path(plan.load_dir).resolve())},
+                        source={"type": plan.source.format, "dir": str(Path(plan.source.path).resolve())},
                         dtype=str(dtypes.default), world_size=files.strategy.world_size if files.strategy else None,
                         dtypes={name: str(dt) for name, _, dt in entries if dt != dtypes.default})
         if staging is not None:
@@ -240,7 +144,7 @@ def save(plan, receiver) -> dict:
         if staging is not None:
             staging.discard()
         raise
-    return {"bytes": files.tensor_bytes, "seconds": time.monotonic() - started, "target": str(plan.save_dir),
+    return {"bytes": files.tensor_bytes, "seconds": time.monotonic() - started, "target": str(plan.target.path),
             "files": len(files.files), "written": written, "unhashed": files.unhashed, "manifest": manifest}
 
 
@@ -254,52 +158,76 @@ def publish_shares(staging: StagedDir, results: list[dict]) -> dict:
     return workers.combined_result(results, files=sum(r["files"] for r in results) + len(results[0]["unhashed"]))
 
 
-def _copy_strategy(source: Path, folder: Path) -> list[str]:
-    folder.mkdir(parents=True, exist_ok=True)
-    copied = []
-    for path in ([source] if source.is_file() else sorted(p for p in source.iterdir() if p.is_file())):
-        shutil.copy2(path, folder / path.name)
-        copied.append(f"{STRATEGY_DIR}/{path.name}")
-    return copied
+def verify(folder: Path, hash_contents: bool = True, family_name: str | None = None) -> tuple[list[str], str]:
+    """A MindSpore output against its manifest and its config.json: every tensor the naming
+    expects, with its shape and dtype, in the complete file(s) or, sliced by the strategy, in
+    every rank file."""
+    manifest, problems, files = check_manifest(folder, hash_contents)
+    family = family_to_check(family_name, manifest.get("model_type_hf"))
+    config = json.loads((folder / "config.json").read_text())
+    dims = dims_from_hf_config(family, config, source=str(folder / "config.json"))
+    naming = ms_names.load_naming(family, manifest.get("ms_naming") or "mcore")
+    expected = {name: (tuple(t.shape), t.dtype) for _, _, tensors in ms_names.model_ms_tensors(
+        naming, family, dims, mapping.TensorDtypes(model_dtype(manifest, {}))) for name, t in tensors.items()}
+    strategies = sorted((folder / STRATEGY_DIR).glob("*")) if (folder / STRATEGY_DIR).is_dir() else []
+    try:
+        strategy = load_strategy(folder / STRATEGY_DIR) if strategies else None
+        store = MsStore(folder, strategy)
+        found = {name: (tuple(shape), dtype) for name, (shape, dtype) in
+                 ((name, store.shape_dtype(name)) for name in store.names())}
+    except ConvertError as exc:
+        return problems + [str(exc)], "unreadable"
+    problems += account(with_recorded_dtypes(expected, manifest), found).problems(str(folder))
+    layout = f"{strategy.world_size} rank files by the strategy" if strategy else "complete"
+    return problems, f"{files}; {len(found)} tensors ({layout}) match MindSpore naming '{naming.name}' of config.json"
 
 
 class MsTargetFormat(registry.TargetFormat):
     name = "ms"
     description = "MindSpore / MindFormers checkpoint (.ckpt or safetensors; complete or distributed by a strategy)"
     saver = "modellink_ckpt.savers.ms:save"
+    selected_by = "ms"
+    flags = frozenset({"ms_format", "ms_naming", "dst_strategy", "ms_prefix", "max_shard_size"})
+
+    def spec(self, options: dict, path: Path, params_dtype, family, source) -> MsTarget:
+        strategy = options["dst_strategy"]
+        return MsTarget(format=self.name, path=path, params_dtype=params_dtype, file_format=options["ms_format"],
+                        naming=options["ms_naming"] or "mcore", strategy_path=strategy,
+                        strategy=load_strategy(strategy, flag="--dst-strategy") if strategy else None,
+                        prefix=options["ms_prefix"], hf_config_dir=options.get("hf_cfg_dir"),
+                        max_shard_bytes=parse_size(options["max_shard_size"], "--max-shard-size"))
 
     def copies_in_kernel(self, plan) -> bool:
         """Safetensors tensors are plain bytes at an offset; a `.ckpt` checksums every byte it
         writes, so there nothing would stay in the kernel."""
-        return plan.target_options["format"] == "safetensors"
+        return plan.target.file_format == "safetensors"
 
     def computes_on(self, plan):
         """Tensors the naming reorders (QKV split per head group, interleaved or stacked MLPs)."""
         folds = super().computes_on(plan)
-        naming = ms_names.load_naming(plan.family, plan.target_options["naming"])
+        naming = ms_names.load_naming(plan.family, plan.target.naming)
         reordered = ms_names.reordered_names(naming, plan.dims)
         return lambda rule: folds(rule) or rule.mcore in reordered
 
     def why_one_process(self, plan) -> str | None:
         """Split by a strategy: shared by rank; complete safetensors: by layers."""
-        options = plan.target_options
-        if options.get("strategy_obj") is None and options["format"] != "safetensors":
+        if plan.target.strategy is None and plan.target.file_format != "safetensors":
             return ("a complete MindSpore ckpt target is written by one process (workers share the ranks of "
                     "--dst-strategy, or the layers of complete safetensors)")
         return None
 
     def shares(self, plan, count: int) -> tuple:
-        staging = StagedDir(plan.save_dir, overwrite=plan.overwrite)
+        staging = StagedDir(plan.target.path, overwrite=plan.run.overwrite)
         return staging, self.share_plans(plan, count, str(staging.path))
 
     def share_plans(self, plan, count: int, folder: str) -> list:
         """Shares of the strategy's ranks, by the bytes and the messages each rank holds; complete
         safetensors by source stage (each worker writing its tensors at their planned places)."""
-        strategy = plan.target_options.get("strategy_obj")
+        strategy = plan.target.strategy
         if strategy is None:
             return workers.message_share_plans(plan, count, folder)
-        naming = ms_names.load_naming(plan.family, plan.target_options["naming"])
-        dtypes = mapping.TensorDtypes(plan.params_dtype or plan.source_dtype)
+        naming = ms_names.load_naming(plan.family, plan.target.naming)
+        dtypes = mapping.TensorDtypes(plan.target.params_dtype or plan.source.dtype)
         # every rank of a pipeline stage holds the same tensors, in slices of (about) the same size:
         # counted per stage, so that thousands of ranks cost no more than one
         stage_bytes = [0] * strategy.stages
@@ -321,46 +249,72 @@ class MsTargetFormat(registry.TargetFormat):
         return publish_shares(staged, results)
 
     def check(self, plan) -> None:
-        options = plan.target_options
-        if options.get("format") not in ("safetensors", "ckpt"):
-            raise UsageError(f"--ms-format {options.get('format')}: expected safetensors or ckpt")
+        if plan.target.file_format not in ("safetensors", "ckpt"):
+            raise UsageError(f"--ms-format {plan.target.file_format}: expected safetensors or ckpt")
         if plan.dims.mtp_num_layers:
             raise UsageError("--save-model-type ms: multi-token-prediction layers are not supported")
-        if options.get("strategy"):
-            options["strategy_obj"] = load_strategy(options["strategy"], flag="--dst-strategy")
-        if Path(plan.save_dir).resolve() == Path(plan.load_dir).resolve():
+        if Path(plan.target.path).resolve() == Path(plan.source.path).resolve():
             raise UsageError("--save-dir must differ from --load-dir")
-        check_target(plan.save_dir, plan.overwrite)
-        entries = planned_tensors(plan, mapping.TensorDtypes(plan.params_dtype or plan.source_dtype))
-        strategy = options.get("strategy_obj")
+        check_target(plan.target.path, plan.run.overwrite)
+        entries = planned_tensors(plan, mapping.TensorDtypes(plan.target.params_dtype or plan.source.dtype))
+        strategy = plan.target.strategy
         if strategy is not None:
             names = {name for name, _, _ in entries}
             unknown = sorted(set(strategy.layouts) - names)
             if unknown:
                 raise UsageError(f"--dst-strategy {strategy.source}: lays out '{unknown[0]}' ({len(unknown)} in all), "
-                                 f"which this model in naming '{options['naming']}' does not have")
+                                 f"which this model in naming '{plan.target.naming}' does not have")
             for name, shape, _ in entries:
                 if name in strategy.layouts:
                     strategy.layouts[name].check_shape(shape, name, strategy.source)
 
     def files(self, plan) -> dict[str, int]:
-        options = plan.target_options
-        entries = planned_tensors(plan, mapping.TensorDtypes(plan.params_dtype or plan.source_dtype))
-        strategy = options.get("strategy_obj")
-        suffix = ".ckpt" if options["format"] == "ckpt" else ".safetensors"
+        entries = planned_tensors(plan, mapping.TensorDtypes(plan.target.params_dtype or plan.source.dtype))
+        strategy = plan.target.strategy
+        suffix = ".ckpt" if plan.target.file_format == "ckpt" else ".safetensors"
         if strategy is not None:
-            prefix = options.get("prefix") or DEFAULT_PREFIX
+            prefix = plan.target.prefix or DEFAULT_PREFIX
             return {f"rank_{r}/{prefix}{r}{suffix}": sum(torch.Size(s).numel() * d.itemsize
                                                           for _, s, d in rank_tensors(entries, strategy, r))
                     for r in range(strategy.world_size)}
         total = sum(torch.Size(s).numel() * d.itemsize for _, s, d in entries)
-        return {options.get("file_name") or f"model{suffix}": total}
+        return {f"model{suffix}": total}
 
     def where(self, plan) -> str:
-        options = plan.target_options
-        strategy = options.get("strategy_obj")
+        strategy = plan.target.strategy
         layout = f"{strategy.world_size} ranks" if strategy else "complete"
-        return f"{plan.save_dir} (MindSpore {options['format']}, {options['naming']} names, {layout})"
+        return f"{plan.target.path} (MindSpore {plan.target.file_format}, {plan.target.naming} names, {layout})"
+
+    def pieces(self, plan, kind: str, layer: int | None, tensors: dict) -> list[tuple[str, str, torch.Tensor]]:
+        """The MindSpore tensors of the naming (with what a rule joins them with), complete or the
+        slice of every rank of the strategy that holds one."""
+        naming = ms_names.load_naming(plan.family, plan.target.naming)
+        shapes = {rule.mcore: rule.shape for rule in mapping.message_rules(kind, plan.family, plan.dims, layer)}
+        full = ms_names.global_message(kind, layer, {name: torch.empty(shape, device="meta")
+                                                      for name, shape in shapes.items()})
+        given = set(ms_names.global_message(kind, layer, tensors))
+        joined = {ms_names.local_name(kind, layer, name) for inst in naming.plan(kind, layer, full, plan.dims)
+                  if given & set(inst.mg) for name in inst.mg} - set(tensors)
+        dtype = next(iter(tensors.values())).dtype
+        tensors = {**tensors, **{name: torch.zeros((), dtype=dtype).expand(shapes[name]) for name in joined}}
+        strategy, suffix = plan.target.strategy, ".ckpt" if plan.target.file_format == "ckpt" else ".safetensors"
+        out = []
+        for name, tensor in ms_names.to_ms(naming, kind, layer, tensors, plan.dims).items():
+            if strategy is None:
+                out.append((f"model{suffix}", name, tensor))
+                continue
+            for rank in range(strategy.world_size):
+                if strategy.holds(name, rank):
+                    ranges = strategy.slice_of(name, tuple(tensor.shape), rank)
+                    out.append((f"rank_{rank}/{plan.target.prefix}{rank}{suffix}", name,
+                                tensor[tuple(slice(a, b) for a, b in ranges)]))
+        return out
+
+    def recognises(self, path: Path) -> Path | None:
+        return path if (read_manifest(path) or {}).get("kind") == "ms" else None
+
+    def verify(self, folder: Path, hash_contents: bool = True, family: str | None = None) -> tuple[list[str], str]:
+        return verify(folder, hash_contents, family)
 
 
 TARGET = MsTargetFormat()

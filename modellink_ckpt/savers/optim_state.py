@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from modellink_ckpt import optim_layout as O
-from modellink_ckpt import transforms as T
+from modellink_ckpt.formats.megatron import optim_layout as O
+from modellink_ckpt.model import transforms as T
 
 STATES = ("param", "exp_avg", "exp_avg_sq")
 
@@ -58,7 +58,7 @@ class OptimStateWriter:
 
     def __init__(self, plan, layout, info: dict):
         self.layout, self.dims = layout, plan.dims
-        asked = {key: value for key, value in plan.target_ddp.items() if value is not None}
+        asked = {key: value for key, value in plan.target.ddp.items() if value is not None}
         if asked.get("bucket_size") == 0:  # --target-ddp-bucket-size 0: Megatron's default size
             asked["bucket_size"] = None
         self.settings = dataclasses.replace(info["settings"], **asked)  # the source run's, unless asked

@@ -24,18 +24,26 @@ from pathlib import Path
 
 import torch
 
-from modellink_ckpt import mapping, mg_names, registry, workers
-from modellink_ckpt import transforms as T
+from modellink_ckpt.engine import workers
+from modellink_ckpt.engine.manifest import check_manifest, hash_files, with_recorded_dtypes, write_manifest
+from modellink_ckpt.engine.progress import progress as show_progress
+from modellink_ckpt.engine.staging import StagedIteration
 from modellink_ckpt.errors import ConvertError, UsageError
-from modellink_ckpt.file_io import HashedFile, PositionalFile
-from modellink_ckpt.formats.torch_dist import BACKEND, COMMON, DCP_METADATA, METADATA_JSON
+from modellink_ckpt.formats.file_io import HashedFile, PositionalFile
+from modellink_ckpt.formats.megatron import names as mg_names
+from modellink_ckpt.formats.megatron.args import (carry_over, dims_from_args, make_args, mark_weights_only,
+                                                  module_contradictions, spelling_from_args)
+from modellink_ckpt.formats.megatron.checkpoint import TRACKER, find_iteration, iteration_dir_name
+from modellink_ckpt.formats.torch_dist import (BACKEND, COMMON, DCP_METADATA, METADATA_JSON, TorchDistStore,
+                                               is_torch_dist)
 from modellink_ckpt.formats.torch_zip import StreamingTorchWriter
-from modellink_ckpt.loaders.mg import TRACKER, iteration_dir_name
-from modellink_ckpt.manifest import hash_files, write_manifest
-from modellink_ckpt.megatron_args import carry_over, make_args, mark_weights_only
+from modellink_ckpt.model import mapping
+from modellink_ckpt.model import transforms as T
+from modellink_ckpt.model.accounting import account
+from modellink_ckpt.model.families import family_to_check
+from modellink_ckpt.plan import MegatronTarget, Plan, RunSettings
+from modellink_ckpt.registry import SourceInfo
 from modellink_ckpt.savers.mg import MegatronTargetFormat, target_iteration
-from modellink_ckpt.progress import progress as show_progress
-from modellink_ckpt.staging import StagedIteration
 
 DATA_FILE = "__0_0.distcp"
 LAYERS = "decoder.layers."
@@ -53,12 +61,13 @@ class DistKeys:
         # The keys are those of the spec the consumer builds (megatron's gpt_layer_specs): the local
         # spec's keys map names its norms as the Transformer Engine spec fuses them, except for MLA,
         # whose local spec keeps plain names
-        self.local = plan.target_spelling.transformer_impl == "local"
+        self.local = plan.target.spelling.transformer_impl == "local"
         impl = "local" if self.local and self.dims.multi_latent_attention else "transformer_engine"
         self.spelling = mg_names.Spelling(impl, "per_expert", "mcore")
         moe = set(self.dims.moe_layers) if self.dims.num_experts else set()
         self.stacked = not moe or moe == set(range(self.dims.num_layers))
         self.num_layers = self.dims.num_layers
+        self.partial = False  # key only the tensors a message holds (inspect --explain)
 
     def _layer_key(self, layer: int, file: str, moe: bool, prefix: str | None = None) -> tuple[str, tuple, tuple]:
         """(key, leading global dims, leading offsets) of a layer tensor spelled `file`; with `prefix`
@@ -88,6 +97,8 @@ class DistKeys:
         prefix = f"mtp.layers.{k}.{mg_names.MTP_INNER}"
         out, objects = self._layer_chunks(self.num_layers + k, [f for f, _ in inner_files], inner, prefix)
         for file_rule, _ in own_files:
+            if self.partial and file_rule.parts[0] not in tensors:
+                continue
             tensor = tensors[file_rule.parts[0]]
             out.append((file_rule.file, tuple(tensor.shape), (0,) * tensor.dim(), tensor))
             if file_rule.file.endswith("eh_proj.weight"):
@@ -98,6 +109,8 @@ class DistKeys:
         moe = self.dims.is_moe_layer(layer)
         out, modules = [], {}  # (module, leading offsets) -> leading global dims
         for rule in file_rules:
+            if self.partial and not all(part in tensors for part in rule.parts):
+                continue
             tensor = rule.join([tensors[p] for p in rule.parts]) if rule.join else tensors[rule.parts[0]]
             key, lead_shape, lead_offsets = self._layer_key(layer, rule.file, moe, prefix)
             out.append((key, lead_shape + tuple(tensor.shape), lead_offsets + (0,) * tensor.dim(), tensor))
@@ -118,9 +131,11 @@ class DistKeys:
         if kind in ("embeddings", "output_layer", "final_norm"):
             out = []
             for rule in mapping.message_rules(kind, self.plan.family, self.plan.dims):
+                if self.partial and rule.mcore not in tensors:
+                    continue
                 tensor = tensors[rule.mcore]
                 if rule.tp == "vocab":
-                    tensor = T.as_tensor(T.pad_vocab(tensor, self.plan.padded_vocab))
+                    tensor = T.as_tensor(T.pad_vocab(tensor, self.plan.target.padded_vocab))
                 out.append((rule.mcore, tuple(tensor.shape), (0,) * tensor.dim(), tensor))
             return out
         raise UsageError(f"--ckpt-format torch_dist: {kind} messages (multi-token prediction) are not supported")
@@ -285,12 +300,11 @@ class StoreWriter:
 
 def stored_args(plan, model_dtype: torch.dtype, iteration):
     """common.pt's args: the source run's (a Megatron source) with the target's layout, or built."""
-    args = make_args(plan.dims, plan.target_layout, padded_vocab=plan.padded_vocab, divisible_by=plan.divisible_by,
-                     dtype=model_dtype, spelling=plan.target_spelling, model_type_hf=plan.family.name,
+    args = make_args(plan.dims, plan.target.layout, padded_vocab=plan.target.padded_vocab, divisible_by=plan.target.divisible_by,
+                     dtype=model_dtype, spelling=plan.target.spelling, model_type_hf=plan.family.name,
                      iteration=iteration)
-    if plan.load_type in ("mg", "optim"):
-        source = registry.source(plan.load_type).open(plan.load_dir)
-        args = carry_over(source.args, args, drop_prefixes=("lora_",) if plan.lora is not None else (),
+    if plan.source.args is not None:  # a Megatron source: its run's args carried over
+        args = carry_over(plan.source.args, args, drop_prefixes=("lora_",) if plan.source.lora is not None else (),
                           ckpt_format="torch_dist")
     else:
         args.ckpt_format, args.use_dist_ckpt = "torch_dist", True
@@ -304,14 +318,14 @@ def save(plan, receiver) -> dict:
     messages = iter(receiver)
     meta = next(messages)
     share = getattr(plan, "share", None)
-    dtypes = mapping.TensorDtypes.from_meta(meta, cast=plan.params_dtype)
+    dtypes = mapping.TensorDtypes.from_meta(meta, cast=plan.target.params_dtype)
     keys, layout = DistKeys(plan), StoreLayout(plan, dtypes)
     iteration = target_iteration(plan)
-    staging = None if share else StagedIteration(plan.save_dir, iteration_dir_name(iteration), TRACKER, plan.overwrite)
+    staging = None if share else StagedIteration(plan.target.path, iteration_dir_name(iteration), TRACKER, plan.run.overwrite)
     folder = Path(share.folder) if share else staging.folder
     store = StoreWriter(folder, layout, shared=share is not None)
     layers = workers.written_layers(plan)
-    progress = show_progress(total=layers, desc="saving layers", unit="layer", quiet=plan.quiet)
+    progress = show_progress(total=layers, desc="saving layers", unit="layer", quiet=plan.run.quiet)
     try:
         for message in workers.owned(plan, messages):
             if message.kind in ("meta", "done"):
@@ -337,9 +351,9 @@ def save(plan, receiver) -> dict:
             written[COMMON] = (writer.size, writer.digest)
             written.update(hash_files(folder, [DCP_METADATA]))
         manifest = dict(kind="mg-torch_dist", iteration=iteration, model_type_hf=plan.family.name,
-                        source={"type": plan.load_type, "dir": str(Path(plan.load_dir).resolve())},
-                        layout=plan.target_layout.describe(), dtype=str(dtypes.default),
-                        vocab_size=plan.dims.vocab_size, padded_vocab_size=plan.padded_vocab,
+                        source={"type": plan.source.format, "dir": str(Path(plan.source.path).resolve())},
+                        layout=plan.target.layout.describe(), dtype=str(dtypes.default),
+                        vocab_size=plan.dims.vocab_size, padded_vocab_size=plan.target.padded_vocab,
                         dtypes={key: str(dtype) for key, dtype in layout.dtypes().items()
                                 if dtype != dtypes.default})  # kept as stored (an fp32 router)
         if staging is not None:
@@ -351,7 +365,7 @@ def save(plan, receiver) -> dict:
         if staging is not None:
             staging.discard()
         raise
-    return {"bytes": store.tensor_bytes, "seconds": time.monotonic() - started, "target": str(plan.save_dir),
+    return {"bytes": store.tensor_bytes, "seconds": time.monotonic() - started, "target": str(plan.target.path),
             "files": len(written), "written": written, "manifest": manifest}
 
 
@@ -372,11 +386,40 @@ def publish_shares(staging: StagedIteration, results: list[dict]) -> dict:
     return workers.combined_result(results, files=len(files))
 
 
+def verify(folder: Path, hash_contents: bool = True, family_name: str | None = None) -> tuple[list[str], str]:
+    """A torch_dist checkpoint against its manifest and its own stored args: every key the model
+    needs (tensors with their global shape and dtype, extra-state objects) in the store, nothing
+    else, and every arg that decides whether a module exists agreeing with the tensors."""
+    manifest, problems, files = check_manifest(folder, hash_contents)
+    store = TorchDistStore(folder)
+    margs = store.common()["args"]
+    family = family_to_check(family_name, getattr(margs, "model_type_hf", None), (manifest or {}).get("model_type_hf"))
+    dims = dims_from_args(margs, source=str(folder))
+    dtype = getattr(margs, "params_dtype", torch.float32)
+    dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
+    plan = Plan(family=family, source=SourceInfo(dims=dims, dtype=dtype), run=RunSettings(),
+                target=MegatronTarget(format="torch_dist", path=folder, spelling=spelling_from_args(margs),
+                                      padded_vocab=int(getattr(margs, "padded_vocab_size"))))
+    keys = DistKeys(plan)
+    expected, objects = {}, set()
+    for kind, layer, tensors in mapping.model_messages(family, dims, dtype):
+        chunks, extra = keys.layer(layer, tensors) if kind == "layer" else keys.mtp_layer(layer, tensors) \
+            if kind == "mtp_layer" else (keys.plain(kind, tensors), [])
+        expected.update({key: (tuple(shape), t.dtype) for key, shape, _, t in chunks})
+        objects |= {object_key(key, shape, offsets) for key, shape, offsets in extra}
+    found = {key: (tuple(t.shape), t.dtype) for key, t in store.tensors.items()}
+    problems += account(with_recorded_dtypes(expected, manifest), found).problems(str(folder))
+    problems += [f"{folder}: {problem}" for problem in module_contradictions(margs, found)]
+    problems += [line.replace(" tensor '", " object '") for line in account(objects, store.objects).problems(str(folder))]
+    return problems, f"{files}; {len(found)} tensors and {len(store.objects)} objects match the stored args (torch_dist)"
+
+
 class TorchDistTargetFormat(MegatronTargetFormat):
     """A Megatron target in the other `--ckpt-format`: the same target folder and tracker rules."""
 
     name = "torch_dist"
     description = "Megatron-Core torch_dist checkpoint (torch.distributed.checkpoint store, common.pt, metadata.json)"
+    selected_by = "mg --ckpt-format torch_dist"
 
     saver = "modellink_ckpt.savers.torch_dist:save"
 
@@ -387,16 +430,36 @@ class TorchDistTargetFormat(MegatronTargetFormat):
         return publish_shares(staged, results)
 
     def check(self, plan) -> None:
-        if plan.target_spelling.expert_layout != "per_expert":
+        if plan.source.format == "optim":
+            raise UsageError("--ckpt-format torch_dist: optimizer state is written in the torch layout only")
+        if plan.target.spelling.expert_layout != "per_expert":
             raise UsageError("--ckpt-format torch_dist: --moe-grouped-gemm does not apply (the store keeps every "
                              "expert on a global expert axis, whatever the model's expert layout)")
         super().check(plan)
 
     def files(self, plan) -> dict[str, int]:
-        return {DATA_FILE: StoreLayout(plan, mapping.TensorDtypes(plan.params_dtype or plan.source_dtype)).size}
+        return {DATA_FILE: StoreLayout(plan, mapping.TensorDtypes(plan.target.params_dtype or plan.source.dtype)).size}
 
     def where(self, plan) -> str:
-        return f"{plan.save_dir} (torch_dist, vocabulary padded for {plan.target_layout.summary()})"
+        return f"{plan.target.path} (torch_dist, vocabulary padded for {plan.target.layout.summary()})"
+
+    def pieces(self, plan, kind: str, layer: int | None, tensors: dict) -> list[tuple[str, str, torch.Tensor]]:
+        """The store's keys, each piece a chunk at its offsets of the global tensor (one data file)."""
+        keys = DistKeys(plan)
+        keys.partial = True
+        chunks, _ = keys.message(kind, layer, tensors)
+        return [(DATA_FILE, f"{key} (global {list(shape)}, at {list(offsets)})", T.as_tensor(tensor))
+                for key, shape, offsets, tensor in chunks]
+
+    def recognises(self, path: Path) -> Path | None:
+        if is_torch_dist(path):
+            return path
+        if (path / TRACKER).is_file() and is_torch_dist(find_iteration(path)[1]):
+            return find_iteration(path)[1]
+        return None
+
+    def verify(self, folder: Path, hash_contents: bool = True, family: str | None = None) -> tuple[list[str], str]:
+        return verify(folder, hash_contents, family)
 
 
 TARGET = TorchDistTargetFormat()

@@ -1,0 +1,1 @@
+"""The built-in example: tiny random models with a trained tokenizer, and the demo run."""

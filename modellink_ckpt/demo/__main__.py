@@ -1,0 +1,3 @@
+from modellink_ckpt.demo.run import main
+
+raise SystemExit(main())

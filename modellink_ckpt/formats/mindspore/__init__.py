@@ -1,0 +1,1 @@
+"""MindSpore / MindFormers on-disk conventions: tensor namings, LoRA adapters, re-sharding by strategy."""

@@ -1,0 +1,222 @@
+"""A MindSpore / MindFormers checkpoint opened for reading: `.ckpt` or MindSpore safetensors,
+complete (one file, or shards with `param_name_map.json`) or distributed (`rank_<r>/*` files laid
+out by a strategy). Every tensor is read whole by name, a distributed one assembled from the
+distinct slices of the ranks that hold it (each read once)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from modellink_ckpt.errors import ConvertError, UsageError
+from modellink_ckpt.formats.mindspore.lora import MsLora, find_adapters, is_adapter, merged
+from modellink_ckpt.formats.ms_ckpt import MsCkptFile
+from modellink_ckpt.formats.ms_strategy import Strategy
+from modellink_ckpt.formats.safetensors_io import SafetensorsFile
+
+SUFFIXES = (".safetensors", ".ckpt")
+
+
+NAME_MAP = "param_name_map.json"
+
+
+def open_file(path: Path):
+    return MsCkptFile(path) if path.suffix == ".ckpt" else SafetensorsFile(path)
+
+
+def rank_folders(folder: Path) -> dict[int, Path]:
+    found = {}
+    for sub in folder.glob("rank_*"):
+        if sub.is_dir() and sub.name[5:].isdigit():
+            found[int(sub.name[5:])] = sub
+    return found
+
+
+def checkpoint_files(folder: Path, error=ConvertError) -> list[Path]:
+    """The .ckpt or the .safetensors files of a folder, sorted; both side by side are ambiguous."""
+    kinds = {suffix: sorted(folder.glob(f"*{suffix}")) for suffix in SUFFIXES}
+    if kinds[".ckpt"] and kinds[".safetensors"]:
+        raise ConvertError(f"{folder}: holds both .ckpt and .safetensors files; keep one format per folder")
+    files = kinds[".ckpt"] or kinds[".safetensors"]
+    if not files:
+        raise error(f"{folder}: no MindSpore .ckpt or .safetensors file")
+    return files
+
+
+def rank_file(folder: Path) -> Path:
+    """The checkpoint of one rank folder: MindSpore takes the last in sorted order."""
+    return checkpoint_files(folder)[-1]
+
+
+class MsStore:
+    """Every tensor of a MindSpore checkpoint by name, whole: `shape_dtype(name)`, `read(name)`."""
+
+    def __init__(self, path: str | Path, strategy: Strategy | None = None):
+        self.path = Path(path)
+        self.strategy = strategy
+        self.files: list[Path] = []
+        self._where: dict[str, object] = {}       # complete: name -> open file
+        self._ranks: dict[int, object] = {}       # distributed: rank -> open file
+        self._shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        if self.path.is_file():
+            self._complete([self.path])
+        elif not self.path.is_dir():
+            raise UsageError(f"--load-dir {self.path}: no such file or folder")
+        elif rank_folders(self.path) and len(rank_folders(self.path)) > 1 or strategy is not None:
+            self._distributed()
+        else:
+            self._complete(self._complete_files())
+
+    # ---- complete checkpoints ----------------------------------------------------------------
+
+    def _complete_files(self) -> list[Path]:
+        folder = self.path
+        ranks = rank_folders(folder)
+        if ranks:  # a complete checkpoint as MindSpore's tools take one: rank_0/x.ckpt
+            return [rank_file(ranks[0])]
+        for index in (NAME_MAP, "model.safetensors.index.json"):
+            if (folder / index).is_file():
+                try:
+                    weight_map = json.loads((folder / index).read_text())["weight_map"]
+                except (ValueError, KeyError, TypeError):
+                    raise ConvertError(f"{folder / index}: not a valid index (needs a 'weight_map' object)") from None
+                files = sorted({folder / name for name in weight_map.values()})
+                missing = [f for f in files if not f.is_file()]
+                if missing:
+                    raise ConvertError(f"{folder / index}: lists {missing[0].name}, which is missing")
+                return files
+        files = checkpoint_files(folder, UsageError)
+        if len(files) > 1 and files[0].suffix == ".ckpt":
+            raise UsageError(f"--load-dir {folder}: {len(files)} .ckpt files; point --load-dir at one of them")
+        return files
+
+    def _complete(self, files: list[Path]) -> None:
+        self.files = files
+        for path in files:
+            opened = open_file(path)
+            for name in opened.keys():
+                if name in self._where:
+                    raise ConvertError(f"{path}: '{name}' is also in {self._where[name].path}")
+                self._where[name] = opened
+                self._shapes[name] = opened.shape_dtype(name)
+
+    # ---- distributed checkpoints -------------------------------------------------------------
+
+    def _distributed(self) -> None:
+        if self.strategy is None:
+            raise UsageError(f"--load-dir {self.path}: a distributed checkpoint (rank_* folders) needs --src-strategy")
+        ranks = rank_folders(self.path)
+        world = self.strategy.world_size
+        for rank in range(world):
+            if rank not in ranks:
+                raise ConvertError(f"{self.path}: rank_{rank} is missing (the strategy {self.strategy.source} "
+                                   f"has {world} ranks)")
+        extra = sorted(r for r in ranks if r >= world)
+        if extra:
+            raise ConvertError(f"{self.path / f'rank_{extra[0]}'}: not part of the strategy ({world} ranks)")
+        self.files = [rank_file(ranks[r]) for r in range(world)]
+        self._ranks = {rank: open_file(path) for rank, path in enumerate(self.files)}
+        names: dict[str, tuple] = {}
+        for rank, opened in self._ranks.items():
+            for name in opened.keys():
+                if not self.strategy.holds(name, rank):
+                    raise ConvertError(f"{opened.path}: holds '{name}', which the strategy puts on another stage")
+                names.setdefault(name, opened.shape_dtype(name))
+        for name, (stored, dtype) in names.items():
+            layout = self.strategy.layouts.get(name)
+            if layout is None:  # not in the strategy (e.g. step counters): every rank holds it whole
+                self._shapes[name] = (tuple(stored), dtype)
+                continue
+            splits = list(layout.splits())
+            if layout.opt_shard_size and splits:
+                splits[0] *= layout.opt_shards()
+            if len(splits) != len(stored):
+                raise ConvertError(f"{self.strategy.source}: '{name}' has a {len(splits)}-dimensional layout, the "
+                                   f"checkpoint a {len(stored)}-dimensional slice")
+            full = tuple(n * s for n, s in zip(stored, splits))
+            self._shapes[name] = (full, dtype)
+            for rank, opened in self._ranks.items():
+                if self.strategy.holds(name, rank):
+                    if name not in opened:
+                        raise ConvertError(f"{opened.path}: '{name}' is missing (the strategy puts a slice of it here)")
+                    want = tuple(b - a for a, b in self.strategy.slice_of(name, full, rank))
+                    got, got_dtype = opened.shape_dtype(name)
+                    if tuple(got) != want or got_dtype != dtype:
+                        raise ConvertError(f"{opened.path}: '{name}' is {list(got)} {got_dtype}; the strategy "
+                                           f"{self.strategy.source} gives this rank {list(want)} {dtype}")
+
+    # ---- reading -----------------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        return list(self._shapes)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._shapes
+
+    def shape_dtype(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        if name not in self._shapes:
+            raise ConvertError(f"{self.path}: tensor '{name}' not found in the checkpoint")
+        return self._shapes[name]
+
+    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        shape, dtype = self.shape_dtype(name)
+        out = torch.empty(shape, dtype=dtype) if out is None else out
+        if not self._ranks:
+            self._where[name].read_rows(name, 0, shape[0] if shape else 1, out.view(shape) if shape else out)
+            return out
+        layout_rank = self.strategy.sources(name, shape) if name in self.strategy.layouts else {
+            tuple((0, n) for n in shape): 0}
+        for ranges, rank in layout_rank.items():
+            piece_shape = tuple(b - a for a, b in ranges)
+            view = out[tuple(slice(a, b) for a, b in ranges)]
+            if view.is_contiguous():
+                target = view
+            else:
+                target = torch.empty(piece_shape, dtype=dtype)
+            self._ranks[rank].read_rows(name, 0, piece_shape[0] if piece_shape else 1,
+                                        target.view(piece_shape) if piece_shape else target)
+            if target is not view:
+                view.copy_(target)
+        return out
+
+    def verify(self) -> None:
+        """Integrity checks that read whole files (a ckpt's CRC trailer)."""
+        for opened in list(self._where.values()) + list(self._ranks.values()):
+            if isinstance(opened, MsCkptFile):
+                opened.verify_crc()
+
+
+class LoraMergedStore:
+    """A store whose weights come with their MindFormers LoRA adapters merged in (`ms_lora`); the
+    adapters sit in the same checkpoint or in another (`--lora-load`)."""
+
+    def __init__(self, base: MsStore, adapters: MsStore, lora: MsLora):
+        self.base, self._adapter_store, self.lora = base, adapters, lora
+        self.path, self.strategy, self.files = base.path, base.strategy, base.files
+        self.adapters = find_adapters(adapters.names(), set(base.names()), str(adapters.path))
+        if not self.adapters:
+            raise UsageError(f"{adapters.path}: no LoRA adapters to merge (lora_A/lora_B, mindpet_delta_lora_a/b, "
+                             f"tk_delta_lora_a/b)")
+
+    def names(self) -> list[str]:
+        return [name for name in self.base.names() if not is_adapter(name)]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.base and not is_adapter(name)
+
+    def shape_dtype(self, name: str):
+        return self.base.shape_dtype(name)
+
+    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        weight = self.base.read(name)
+        if name in self.adapters:
+            a_name, b_name = self.adapters[name]
+            weight = merged(weight, self._adapter_store.read(a_name), self._adapter_store.read(b_name), self.lora, name)
+        return weight if out is None else out.copy_(weight)
+
+    def verify(self) -> None:
+        self.base.verify()
+        if self._adapter_store is not self.base:
+            self._adapter_store.verify()

@@ -1,0 +1,193 @@
+"""The real consumers of our MindSpore output: MindSpore 2.10 and MindFormers 2.1.0 (CPU), run in
+their own venv (`make setup-ms`; numpy < 2, safetensors < 0.8). Slow tier: CI runs them.
+
+- `mindspore.load_checkpoint` of every file we write returns exactly our tensors (what MindSpore
+  read is written again by MindSpore's own writer and compared bit for bit);
+- with hand-written strategies (mp2, dp2 x mp2 with optimizer shard, pp2 x mp2 merged), our split
+  equals `mindspore.transform_checkpoints` / `transform_checkpoint_by_rank` of the same complete
+  checkpoint, MindSpore merges our rank files back to it, and we merge MindSpore's;
+- MindFormers builds tiny Qwen3 (mcore) and Llama (legacy) models, loads our output strictly and
+  matches the HF logits; a conversion with q and k swapped is caught.
+"""
+
+import shutil
+from pathlib import Path
+
+import ms_fixtures as F
+import numpy as np
+import pytest
+import torch
+from hf_builders import build_repacked
+from ms_fixtures import LAYOUTS, hf_to_ms, ms_to, read_store, run_ms, strategy_for
+from util import ROOT, assert_same_tensors, load_hf_state
+
+from modellink_ckpt.demo.models import build_hf_checkpoint, hf_logits, sample_tokens
+from modellink_ckpt.formats.ms_ckpt import write_ckpt
+from modellink_ckpt.formats.ms_strategy import load_strategy
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ms_consumers")
+    built = {}
+
+    def get(family, dtype=torch.float32):
+        if (family, dtype) not in built:
+            built[family, dtype] = build_hf_checkpoint(family, root / f"{family}-{str(dtype)[6:]}", dtype=dtype,
+                                                       num_layers=2, tokenizer=False)
+        return built[family, dtype]
+    return get
+
+
+@pytest.mark.parametrize("fmt", ["ckpt", "safetensors"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_mindspore_loads_exactly_our_tensors(tmp_path, hf_models, fmt, dtype):
+    ms = hf_to_ms(hf_models("qwen3", dtype), tmp_path / "ms", "qwen3", "--ms-format", fmt)
+    (ours,) = ms.glob(f"*.{fmt}")
+    run_ms("resave", ours, tmp_path / "resaved.ckpt", cwd=tmp_path / "run")
+    assert_same_tensors(read_store(tmp_path / "resaved.ckpt"), read_store(ms), f"{fmt} {dtype}")
+
+
+def _as_mindspore_source(complete: Path, folder: Path) -> Path:
+    """A complete checkpoint as MindSpore's transform tools take one: <folder>/rank_0/<file>."""
+    (folder / "rank_0").mkdir(parents=True)
+    for path in complete.glob("model.*"):
+        shutil.copy(path, folder / "rank_0" / path.name)
+    return folder
+
+
+def _rank_stores(folder: Path, world: int) -> list[dict]:
+    return [read_store(next((folder / f"rank_{r}").glob("*.*"))) for r in range(world)]
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_our_split_and_merge_equal_mindspore(tmp_path, hf_models, layout):
+    hf = hf_models("qwen3")
+    strategy, _ = strategy_for(tmp_path, hf, "qwen3", **LAYOUTS[layout])
+    world = load_strategy(strategy).world_size
+    complete = hf_to_ms(hf, tmp_path / "complete", "qwen3", "--ms-format", "ckpt")
+    ours = hf_to_ms(hf, tmp_path / "ours", "qwen3", "--ms-format", "ckpt", "--dst-strategy", strategy)
+    source = _as_mindspore_source(complete, tmp_path / "ms_src")
+    run_ms("transform", source, tmp_path / "theirs", "none", strategy, "ckpt", cwd=tmp_path / "run")
+    for rank, (a, b) in enumerate(zip(_rank_stores(ours, world), _rank_stores(tmp_path / "theirs", world))):
+        assert_same_tensors(a, b, f"{layout} rank {rank}")
+    run_ms("by-rank", complete / "model.ckpt", strategy, world - 1, tmp_path / "by_rank.ckpt", cwd=tmp_path / "run")
+    assert_same_tensors(read_store(tmp_path / "by_rank.ckpt"), _rank_stores(ours, world)[world - 1], "by rank")
+    # MindSpore merges our rank files back; we merge MindSpore's
+    ours_as_source = tmp_path / "ours_src"
+    shutil.copytree(ours, ours_as_source, ignore=shutil.ignore_patterns("strategy", "*.json"))
+    run_ms("transform", ours_as_source, tmp_path / "merged_by_ms", strategy, "none", "ckpt", cwd=tmp_path / "run")
+    full = read_store(complete)
+    assert_same_tensors(read_store(next((tmp_path / "merged_by_ms" / "rank_0").glob("*.ckpt"))), full, "MindSpore merge")
+    shutil.copy(complete / "config.json", tmp_path / "theirs" / "config.json")
+    merged = ms_to("ms", tmp_path / "theirs", tmp_path / "merged_by_us", "qwen3", "--src-strategy", strategy,
+                   "--ms-format", "ckpt")
+    assert_same_tensors(read_store(merged), full, "our merge of MindSpore's rank files")
+
+
+def test_pipeline_strategies_merged_by_mindspore_read_alike(tmp_path, hf_models):
+    """Per-stage strategy files merged by mindspore.merge_pipeline_strategys, our merged file and
+    the folder of per-stage files all describe the same layout."""
+    hf = hf_models("qwen3")
+    folder, _ = strategy_for(tmp_path, hf, "qwen3", pp=2, mp=2, per_stage_files=True)
+    merged_by_us, _ = strategy_for(tmp_path, hf, "qwen3", pp=2, mp=2)
+    run_ms("merge-strategies", folder, tmp_path / "merged_by_ms.ckpt", cwd=tmp_path / "run")
+    reference = load_strategy(merged_by_us).layouts
+    assert load_strategy(tmp_path / "merged_by_ms.ckpt").layouts == reference
+    assert load_strategy(folder).layouts == reference
+
+
+def test_mindspore_unifies_our_distributed_safetensors(tmp_path, hf_models):
+    hf = hf_models("qwen3", torch.bfloat16)
+    strategy, _ = strategy_for(tmp_path, hf, "qwen3", dp=2, mp=2, opt_shard=True)
+    ours = hf_to_ms(hf, tmp_path / "ours", "qwen3", "--dst-strategy", strategy)
+    source = tmp_path / "ours_src"
+    shutil.copytree(ours, source, ignore=shutil.ignore_patterns("strategy", "*.json"))
+    run_ms("unify", source, strategy, tmp_path / "unified", cwd=tmp_path / "run")
+    unified = {}
+    for path in sorted((tmp_path / "unified").glob("*.safetensors")):
+        unified.update(read_store(path))
+    full = read_store(hf_to_ms(hf, tmp_path / "complete", "qwen3"))
+    assert_same_tensors({k: v for k, v in unified.items() if k in full}, full, "unified_safetensors")
+
+
+def _mf_logits(tmp_path, command, hf, ckpt, *extra) -> tuple[float, float]:
+    tokens = sample_tokens(503, batch=2, seq=8)
+    np.save(tmp_path / "ids.npy", tokens.numpy())
+    run_ms(command, Path(hf) / "config.json", ckpt, tmp_path / "ids.npy", tmp_path / "logits.npy", *extra,
+           cwd=tmp_path / "run")
+    reference = hf_logits(hf, tokens)
+    got = torch.from_numpy(np.load(tmp_path / "logits.npy")).reshape(reference.shape)
+    return (got - reference).abs().max().item(), reference.abs().max().item()
+
+
+@pytest.mark.parametrize("fmt, naming", [("safetensors", "mcore"), ("ckpt", "mcore"), ("ckpt", "mcore-contiguous")])
+def test_mindformers_mcore_qwen3_matches_hf(tmp_path, hf_models, fmt, naming):
+    hf = hf_models("qwen3")
+    ms = hf_to_ms(hf, tmp_path / "ms", "qwen3", "--ms-format", fmt, "--ms-naming", naming)
+    diff, scale = _mf_logits(tmp_path, "mf-qwen3", hf, next(ms.glob(f"model.{fmt}")),
+                             "contiguous" if naming == "mcore-contiguous" else "interleaved")
+    print(f"MindFormers {naming} Qwen3 ({fmt}): max |logit diff| {diff:.2e} (logits up to {scale:.2f})")
+    assert diff <= 5e-3  # its attention casts q/k/v to fp16 (reference notes)
+
+
+def test_mindformers_catches_a_broken_conversion(tmp_path, hf_models):
+    """Negative control: q and k swapped inside the fused qkv changes the logits by order 1."""
+    hf = hf_models("qwen3")
+    ms = hf_to_ms(hf, tmp_path / "ms", "qwen3", "--ms-format", "ckpt")
+    state = read_store(ms)
+    config = __import__("json").loads((Path(hf) / "config.json").read_text())
+    groups, heads, d = config["num_key_value_heads"], config["num_attention_heads"], config["head_dim"]
+    for name in [n for n in state if n.endswith("linear_qkv.weight")]:
+        grouped = state[name].reshape(groups, (heads // groups + 2) * d, -1).clone()
+        q, k = grouped[:, :d].clone(), grouped[:, heads // groups * d:(heads // groups + 1) * d].clone()
+        grouped[:, :d], grouped[:, heads // groups * d:(heads // groups + 1) * d] = k, q
+        state[name] = grouped.reshape(state[name].shape)
+    write_ckpt(tmp_path / "broken.ckpt", state)
+    diff, _ = _mf_logits(tmp_path, "mf-qwen3", hf, tmp_path / "broken.ckpt")
+    assert diff > 0.1, diff
+
+
+@pytest.mark.parametrize("naming", ["legacy", "legacy-concat"])
+def test_mindformers_legacy_llama_matches_hf(tmp_path, hf_models, naming):
+    hf = hf_models("llama2")
+    ms = hf_to_ms(hf, tmp_path / "ms", "llama2", "--ms-format", "ckpt", "--ms-naming", naming)
+    diff, scale = _mf_logits(tmp_path, "mf-llama", hf, ms / "model.ckpt",
+                             "concat" if naming == "legacy-concat" else "plain")
+    print(f"MindFormers legacy Llama ({naming}): max |logit diff| {diff:.2e} (logits up to {scale:.2f})")
+    assert diff <= 1e-4
+    back = ms_to("hf", ms, tmp_path / "back", "llama2")
+    assert_same_tensors(load_hf_state(hf), load_hf_state(back), naming)
+
+
+def test_mindformers_glm_n_loads_strictly(tmp_path):
+    """`convert_weight.py --model glm-n` output (GLM-4-9B in the ChatGLM format) loads strictly, every
+    name and shape, into MindFormers' ChatGLM2 model as its glm-n configs build it (qkv_concat,
+    mlp_concat). Its CPU logits are not compared: they differ from transformers' GLM for the same
+    weights even at position 0, for a reason not found yet."""
+    import subprocess
+    import sys
+
+
+    hf, _, _ = build_repacked("chatglm3", tmp_path)
+    ckpt = tmp_path / "glm.ckpt"
+    result = subprocess.run([sys.executable, str(ROOT / "convert_weight.py"), "--model", "glm-n", "--input_path", hf,
+                             "--output_path", ckpt, "--quiet"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    np.save(tmp_path / "ids.npy", sample_tokens(503, batch=2, seq=8).numpy())
+    run_ms("mf-glm", hf / "config.json", ckpt, tmp_path / "ids.npy", tmp_path / "logits.npy", cwd=tmp_path / "run")
+    assert (tmp_path / "logits.npy").is_file()  # built, loaded strictly (else it exits non-zero), ran
+
+
+@pytest.mark.parametrize("style, naming, family, targets", [
+    ("mcore", "mcore", "qwen3", "MCORE_TARGETS"), ("mindpet", "legacy", "llama2", "LEGACY_TARGETS")])
+def test_our_lora_merge_equals_mindformers_tool(tmp_path, hf_models, style, naming, family, targets):
+    """MindFormers' own tools/transform_ckpt_lora.py and our merge give the same weights."""
+    ms = hf_to_ms(hf_models(family), tmp_path / "ms", family, "--ms-format", "ckpt", "--ms-naming", naming)
+    F.add_adapters(ms, style, getattr(F, targets))
+    run_ms("lora-merge", ms / "model.ckpt", tmp_path / "theirs", "4", cwd=tmp_path / "run")
+    ours = ms_to("ms", ms, tmp_path / "ours", family, "--lora-scaling", "4", "--ms-format", "ckpt", "--ms-naming", naming)
+    theirs = read_store(next((tmp_path / "theirs").glob("*.ckpt")))
+    assert_same_tensors(read_store(ours), theirs, f"{style} merge")
