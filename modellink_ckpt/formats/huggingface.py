@@ -13,7 +13,26 @@ from modellink_ckpt.model.families import hf_config_from_dims
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "vocab.txt",
-                   "chat_template.jinja")
+                   "chat_template.jinja", "tiktoken.model")
+
+
+def remote_code_files(folder: Path) -> list[str]:
+    """The Python modules a release ships for `trust_remote_code` (Kimi-K2's tokenizer and model
+    code): those its config.json and tokenizer_config.json name in `auto_map`. Without them the
+    output folder loads only where the original one is at hand."""
+    modules = []
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            auto_map = json.loads((folder / name).read_text()).get("auto_map") or {}
+        except (OSError, ValueError, AttributeError):
+            continue
+        for target in auto_map.values():
+            for reference in target if isinstance(target, list) else [target]:
+                if isinstance(reference, str) and "." in reference and "--" not in reference:  # not another repo's
+                    module = reference.rsplit(".", 1)[0] + ".py"
+                    if (folder / module).is_file() and module not in modules:
+                        modules.append(module)
+    return modules
 
 
 HF_SUBDIR = "mg2hf"

@@ -300,7 +300,7 @@ def _gather(source: HfSource, rules: list[mapping.TensorRule], dims: ModelDims, 
                 with kernel_copy.placing() if unchanged else contextlib.nullcontext():
                     for name, (shape, _), targets in zip(rule.hf, shapes, rule.part_targets(out)):
                         if sum(stop - start for start, stop, _ in targets) != shape[0] \
-                                or tuple(shape[1:]) != tuple(out.shape[1:]):
+                                or any(tuple(shape[1:]) != tuple(view.shape[1:]) for _, _, view in targets):
                             raise RuntimeError("shape mismatch")
                         for start, stop, view in targets:
                             source.read_rows(name, start, stop, view)

@@ -35,6 +35,7 @@ COMPUTE_ARGS = {
     "rope_scaling_mscale": None,
     "rope_scaling_mscale_all_dim": None,
     "rope_scaling_attention_factor": None,       # yarn, longrope
+    "rope_scaling_alpha": None,                  # Hunyuan's NTK alpha: the rope base times alpha ** (d / (d - 2))
     "long_factor": None,                         # longrope
     "short_factor": None,
     "hidden_act": "silu",                        # the MLP activation (gated or not: the family's swiglu)
@@ -57,6 +58,7 @@ COMPUTE_ARGS = {
     "rope_local_base_freq": None,                # Gemma 3: the rope base of the sliding-window layers
     "rope_scaling_truncate": None,               # yarn: False keeps the correction range unrounded (gpt-oss)
     "softmax_type": "vanilla",                   # learnable: a learnt sink logit per head joins each softmax
+    "qk_layernorm_after_rope": False,            # q/k norms applied to the rotated heads (Hunyuan)
     "glu_linear_offset": 0.0,                    # gated MLP: act(gate) * (up + offset)
     "activation_func_clamp_value": None,         # gate clamped above, up on both sides (gpt-oss swiglu_limit)
     "swiglu_alpha": None,                        # gate * sigmoid(alpha * gate) (gpt-oss; Megatron: quick_gelu)
@@ -68,7 +70,7 @@ COMPUTE_ARGS = {
 # HF keys of the rope dict (transformers 5 `rope_parameters`, 4.x `rope_scaling`)
 ROPE_DICT_KEYS = ("rope_type", "type", "factor", "original_max_position_embeddings", "low_freq_factor",
                   "high_freq_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor",
-                  "long_factor", "short_factor", "partial_rotary_factor", "truncate")
+                  "long_factor", "short_factor", "partial_rotary_factor", "truncate", "alpha")
 
 DEFAULT_FAMILY = "llama2"  # when nothing says which family a checkpoint is
 QKV_TYPES = ("unpack", "pack_gqa", "pack_self")
@@ -214,6 +216,9 @@ def families_for_config(config: dict, cfg_path: str | Path | None = None) -> lis
             by_architecture.append(name)
         elif config.get("model_type") and settings.get("hf_model_type") == config.get("model_type"):
             by_type.append(name)
+    # a model_type that names an entry outranks the shared class (Kimi-K2 ships DeepseekV3ForCausalLM)
+    by_architecture.sort(key=lambda name: load_family(name, cfg_path).settings.get("hf_model_type")
+                         != config.get("model_type"))
     return by_architecture or by_type
 
 
@@ -453,14 +458,22 @@ def _moe_and_mla(values: dict, settings: dict, num_layers: int, family: ModelFam
         if values.get(arg) is None:
             raise ConvertError(f"{source}: missing '{family.config_key(arg)}' "
                                f"(needed for --model-type-hf {family.name})")
+    for arg in ("num_experts", "moe_router_topk", "moe_ffn_hidden_size"):  # Hunyuan may list one per layer
+        if isinstance(values.get(arg), list):
+            if len(set(values[arg])) != 1:
+                raise ConvertError(f"{source}: '{family.config_key(arg)}' differs between layers ({values[arg]}); "
+                                   f"only one value for every layer converts")
+            values[arg] = values[arg][0]
     experts = int(values.get("num_experts") or 0)
     if experts:
         dense_first = int(values.get("first_k_dense_replace") or settings.get("first_k_dense_replace") or 0)
         step = int(values.get("decoder_sparse_step") or 1)
         dense_only = set(values.get("mlp_only_layers") or ())
         mtp = int(settings.get("mtp_num_layers") or 0)
+        last = values.get("last_moe_layer")  # ERNIE 4.5's moe_layer_end_index (-1: the last layer)
+        last = num_layers + mtp if last is None or int(last) < 0 else int(last)
         moe_layers = tuple(i for i in range(num_layers + mtp)  # MTP layers are built like decoder layers
-                           if i >= dense_first and (i + 1) % step == 0 and i not in dense_only)
+                           if dense_first <= i <= last and (i + 1) % step == 0 and i not in dense_only)
         moe_ffn = int(values.get("moe_ffn_hidden_size") or values.get("ffn_hidden_size"))
         shared = int(values.get("shared_expert_intermediate_size") or 0) \
             or int(values.get("n_shared_experts") or 0) * moe_ffn
@@ -500,7 +513,8 @@ def _derived_values(dims: ModelDims) -> dict:
         "shared_expert_intermediate_size": dims.shared_expert_ffn_hidden_size,
         "n_shared_experts": dims.shared_expert_ffn_hidden_size // dims.moe_ffn_hidden_size,
         "first_k_dense_replace": min(moe) if moe else dims.num_layers,
-        "decoder_sparse_step": 1,
+        "last_moe_layer": max(moe) if moe else -1,
+        "decoder_sparse_step": _sparse_step(moe),
         "mlp_only_layers": [i for i in range(dims.num_layers) if i not in moe],
         "norm_topk_prob": not dims.router_pre_softmax,
         "routed_scaling_factor": dims.router_topk_scaling_factor or 1.0,
@@ -508,6 +522,19 @@ def _derived_values(dims: ModelDims) -> dict:
         "topk_group": dims.router_group_topk or 1,
         "num_nextn_predict_layers": dims.mtp_num_layers,
     }
+
+
+def _sparse_step(moe_layers: set[int]) -> int:
+    """The largest step s with every MoE layer i at (i + 1) % s == 0 (ERNIE 4.5's moe_layer_interval,
+    Qwen2-MoE's decoder_sparse_step; the layers between the first and last MoE layer that the step
+    skips are the dense ones)."""
+    if not moe_layers:
+        return 1
+    first, last = min(moe_layers), max(moe_layers)
+    for step in range(last + 1, 1, -1):
+        if moe_layers == {i for i in range(first, last + 1) if (i + 1) % step == 0}:
+            return step
+    return 1
 
 
 def hf_config_from_dims(family: ModelFamily, dims: ModelDims, dtype_name: str) -> dict:

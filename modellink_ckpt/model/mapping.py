@@ -229,7 +229,11 @@ def _moe_rules(family: ModelFamily, dims: ModelDims, layer: int) -> list[TensorR
     rules = [_rename("mlp.router.weight", hf("layers_mlp_router", "weight", layer), "replicated", (dims.num_experts, h))]
     if dims.add_dense_bias:  # Megatron's add_bias_linear: the router and every expert have biases
         rules.append(_rename("mlp.router.bias", hf("layers_mlp_router", "bias", layer), "replicated", (dims.num_experts,)))
-    if dims.router_expert_bias:
+    if dims.router_expert_bias and family.settings.get("router_bias_as_row"):  # HF: [1, E] (ERNIE 4.5)
+        rules.append(TensorRule("mlp.router.expert_bias", (hf("layers_mlp_router_bias", None, layer),), "replicated",
+                                (dims.num_experts,), merge=lambda p, out=None: T.from_one_row(p[0], out=out),
+                                split=lambda full: [T.to_one_row(full)], targets=lambda out: [[(0, 1, T.to_one_row(out))]]))
+    elif dims.router_expert_bias:
         rules.append(_rename("mlp.router.expert_bias", hf("layers_mlp_router_bias", None, layer), "replicated",
                              (dims.num_experts,)))
     experts = _fused_expert_rules if family.fused_experts else _expert_rules

@@ -228,6 +228,20 @@ TP_SPLIT = {
 }
 
 
+# ---- one-row tensors ---------------------------------------------------------------------------
+
+def from_one_row(row: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """[1, n] -> [n]: a vector HF stores as a one-row table (ERNIE 4.5's router score bias)."""
+    if row.ndim != 2 or row.shape[0] != 1:
+        raise ValueError(f"expected a one-row table, got shape {tuple(row.shape)}")
+    return _into(out, row[0])
+
+
+def to_one_row(vector: torch.Tensor) -> torch.Tensor:
+    """Inverse of `from_one_row`."""
+    return vector.reshape(1, -1)
+
+
 # ---- vocabulary padding ----------------------------------------------------------------------
 
 def normalize_rows_(table: torch.Tensor) -> torch.Tensor:

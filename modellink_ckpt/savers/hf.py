@@ -23,7 +23,7 @@ from modellink_ckpt.engine.manifest import (MANIFEST, check_manifest, hash_files
 from modellink_ckpt.engine.progress import progress as show_progress
 from modellink_ckpt.engine.staging import StagedDir, check_target
 from modellink_ckpt.errors import ConvertError, UsageError
-from modellink_ckpt.formats.huggingface import HF_SUBDIR, TOKENIZER_FILES, output_config
+from modellink_ckpt.formats.huggingface import HF_SUBDIR, TOKENIZER_FILES, output_config, remote_code_files
 from modellink_ckpt.formats.safetensors_io import (PlacedShards, SafetensorsFile, ShardedOutput, parse_size,
                                                    plan_shards, shard_names, write_index)
 from modellink_ckpt.model import mapping
@@ -69,7 +69,7 @@ class SlabStacks:
 def _copy_tokenizer(plan, folder: Path) -> list[str]:
     copied = []
     candidates = [Path(d) / n for d in (plan.target.hf_config_dir, plan.target.path, plan.tokenizer_dir()) if d
-                  for n in TOKENIZER_FILES]
+                  for n in (*TOKENIZER_FILES, *remote_code_files(Path(d)))]
     for explicit in (plan.source.tokenizer, plan.target.tokenizer_model):
         if explicit:
             candidates.insert(0, Path(explicit))

@@ -6,13 +6,14 @@ where a GPTModel expresses the architecture."""
 import json
 
 import pytest
+import torch
 import transformers
 from hf_builders import COMMON, REPACKED, VOCAB, build_repacked
 from mcore_harness import mcore_logits
 from transformers import AutoModelForCausalLM
-from util import assert_same_tensors, hf_to_mg, load_hf_state, load_mg_state, mg_to_hf, run_cli
+from util import assert_one_line_error, assert_same_tensors, hf_to_mg, load_hf_state, load_mg_state, mg_to_hf, run_cli
 
-from modellink_ckpt.demo.models import hf_logits, randomize_, sample_tokens
+from modellink_ckpt.demo.models import build_hf_checkpoint, hf_logits, randomize_, sample_tokens
 
 # family -> (transformers config class, its arguments beyond COMMON, Megatron-Core expresses it)
 FAMILIES = {
@@ -66,6 +67,22 @@ FAMILIES = {
                                     num_experts_per_tok=2,
                                     moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1, n_group=1,
                                     topk_group=1, routed_scaling_factor=2.5, use_qk_norm=True), True),
+    # dots.llm1: Qwen3's attention (per-head q/k norms, no qkv bias) on DeepSeek-V3's MoE (sigmoid
+    # router with a score bias, shared experts, dense first layers)
+    "dots1": ("Dots1Config", dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
+                                  first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True), True),
+    # Hunyuan-A13B: q/k norms per head applied after the rotary embedding, a shared MLP beside the
+    # experts, NTK-alpha rope
+    "hunyuan-moe": ("HunYuanMoEV1Config", dict(head_dim=8, num_experts=4, moe_topk=2,
+                                               rope_parameters=dict(rope_type="dynamic", alpha=1000.0, factor=1.0,
+                                                                    rope_theta=1e4)),
+                    False),
+    # ERNIE 4.5 MoE: MoE layers from moe_layer_start_index to moe_layer_end_index every
+    # moe_layer_interval, a softmax router whose choice adds a score bias stored as a [1, E] table,
+    # shared experts, heads rotated in interleaved pairs, tied embeddings
+    "ernie4.5-moe": ("Ernie4_5_MoeConfig", dict(num_hidden_layers=6, moe_num_experts=4, moe_k=2, moe_intermediate_size=32,
+                                                moe_num_shared_experts=1, moe_layer_start_index=1, moe_layer_end_index=4,
+                                                moe_layer_interval=2), False),  # Megatron-Core: expert bias needs sigmoid
     # gpt-oss: experts fused on disk ([E, in, 2F] with gate/up columns alternating, [E, F, in]) with
     # biases, a router bias, a learnt sink logit per head, clamped SwiGLU with (up + 1), yarn rope,
     # sliding window on every other layer
@@ -76,7 +93,9 @@ FAMILIES = {
 
 
 # layout flags a family needs beyond TP2 PP2 (Megatron-Core holds biased experts only at expert TP 1)
-EXTRA_FLAGS = {"gpt-oss": ("--expert-tensor-parallel-size", "1")}
+EXTRA_FLAGS = {"gpt-oss": ("--expert-tensor-parallel-size", "1"), "dots1": ("--target-expert-parallel-size", "2"),
+               "hunyuan-moe": ("--target-expert-parallel-size", "2"),
+               "ernie4.5-moe": ("--target-expert-parallel-size", "2")}
 
 
 def _build(family, folder):
@@ -142,3 +161,62 @@ def test_family_without_a_class_equals_the_model_it_repacks(tmp_path, family):
     assert rebuilt["model_type"] == config_update["model_type"]
     carried = ("intermediate_size", "rope_ratio", "scale_emb", "scale_depth", "dim_model_base")
     assert all(rebuilt.get(k) == v for k, v in config_update.items() if k in carried)
+
+
+def test_kimi_k2_is_found_from_its_own_config_and_travels_with_its_code(tmp_path):
+    """Kimi-K2 ships DeepSeek-V3's architecture under model_type `kimi_k2`, with its tokenizer and
+    model code for trust_remote_code: found without a flag or an edited config.json, written back
+    under its own model_type with the code and tiktoken files beside it, DeepSeek-V3's logits kept."""
+    hf = build_hf_checkpoint("deepseek3", tmp_path / "hf", dtype=torch.float32, num_layers=4, tokenizer=False)
+    config = json.loads((hf / "config.json").read_text())
+    config.update(model_type="kimi_k2", auto_map={"AutoConfig": "configuration_deepseek.DeepseekV3Config",
+                                                  "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"})
+    (hf / "config.json").write_text(json.dumps(config))
+    (hf / "tokenizer_config.json").write_text(json.dumps(
+        {"auto_map": {"AutoTokenizer": ["tokenization_kimi.TikTokenTokenizer", None]}}))
+    code = {name: f"# {name}: the release's own code\n" for name in
+            ("configuration_deepseek.py", "modeling_deepseek.py", "tokenization_kimi.py")}
+    for name, text in {**code, "tiktoken.model": "token 0\n", "unrelated.py": "# not named by auto_map\n"}.items():
+        (hf / name).write_text(text)
+
+    result = run_cli("--load-model-type", "hf", "--save-model-type", "mg", "--load-dir", hf, "--save-dir", tmp_path / "mg",
+                     "--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2",
+                     "--target-expert-parallel-size", "2")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "mg" / "iter_0000001" / "convert_manifest.json").read_text())
+    assert manifest["model_type_hf"] == "kimi-k2"
+
+    tokens = sample_tokens(VOCAB, seq=12)
+    expected = _deepseek_logits(hf, tokens)
+    for back in (mg_to_hf(tmp_path / "mg", hf, "kimi-k2"), mg_to_hf(tmp_path / "mg", tmp_path / "fresh", "kimi-k2")):
+        assert json.loads((back / "config.json").read_text())["model_type"] == "kimi_k2"
+        assert_same_tensors(load_hf_state(hf), load_hf_state(back), "kimi-k2")
+        assert (_deepseek_logits(back, tokens) - expected).abs().max().item() <= 1e-6
+    back = tmp_path / "hf" / "mg2hf"
+    for name, text in {**code, "tiktoken.model": "token 0\n"}.items():
+        assert (back / name).read_text() == text, name
+    assert not (back / "unrelated.py").exists()
+
+
+def _deepseek_logits(folder, tokens):
+    """Kimi-K2's remote code is DeepSeek-V3's model: transformers' own class stands in for it."""
+    config = transformers.DeepseekV3Config.from_dict(
+        {k: v for k, v in json.loads((folder / "config.json").read_text()).items() if k not in ("model_type", "auto_map")})
+    model = transformers.DeepseekV3ForCausalLM.from_pretrained(folder, config=config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(input_ids=tokens[None] if tokens.ndim == 1 else tokens, use_cache=False).logits.float()
+
+
+def test_a_per_layer_expert_count_converts_only_when_every_layer_agrees(tmp_path):
+    """Hunyuan's config may list `num_experts` / `moe_topk` per layer: one value for all converts,
+    different ones stop the run by name (a Megatron model has one expert count)."""
+    hf = _build("hunyuan-moe", tmp_path / "hf")
+    config = json.loads((hf / "config.json").read_text())
+    flags = ("--load-model-type", "hf", "--save-model-type", "mg", "--load-dir", hf, "--save-dir", tmp_path / "mg",
+             "--dry-run")
+    (hf / "config.json").write_text(json.dumps({**config, "num_experts": [4, 4], "moe_topk": [2, 2]}))
+    assert run_cli(*flags).returncode == 0
+    (hf / "config.json").write_text(json.dumps({**config, "num_experts": [4, 2]}))
+    result = run_cli(*flags)
+    line = assert_one_line_error(result.returncode, result.stderr, "per-layer experts")
+    assert "'num_experts' differs between layers ([4, 2])" in line
