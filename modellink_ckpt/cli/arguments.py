@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     ms.add_argument("--src-strategy", type=Path, default=None,
                     help="strategy of a distributed MindSpore source: a strategy file, a merged one, or a folder "
                          "of ckpt_strategy_rank_*.ckpt")
+    ms.add_argument("--file-suffix", default=None,
+                    help="where a MindSpore rank folder holds one file per saved step (<prefix>-<epoch>_<step>), "
+                         "the step to read: the end of its file name, e.g. 2_2")
     ms.add_argument("--dst-strategy", type=Path, default=None,
                     help="write a distributed MindSpore checkpoint laid out by this strategy (file or folder); "
                          "without it the checkpoint is complete")

@@ -72,7 +72,7 @@ CONVERT_WEIGHT_FLAGS = {"--load-dir": "--input_path", "--save-dir": "--output_pa
 # transform_checkpoint.py's
 TRANSFORM_CHECKPOINT_FLAGS = {"--load-dir": "--src_checkpoint", "--save-dir": "--dst_checkpoint_dir",
                               "--src-strategy": "--src_strategy", "--dst-strategy": "--dst_strategy",
-                              "--ms-prefix": "--prefix"}
+                              "--ms-prefix": "--prefix", "--file-suffix": "--file_suffix"}
 
 
 def _config_of(args) -> tuple[dict, Path] | None:
@@ -200,6 +200,8 @@ def transform_checkpoint(argv: list[str] | None = None) -> dict:
     p.add_argument("--transform_by_rank", default=None, help=argparse.SUPPRESS)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--file_suffix", default=None,
+                   help="the step to read where a rank folder holds one file per saved step (e.g. 2_2)")
     args = p.parse_args(argv)
     if args.src_strategy is not None and str(args.src_strategy) == "None":  # transform_checkpoint.sh passes None
         args.src_strategy = None
@@ -209,7 +211,7 @@ def transform_checkpoint(argv: list[str] | None = None) -> dict:
         check_writable(args.dst, "--dst_checkpoint_dir")
         return reshard(args.src_checkpoint, args.dst, src_strategy=args.src_strategy,
                        dst_strategy=args.dst_strategy, prefix=args.prefix, world_size=args.world_size,
-                       overwrite=args.overwrite, quiet=args.quiet)
+                       overwrite=args.overwrite, quiet=args.quiet, file_suffix=args.file_suffix)
 
 
 def convert_weight_main() -> int:

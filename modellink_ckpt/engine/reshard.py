@@ -24,9 +24,9 @@ from modellink_ckpt.formats.ms_strategy import load_strategy
 
 def reshard(src: Path, dst: Path, *, src_strategy: Path | None, dst_strategy: Path | None, prefix: str,
             world_size: int | None = None, fmt: str | None = None, overwrite: bool = False,
-            quiet: bool = False) -> dict:
+            quiet: bool = False, file_suffix: str | None = None) -> dict:
     started = time.monotonic()
-    source = MsStore(src, load_strategy(src_strategy) if src_strategy else None)
+    source = MsStore(src, load_strategy(src_strategy) if src_strategy else None, file_suffix)
     target = load_strategy(dst_strategy, flag="--dst_strategy") if dst_strategy else None
     if world_size not in (None, 1) and target is not None and world_size != target.world_size:
         raise UsageError(f"--world_size {world_size}: the target strategy {target.source} has "

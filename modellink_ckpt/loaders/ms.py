@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -27,8 +28,8 @@ from modellink_ckpt.errors import ConvertError, UsageError
 from modellink_ckpt.formats import file_io, kernel_copy
 from modellink_ckpt.formats.mindspore import names as ms_names
 from modellink_ckpt.formats.mindspore.lora import MsLora, is_adapter
-from modellink_ckpt.formats.mindspore.store import (NAME_MAP, SUFFIXES, LoraMergedStore, MsStore, open_file, rank_file,
-                                                    rank_folders)
+from modellink_ckpt.formats.mindspore.store import (NAME_MAP, SUFFIXES, LoraMergedStore, MsStore, checkpoint_files,
+                                                    open_file, rank_folders)
 from modellink_ckpt.formats.ms_strategy import load_strategy
 from modellink_ckpt.formats.safetensors_io import SafetensorsFile
 from modellink_ckpt.model import mapping
@@ -80,12 +81,13 @@ def check_accounted(store: MsStore, naming, family, dims) -> None:
 
 def open_store(path: Path, options: dict):
     """The checkpoint at `path`; with `options["lora"]` its weights merged with their adapters."""
-    strategy = options.get("src_strategy")
-    store = MsStore(path, load_strategy(strategy) if strategy else None)
+    strategy, suffix = options.get("src_strategy"), options.get("file_suffix")
+    store = MsStore(path, load_strategy(strategy) if strategy else None, suffix)
     lora = options.get("lora")
     if not lora or lora.get("export"):
         return store
-    adapters = MsStore(lora["load"], load_strategy(strategy) if strategy else None) if lora.get("load") else store
+    adapters = MsStore(lora["load"], load_strategy(strategy) if strategy else None, suffix) \
+        if lora.get("load") else store
     return LoraMergedStore(store, adapters, MsLora.from_flags(lora.get("scaling"), lora.get("r"), lora.get("alpha")))
 
 
@@ -170,15 +172,20 @@ def load(plan, sender) -> dict:
     return {}
 
 
+def _step_of(path: Path) -> tuple[int, ...]:
+    """(epoch, step) of a MindSpore file name `<prefix>-<epoch>_<step>.ckpt`; () without them."""
+    return tuple(int(n) for n in re.findall(r"\d+", path.stem.rsplit("-", 1)[-1])) if "-" in path.stem else ()
+
+
 class MsSourceFormat(registry.SourceFormat):
     name = "ms"
     description = "MindSpore / MindFormers checkpoint (.ckpt or safetensors; complete, or distributed with a strategy)"
     loader = "modellink_ckpt.loaders.ms:load"
-    flags = LORA_FLAGS | {"ms_naming", "src_strategy", "lora_scaling"}
+    flags = LORA_FLAGS | {"ms_naming", "src_strategy", "lora_scaling", "file_suffix"}
 
     def describe(self, request: registry.SourceRequest) -> registry.SourceInfo:
         options = {"naming": request.options["ms_naming"], "src_strategy": request.options["src_strategy"],
-                   "lora": lora_request(request.options)}
+                   "file_suffix": request.options["file_suffix"], "lora": lora_request(request.options)}
         store = open_store(request.path, options)
         config_path = _config_path(request, request.path)
         try:
@@ -224,15 +231,18 @@ class MsSourceFormat(registry.SourceFormat):
         return any(SafetensorsFile(f).metadata.get("format") == "ms" for f in sorted(path.glob("*.safetensors"))[:1])
 
     def inspect(self, path: Path) -> dict:
-        store = MsStore(path) if not rank_folders(path) or len(rank_folders(path)) == 1 else None
-        if store is None:
-            ranks = rank_folders(path)
-            files = {str(rank_file(ranks[r]).relative_to(path)): rank_file(ranks[r]).stat().st_size
-                     for r in sorted(ranks)}
-            first = open_file(rank_file(ranks[min(ranks)]))
+        ranks = rank_folders(path)
+        per_rank = {r: checkpoint_files(ranks[r]) for r in sorted(ranks)}
+        if len(ranks) > 1 or any(len(files) > 1 for files in per_rank.values()):
+            first = open_file(max(per_rank[min(ranks)], key=_step_of))  # the latest step's names
             names = list(first.keys())
-            return {"format": "ms (distributed)", "ranks": len(ranks), "naming": ms_names.detect_naming(names),
-                    "tensors on rank 0": len(names), "files": files}
+            found = {"format": "ms (distributed)" if len(ranks) > 1 else "ms", "ranks": len(ranks),
+                     "naming": ms_names.detect_naming(names), "tensors on rank 0": len(names),
+                     "files": {str(f.relative_to(path)): f.stat().st_size for files in per_rank.values() for f in files}}
+            if any(len(files) > 1 for files in per_rank.values()):  # a training run's steps: --file-suffix picks
+                found["steps (--file-suffix)"] = sorted({f.stem.rsplit("-", 1)[-1] for f in per_rank[min(ranks)]})
+            return found
+        store = MsStore(path)
         dtypes, params = registry.census(store.shape_dtype(name) for name in store.names())
         layers = {n.split(".")[2] for n in store.names() if n.startswith(("decoder.layers.", "model.layers."))}
         return {"format": "ms", "naming": ms_names.detect_naming(store.names()), "layers": len(layers),

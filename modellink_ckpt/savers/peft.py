@@ -50,8 +50,9 @@ def _mindspore_adapters(plan):
     """(PEFT tensors, LoraSpec) of MindFormers LoRA adapters (in the checkpoint or --lora-load)."""
     options = plan.source.options
     strategy = load_strategy(options["src_strategy"]) if options.get("src_strategy") else None
-    store = MsStore(plan.source.path, strategy)
-    adapter_store = MsStore(options["lora"]["load"], strategy) if options["lora"].get("load") else store
+    store = MsStore(plan.source.path, strategy, options.get("file_suffix"))
+    adapter_store = MsStore(options["lora"]["load"], strategy, options.get("file_suffix")) \
+        if options["lora"].get("load") else store
     adapters = find_adapters(adapter_store.names(), set(store.names()), str(adapter_store.path))
     if not adapters:
         raise ConvertError(f"{adapter_store.path}: no LoRA adapters to export")

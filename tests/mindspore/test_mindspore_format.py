@@ -273,6 +273,41 @@ def test_bad_mindspore_input_is_one_line(tmp_path, models):
         assert not looks_complete(tmp_path / "out-dst")
 
 
+def test_a_rank_folder_with_several_steps_needs_the_step(tmp_path, models):
+    """A training run leaves one file per saved step in each rank folder (`-2_2`, `-10_10`): the
+    converter, transform_checkpoint.py and inspect name the candidates; --file-suffix picks one.
+    Sorted order would have taken the older step here (`-10_10` sorts before `-2_2`)."""
+    hf = models("qwen3")
+    strategy, _ = strategy_for(tmp_path, hf, "qwen3", mp=2)
+    dist = hf_to_ms(hf, tmp_path / "dist", "qwen3", "--dst-strategy", strategy, "--ms-format", "ckpt")
+    for rank in range(2):
+        folder = dist / f"rank_{rank}"
+        (folder / f"checkpoint_{rank}.ckpt").rename(folder / f"checkpoint_{rank}-10_10.ckpt")
+        (folder / f"checkpoint_{rank}-2_2.ckpt").write_bytes(b"an older step, not a checkpoint")
+    flags = ("--load-model-type", "ms", "--save-model-type", "hf", "--load-dir", dist, "--src-strategy", strategy)
+    result = _cli(*flags, "--save-dir", tmp_path / "ambiguous")
+    line = assert_one_line_error(result.returncode, result.stderr, "several steps")
+    assert "2 checkpoint files (checkpoint_0-10_10.ckpt, checkpoint_0-2_2.ckpt)" in line and "--file-suffix" in line
+    assert not looks_complete(tmp_path / "ambiguous")
+    result = _cli(*flags, "--file-suffix", "5_5", "--save-dir", tmp_path / "none")
+    assert "--file-suffix 5_5: no file(s)" in assert_one_line_error(result.returncode, result.stderr, "no such step")
+
+    back = ms_to("hf", dist, tmp_path / "back", "qwen3", "--src-strategy", strategy, "--file-suffix", "10_10")
+    assert_same_tensors(load_hf_state(hf), load_hf_state(back), "the chosen step")
+
+    tool = ["--src_checkpoint", dist, "--src_strategy", strategy, "--dst_checkpoint_dir"]
+    result = _script("transform_checkpoint.py", *tool, tmp_path / "merged-ambiguous")
+    assert "--file_suffix" in assert_one_line_error(result.returncode, result.stderr, "transform_checkpoint")
+    result = _script("transform_checkpoint.py", *tool, tmp_path / "merged", "--file_suffix", "10_10")
+    assert result.returncode == 0, result.stderr
+    complete = read_store(hf_to_ms(hf, tmp_path / "complete", "qwen3", "--ms-format", "ckpt"))
+    assert_same_tensors(read_store(next((tmp_path / "merged").glob("rank_0"), tmp_path / "merged")), complete)
+
+    shown = run_cli("inspect", dist)
+    assert shown.returncode == 0, shown.stderr
+    assert "10_10" in shown.stdout and "2_2" in shown.stdout, shown.stdout
+
+
 def test_unexplained_mindspore_tensor_is_refused(tmp_path, models):
     """A tensor no rule of the naming explains stops the conversion and is named; training state
     (optimizer moments, step counters) is recognised and left out."""

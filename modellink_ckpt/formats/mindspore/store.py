@@ -45,17 +45,32 @@ def checkpoint_files(folder: Path, error=ConvertError) -> list[Path]:
     return files
 
 
-def rank_file(folder: Path) -> Path:
-    """The checkpoint of one rank folder: MindSpore takes the last in sorted order."""
-    return checkpoint_files(folder)[-1]
+def rank_file(folder: Path, file_suffix: str | None = None) -> Path:
+    """The checkpoint of one rank folder: its one file, or where a training run left one per saved
+    step (`<prefix>-<epoch>_<step>.ckpt`) the one whose name ends in `file_suffix` (`2_2`). Several
+    without a suffix are refused by name: the last in sorted order is not the latest (`-10_10`
+    sorts before `-2_2`) and nothing says which step the user means."""
+    files = checkpoint_files(folder)
+    if file_suffix:
+        chosen = [f for f in files if f.stem.endswith(file_suffix)]
+        if len(chosen) != 1:
+            raise UsageError(f"--file-suffix {file_suffix}: {len(chosen) or 'no'} file(s) of {folder} end in it "
+                             f"({', '.join(f.name for f in files)})")
+        return chosen[0]
+    if len(files) > 1:
+        example = files[-1].stem.rsplit("-", 1)[-1]
+        raise UsageError(f"{folder}: {len(files)} checkpoint files ({', '.join(f.name for f in files)}); "
+                         f"choose one step with --file-suffix (e.g. --file-suffix {example})")
+    return files[0]
 
 
 class MsStore:
     """Every tensor of a MindSpore checkpoint by name, whole: `shape_dtype(name)`, `read(name)`."""
 
-    def __init__(self, path: str | Path, strategy: Strategy | None = None):
+    def __init__(self, path: str | Path, strategy: Strategy | None = None, file_suffix: str | None = None):
         self.path = Path(path)
         self.strategy = strategy
+        self.file_suffix = file_suffix  # which step's file of each rank folder (rank_file)
         self.files: list[Path] = []
         self._where: dict[str, object] = {}       # complete: name -> open file
         self._ranks: dict[int, object] = {}       # distributed: rank -> open file
@@ -75,7 +90,7 @@ class MsStore:
         folder = self.path
         ranks = rank_folders(folder)
         if ranks:  # a complete checkpoint as MindSpore's tools take one: rank_0/x.ckpt
-            return [rank_file(ranks[0])]
+            return [rank_file(ranks[0], self.file_suffix)]
         for index in (NAME_MAP, "model.safetensors.index.json"):
             if (folder / index).is_file():
                 try:
@@ -116,7 +131,7 @@ class MsStore:
         extra = sorted(r for r in ranks if r >= world)
         if extra:
             raise ConvertError(f"{self.path / f'rank_{extra[0]}'}: not part of the strategy ({world} ranks)")
-        self.files = [rank_file(ranks[r]) for r in range(world)]
+        self.files = [rank_file(ranks[r], self.file_suffix) for r in range(world)]
         self._ranks = {rank: open_file(path) for rank, path in enumerate(self.files)}
         names: dict[str, tuple] = {}
         for rank, opened in self._ranks.items():
