@@ -73,6 +73,7 @@ class SourceInfo:
     config_path: Path | None = None                 # the HF config.json it is described by
     recorded_family: tuple[str, str] | None = None  # (model_cfg.json entry, where) a converted checkpoint records
     recorded_computes: frozenset = frozenset()      # COMPUTE_ARGS its stored args hold a value for
+    left_out: tuple[str, ...] = ()                  # what it holds that is deliberately not converted (summary)
 
 
 class SourceFormat:

@@ -137,8 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="convert this many multi-token-prediction layers (DeepSeek-V3, GLM-4.5); 0 leaves the ones a "
                         "checkpoint holds out on purpose (without the flag such a checkpoint is refused)")
     ms = p.add_argument_group("MindSpore / MindFormers (--load-model-type ms, --save-model-type ms)")
-    ms.add_argument("--ms-format", choices=["safetensors", "ckpt"], default="safetensors",
-                    help="MindSpore output file format (default safetensors, as MindFormers recommends)")
+    ms.add_argument("--ms-format", choices=["safetensors", "ckpt", "checkpoint2"], default="safetensors",
+                    help="MindSpore output file format (default safetensors, as MindFormers recommends); checkpoint2: "
+                         "a MindFormers Checkpoint 2.0 folder (latest_checkpointed_iteration.txt, iteration_<N>/"
+                         "model-0000000-0000001.safetensors) for mindformers.checkpoint.load_checkpoint")
     ms.add_argument("--ms-naming", default=None,
                     help="MindFormers tensor names: mcore (default for output; detected for input), mcore-contiguous "
                          "(fc1 not interleaved), legacy (convert_weight.py models: attention.wq, feed_forward.w1, ...) "
@@ -146,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     ms.add_argument("--src-strategy", type=Path, default=None,
                     help="strategy of a distributed MindSpore source: a strategy file, a merged one, or a folder "
                          "of ckpt_strategy_rank_*.ckpt")
+    ms.add_argument("--iteration", type=int, default=None,
+                    help="the iteration of a MindFormers Checkpoint 2.0 folder to read (default: the one "
+                         "latest_checkpointed_iteration.txt names)")
     ms.add_argument("--file-suffix", default=None,
                     help="where a MindSpore rank folder holds one file per saved step (<prefix>-<epoch>_<step>), "
                          "the step to read: the end of its file name, e.g. 2_2")

@@ -282,6 +282,7 @@ def convert(argv: list[str] | None = None, start_method: str = "forkserver") -> 
         signal.signal(signal.SIGTERM, previous)
     result["wall_seconds"] = time.monotonic() - started
     result["describe"] = target.where(plan)
+    result["left_out"] = plan.source.left_out
     if result.get("first_read"):
         result["first_byte_seconds"] = result["first_read"] - process_start_time()
     return result

@@ -115,8 +115,9 @@ def summary_line(result: dict) -> str:
     first = f", first byte read {result['first_byte_seconds']:.2f} s after start" if "first_byte_seconds" in result else ""
     if result.get("kernel_copied"):
         first = f", {_gb(result['kernel_copied'])} copied in the kernel" + first
+    left_out = f"; left out: {', '.join(result['left_out'])}" if result.get("left_out") else ""
     return (f"{rank}done: wrote {_gb(result['bytes'])} in {result['files']} file(s) to {result['describe']} "
-            f"in {seconds:.1f} s ({result['bytes'] / 1e9 / max(seconds, 1e-9):.2f} GB/s{first}), {memory}")
+            f"in {seconds:.1f} s ({result['bytes'] / 1e9 / max(seconds, 1e-9):.2f} GB/s{first}), {memory}{left_out}")
 
 
 def run_guarded(action) -> int:

@@ -25,6 +25,7 @@ from modellink_ckpt.formats.megatron.checkpoint import (RANK_FILE, TRACKER, Mega
                                                         state_name)
 from modellink_ckpt.formats.megatron.lora import check_same_layout, spec_from_args
 from modellink_ckpt.formats.megatron.optim_layout import is_parameter_name
+from modellink_ckpt.formats.mindspore.checkpoint2 import is_checkpoint2
 from modellink_ckpt.formats.torch_dist import is_torch_dist
 from modellink_ckpt.formats.torch_zip import loaded
 from modellink_ckpt.loaders.torch_dist import open_megatron
@@ -287,6 +288,8 @@ class MegatronSourceFormat(registry.SourceFormat):
         return (recorded, "recorded in its args") if isinstance(recorded, str) else None
 
     def detect(self, path: Path) -> bool:
+        if is_checkpoint2(path):  # MindFormers' Checkpoint 2.0 names its tracker as Megatron does
+            return False
         return (path / TRACKER).is_file() or any(path.glob(f"mp_rank_*/{RANK_FILE}")) or is_torch_dist(path)
 
     def inspect(self, path: Path) -> dict:

@@ -26,6 +26,7 @@ from modellink_ckpt.engine.manifest import MANIFEST, read_manifest
 from modellink_ckpt.engine.pipeline import message_bytes
 from modellink_ckpt.errors import ConvertError, UsageError
 from modellink_ckpt.formats import file_io, kernel_copy
+from modellink_ckpt.formats.mindspore import checkpoint2
 from modellink_ckpt.formats.mindspore import names as ms_names
 from modellink_ckpt.formats.mindspore.lora import MsLora, is_adapter
 from modellink_ckpt.formats.mindspore.store import (NAME_MAP, SUFFIXES, LoraMergedStore, MsStore, checkpoint_files,
@@ -82,7 +83,7 @@ def check_accounted(store: MsStore, naming, family, dims) -> None:
 def open_store(path: Path, options: dict):
     """The checkpoint at `path`; with `options["lora"]` its weights merged with their adapters."""
     strategy, suffix = options.get("src_strategy"), options.get("file_suffix")
-    store = MsStore(path, load_strategy(strategy) if strategy else None, suffix)
+    store = MsStore(path, load_strategy(strategy) if strategy else None, suffix, options.get("iteration"))
     lora = options.get("lora")
     if not lora or lora.get("export"):
         return store
@@ -172,6 +173,19 @@ def load(plan, sender) -> dict:
     return {}
 
 
+def _left_out(store) -> tuple[str, ...]:
+    """What the source holds besides the model: training state by name (MindSpore's optimizer
+    moments, step counters, loss scale in the weights' files; Checkpoint 2.0's own files)."""
+    state = [name for name in store.names() if ms_names.is_training_state(name)]
+    kinds = sorted({name.split(".")[0] + (".*" if "." in name else "") for name in state})
+    found = [f"{len(state)} training-state tensors ({', '.join(kinds[:6])}{', ...' if len(kinds) > 6 else ''})"] \
+        if state else []
+    files = getattr(store, "left_out", None) or getattr(getattr(store, "base", None), "left_out", [])
+    if files:
+        found.append(f"{', '.join(files)} ({checkpoint2.LEFT_OUT})")
+    return tuple(found)
+
+
 def _step_of(path: Path) -> tuple[int, ...]:
     """(epoch, step) of a MindSpore file name `<prefix>-<epoch>_<step>.ckpt`; () without them."""
     return tuple(int(n) for n in re.findall(r"\d+", path.stem.rsplit("-", 1)[-1])) if "-" in path.stem else ()
@@ -181,11 +195,12 @@ class MsSourceFormat(registry.SourceFormat):
     name = "ms"
     description = "MindSpore / MindFormers checkpoint (.ckpt or safetensors; complete, or distributed with a strategy)"
     loader = "modellink_ckpt.loaders.ms:load"
-    flags = LORA_FLAGS | {"ms_naming", "src_strategy", "lora_scaling", "file_suffix"}
+    flags = LORA_FLAGS | {"ms_naming", "src_strategy", "lora_scaling", "file_suffix", "iteration"}
 
     def describe(self, request: registry.SourceRequest) -> registry.SourceInfo:
         options = {"naming": request.options["ms_naming"], "src_strategy": request.options["src_strategy"],
-                   "file_suffix": request.options["file_suffix"], "lora": lora_request(request.options)}
+                   "file_suffix": request.options["file_suffix"], "iteration": request.options["iteration"],
+                   "lora": lora_request(request.options)}
         store = open_store(request.path, options)
         config_path = _config_path(request, request.path)
         try:
@@ -208,7 +223,8 @@ class MsSourceFormat(registry.SourceFormat):
         recorded = (read_manifest(folder) or {}).get("model_type_hf")
         return registry.SourceInfo(dims=dims, dtype=dtype, options=options, config_path=config_path,
                                    recorded_family=(recorded, f"{folder / MANIFEST}")
-                                   if isinstance(recorded, str) else None)
+                                   if isinstance(recorded, str) else None, left_out=_left_out(store),
+                                   iteration=getattr(store, "iteration", None))
 
     def family_hint(self, path: Path, cfg_path=None) -> tuple[str, str] | None:
         folder = path if path.is_dir() else path.parent
@@ -226,7 +242,8 @@ class MsSourceFormat(registry.SourceFormat):
             return path.suffix in SUFFIXES
         if not path.is_dir():
             return False
-        if rank_folders(path) or (path / NAME_MAP).is_file() or any(path.glob("*.ckpt")):
+        if rank_folders(path) or (path / NAME_MAP).is_file() or any(path.glob("*.ckpt")) or \
+                checkpoint2.is_checkpoint2(path):
             return True
         return any(SafetensorsFile(f).metadata.get("format") == "ms" for f in sorted(path.glob("*.safetensors"))[:1])
 
@@ -245,9 +262,14 @@ class MsSourceFormat(registry.SourceFormat):
         store = MsStore(path)
         dtypes, params = registry.census(store.shape_dtype(name) for name in store.names())
         layers = {n.split(".")[2] for n in store.names() if n.startswith(("decoder.layers.", "model.layers."))}
-        return {"format": "ms", "naming": ms_names.detect_naming(store.names()), "layers": len(layers),
-                "tensors": len(store.names()), "parameters": params, "dtypes": dtypes,
-                "files": {str(f.name): f.stat().st_size for f in store.files}}
+        found = {"format": "ms", "naming": ms_names.detect_naming(store.names()), "layers": len(layers),
+                 "tensors": len(store.names()), "parameters": params, "dtypes": dtypes,
+                 "files": {str(f.relative_to(path) if path.is_dir() else f.name): f.stat().st_size
+                           for f in store.files}}
+        if checkpoint2.is_checkpoint2(path):
+            found["format"] = f"ms (MindFormers Checkpoint 2.0, {store.files[0].parent.name})"
+            found["left out"] = "; ".join(_left_out(store))
+        return found
 
 
 SOURCE = MsSourceFormat()

@@ -26,6 +26,7 @@ from modellink_ckpt.formats.megatron.checkpoint import (RANK_FILE, TRACKER, Mega
                                                         iteration_dir_name)
 from modellink_ckpt.formats.megatron.names import Spelling
 from modellink_ckpt.formats.megatron.optim_layout import OPTIM_FILE
+from modellink_ckpt.formats.mindspore.checkpoint2 import is_checkpoint2
 from modellink_ckpt.formats.torch_dist import is_torch_dist
 from modellink_ckpt.formats.torch_zip import LazyTensor, StreamingTorchWriter, load_lazy
 from modellink_ckpt.model import mapping
@@ -513,6 +514,8 @@ class MegatronTargetFormat(registry.TargetFormat):
                 for rank, vchunk, name, shard in placer.place(kind, tensors, layer)]
 
     def recognises(self, path: Path) -> Path | None:
+        if is_checkpoint2(path):  # MindFormers' Checkpoint 2.0 has a tracker of the same name
+            return None
         if (path / TRACKER).is_file() and not is_torch_dist(find_iteration(path)[1]) \
                 or any(path.glob(f"mp_rank_*/{RANK_FILE}")):
             return path

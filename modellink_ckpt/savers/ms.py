@@ -36,6 +36,7 @@ from modellink_ckpt.engine.staging import StagedDir, check_target
 from modellink_ckpt.errors import ConvertError, UsageError
 from modellink_ckpt.formats import file_io
 from modellink_ckpt.formats.huggingface import output_config
+from modellink_ckpt.formats.mindspore import checkpoint2
 from modellink_ckpt.formats.mindspore import names as ms_names
 from modellink_ckpt.formats.mindspore.files import DEFAULT_PREFIX, STRATEGY_DIR, MsFiles, copy_strategy, rank_tensors
 from modellink_ckpt.formats.mindspore.store import MsStore
@@ -91,6 +92,19 @@ class RowGather:
         return made
 
 
+def complete_file(target, iteration) -> str:
+    """Where a complete checkpoint's one file goes: `model.ckpt` / `model.safetensors`, or in a
+    Checkpoint 2.0 folder the model file of its one rank in the iteration's folder."""
+    if target.file_format == "checkpoint2":
+        return f"{checkpoint2.iteration_folder_name(_iteration(iteration))}/{checkpoint2.model_file_name(0, 1)}"
+    return "model.ckpt" if target.file_format == "ckpt" else "model.safetensors"
+
+
+def _iteration(recorded) -> int:
+    """The source's iteration where it has one (a training checkpoint's), else 1."""
+    return recorded if isinstance(recorded, int) and recorded > 0 else 1
+
+
 def save(plan, receiver) -> dict:
     """Write the MindSpore checkpoint, or with `plan.share` (`--workers`) the rank files of the
     share's ranks into the folder the parent staged (the parent then publishes it)."""
@@ -108,8 +122,11 @@ def save(plan, receiver) -> dict:
     progress = show_progress(total=layers, desc="saving layers", unit="layer", quiet=plan.run.quiet)
     try:
         target = plan.target
-        files = MsFiles(folder, target.file_format, entries, strategy=target.strategy, prefix=target.prefix,
-                        max_shard_bytes=target.max_shard_bytes,
+        one_file = target.file_format == "checkpoint2"  # one model file per rank, however large
+        files = MsFiles(folder, "ckpt" if target.file_format == "ckpt" else "safetensors", entries,
+                        strategy=target.strategy, prefix=target.prefix,
+                        max_shard_bytes=2**63 if one_file else target.max_shard_bytes,
+                        file_name=complete_file(target, plan.source.iteration) if one_file else None,
                         ranks=share.parts if share else None, placed=share is not None)
         for message in workers.owned(plan, messages):  # (to the end: the receiver acknowledges "done" after it)
             layer = message.get("layer")
@@ -123,6 +140,9 @@ def save(plan, receiver) -> dict:
         small = []  # written once (by the first worker)
         if share is None or share.index == 0:
             small = files.write_index()
+            if target.file_format == "checkpoint2":
+                (folder / checkpoint2.TRACKER).write_text(str(_iteration(plan.source.iteration)))
+                small.append(checkpoint2.TRACKER)
             config = output_config(plan, meta, dtypes.default)
             (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
             small.append("config.json")
@@ -130,7 +150,7 @@ def save(plan, receiver) -> dict:
             if strategy_file:
                 small += copy_strategy(Path(strategy_file), folder / STRATEGY_DIR)
         written = {**files.files, **hash_files(folder, small)}
-        manifest = dict(kind="ms", model_type_hf=plan.family.name, ms_format=files.format, ms_naming=naming.name,
+        manifest = dict(kind="ms", model_type_hf=plan.family.name, ms_format=target.file_format, ms_naming=naming.name,
                         source={"type": plan.source.format, "dir": str(Path(plan.source.path).resolve())},
                         dtype=str(dtypes.default), world_size=files.strategy.world_size if files.strategy else None,
                         dtypes={name: str(dt) for name, _, dt in entries if dt != dtypes.default})
@@ -200,7 +220,7 @@ class MsTargetFormat(registry.TargetFormat):
     def copies_in_kernel(self, plan) -> bool:
         """Safetensors tensors are plain bytes at an offset; a `.ckpt` checksums every byte it
         writes, so there nothing would stay in the kernel."""
-        return plan.target.file_format == "safetensors"
+        return plan.target.file_format in ("safetensors", "checkpoint2")
 
     def computes_on(self, plan):
         """Tensors the naming reorders (QKV split per head group, interleaved or stacked MLPs)."""
@@ -212,8 +232,8 @@ class MsTargetFormat(registry.TargetFormat):
     def why_one_process(self, plan) -> str | None:
         """Split by a strategy: shared by rank; complete safetensors: by layers."""
         if plan.target.strategy is None and plan.target.file_format != "safetensors":
-            return ("a complete MindSpore ckpt target is written by one process (workers share the ranks of "
-                    "--dst-strategy, or the layers of complete safetensors)")
+            return (f"a complete MindSpore {plan.target.file_format} target is written by one process (workers "
+                    f"share the ranks of --dst-strategy, or the layers of complete safetensors)")
         return None
 
     def shares(self, plan, count: int) -> tuple:
@@ -249,8 +269,11 @@ class MsTargetFormat(registry.TargetFormat):
         return publish_shares(staged, results)
 
     def check(self, plan) -> None:
-        if plan.target.file_format not in ("safetensors", "ckpt"):
-            raise UsageError(f"--ms-format {plan.target.file_format}: expected safetensors or ckpt")
+        if plan.target.file_format not in ("safetensors", "ckpt", "checkpoint2"):
+            raise UsageError(f"--ms-format {plan.target.file_format}: expected safetensors, ckpt or checkpoint2")
+        if plan.target.file_format == "checkpoint2" and plan.target.strategy is not None:
+            raise UsageError("--ms-format checkpoint2 writes the model as one rank, which MindFormers' load_checkpoint "
+                             "reshards for any layout; drop --dst-strategy")
         if plan.dims.mtp_num_layers:
             raise UsageError("--save-model-type ms: multi-token-prediction layers are not supported")
         if Path(plan.target.path).resolve() == Path(plan.source.path).resolve():
@@ -278,7 +301,7 @@ class MsTargetFormat(registry.TargetFormat):
                                                           for _, s, d in rank_tensors(entries, strategy, r))
                     for r in range(strategy.world_size)}
         total = sum(torch.Size(s).numel() * d.itemsize for _, s, d in entries)
-        return {f"model{suffix}": total}
+        return {complete_file(plan.target, plan.source.iteration): total}
 
     def where(self, plan) -> str:
         strategy = plan.target.strategy
@@ -301,7 +324,7 @@ class MsTargetFormat(registry.TargetFormat):
         out = []
         for name, tensor in ms_names.to_ms(naming, kind, layer, tensors, plan.dims).items():
             if strategy is None:
-                out.append((f"model{suffix}", name, tensor))
+                out.append((complete_file(plan.target, plan.source.iteration), name, tensor))
                 continue
             for rank in range(strategy.world_size):
                 if strategy.holds(name, rank):

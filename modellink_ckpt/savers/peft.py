@@ -50,7 +50,7 @@ def _mindspore_adapters(plan):
     """(PEFT tensors, LoraSpec) of MindFormers LoRA adapters (in the checkpoint or --lora-load)."""
     options = plan.source.options
     strategy = load_strategy(options["src_strategy"]) if options.get("src_strategy") else None
-    store = MsStore(plan.source.path, strategy, options.get("file_suffix"))
+    store = MsStore(plan.source.path, strategy, options.get("file_suffix"), options.get("iteration"))
     adapter_store = MsStore(options["lora"]["load"], strategy, options.get("file_suffix")) \
         if options["lora"].get("load") else store
     adapters = find_adapters(adapter_store.names(), set(store.names()), str(adapter_store.path))

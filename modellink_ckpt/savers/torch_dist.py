@@ -34,6 +34,7 @@ from modellink_ckpt.formats.megatron import names as mg_names
 from modellink_ckpt.formats.megatron.args import (carry_over, dims_from_args, make_args, mark_weights_only,
                                                   module_contradictions, spelling_from_args)
 from modellink_ckpt.formats.megatron.checkpoint import TRACKER, find_iteration, iteration_dir_name
+from modellink_ckpt.formats.mindspore.checkpoint2 import is_checkpoint2
 from modellink_ckpt.formats.torch_dist import (BACKEND, COMMON, DCP_METADATA, METADATA_JSON, TorchDistStore,
                                                is_torch_dist)
 from modellink_ckpt.formats.torch_zip import StreamingTorchWriter
@@ -454,6 +455,8 @@ class TorchDistTargetFormat(MegatronTargetFormat):
     def recognises(self, path: Path) -> Path | None:
         if is_torch_dist(path):
             return path
+        if is_checkpoint2(path):  # MindFormers' Checkpoint 2.0 has a tracker of the same name
+            return None
         if (path / TRACKER).is_file() and is_torch_dist(find_iteration(path)[1]):
             return find_iteration(path)[1]
         return None

@@ -191,3 +191,36 @@ def test_our_lora_merge_equals_mindformers_tool(tmp_path, hf_models, style, nami
     ours = ms_to("ms", ms, tmp_path / "ours", family, "--lora-scaling", "4", "--ms-format", "ckpt", "--ms-naming", naming)
     theirs = read_store(next((tmp_path / "theirs").glob("*.ckpt")))
     assert_same_tensors(read_store(ours), theirs, f"{style} merge")
+
+
+def test_mindformers_checkpoint2_in_and_out(tmp_path, hf_models):
+    """MindFormers' own training checkpoint (Checkpoint 2.0, `save_checkpoint` with an AdamW
+    optimizer, a model MindFormers built and initialised) converts to HF whose transformers
+    logits are MindFormers' own; converted back to Checkpoint 2.0 (iteration kept), MindFormers'
+    `load_checkpoint` fills every parameter from it and gives the same logits."""
+    config = hf_models("qwen3") / "config.json"
+    tokens = sample_tokens(503, batch=2, seq=8)
+    np.save(tmp_path / "ids.npy", tokens.numpy())
+    run_ms("mf-save-checkpoint2", config, tmp_path / "ids.npy", tmp_path / "mf", tmp_path / "mf_logits.npy",
+           cwd=tmp_path / "run")
+    theirs = torch.from_numpy(np.load(tmp_path / "mf_logits.npy")).reshape(2, 8, -1)
+
+    hf = ms_to("hf", tmp_path / "mf", tmp_path / "hf", "qwen3", "--hf-cfg-dir", config.parent)
+    diff = (hf_logits(hf, tokens) - theirs).abs().max().item()
+    print(f"MindFormers Checkpoint 2.0 -> HF: max |logit diff| {diff:.2e}")
+    assert diff <= 5e-3
+
+    back = ms_to("ms", tmp_path / "mf", tmp_path / "c2", "qwen3", "--hf-cfg-dir", config.parent,
+                 "--ms-format", "checkpoint2")
+    assert (back / "latest_checkpointed_iteration.txt").read_text() == "3"
+    run_ms("mf-load-checkpoint2", config, back, tmp_path / "ids.npy", tmp_path / "back_logits.npy", cwd=tmp_path / "run")
+    assert torch.equal(torch.from_numpy(np.load(tmp_path / "back_logits.npy")).reshape(2, 8, -1), theirs)
+
+    # the same iteration as four ranks (dp 2 x mp 2) save it, metadata.json by MindFormers' own writer:
+    # MindFormers reassembles it to the same logits, and so do we, to the same tensors
+    run_ms("mf-split-checkpoint2", tmp_path / "mf", tmp_path / "mf4", cwd=tmp_path / "run")
+    run_ms("mf-load-checkpoint2", config, tmp_path / "mf4", tmp_path / "ids.npy", tmp_path / "mf4_logits.npy",
+           cwd=tmp_path / "run")
+    assert torch.equal(torch.from_numpy(np.load(tmp_path / "mf4_logits.npy")).reshape(2, 8, -1), theirs)
+    four = ms_to("hf", tmp_path / "mf4", tmp_path / "hf4", "qwen3", "--hf-cfg-dir", config.parent)
+    assert_same_tensors(load_hf_state(hf), load_hf_state(four), "four ranks")

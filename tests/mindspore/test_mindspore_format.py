@@ -19,8 +19,10 @@ from util import (ROOT, assert_one_line_error, assert_same_checkpoint, assert_sa
 from modellink_ckpt.demo.models import build_hf_checkpoint
 from modellink_ckpt.errors import ConvertError, UsageError
 from modellink_ckpt.formats.mindspore import names as ms_names
+from modellink_ckpt.formats.mindspore.checkpoint2 import slice_offset
 from modellink_ckpt.formats.ms_ckpt import MsCkptFile, MsCkptWriter, write_ckpt
 from modellink_ckpt.formats.ms_strategy import ParamLayout, load_strategy, write_strategy
+from modellink_ckpt.formats.safetensors_io import SafetensorsFile
 from modellink_ckpt.model import mapping
 from modellink_ckpt.model import transforms as T
 from modellink_ckpt.model.families import load_family
@@ -308,6 +310,60 @@ def test_a_rank_folder_with_several_steps_needs_the_step(tmp_path, models):
     assert "10_10" in shown.stdout and "2_2" in shown.stdout, shown.stdout
 
 
+def test_mindformers_checkpoint2_folder_in_and_out(tmp_path, models):
+    """MindFormers' Checkpoint 2.0 (tracker + iteration_<N>/model-<rank>-<ranks>.safetensors): written
+    with --ms-format checkpoint2, read back bit-exact, its optimizer file and common.json left out by
+    name in the summary; inspect and --verify know it (its tracker is no Megatron one). MindFormers
+    itself writes and loads these folders in test_mindspore_consumers.py."""
+    hf = models("qwen3")
+    c2 = hf_to_ms(hf, tmp_path / "c2", "qwen3", "--ms-format", "checkpoint2")
+    assert (c2 / "latest_checkpointed_iteration.txt").read_text() == "1"
+    model = c2 / "iteration_00000001" / "model-0000000-0000001.safetensors"
+    assert sorted(p.name for p in model.parent.iterdir()) == [model.name]
+    assert SafetensorsFile(model).metadata == {"format": "ms"}
+    assert run_cli("--verify", c2).returncode == 0
+    shown = run_cli("inspect", c2)
+    assert "MindFormers Checkpoint 2.0, iteration_00000001" in shown.stdout, shown.stdout + shown.stderr
+
+    # as training leaves it: the optimizer's file and the step counters beside the model
+    (model.parent / "opt-0000000-0000001.safetensors").write_bytes(model.read_bytes())
+    (model.parent / "common.json").write_text(json.dumps({"global_step": 1}))
+    flags = ("--load-model-type", "ms", "--save-model-type", "hf", "--load-dir", c2)
+    result = _cli(*flags, "--save-dir", tmp_path / "back")
+    assert result.returncode == 0, result.stderr
+    assert "left out: common.json, opt-0000000-0000001.safetensors (optimizer state and step counters)" in \
+        result.stdout.splitlines()[-1]
+    assert_same_tensors(load_hf_state(hf), load_hf_state(tmp_path / "back" / "mg2hf"), "checkpoint2")
+    again = run_cli("--load-model-type", "ms", "--save-model-type", "ms", "--ms-format", "checkpoint2", "--load-dir",
+                    c2, "--save-dir", tmp_path / "again", "--iteration", "1")
+    assert again.returncode == 0, again.stderr
+    assert_same_tensors(read_store(model), read_store(tmp_path / "again"), "checkpoint2 -> checkpoint2")
+
+    cases = {"no such iteration": (["--iteration", "7"], "--iteration 7: ", "has no iteration_00000007 (found: [1])")}
+    stale = Path(shutil.copytree(c2, tmp_path / "stale"))
+    (stale / "latest_checkpointed_iteration.txt").write_text("5")
+    cases["stale tracker"] = (["--load-dir", stale], "latest_checkpointed_iteration.txt: points to iteration_00000005",
+                              "which does not exist")
+    ranks = Path(shutil.copytree(c2, tmp_path / "ranks"))
+    (ranks / "iteration_00000001" / "model-0000000-0000001.safetensors").rename(
+        ranks / "iteration_00000001" / "model-0000001-0000002.safetensors")
+    cases["missing rank"] = (["--load-dir", ranks], "iteration_00000001: the model file of rank 0 is missing", "")
+    for what, (extra, *messages) in cases.items():
+        result = _cli(*flags, *extra, "--save-dir", tmp_path / f"out-{what.replace(' ', '-')}")
+        line = assert_one_line_error(result.returncode, result.stderr, what)
+        assert all(m in line for m in messages), (what, line)
+    strategy, _ = strategy_for(tmp_path, hf, "qwen3", mp=2)
+    refused = _cli("--load-model-type", "hf", "--save-model-type", "ms", "--load-dir", hf, "--ms-format", "checkpoint2",
+                   "--dst-strategy", strategy, "--save-dir", tmp_path / "split")
+    assert "drop --dst-strategy" in assert_one_line_error(refused.returncode, refused.stderr)
+
+
+def test_checkpoint2_slice_ids_count_row_major():
+    """MindFormers' chunk offset is one slice id over the axis fragments, the last axis fastest."""
+    assert [slice_offset(i, (2, 2), (32, 64)) for i in range(4)] == [(0, 0), (0, 64), (32, 0), (32, 64)]
+    assert slice_offset(0, (1,), (64,)) == (0,)
+
+
 def test_unexplained_mindspore_tensor_is_refused(tmp_path, models):
     """A tensor no rule of the naming explains stops the conversion and is named; training state
     (optimizer moments, step counters) is recognised and left out."""
@@ -315,8 +371,10 @@ def test_unexplained_mindspore_tensor_is_refused(tmp_path, models):
     state = read_store(ms)
     write_ckpt(ms / "model.ckpt", {**state, "adam_m.decoder.final_layernorm.weight": torch.zeros(64),
                                    "global_step": torch.tensor(3)})
-    out = ms_to("hf", ms, tmp_path / "ok", "qwen3")
-    assert "model.norm.weight" in load_hf_state(out)
+    result = _cli("--load-model-type", "ms", "--save-model-type", "hf", "--load-dir", ms, "--save-dir", tmp_path / "ok")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1].endswith("left out: 2 training-state tensors (adam_m.*, global_step)")
+    assert "model.norm.weight" in load_hf_state(tmp_path / "ok" / "mg2hf")
     write_ckpt(ms / "model.ckpt", {**state, "decoder.layers.0.mlp.extra_bias": torch.zeros(4)})
     result = _cli("--load-model-type", "ms", "--save-model-type", "hf", "--load-dir", ms,
                   "--save-dir", tmp_path / "bad")

@@ -58,11 +58,13 @@ class MsFiles:
             self.shards = None
         elif self.format == "ckpt":  # MindSpore loads a complete checkpoint from one .ckpt
             name = file_name or "model.ckpt"
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
             self._writers.append((name, self._open(folder / name, entries), None))
         else:
             self.shards = plan_shards(entries, max_shard_bytes)
             names = [file_name or "model.safetensors"] if len(self.shards) == 1 else \
                 [f"model-{k:05d}-of-{len(self.shards):05d}.safetensors" for k in range(1, len(self.shards) + 1)]
+            (folder / names[0]).parent.mkdir(parents=True, exist_ok=True)  # a Checkpoint 2.0 iteration folder
             self._shard_of = {entry[0]: i for i, shard in enumerate(self.shards) for entry in shard}
             self._names = names
             self._open_shard = {}

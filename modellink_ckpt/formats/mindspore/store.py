@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from modellink_ckpt.errors import ConvertError, UsageError
+from modellink_ckpt.formats.mindspore import checkpoint2
 from modellink_ckpt.formats.mindspore.lora import MsLora, find_adapters, is_adapter, merged
 from modellink_ckpt.formats.ms_ckpt import MsCkptFile
 from modellink_ckpt.formats.ms_strategy import Strategy
@@ -67,18 +68,29 @@ def rank_file(folder: Path, file_suffix: str | None = None) -> Path:
 class MsStore:
     """Every tensor of a MindSpore checkpoint by name, whole: `shape_dtype(name)`, `read(name)`."""
 
-    def __init__(self, path: str | Path, strategy: Strategy | None = None, file_suffix: str | None = None):
+    def __init__(self, path: str | Path, strategy: Strategy | None = None, file_suffix: str | None = None,
+                 iteration: int | None = None):
         self.path = Path(path)
         self.strategy = strategy
         self.file_suffix = file_suffix  # which step's file of each rank folder (rank_file)
         self.files: list[Path] = []
+        self.left_out: list[str] = []             # files not read (a Checkpoint 2.0 folder's optimizer state)
+        self.iteration: int | None = None         # a Checkpoint 2.0 folder's iteration
         self._where: dict[str, object] = {}       # complete: name -> open file
         self._ranks: dict[int, object] = {}       # distributed: rank -> open file
+        self._chunks: dict[str, list] = {}        # Checkpoint 2.0 of several ranks: name -> [(ranges, open file)]
         self._shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         if self.path.is_file():
             self._complete([self.path])
         elif not self.path.is_dir():
             raise UsageError(f"--load-dir {self.path}: no such file or folder")
+        elif checkpoint2.is_checkpoint2(self.path):
+            if strategy is not None:
+                raise UsageError(f"--src-strategy: {self.path} is a Checkpoint 2.0 folder, whose metadata.json says "
+                                 f"where each slice is")
+            self._checkpoint2(iteration)
+        elif iteration is not None:
+            raise UsageError(f"--iteration {iteration}: {self.path} is no Checkpoint 2.0 folder (iteration_* folders)")
         elif rank_folders(self.path) and len(rank_folders(self.path)) > 1 or strategy is not None:
             self._distributed()
         else:
@@ -116,6 +128,37 @@ class MsStore:
                     raise ConvertError(f"{path}: '{name}' is also in {self._where[name].path}")
                 self._where[name] = opened
                 self._shapes[name] = opened.shape_dtype(name)
+
+    # ---- MindFormers' Checkpoint 2.0 ----------------------------------------------------------
+
+    def _checkpoint2(self, iteration: int | None) -> None:
+        folder = checkpoint2.iteration_folder(self.path, iteration)
+        self.iteration = int(folder.name[len(checkpoint2.ITERATION_PREFIX):])
+        self.left_out = checkpoint2.left_out_files(folder)
+        files = checkpoint2.model_files(folder)
+        if len(files) == 1:  # one rank: every tensor whole
+            self._complete(files)
+            return
+        self.files = files
+        opened = {path: SafetensorsFile(path) for path in files}
+        names = {name for file in opened.values() for name in file.keys()}
+        for name, (shape, pieces) in checkpoint2.chunks(folder, names).items():
+            covered, self._chunks[name] = 0, []
+            for piece in pieces:
+                file = opened.get(piece.file)
+                if file is None or name not in file:
+                    raise ConvertError(f"{folder / checkpoint2.METADATA}: puts '{name}' at {list(piece.offset)} in "
+                                       f"{piece.file.name}, which does not hold it")
+                stored, dtype = file.shape_dtype(name)
+                if tuple(stored) != piece.shape:
+                    raise ConvertError(f"{piece.file}: '{name}' is {list(stored)}; {checkpoint2.METADATA} says "
+                                       f"{list(piece.shape)}")
+                self._chunks[name].append((tuple((o, o + n) for o, n in zip(piece.offset, piece.shape)), file))
+                covered += torch.Size(piece.shape).numel()
+            if covered != torch.Size(shape).numel():
+                raise ConvertError(f"{folder / checkpoint2.METADATA}: the chunks of '{name}' do not make its "
+                                   f"{list(shape)}")
+            self._shapes[name] = (shape, dtype)
 
     # ---- distributed checkpoints -------------------------------------------------------------
 
@@ -178,20 +221,24 @@ class MsStore:
     def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         shape, dtype = self.shape_dtype(name)
         out = torch.empty(shape, dtype=dtype) if out is None else out
-        if not self._ranks:
+        if name in self._chunks:
+            pieces = self._chunks[name]
+        elif not self._ranks:
             self._where[name].read_rows(name, 0, shape[0] if shape else 1, out.view(shape) if shape else out)
             return out
-        layout_rank = self.strategy.sources(name, shape) if name in self.strategy.layouts else {
-            tuple((0, n) for n in shape): 0}
-        for ranges, rank in layout_rank.items():
+        else:
+            layout_rank = self.strategy.sources(name, shape) if name in self.strategy.layouts else {
+                tuple((0, n) for n in shape): 0}
+            pieces = [(ranges, self._ranks[rank]) for ranges, rank in layout_rank.items()]
+        for ranges, opened in pieces:
             piece_shape = tuple(b - a for a, b in ranges)
             view = out[tuple(slice(a, b) for a, b in ranges)]
             if view.is_contiguous():
                 target = view
             else:
                 target = torch.empty(piece_shape, dtype=dtype)
-            self._ranks[rank].read_rows(name, 0, piece_shape[0] if piece_shape else 1,
-                                        target.view(piece_shape) if piece_shape else target)
+            opened.read_rows(name, 0, piece_shape[0] if piece_shape else 1,
+                             target.view(piece_shape) if piece_shape else target)
             if target is not view:
                 view.copy_(target)
         return out

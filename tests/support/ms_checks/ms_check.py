@@ -14,6 +14,11 @@
     ms_check.py mf-llama HF_CONFIG CKPT IDS OUT [concat]
                                             MindFormers legacy Llama: strict load, logits
     ms_check.py lora-merge SRC_CKPT DST_DIR SCALING  MindFormers' tools/transform_ckpt_lora.py merge
+    ms_check.py mf-save-checkpoint2 HF_CONFIG IDS ROOT LOGITS_OUT
+                                            MindFormers' save_checkpoint (Checkpoint 2.0, with optimizer)
+    ms_check.py mf-split-checkpoint2 SRC_ROOT DST_ROOT   a one-rank Checkpoint 2.0 as four ranks save it
+    ms_check.py mf-load-checkpoint2 HF_CONFIG FOLDER IDS LOGITS_OUT
+                                            MindFormers' load_checkpoint of a Checkpoint 2.0 folder, logits
 
 Nothing here imports torch or the converter.
 """
@@ -85,7 +90,7 @@ def _hf(config_path):
     return hf, theta
 
 
-def mf_qwen3(config_path, ckpt, ids_path, out, fc1_layout="interleaved"):
+def _mf_qwen3_net(config_path, seq, fc1_layout="interleaved"):
     sys.path.insert(0, HERE)
     from mindformers.core.context.build_context import build_context
 
@@ -99,7 +104,6 @@ def mf_qwen3(config_path, ckpt, ids_path, out, fc1_layout="interleaved"):
     from mindformers.models.qwen3.modeling_qwen3_train import TrainingQwen3ForCausalLM
 
     hf, theta = _hf(config_path)
-    seq = int(np.load(ids_path).shape[1])
     config = Qwen3Config(
         vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
         num_hidden_layers=hf["num_hidden_layers"], num_attention_heads=hf["num_attention_heads"],
@@ -110,7 +114,94 @@ def mf_qwen3(config_path, ckpt, ids_path, out, fc1_layout="interleaved"):
         use_interleaved_weight_layout_mlp=fc1_layout == "interleaved")
     net = TrainingQwen3ForCausalLM(config)
     net.set_train(False)
+    return net
+
+
+def mf_qwen3(config_path, ckpt, ids_path, out, fc1_layout="interleaved"):
+    net = _mf_qwen3_net(config_path, int(np.load(ids_path).shape[1]), fc1_layout)
     _run_logits(net, ckpt, ids_path, out)
+
+
+def _logits(net, ids_path, out):
+    import mindspore as ms
+
+    logits = net(ms.Tensor(np.load(ids_path).astype(np.int32), ms.int32))
+    logits = logits[0] if isinstance(logits, tuple) else logits
+    np.save(out, logits.asnumpy().astype(np.float32))
+
+
+def mf_save_checkpoint2(config_path, ids_path, root, logits_out):
+    """A Checkpoint 2.0 folder as MindFormers training writes it: a Qwen3 MindFormers builds and
+    initialises itself, saved with an AdamW optimizer by `mindformers.checkpoint.save_checkpoint`
+    at iteration 3; its logits on IDS (MindFormers' own) to LOGITS_OUT."""
+    import mindspore as ms
+    from mindformers.checkpoint.checkpoint import CommonInfo, save_checkpoint
+
+    net = _mf_qwen3_net(config_path, int(np.load(ids_path).shape[1]))
+    for name, param in net.parameters_and_names():  # norms away from 1 so a dropped one shows
+        if "norm" in name:
+            param.set_data(ms.Tensor(1.0 + 0.1 * np.random.default_rng(len(name)).standard_normal(param.shape),
+                                     param.dtype))
+    optimizer = ms.nn.AdamWeightDecay(net.trainable_params(), learning_rate=1e-3)
+    common = CommonInfo()
+    common.epoch_num, common.step_num, common.global_step = 1, 3, 3
+    save_checkpoint(3, net, optimizer=optimizer, common_info=common, save_checkpoint_path=root)
+    _logits(net, ids_path, logits_out)
+
+
+def mf_split_checkpoint2(src_root, dst_root):
+    """The iteration of a one-rank Checkpoint 2.0 at SRC_ROOT as four ranks (dp 2 x mp 2) save it:
+    each matrix split on both axes (`Layout(...)("dp", "mp")`), vectors held by every rank. Which
+    rank holds which slice, and its offset, come from MindFormers' own layout functions; each rank's
+    file is written by `mindspore.save_checkpoint` and `metadata.json` by MindFormers' `save_metadata`."""
+    import mindspore as ms
+    from mindformers.checkpoint.metadata import save_metadata
+    from mindformers.checkpoint.reshard import infer_slice_area_by_rank
+    from mindformers.checkpoint.sharded_tensor import _get_layout_shard_info, build_sharded_tensor
+    from mindspore.parallel import Layout
+
+    world, devices = 4, (2, 2)
+    iteration = open(os.path.join(src_root, "latest_checkpointed_iteration.txt")).read().strip()
+    folder = f"iteration_{int(iteration):08d}"
+    params = ms.load_checkpoint(os.path.join(src_root, folder, "model-0000000-0000001.safetensors"),
+                                format="safetensors")
+    os.makedirs(os.path.join(dst_root, folder), exist_ok=True)
+    metas, mappings, pieces = {r: {} for r in range(world)}, [], {r: [] for r in range(world)}
+    for name, param in params.items():
+        data = param.asnumpy()
+        layout = Layout(devices, ("dp", "mp"), list(range(world)))
+        splits = data.ndim == 2 and data.shape[0] % 2 == 0 and data.shape[1] % 2 == 0  # (503-row tables whole)
+        layout = layout("dp", "mp") if splits else layout(*["None"] * data.ndim)
+        fragments, local_shape, offsets, replicas = _get_layout_shard_info(name, layout, data.shape)
+        tensor_map = layout.to_dict()["tensor_map"]
+        for rank in range(world):
+            area = infer_slice_area_by_rank(devices, tensor_map, rank, data.shape)
+            pieces[rank].append({"name": name, "data": ms.Tensor(data[tuple(slice(a, b) for a, b in area)])})
+            metas[rank][name] = build_sharded_tensor(name, param.dtype, local_shape, data.shape, fragments,
+                                                     (offsets[rank],), replica_id=replicas[rank], layout=layout)
+            holders = [r for r in range(world) if offsets[r] == offsets[rank]]
+            mappings.append((f"model-{rank:07d}-{world:07d}.safetensors", rank, holders, (name, (offsets[rank],))))
+    for rank in range(world):
+        ms.save_checkpoint(pieces[rank], os.path.join(dst_root, folder, f"model-{rank:07d}-{world:07d}"),
+                           format="safetensors")
+    save_metadata(metas, mappings, os.path.join(dst_root, folder, "metadata.json"))
+    with open(os.path.join(dst_root, "latest_checkpointed_iteration.txt"), "w") as f:
+        f.write(iteration)
+
+
+def mf_load_checkpoint2(config_path, folder, ids_path, logits_out):
+    """`mindformers.checkpoint.load_checkpoint(FOLDER, net)` into a freshly initialised Qwen3: every
+    parameter must come from the folder (none left as initialised); then its logits on IDS."""
+    import mindspore as ms
+    from mindformers.checkpoint.checkpoint import load_checkpoint
+
+    net = _mf_qwen3_net(config_path, int(np.load(ids_path).shape[1]))
+    before = {name: p.asnumpy().copy() for name, p in net.parameters_and_names()}
+    load_checkpoint(folder, net)
+    unchanged = [name for name, p in net.parameters_and_names() if np.array_equal(p.asnumpy(), before[name])]
+    if unchanged:
+        raise SystemExit(f"not loaded from {folder}: {unchanged[:5]} ({len(unchanged)} in all)")
+    _logits(net, ids_path, logits_out)
 
 
 def mf_llama(config_path, ckpt, ids_path, out, concat=""):
@@ -191,7 +282,8 @@ def lora_merge(src_ckpt, dst_dir, scaling):
 
 COMMANDS = {"resave": resave, "transform": transform, "by-rank": by_rank, "unify": unify,
             "merge-strategies": merge_strategies, "mf-qwen3": mf_qwen3, "mf-llama": mf_llama, "mf-glm": mf_glm,
-            "lora-merge": lora_merge}
+            "lora-merge": lora_merge, "mf-save-checkpoint2": mf_save_checkpoint2,
+            "mf-load-checkpoint2": mf_load_checkpoint2, "mf-split-checkpoint2": mf_split_checkpoint2}
 
 if __name__ == "__main__":
     COMMANDS[sys.argv[1]](*sys.argv[2:])
