@@ -79,3 +79,8 @@ def mindformers_convert_weight():
 def mindformers_transform_checkpoint():
     """MindFormers' `python transform_checkpoint.py ...` (also `mindformers-transform-checkpoint`)."""
     exit_fast(_run("modellink_ckpt.cli.mindformers:transform_checkpoint_main"))
+
+
+def mindformers_transform_ckpt_lora():
+    """MindFormers' `python transform_ckpt_lora.py ...` (also `mindformers-transform-ckpt-lora`)."""
+    exit_fast(_run("modellink_ckpt.cli.mindformers:transform_ckpt_lora_main"))

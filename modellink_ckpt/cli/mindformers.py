@@ -1,6 +1,7 @@
 """MindFormers users' own command lines, running this converter:
 
-    python convert_weight.py --model llama|qwen|mixtral|glm-n|deepseek [--reversed] --input_path IN --output_path OUT
+    python convert_weight.py --model llama|qwen|mixtral|glm-n|deepseek|qwen3|qwen3_moe [--reversed] --input_path IN
+                             --output_path OUT
                              [--dtype fp16|bf16|fp32] [--config HF_CONFIG]
     python transform_checkpoint.py --src_checkpoint SRC [--src_strategy S] --dst_checkpoint_dir DST
                                    [--dst_strategy D] [--prefix checkpoint_] [--world_size N]
@@ -13,7 +14,12 @@ an output path ending in `.bin` / `.pt` / `.pth`, one torch state-dict file as M
 A MindSpore checkpoint records no model sizes: the reversed direction reads the HF `config.json`
 next to the checkpoint (our output writes one) or `--config`.
 
-`transform_checkpoint.py` re-shards between strategies tensor by tensor (`ms_reshard`).
+    python transform_ckpt_lora.py --src_ckpt_path_or_dir SRC --dst_ckpt_dir DST [--src_ckpt_strategy S]
+                                  [--dst_ckpt_strategy D] [--prefix checkpoint_] [--lora_scaling 1]
+                                  [--save_format ckpt|safetensors]
+
+`transform_checkpoint.py` re-shards between strategies tensor by tensor (`engine/reshard.py`);
+`transform_ckpt_lora.py` does the same with each weight's LoRA adapters merged into it.
 """
 
 from __future__ import annotations
@@ -35,13 +41,19 @@ from modellink_ckpt.cli.main import run_guarded
 from modellink_ckpt.engine.reshard import reshard
 from modellink_ckpt.engine.staging import check_writable
 from modellink_ckpt.errors import ConvertError, UsageError
+from modellink_ckpt.formats.mindspore.lora import MsLora
 from modellink_ckpt.formats.safetensors_io import SafetensorsFile
 from modellink_ckpt.formats.torch_zip import StreamingTorchWriter
 from modellink_ckpt.model.families import load_family
 
-# MindFormers' --model value -> (model_cfg.json family, MindSpore naming)
+# MindFormers' --model value -> (model_cfg.json family, MindSpore naming); qwen3 / qwen3_moe in the
+# mcore names MindFormers 2.x's Qwen3 models load (its training model checks them in the slow tier)
 MODELS = {"llama": ("llama2", "legacy"), "qwen": ("qwen25", "legacy"), "mixtral": ("mixtral", "legacy"),
-          "glm-n": ("chatglm3", "legacy"), "deepseek": ("deepseek3", "mcore")}
+          "glm-n": ("chatglm3", "legacy"), "deepseek": ("deepseek3", "mcore"), "qwen3": ("qwen3", "mcore"),
+          "qwen3_moe": ("qwen3-moe", "mcore")}
+# --model values MindFormers' convert_weight.py has whose layout no consumer here pins down
+NOT_CONVERTED = {"telechat": "TeleChat's weight layout (its fused query/key_value, per-version --telechat_type) is "
+                             "not pinned down by a MindFormers model that runs here"}
 DTYPES = {"fp16": "fp16", "float16": "fp16", "bf16": "bf16", "bfloat16": "bf16", "fp32": "fp32", "float32": "fp32"}
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 
@@ -123,6 +135,9 @@ def convert_weight(argv: list[str] | None = None) -> dict:
     for ignored in ("--n_head", "--hidden_size", "--layers", "--is_pretrain", "--telechat_type"):
         p.add_argument(ignored, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.model in NOT_CONVERTED:
+        raise UsageError(f"--model {args.model}: not converted: {NOT_CONVERTED[args.model]} "
+                         f"(supported here: {', '.join(MODELS)})")
     if args.model not in MODELS:
         raise UsageError(f"--model {args.model}: supported here: {', '.join(MODELS)}")
     if args.dtype is not None and args.dtype.lower() not in DTYPES:
@@ -212,6 +227,55 @@ def transform_checkpoint(argv: list[str] | None = None) -> dict:
         return reshard(args.src_checkpoint, args.dst, src_strategy=args.src_strategy,
                        dst_strategy=args.dst_strategy, prefix=args.prefix, world_size=args.world_size,
                        overwrite=args.overwrite, quiet=args.quiet, file_suffix=args.file_suffix)
+
+
+# transform_ckpt_lora.py's
+TRANSFORM_CKPT_LORA_FLAGS = {"--load-dir": "--src_ckpt_path_or_dir", "--save-dir": "--dst_ckpt_dir",
+                             "--src-strategy": "--src_ckpt_strategy", "--dst-strategy": "--dst_ckpt_strategy",
+                             "--dst_strategy": "--dst_ckpt_strategy", "--ms-prefix": "--prefix",
+                             "--lora-scaling": "--lora_scaling", "--file-suffix": "--file_suffix"}
+MERGED_LORA = "merged_lora"  # the complete output's file name, as MindFormers' tool writes it
+
+
+def transform_ckpt_lora(argv: list[str] | None = None) -> dict:
+    """MindFormers' `tools/transform_ckpt_lora.py`: LoRA adapters merged into their weights
+    (W + B·A·scaling; here in fp32, cast back), from one checkpoint file or a distributed folder
+    (`--src_ckpt_strategy`); complete as `<dst>/merged_lora.<format>`, or with
+    `--dst_ckpt_strategy` one merged file per rank (`rank_<r>/<prefix><r>.<format>`), where
+    MindFormers' own tool re-shards first and then merges rank 0's file only."""
+    p = Parser(prog="transform_ckpt_lora.py", description="MindFormers' transform_ckpt_lora.py command line: "
+                "merge LoRA adapters into a MindSpore checkpoint, run by this converter")
+    p.add_argument("--src_ckpt_strategy", default="", help="strategy of a distributed source (file or folder)")
+    p.add_argument("--dst_ckpt_strategy", default="", help="write one merged file per rank of this strategy")
+    p.add_argument("--src_ckpt_path_or_dir", required=True, type=Path,
+                   help="a checkpoint file, or a folder of rank_<r>/ folders")
+    p.add_argument("--dst_ckpt_dir", required=True, type=Path, help="where the merged checkpoint goes")
+    p.add_argument("--prefix", default="checkpoint_", help="file name prefix of distributed output")
+    p.add_argument("--lora_scaling", default=1.0, type=float, help="lora_alpha / lora_rank (default 1)")
+    p.add_argument("--save_format", default="ckpt", choices=["ckpt", "safetensors"])
+    p.add_argument("--file_suffix", default=None,
+                   help="the step to read where a rank folder holds one file per saved step (e.g. 2_2)")
+    p.add_argument("--overwrite", action="store_true", help="replace a --dst_ckpt_dir that holds files")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    src_strategy = Path(args.src_ckpt_strategy) if args.src_ckpt_strategy not in ("", "None") else None
+    dst_strategy = Path(args.dst_ckpt_strategy) if args.dst_ckpt_strategy not in ("", "None") else None
+    with their_words(TRANSFORM_CKPT_LORA_FLAGS, {}):
+        check_writable(args.dst_ckpt_dir, "--dst_ckpt_dir")
+        return reshard(args.src_ckpt_path_or_dir, args.dst_ckpt_dir, src_strategy=src_strategy,
+                       dst_strategy=dst_strategy, prefix=args.prefix, fmt=args.save_format,
+                       overwrite=args.overwrite or _empty_folder(args.dst_ckpt_dir), quiet=args.quiet,
+                       file_suffix=args.file_suffix, lora=MsLora.from_flags(args.lora_scaling, None, None),
+                       file_name=None if dst_strategy else f"{MERGED_LORA}.{args.save_format}")
+
+
+def _empty_folder(path: Path) -> bool:
+    """MindFormers' tools write into a folder the user made first: an empty one is theirs to fill."""
+    return path.is_dir() and not any(path.iterdir())
+
+
+def transform_ckpt_lora_main() -> int:
+    return run_guarded(lambda: transform_ckpt_lora(sys.argv[1:]))
 
 
 def convert_weight_main() -> int:

@@ -1,6 +1,7 @@
 """Re-sharding a MindSpore checkpoint between strategies, tensor by tensor, with no model knowledge
 (what MindFormers' `transform_checkpoint.py` and `mindspore.transform_checkpoints` do): complete ->
-distributed, distributed -> complete, distributed -> another strategy.
+distributed, distributed -> complete, distributed -> another strategy; LoRA adapters merged on the
+way where asked (`transform_ckpt_lora.py`).
 
 Each tensor is assembled whole from the source's distinct slices (each read once) and written at
 once, sliced for every target rank; memory holds one tensor. The output folder is staged and
@@ -18,15 +19,22 @@ from modellink_ckpt.engine.progress import progress
 from modellink_ckpt.engine.staging import StagedDir
 from modellink_ckpt.errors import UsageError
 from modellink_ckpt.formats.mindspore.files import STRATEGY_DIR, MsFiles, copy_strategy
-from modellink_ckpt.formats.mindspore.store import MsStore
+from modellink_ckpt.formats.mindspore.lora import MsLora
+from modellink_ckpt.formats.mindspore.store import LoraMergedStore, MsStore, source_strategy
 from modellink_ckpt.formats.ms_strategy import load_strategy
 
 
 def reshard(src: Path, dst: Path, *, src_strategy: Path | None, dst_strategy: Path | None, prefix: str,
             world_size: int | None = None, fmt: str | None = None, overwrite: bool = False,
-            quiet: bool = False, file_suffix: str | None = None) -> dict:
+            quiet: bool = False, file_suffix: str | None = None, lora: MsLora | None = None,
+            file_name: str | None = None) -> dict:
+    """`src` laid out by `dst_strategy` (or complete: one file, `file_name` if given) in `dst`; with
+    `lora`, each weight with LoRA adapters beside it is written merged and the adapters dropped
+    (MindFormers' `transform_ckpt_lora.py`)."""
     started = time.monotonic()
-    source = MsStore(src, load_strategy(src_strategy) if src_strategy else None, file_suffix)
+    source = MsStore(src, source_strategy(src, src_strategy), file_suffix)
+    if lora is not None:
+        source = LoraMergedStore(source, source, lora)
     target = load_strategy(dst_strategy, flag="--dst_strategy") if dst_strategy else None
     if world_size not in (None, 1) and target is not None and world_size != target.world_size:
         raise UsageError(f"--world_size {world_size}: the target strategy {target.source} has "
@@ -45,14 +53,15 @@ def reshard(src: Path, dst: Path, *, src_strategy: Path | None, dst_strategy: Pa
     staging = StagedDir(dst, overwrite=overwrite)
     files = None
     try:
-        files = MsFiles(staging.path, fmt, entries, strategy=target, prefix=prefix)
+        files = MsFiles(staging.path, fmt, entries, strategy=target, prefix=prefix, file_name=file_name)
         for name, _, _ in progress(entries, total=len(entries), desc="re-sharding", unit="tensor", quiet=quiet):
             files.add(name, source.read(name))
         files.close()
         extra = copy_strategy(Path(dst_strategy), staging.path / STRATEGY_DIR) if dst_strategy else []
         write_manifest(staging.path, {**files.files, **hash_files(staging.path, extra)}, kind="ms-reshard",
                        ms_format=fmt, source={"type": "ms", "dir": str(Path(src).resolve())},
-                       world_size=target.world_size if target else None)
+                       world_size=target.world_size if target else None,
+                       lora_merged=sorted(source.adapters) if lora is not None else None)
         published = staging.publish()
     except BaseException:
         if files is not None:

@@ -30,8 +30,7 @@ from modellink_ckpt.formats.mindspore import checkpoint2
 from modellink_ckpt.formats.mindspore import names as ms_names
 from modellink_ckpt.formats.mindspore.lora import MsLora, is_adapter
 from modellink_ckpt.formats.mindspore.store import (NAME_MAP, SUFFIXES, LoraMergedStore, MsStore, checkpoint_files,
-                                                    open_file, rank_folders)
-from modellink_ckpt.formats.ms_strategy import load_strategy
+                                                    open_file, rank_folders, source_strategy)
 from modellink_ckpt.formats.safetensors_io import SafetensorsFile
 from modellink_ckpt.model import mapping
 from modellink_ckpt.model.accounting import account
@@ -83,12 +82,11 @@ def check_accounted(store: MsStore, naming, family, dims) -> None:
 def open_store(path: Path, options: dict):
     """The checkpoint at `path`; with `options["lora"]` its weights merged with their adapters."""
     strategy, suffix = options.get("src_strategy"), options.get("file_suffix")
-    store = MsStore(path, load_strategy(strategy) if strategy else None, suffix, options.get("iteration"))
+    store = MsStore(path, source_strategy(path, strategy), suffix, options.get("iteration"))
     lora = options.get("lora")
     if not lora or lora.get("export"):
         return store
-    adapters = MsStore(lora["load"], load_strategy(strategy) if strategy else None, suffix) \
-        if lora.get("load") else store
+    adapters = MsStore(lora["load"], source_strategy(lora["load"], strategy), suffix) if lora.get("load") else store
     return LoraMergedStore(store, adapters, MsLora.from_flags(lora.get("scaling"), lora.get("r"), lora.get("alpha")))
 
 

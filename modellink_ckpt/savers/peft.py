@@ -27,8 +27,7 @@ from modellink_ckpt.formats.megatron.checkpoint import MegatronSource
 from modellink_ckpt.formats.megatron.lora import load_layer_adapters
 from modellink_ckpt.formats.mindspore import names as ms_names
 from modellink_ckpt.formats.mindspore.lora import find_adapters, peft_tensors
-from modellink_ckpt.formats.mindspore.store import MsStore
-from modellink_ckpt.formats.ms_strategy import load_strategy
+from modellink_ckpt.formats.mindspore.store import MsStore, source_strategy
 from modellink_ckpt.model.accounting import account
 from modellink_ckpt.model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraSpec, peft_layer_tensors
 from modellink_ckpt.plan import PeftTarget
@@ -49,7 +48,7 @@ def _megatron_adapters(plan):
 def _mindspore_adapters(plan):
     """(PEFT tensors, LoraSpec) of MindFormers LoRA adapters (in the checkpoint or --lora-load)."""
     options = plan.source.options
-    strategy = load_strategy(options["src_strategy"]) if options.get("src_strategy") else None
+    strategy = source_strategy(plan.source.path, options.get("src_strategy"))
     store = MsStore(plan.source.path, strategy, options.get("file_suffix"), options.get("iteration"))
     adapter_store = MsStore(options["lora"]["load"], strategy, options.get("file_suffix")) \
         if options["lora"].get("load") else store

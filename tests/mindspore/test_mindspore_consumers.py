@@ -17,6 +17,7 @@ import ms_fixtures as F
 import numpy as np
 import pytest
 import torch
+from cli_process import run_script
 from hf_builders import build_repacked
 from ms_fixtures import LAYOUTS, hf_to_ms, ms_to, read_store, run_ms, strategy_for
 from util import ROOT, assert_same_tensors, load_hf_state
@@ -191,6 +192,14 @@ def test_our_lora_merge_equals_mindformers_tool(tmp_path, hf_models, style, nami
     ours = ms_to("ms", ms, tmp_path / "ours", family, "--lora-scaling", "4", "--ms-format", "ckpt", "--ms-naming", naming)
     theirs = read_store(next((tmp_path / "theirs").glob("*.ckpt")))
     assert_same_tensors(read_store(ours), theirs, f"{style} merge")
+    # the same command line, run by our drop-in: the same file, the same tensors
+    (tmp_path / "dropin").mkdir()
+    result = run_script(ROOT / "transform_ckpt_lora.py", ["--src_ckpt_path_or_dir", ms / "model.ckpt", "--dst_ckpt_dir",
+                                                          tmp_path / "dropin", "--lora_scaling", "4"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "theirs").glob("*.ckpt")) == \
+        sorted(p.name for p in (tmp_path / "dropin").glob("*.ckpt")) == ["merged_lora.ckpt"]
+    assert_same_tensors(read_store(tmp_path / "dropin" / "merged_lora.ckpt"), theirs, f"{style} drop-in")
 
 
 def test_mindformers_checkpoint2_in_and_out(tmp_path, hf_models):

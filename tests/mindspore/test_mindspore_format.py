@@ -206,6 +206,8 @@ def test_distributed_output_holds_the_strategy_slices(tmp_path, models, family, 
             assert torch.equal(got, full[tuple(slice(a, b) for a, b in ranges)]), (rank, name)
     back = ms_to("hf", dist, tmp_path / "back", family, "--src-strategy", strategy)
     assert_same_tensors(load_hf_state(hf), load_hf_state(back), f"{family} {layout}")
+    own = ms_to("hf", dist, tmp_path / "own", family)  # by the strategy/ copy our output keeps
+    assert_same_tensors(load_hf_state(hf), load_hf_state(own), f"{family} {layout} (own strategy)")
     other, _ = strategy_for(tmp_path, hf, family, mp=4)
     resharded = ms_to("ms", dist, tmp_path / "resharded", family, "--src-strategy", strategy,
                       "--dst-strategy", other)
@@ -243,7 +245,9 @@ def test_bad_mindspore_input_is_one_line(tmp_path, models):
     cases["crc"] = (["--load-dir", flipped], "CRC check failed")
     # distributed: no strategy, an empty strategy, a strategy for other shapes, a missing rank file,
     # both formats in one rank folder
-    cases["no strategy"] = (["--load-dir", dist], "needs --src-strategy")
+    bare = Path(shutil.copytree(dist, tmp_path / "bare"))
+    shutil.rmtree(bare / "strategy")  # rank files as a training run leaves them (ours keep a strategy/ copy)
+    cases["no strategy"] = (["--load-dir", bare], "needs --src-strategy")
     (tmp_path / "empty.ckpt").write_bytes(b"")
     cases["empty strategy"] = (["--load-dir", dist, "--src-strategy", tmp_path / "empty.ckpt"], "empty strategy")
     wrong, _ = strategy_for(tmp_path, hf, "qwen3", mp=4)
@@ -450,12 +454,30 @@ def test_convert_weight_command_line(tmp_path, models):
     assert {t.dtype for t in load_hf_state(tmp_path / "hf_back").values()} == {torch.float32}
     # one-line errors: an unknown model, an existing output, no config for --reversed
     for argv, message in ((["--model", "telechat", "--input_path", hf, "--output_path", tmp_path / "x.ckpt"],
-                           "--model telechat"),
+                           "--model telechat: not converted: TeleChat's weight layout"),
+                          (["--model", "baichuan", "--input_path", hf, "--output_path", tmp_path / "x.ckpt"],
+                           "--model baichuan: supported here"),
                           (["--model", "llama", "--input_path", hf, "--output_path", out], "already exists"),
                           (["--model", "llama", "--reversed", "--input_path", out, "--output_path", tmp_path / "y"],
                            "config.json")):
         result = _script("convert_weight.py", *argv)
         assert message in assert_one_line_error(result.returncode, result.stderr), argv
+
+
+@pytest.mark.parametrize("model, family", [("qwen3", "qwen3"), ("qwen3_moe", "qwen3-moe")])
+def test_convert_weight_takes_mindformers_qwen3_names(tmp_path, models, model, family):
+    """`--model qwen3` / `qwen3_moe` write the mcore names MindFormers' Qwen3 models load (the same
+    file as --save-model-type ms) and come back with --reversed bit for bit."""
+    hf = models(family)
+    out = tmp_path / "ms" / f"{model}.safetensors"
+    result = _script("convert_weight.py", "--model", model, "--input_path", hf, "--output_path", out)
+    assert result.returncode == 0, result.stderr
+    assert_same_tensors(read_store(out), read_store(hf_to_ms(hf, tmp_path / "direct", family)), model)
+    back = tmp_path / "back"
+    result = _script("convert_weight.py", "--model", model, "--reversed", "--input_path", out, "--output_path", back,
+                     "--config", hf)
+    assert result.returncode == 0, result.stderr
+    assert_same_tensors(load_hf_state(hf), load_hf_state(back), f"{model} --reversed")
 
 
 def test_transform_checkpoint_command_line(tmp_path, models):
@@ -484,6 +506,48 @@ def test_transform_checkpoint_command_line(tmp_path, models):
                      tmp_path / "bad", "--dst_strategy", mp2, "--world_size", 8)
     assert "--world_size 8" in assert_one_line_error(result.returncode, result.stderr)
     assert not looks_complete(tmp_path / "bad") and not (tmp_path / "bad").exists()
+
+
+def test_transform_ckpt_lora_command_line(tmp_path, models):
+    """`transform_ckpt_lora.py` as MindFormers users run it: a checkpoint file's adapters merged into
+    `<dst>/merged_lora.<format>` (an empty folder the user made is filled), equal to the converter's
+    own merge; a distributed source (`--src_ckpt_strategy`) gives the same; `--dst_ckpt_strategy`
+    one merged file per rank. MindFormers' own tool gives the same file (test_mindspore_consumers.py)."""
+    hf = models("qwen3")
+    ms = hf_to_ms(hf, tmp_path / "ms", "qwen3", "--ms-format", "ckpt")
+    add_adapters(ms, "mcore", MCORE_TARGETS)
+    ours = read_store(ms_to("ms", ms, tmp_path / "ours", "qwen3", "--lora-scaling", "4", "--ms-format", "ckpt"))
+    (tmp_path / "dst").mkdir()
+    result = _script("transform_ckpt_lora.py", "--src_ckpt_path_or_dir", ms / "model.ckpt", "--dst_ckpt_dir",
+                     tmp_path / "dst", "--lora_scaling", "4")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "dst").iterdir()) == ["convert_manifest.json", "merged_lora.ckpt"]
+    assert_same_tensors(read_store(tmp_path / "dst" / "merged_lora.ckpt"), ours, "file")
+
+    mp2, _ = strategy_for(tmp_path, hf, "qwen3", mp=2)
+    split = _script("transform_checkpoint.py", "--src_checkpoint", ms / "model.ckpt", "--dst_checkpoint_dir",
+                    tmp_path / "split", "--dst_strategy", mp2)
+    assert split.returncode == 0, split.stderr
+    result = _script("transform_ckpt_lora.py", "--src_ckpt_path_or_dir", tmp_path / "split", "--src_ckpt_strategy", mp2,
+                     "--dst_ckpt_dir", tmp_path / "from-ranks", "--lora_scaling", "4", "--save_format", "safetensors")
+    assert result.returncode == 0, result.stderr
+    assert_same_tensors(read_store(tmp_path / "from-ranks" / "merged_lora.safetensors"), ours, "distributed source")
+    result = _script("transform_ckpt_lora.py", "--src_ckpt_path_or_dir", ms / "model.ckpt", "--dst_ckpt_strategy", mp2,
+                     "--dst_ckpt_dir", tmp_path / "ranks", "--lora_scaling", "4", "--prefix", "qwen3_")
+    assert result.returncode == 0, result.stderr
+    direct = hf_to_ms(hf, tmp_path / "direct", "qwen3", "--ms-format", "ckpt", "--dst-strategy", mp2)
+    strategy = load_strategy(mp2)
+    for rank in range(2):
+        got = read_store(tmp_path / "ranks" / f"rank_{rank}" / f"qwen3_{rank}.ckpt")
+        assert sorted(got) == sorted(read_store(direct / f"rank_{rank}" / f"checkpoint_{rank}.ckpt")), rank
+        for name, full in ours.items():
+            ranges = strategy.slice_of(name, tuple(full.shape), rank) if name in strategy.layouts else None
+            expected = full[tuple(slice(a, b) for a, b in ranges)] if ranges else full
+            assert torch.equal(got[name], expected), (rank, name)
+    bare = Path(shutil.copytree(tmp_path / "split", tmp_path / "bare"))
+    shutil.rmtree(bare / "strategy")  # ours keep a strategy/ copy, which is read when no strategy is given
+    result = _script("transform_ckpt_lora.py", "--src_ckpt_path_or_dir", bare, "--dst_ckpt_dir", tmp_path / "no-strategy")
+    assert "--src_ckpt_strategy" in assert_one_line_error(result.returncode, result.stderr, "no strategy")
 
 
 def test_glm_n_names_are_mindformers_chatglm_format(tmp_path):

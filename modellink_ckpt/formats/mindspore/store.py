@@ -12,15 +12,25 @@ import torch
 
 from modellink_ckpt.errors import ConvertError, UsageError
 from modellink_ckpt.formats.mindspore import checkpoint2
+from modellink_ckpt.formats.mindspore.files import STRATEGY_DIR
 from modellink_ckpt.formats.mindspore.lora import MsLora, find_adapters, is_adapter, merged
 from modellink_ckpt.formats.ms_ckpt import MsCkptFile
-from modellink_ckpt.formats.ms_strategy import Strategy
+from modellink_ckpt.formats.ms_strategy import Strategy, load_strategy
 from modellink_ckpt.formats.safetensors_io import SafetensorsFile
 
 SUFFIXES = (".safetensors", ".ckpt")
 
 
 NAME_MAP = "param_name_map.json"
+
+
+def source_strategy(path: Path, given: Path | None) -> Strategy | None:
+    """The strategy a distributed source is read by: `--src-strategy`, else the `strategy/` copy
+    that this converter's distributed output keeps beside its rank folders."""
+    if given is not None:
+        return load_strategy(given)
+    own = Path(path) / STRATEGY_DIR
+    return load_strategy(own) if own.is_dir() and len(rank_folders(Path(path))) > 1 else None
 
 
 def open_file(path: Path):

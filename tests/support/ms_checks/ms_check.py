@@ -192,7 +192,6 @@ def mf_split_checkpoint2(src_root, dst_root):
 def mf_load_checkpoint2(config_path, folder, ids_path, logits_out):
     """`mindformers.checkpoint.load_checkpoint(FOLDER, net)` into a freshly initialised Qwen3: every
     parameter must come from the folder (none left as initialised); then its logits on IDS."""
-    import mindspore as ms
     from mindformers.checkpoint.checkpoint import load_checkpoint
 
     net = _mf_qwen3_net(config_path, int(np.load(ids_path).shape[1]))
