@@ -84,3 +84,8 @@ def mindformers_transform_checkpoint():
 def mindformers_transform_ckpt_lora():
     """MindFormers' `python transform_ckpt_lora.py ...` (also `mindformers-transform-ckpt-lora`)."""
     exit_fast(_run("modellink_ckpt.cli.mindformers:transform_ckpt_lora_main"))
+
+
+def mindformers_unified_safetensors():
+    """MindFormers' `python unified_safetensors.py ...` (also `mindformers-unified-safetensors`)."""
+    exit_fast(_run("modellink_ckpt.cli.mindformers:unified_safetensors_main"))

@@ -20,6 +20,11 @@ next to the checkpoint (our output writes one) or `--config`.
 
 `transform_checkpoint.py` re-shards between strategies tensor by tensor (`engine/reshard.py`);
 `transform_ckpt_lora.py` does the same with each weight's LoRA adapters merged into it.
+
+    python unified_safetensors.py --mindspore_ckpt_dir DIR --src_strategy_dirs S --output_dir OUT
+                                  [--file_suffix 1_1] [--has_redundancy True|False] [--filter_out_param_prefix adam_]
+
+`unified_safetensors.py` merges a distributed safetensors checkpoint into `mindspore.unified_safetensors`'s parts.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ import torch
 from modellink_ckpt.cli.arguments import Parser
 from modellink_ckpt.cli.convert import convert
 from modellink_ckpt.cli.main import run_guarded
-from modellink_ckpt.engine.reshard import reshard
+from modellink_ckpt.engine.reshard import reshard, unify
 from modellink_ckpt.engine.staging import check_writable
 from modellink_ckpt.errors import ConvertError, UsageError
 from modellink_ckpt.formats.mindspore.lora import MsLora
@@ -267,6 +272,38 @@ def transform_ckpt_lora(argv: list[str] | None = None) -> dict:
                        overwrite=args.overwrite or _empty_folder(args.dst_ckpt_dir), quiet=args.quiet,
                        file_suffix=args.file_suffix, lora=MsLora.from_flags(args.lora_scaling, None, None),
                        file_name=None if dst_strategy else f"{MERGED_LORA}.{args.save_format}")
+
+
+UNIFIED_SAFETENSORS_FLAGS = {"--load-dir": "--mindspore_ckpt_dir", "--src-strategy": "--src_strategy_dirs",
+                             "--file-suffix": "--file_suffix"}
+
+
+def unified_safetensors(argv: list[str] | None = None) -> dict:
+    """MindFormers' `toolkit/safetensors/unified_safetensors.py`: the rank files of a distributed
+    safetensors checkpoint (`rank_<r>/*<file_suffix>.safetensors`) merged into complete parts in
+    `<output_dir>/<file_suffix>_ckpt_convert/unified_safe/`, as its script leaves them."""
+    p = Parser(prog="unified_safetensors.py", description="MindFormers' unified_safetensors.py command line: merge "
+                "a distributed MindSpore safetensors checkpoint into complete parts, run by this converter")
+    p.add_argument("--mindspore_ckpt_dir", required=True, type=Path, help="the folder of rank_<r>/ folders")
+    p.add_argument("--src_strategy_dirs", required=True, type=Path,
+                   help="the strategy: a file, or the folder of ckpt_strategy_rank_*.ckpt (merged for pipelines)")
+    p.add_argument("--output_dir", required=True, type=Path)
+    p.add_argument("--file_suffix", default="1_1", help="the step's file name ending (default 1_1)")
+    p.add_argument("--format", default="safetensors", choices=["safetensors"])
+    p.add_argument("--has_redundancy", default="True", choices=["True", "False", "true", "false"],
+                   help="False for a redundancy-free source; each slice is read from the rank that kept it either way")
+    p.add_argument("--filter_out_param_prefix", default=None, help="leave out tensors whose names start so (adam_)")
+    p.add_argument("--max_process_num", default=64, type=int, help="accepted; the parts are written in one process")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    with their_words(UNIFIED_SAFETENSORS_FLAGS, {}):
+        return unify(args.mindspore_ckpt_dir, args.output_dir / f"{args.file_suffix}_ckpt_convert",
+                     strategy=args.src_strategy_dirs, file_suffix=args.file_suffix,
+                     drop_prefix=args.filter_out_param_prefix, quiet=args.quiet)
+
+
+def unified_safetensors_main() -> int:
+    return run_guarded(lambda: unified_safetensors(sys.argv[1:]))
 
 
 def _empty_folder(path: Path) -> bool:

@@ -11,17 +11,20 @@ another MindFormers naming) go through the converter's pipeline instead (`--load
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
+
+import torch
 
 from modellink_ckpt.engine.manifest import hash_files, write_manifest
 from modellink_ckpt.engine.progress import progress
 from modellink_ckpt.engine.staging import StagedDir
 from modellink_ckpt.errors import UsageError
-from modellink_ckpt.formats.mindspore.files import STRATEGY_DIR, MsFiles, copy_strategy
+from modellink_ckpt.formats.mindspore.files import NAME_MAP, STRATEGY_DIR, MsFiles, copy_strategy
 from modellink_ckpt.formats.mindspore.lora import MsLora
 from modellink_ckpt.formats.mindspore.store import LoraMergedStore, MsStore, source_strategy
-from modellink_ckpt.formats.ms_strategy import load_strategy
+from modellink_ckpt.formats.ms_strategy import load_strategy, write_strategy
 
 
 def reshard(src: Path, dst: Path, *, src_strategy: Path | None, dst_strategy: Path | None, prefix: str,
@@ -71,3 +74,78 @@ def reshard(src: Path, dst: Path, *, src_strategy: Path | None, dst_strategy: Pa
     seconds = time.monotonic() - started
     return {"bytes": files.tensor_bytes, "files": len(files.files), "seconds": seconds, "wall_seconds": seconds,
             "describe": f"{published} ({f'{target.world_size} ranks' if target else 'complete'}, {fmt})"}
+
+
+UNIFIED_PART_BYTES = 3 * 2**30  # MindSpore's unified_safetensors: as many parts as 3 GiB pieces
+HYPER_PARAM = "hyper_param.safetensors"
+
+
+def unified_parts(sizes: dict[str, int]) -> list[list[str]]:
+    """The part files of `mindspore.unified_safetensors`, assigned as it does: one part per
+    3 GiB (at most one per tensor), the largest tensor first into the part with the fewest bytes."""
+    count = min(max(1, -(-sum(sizes.values()) // UNIFIED_PART_BYTES)), max(1, len(sizes)))
+    parts, totals = [[] for _ in range(count)], [0] * count
+    for name, size in sorted(sizes.items(), key=lambda item: -item[1]):
+        index = totals.index(min(totals))
+        parts[index].append(name)
+        totals[index] += size
+    return parts
+
+
+UNIFIED_DIR, MERGED_STRATEGY = "unified_safe", "merge_strategy/merge_strategy.ckpt"
+
+
+def unify(src: Path, dst: Path, *, strategy: Path, file_suffix: str | None, drop_prefix: str | None = None,
+          quiet: bool = False) -> dict:
+    """A distributed MindSpore safetensors checkpoint merged into complete parts as MindFormers'
+    `unified_safetensors.py` leaves them in `dst`: `unified_safe/` as `mindspore.unified_safetensors`
+    writes it (`part<k>.safetensors`, `param_name_map.json`, `hyper_param.safetensors`: what rank 0
+    holds that the strategy does not lay out, such as step counters) and the strategy it used in
+    `merge_strategy/merge_strategy.ckpt`. Tensors named with `drop_prefix` (optimizer moments,
+    `adam_`) and gradient accumulators are left out; a redundancy-free source reads each slice from
+    the rank that kept it."""
+    started = time.monotonic()
+    source = MsStore(src, source_strategy(src, strategy), file_suffix)
+    if any(f.suffix != ".safetensors" for f in source.files):
+        raise UsageError(f"--mindspore_ckpt_dir {src}: holds .ckpt files; unified_safetensors merges safetensors")
+    laid_out = set(source.strategy.layouts)
+    names = [n for n in source.names() if n in laid_out and not n.startswith("accu_grads")
+             and not (drop_prefix and n.startswith(drop_prefix))]
+    hyper = [n for n in MsStore.names_in(source.files[0])  # (MindSpore's keeps even filtered ones here)
+             if n not in laid_out and not (drop_prefix and n.startswith(drop_prefix))]
+    sizes = {n: torch.Size(source.shape_dtype(n)[0]).numel() * source.shape_dtype(n)[1].itemsize for n in names}
+    parts = unified_parts(sizes)
+    source.verify()
+    staging = StagedDir(dst, overwrite=True)  # as MindFormers' script, which clears its output folder first
+    written = {}
+    try:
+        (staging.path / MERGED_STRATEGY).parent.mkdir(parents=True)
+        write_strategy(staging.path / MERGED_STRATEGY, source.strategy.layouts, merged=True)
+        for index, part in enumerate(progress(parts, total=len(parts), desc="unifying", unit="part", quiet=quiet)):
+            files = MsFiles(staging.path, "safetensors", [(n, *source.shape_dtype(n)) for n in part],
+                            max_shard_bytes=2**63, file_name=f"{UNIFIED_DIR}/part{index}.safetensors")
+            for name in part:
+                files.add(name, source.read(name))
+            files.close()
+            written.update(files.files)
+        if hyper:
+            files = MsFiles(staging.path, "safetensors", [(n, *source.shape_dtype(n)) for n in hyper],
+                            max_shard_bytes=2**63, file_name=f"{UNIFIED_DIR}/{HYPER_PARAM}")
+            for name in hyper:
+                files.add(name, source.read(name))
+            files.close()
+            written.update(files.files)
+        index = {"metadata": {"total_size": sum(sizes.values())},
+                 "weight_map": {n: f"part{k}.safetensors" for k, part in enumerate(parts) for n in part}}
+        (staging.path / UNIFIED_DIR / NAME_MAP).write_text(json.dumps(index, indent=4))
+        small = [f"{UNIFIED_DIR}/{NAME_MAP}", MERGED_STRATEGY]
+        write_manifest(staging.path, {**written, **hash_files(staging.path, small)}, kind="ms-unified",
+                       ms_format="safetensors", source={"type": "ms", "dir": str(Path(src).resolve())})
+        published = staging.publish()
+    except BaseException:
+        staging.discard()
+        raise
+    seconds = time.monotonic() - started
+    return {"bytes": sum(sizes.values()), "files": len(written) + 1, "seconds": seconds, "wall_seconds": seconds,
+            "describe": f"{published / UNIFIED_DIR} ({len(parts)} part(s), {len(names)} tensors"
+                        f"{f', {len(hyper)} in {HYPER_PARAM}' if hyper else ''})"}

@@ -175,12 +175,12 @@ class Strategy:
             return tuple((0, n) for n in shape)
         return layout.local_slice(shape, rank % self.devices)
 
-    def sources(self, name: str, shape: tuple[int, ...]) -> dict[tuple[tuple[int, int], ...], int]:
-        """{distinct slice: the first rank that holds it} (replicas read once)."""
-        found: dict[tuple[tuple[int, int], ...], int] = {}
+    def holders(self, name: str, shape: tuple[int, ...]) -> dict[tuple[tuple[int, int], ...], list[int]]:
+        """{distinct slice: every rank that holds it (its replicas)}."""
+        found: dict[tuple[tuple[int, int], ...], list[int]] = {}
         for rank in range(self.world_size):
             if self.holds(name, rank):
-                found.setdefault(self.slice_of(name, shape, rank), rank)
+                found.setdefault(self.slice_of(name, shape, rank), []).append(rank)
         return found
 
     def check(self) -> None:

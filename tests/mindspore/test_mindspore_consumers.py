@@ -10,6 +10,7 @@ their own venv (`make setup-ms`; numpy < 2, safetensors < 0.8). Slow tier: CI ru
   matches the HF logits; a conversion with q and k swapped is caught.
 """
 
+import json
 import shutil
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import torch
 from cli_process import run_script
 from hf_builders import build_repacked
 from ms_fixtures import LAYOUTS, hf_to_ms, ms_to, read_store, run_ms, strategy_for
+from safetensors.torch import save_file
 from util import ROOT, assert_same_tensors, load_hf_state
 
 from modellink_ckpt.demo.models import build_hf_checkpoint, hf_logits, sample_tokens
@@ -233,3 +235,26 @@ def test_mindformers_checkpoint2_in_and_out(tmp_path, hf_models):
     assert torch.equal(torch.from_numpy(np.load(tmp_path / "mf4_logits.npy")).reshape(2, 8, -1), theirs)
     four = ms_to("hf", tmp_path / "mf4", tmp_path / "hf4", "qwen3", "--hf-cfg-dir", config.parent)
     assert_same_tensors(load_hf_state(hf), load_hf_state(four), "four ranks")
+
+
+def test_our_unified_safetensors_equals_mindspore(tmp_path, hf_models):
+    """`unified_safetensors.py` (ours) and `mindspore.unified_safetensors` on the same rank files
+    of a training step: the same part files, names, tensors, weight map and hyper parameters."""
+    hf = hf_models("qwen3", torch.bfloat16)
+    strategy, _ = strategy_for(tmp_path, hf, "qwen3", dp=2, mp=2)
+    dist = hf_to_ms(hf, tmp_path / "dist", "qwen3", "--dst-strategy", strategy)
+    shutil.rmtree(dist / "strategy")
+    for folder in sorted(dist.glob("rank_*")):
+        (path,) = folder.glob("*.safetensors")
+        save_file({**read_store(path), "global_step": torch.tensor([7.0])}, path, metadata={"format": "ms"})
+        path.rename(folder / f"{path.stem}-1_1.safetensors")
+    run_ms("unify", dist, strategy, tmp_path / "theirs", cwd=tmp_path / "run")
+    result = run_script(ROOT / "unified_safetensors.py", ["--mindspore_ckpt_dir", dist, "--src_strategy_dirs", strategy,
+                                                          "--output_dir", tmp_path / "out"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    ours, theirs = tmp_path / "out" / "1_1_ckpt_convert" / "unified_safe", tmp_path / "theirs"
+    assert sorted(p.name for p in ours.iterdir()) == sorted(p.name for p in theirs.iterdir())
+    for name in sorted(p.name for p in theirs.glob("*.safetensors")):
+        assert_same_tensors(read_store(ours / name), read_store(theirs / name), name)
+    assert json.loads((ours / "param_name_map.json").read_text()) == \
+        json.loads((theirs / "param_name_map.json").read_text())

@@ -88,7 +88,7 @@ class MsStore:
         self.iteration: int | None = None         # a Checkpoint 2.0 folder's iteration
         self._where: dict[str, object] = {}       # complete: name -> open file
         self._ranks: dict[int, object] = {}       # distributed: rank -> open file
-        self._chunks: dict[str, list] = {}        # Checkpoint 2.0 of several ranks: name -> [(ranges, open file)]
+        self._chunks: dict[str, list] = {}        # several ranks: name -> [(ranges, the open file to read it from)]
         self._shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         if self.path.is_file():
             self._complete([self.path])
@@ -194,8 +194,10 @@ class MsStore:
                 names.setdefault(name, opened.shape_dtype(name))
         for name, (stored, dtype) in names.items():
             layout = self.strategy.layouts.get(name)
-            if layout is None:  # not in the strategy (e.g. step counters): every rank holds it whole
+            if layout is None:  # not in the strategy (e.g. step counters): held whole
+                holder = next(opened for opened in self._ranks.values() if name in opened)
                 self._shapes[name] = (tuple(stored), dtype)
+                self._chunks[name] = [(tuple((0, n) for n in stored), holder)]
                 continue
             splits = list(layout.splits())
             if layout.opt_shard_size and splits:
@@ -205,15 +207,26 @@ class MsStore:
                                    f"checkpoint a {len(stored)}-dimensional slice")
             full = tuple(n * s for n, s in zip(stored, splits))
             self._shapes[name] = (full, dtype)
-            for rank, opened in self._ranks.items():
-                if self.strategy.holds(name, rank):
-                    if name not in opened:
-                        raise ConvertError(f"{opened.path}: '{name}' is missing (the strategy puts a slice of it here)")
-                    want = tuple(b - a for a, b in self.strategy.slice_of(name, full, rank))
-                    got, got_dtype = opened.shape_dtype(name)
+            self._chunks[name] = []
+            # every distinct slice from one rank that holds it: a redundancy-free checkpoint
+            # (`remove_redundancy=True`) stores a replicated slice on one of its ranks only
+            for ranges, holders in self.strategy.holders(name, full).items():
+                present = [rank for rank in holders if name in self._ranks[rank]]
+                if not present:
+                    raise ConvertError(f"{self.path}: no rank file holds '{name}' {[list(r) for r in ranges]} (the "
+                                       f"strategy {self.strategy.source} puts it on rank {', '.join(map(str, holders))})")
+                want = tuple(b - a for a, b in ranges)
+                for rank in present:
+                    got, got_dtype = self._ranks[rank].shape_dtype(name)
                     if tuple(got) != want or got_dtype != dtype:
-                        raise ConvertError(f"{opened.path}: '{name}' is {list(got)} {got_dtype}; the strategy "
-                                           f"{self.strategy.source} gives this rank {list(want)} {dtype}")
+                        raise ConvertError(f"{self._ranks[rank].path}: '{name}' is {list(got)} {got_dtype}; the "
+                                           f"strategy {self.strategy.source} gives this rank {list(want)} {dtype}")
+                self._chunks[name].append((ranges, self._ranks[present[0]]))
+
+    @staticmethod
+    def names_in(path: Path) -> list[str]:
+        """The tensor names of one checkpoint file, in its order."""
+        return list(open_file(path).keys())
 
     # ---- reading -----------------------------------------------------------------------------
 
@@ -231,16 +244,10 @@ class MsStore:
     def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         shape, dtype = self.shape_dtype(name)
         out = torch.empty(shape, dtype=dtype) if out is None else out
-        if name in self._chunks:
-            pieces = self._chunks[name]
-        elif not self._ranks:
+        if name not in self._chunks:  # complete: one file holds it whole
             self._where[name].read_rows(name, 0, shape[0] if shape else 1, out.view(shape) if shape else out)
             return out
-        else:
-            layout_rank = self.strategy.sources(name, shape) if name in self.strategy.layouts else {
-                tuple((0, n) for n in shape): 0}
-            pieces = [(ranges, self._ranks[rank]) for ranges, rank in layout_rank.items()]
-        for ranges, opened in pieces:
+        for ranges, opened in self._chunks[name]:
             piece_shape = tuple(b - a for a, b in ranges)
             view = out[tuple(slice(a, b) for a, b in ranges)]
             if view.is_contiguous():
