@@ -21,7 +21,6 @@ import torch
 from cli_process import run_script
 from hf_builders import build_repacked
 from ms_fixtures import LAYOUTS, hf_to_ms, ms_to, read_store, run_ms, strategy_for
-from safetensors.torch import save_file
 from util import ROOT, assert_same_tensors, load_hf_state
 
 from modellink_ckpt.demo.models import build_hf_checkpoint, hf_logits, sample_tokens
@@ -239,22 +238,25 @@ def test_mindformers_checkpoint2_in_and_out(tmp_path, hf_models):
 
 def test_our_unified_safetensors_equals_mindspore(tmp_path, hf_models):
     """`unified_safetensors.py` (ours) and `mindspore.unified_safetensors` on the same rank files
-    of a training step: the same part files, names, tensors, weight map and hyper parameters."""
+    of a training step, with and without redundancy: the same part files, names, tensors, weight
+    map and hyper parameters."""
     hf = hf_models("qwen3", torch.bfloat16)
     strategy, _ = strategy_for(tmp_path, hf, "qwen3", dp=2, mp=2)
-    dist = hf_to_ms(hf, tmp_path / "dist", "qwen3", "--dst-strategy", strategy)
-    shutil.rmtree(dist / "strategy")
-    for folder in sorted(dist.glob("rank_*")):
-        (path,) = folder.glob("*.safetensors")
-        save_file({**read_store(path), "global_step": torch.tensor([7.0])}, path, metadata={"format": "ms"})
-        path.rename(folder / f"{path.stem}-1_1.safetensors")
-    run_ms("unify", dist, strategy, tmp_path / "theirs", cwd=tmp_path / "run")
-    result = run_script(ROOT / "unified_safetensors.py", ["--mindspore_ckpt_dir", dist, "--src_strategy_dirs", strategy,
-                                                          "--output_dir", tmp_path / "out"], cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    ours, theirs = tmp_path / "out" / "1_1_ckpt_convert" / "unified_safe", tmp_path / "theirs"
-    assert sorted(p.name for p in ours.iterdir()) == sorted(p.name for p in theirs.iterdir())
-    for name in sorted(p.name for p in theirs.glob("*.safetensors")):
-        assert_same_tensors(read_store(ours / name), read_store(theirs / name), name)
-    assert json.loads((ours / "param_name_map.json").read_text()) == \
-        json.loads((theirs / "param_name_map.json").read_text())
+    dist = F.as_training_rank_files(hf_to_ms(hf, tmp_path / "dist", "qwen3", "--dst-strategy", strategy), "1_1",
+                                    {"global_step": torch.tensor([7.0])})
+    # and as a redundancy-free save leaves it (each replicated slice on one rank)
+    lean = F.without_redundancy(dist, strategy, read_store(hf_to_ms(hf, tmp_path / "complete", "qwen3")),
+                                tmp_path / "lean")
+    for source, redundancy in ((dist, "True"), (lean, "False")):
+        theirs = tmp_path / f"theirs-{redundancy}"
+        run_ms("unify", source, strategy, theirs, redundancy, cwd=tmp_path / "run")
+        result = run_script(ROOT / "unified_safetensors.py",
+                            ["--mindspore_ckpt_dir", source, "--src_strategy_dirs", strategy, "--has_redundancy",
+                             redundancy, "--output_dir", tmp_path / f"out-{redundancy}"], cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        ours = tmp_path / f"out-{redundancy}" / "1_1_ckpt_convert" / "unified_safe"
+        assert sorted(p.name for p in ours.iterdir()) == sorted(p.name for p in theirs.iterdir())
+        for name in sorted(p.name for p in theirs.glob("*.safetensors")):
+            assert_same_tensors(read_store(ours / name), read_store(theirs / name), f"{name} ({redundancy})")
+        assert json.loads((ours / "param_name_map.json").read_text()) == \
+            json.loads((theirs / "param_name_map.json").read_text())

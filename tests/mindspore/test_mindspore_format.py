@@ -12,7 +12,8 @@ import pytest
 import torch
 from cli_process import run_script
 from hf_builders import build_repacked
-from ms_fixtures import LAYOUTS, LEGACY_TARGETS, MCORE_TARGETS, add_adapters, hf_to_ms, ms_to, read_store, strategy_for
+from ms_fixtures import (LAYOUTS, LEGACY_TARGETS, MCORE_TARGETS, add_adapters, as_training_rank_files, hf_to_ms, ms_to,
+                         read_store, strategy_for, without_redundancy)
 from safetensors.torch import save_file
 from util import (ROOT, assert_one_line_error, assert_same_checkpoint, assert_same_tensors, hf_to_mg, load_hf_state,
                   looks_complete, run_cli, run_convert)
@@ -551,18 +552,6 @@ def test_transform_ckpt_lora_command_line(tmp_path, models):
     assert "--src_ckpt_strategy" in assert_one_line_error(result.returncode, result.stderr, "no strategy")
 
 
-def _training_rank_files(dist: Path, step: str, extra: dict | None = None) -> Path:
-    """Our distributed safetensors output as a training run leaves it: `<prefix><r>-<step>` files,
-    no strategy copy, and `extra` tensors (step counters) in every rank file."""
-    shutil.rmtree(dist / "strategy")
-    for folder in sorted(dist.glob("rank_*")):
-        (path,) = folder.glob("*.safetensors")
-        if extra:
-            save_file({**read_store(path), **extra}, path, metadata={"format": "ms"})
-        path.rename(folder / f"{path.stem}-{step}.safetensors")
-    return dist
-
-
 def test_unified_safetensors_command_line(tmp_path, models):
     """`unified_safetensors.py` as MindFormers users run it: rank files of one step merged into
     `<output_dir>/<suffix>_ckpt_convert/unified_safe/` (part files, param_name_map.json, the step
@@ -573,7 +562,7 @@ def test_unified_safetensors_command_line(tmp_path, models):
     strategy, _ = strategy_for(tmp_path, hf, "qwen3", dp=2, mp=2)
     complete = read_store(hf_to_ms(hf, tmp_path / "complete", "qwen3"))
     moments = {"adam_m.decoder.final_layernorm.weight": torch.zeros(64), "global_step": torch.tensor([7.0])}
-    dist = _training_rank_files(hf_to_ms(hf, tmp_path / "dist", "qwen3", "--dst-strategy", strategy), "1_1", moments)
+    dist = as_training_rank_files(hf_to_ms(hf, tmp_path / "dist", "qwen3", "--dst-strategy", strategy), "1_1", moments)
     flags = ["--mindspore_ckpt_dir", dist, "--src_strategy_dirs", strategy, "--output_dir", tmp_path / "out"]
     result = _script("unified_safetensors.py", *flags)
     assert result.returncode == 0, result.stderr
@@ -590,13 +579,8 @@ def test_unified_safetensors_command_line(tmp_path, models):
     assert "adam_m.decoder.final_layernorm.weight" not in read_store(unified / "hyper_param.safetensors")
 
     # redundancy-free: of the two dp replicas of every slice, only the second keeps it
-    lean = Path(shutil.copytree(dist, tmp_path / "lean"))
+    lean = without_redundancy(dist, strategy, complete, tmp_path / "lean")
     loaded = load_strategy(strategy)
-    for name, full in complete.items():
-        for ranges, holders in loaded.holders(name, tuple(full.shape)).items():
-            for rank in holders[:-1]:
-                (path,) = (lean / f"rank_{rank}").glob("*.safetensors")
-                save_file({k: v for k, v in read_store(path).items() if k != name}, path, metadata={"format": "ms"})
     lean_flags = ["--mindspore_ckpt_dir", lean, "--src_strategy_dirs", strategy, "--has_redundancy", "False"]
     result = _script("unified_safetensors.py", *lean_flags, "--output_dir", tmp_path / "lean_out")
     assert result.returncode == 0, result.stderr

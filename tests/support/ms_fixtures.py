@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from util import ROOT, run_convert
 
 from modellink_ckpt.formats.mindspore import names as ms_names
@@ -166,3 +167,28 @@ MCORE_TARGETS = ["decoder.layers.0.self_attention.linear_qkv.weight", "decoder.l
 
 LEGACY_TARGETS = ["model.layers.0.attention.wq.weight", "model.layers.1.feed_forward.w1.weight",
                   "model.layers.1.attention.wo.weight"]
+
+
+def as_training_rank_files(dist: Path, step: str, extra: dict | None = None) -> Path:
+    """Our distributed safetensors output as a training run leaves it: `<prefix><r>-<step>` files,
+    no strategy copy, and `extra` tensors (step counters) in every rank file."""
+    shutil.rmtree(dist / "strategy")
+    for folder in sorted(dist.glob("rank_*")):
+        (path,) = folder.glob("*.safetensors")
+        if extra:
+            save_file({**read_store(path), **extra}, path, metadata={"format": "ms"})
+        path.rename(folder / f"{path.stem}-{step}.safetensors")
+    return dist
+
+
+def without_redundancy(dist: Path, strategy: Path, complete: dict, out: Path) -> Path:
+    """A copy of the distributed safetensors `dist` as `remove_redundancy=True` saves it: each
+    replicated slice kept by one of its ranks only (here the last)."""
+    lean = Path(shutil.copytree(dist, out))
+    loaded = load_strategy(strategy)
+    for name, full in complete.items():
+        for holders in loaded.holders(name, tuple(full.shape)).values():
+            for rank in holders[:-1]:
+                (path,) = (lean / f"rank_{rank}").glob("*.safetensors")
+                save_file({k: v for k, v in read_store(path).items() if k != name}, path, metadata={"format": "ms"})
+    return lean
