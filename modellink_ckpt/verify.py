@@ -15,6 +15,7 @@ from pathlib import Path
 
 from modellink_ckpt import registry
 from modellink_ckpt.errors import UsageError
+from modellink_ckpt.formats.mindspore.checkpoint2 import is_checkpoint2
 
 # the first target that recognises a folder checks it: torch_dist before the legacy layout (both
 # have the tracker file), MindSpore before HF (both have a config.json)
@@ -35,5 +36,8 @@ def verify(path: str | Path, manifest_check: bool = True, family: str | None = N
         folder = target.recognises(path)
         if folder is not None:
             return (*target.verify(folder, manifest_check, family), folder)
-    raise UsageError(f"--verify {path}: neither a Megatron checkpoint (no latest_checkpointed_iteration.txt) "
-                     f"nor an HF folder")
+    if is_checkpoint2(path):  # MindFormers' own: no manifest, no config.json to check the names against
+        raise UsageError(f"--verify {path}: a MindFormers Checkpoint 2.0 folder this converter did not write; "
+                         f"'inspect' lists it, and converting it (--load-model-type ms) checks every tensor")
+    raise UsageError(f"--verify {path}: neither a Megatron checkpoint (no latest_checkpointed_iteration.txt), "
+                     f"an HF folder nor a MindSpore output of this converter")

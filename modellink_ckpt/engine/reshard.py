@@ -122,19 +122,9 @@ def unify(src: Path, dst: Path, *, strategy: Path, file_suffix: str | None, drop
         (staging.path / MERGED_STRATEGY).parent.mkdir(parents=True)
         write_strategy(staging.path / MERGED_STRATEGY, source.strategy.layouts, merged=True)
         for index, part in enumerate(progress(parts, total=len(parts), desc="unifying", unit="part", quiet=quiet)):
-            files = MsFiles(staging.path, "safetensors", [(n, *source.shape_dtype(n)) for n in part],
-                            max_shard_bytes=2**63, file_name=f"{UNIFIED_DIR}/part{index}.safetensors")
-            for name in part:
-                files.add(name, source.read(name))
-            files.close()
-            written.update(files.files)
+            written.update(_whole_in_one_file(source, part, staging.path, f"{UNIFIED_DIR}/part{index}.safetensors"))
         if hyper:
-            files = MsFiles(staging.path, "safetensors", [(n, *source.shape_dtype(n)) for n in hyper],
-                            max_shard_bytes=2**63, file_name=f"{UNIFIED_DIR}/{HYPER_PARAM}")
-            for name in hyper:
-                files.add(name, source.read(name))
-            files.close()
-            written.update(files.files)
+            written.update(_whole_in_one_file(source, hyper, staging.path, f"{UNIFIED_DIR}/{HYPER_PARAM}"))
         index = {"metadata": {"total_size": sum(sizes.values())},
                  "weight_map": {n: f"part{k}.safetensors" for k, part in enumerate(parts) for n in part}}
         (staging.path / UNIFIED_DIR / NAME_MAP).write_text(json.dumps(index, indent=4))
@@ -149,3 +139,17 @@ def unify(src: Path, dst: Path, *, strategy: Path, file_suffix: str | None, drop
     return {"bytes": sum(sizes.values()), "files": len(written) + 1, "seconds": seconds, "wall_seconds": seconds,
             "describe": f"{published / UNIFIED_DIR} ({len(parts)} part(s), {len(names)} tensors"
                         f"{f', {len(hyper)} in {HYPER_PARAM}' if hyper else ''})"}
+
+
+def _whole_in_one_file(source, names: list[str], folder: Path, file_name: str) -> dict[str, tuple[int, str]]:
+    """The tensors `names` of `source`, whole, in one MindSpore safetensors file; {file: (bytes, digest)}."""
+    files = MsFiles(folder, "safetensors", [(n, *source.shape_dtype(n)) for n in names], max_shard_bytes=2**63,
+                    file_name=file_name)
+    try:
+        for name in names:
+            files.add(name, source.read(name))
+        files.close()
+    except BaseException:
+        files.abort()
+        raise
+    return files.files

@@ -358,6 +358,12 @@ def test_mindformers_checkpoint2_folder_in_and_out(tmp_path, models):
         result = _cli(*flags, *extra, "--save-dir", tmp_path / f"out-{what.replace(' ', '-')}")
         line = assert_one_line_error(result.returncode, result.stderr, what)
         assert all(m in line for m in messages), (what, line)
+    foreign = Path(shutil.copytree(c2, tmp_path / "foreign"))  # as MindFormers writes it: no manifest, no config
+    for name in ("convert_manifest.json", "config.json"):
+        (foreign / name).unlink()
+    result = run_cli("--verify", foreign)
+    assert "a MindFormers Checkpoint 2.0 folder this converter did not write" in \
+        assert_one_line_error(result.returncode, result.stderr, "verify")
     strategy, _ = strategy_for(tmp_path, hf, "qwen3", mp=2)
     refused = _cli("--load-model-type", "hf", "--save-model-type", "ms", "--load-dir", hf, "--ms-format", "checkpoint2",
                    "--dst-strategy", strategy, "--save-dir", tmp_path / "split")

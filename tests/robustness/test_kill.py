@@ -278,6 +278,10 @@ def kill_trial(world: World, work: Path, scenario: str, victim: str, rng: random
     stderr = stderr_path.read_text()
     record["returncode"] = returncode
 
+    if victim == "parent" and record.get("delivered") and returncode == 0:
+        # SIGKILL cannot be caught: exit 0 means the parent had exited (a zombie not yet reaped
+        # takes the signal without effect) between the liveness check and the kill
+        record["landed"], record["delivered"] = "after exit", False
     killed_parent = victim == "parent" and record.get("delivered", False)
     if killed_parent:
         assert returncode == -signal.SIGKILL, returncode
