@@ -253,7 +253,8 @@ class MsSourceFormat(registry.SourceFormat):
             names = list(first.keys())
             found = {"format": "ms (distributed)" if len(ranks) > 1 else "ms", "ranks": len(ranks),
                      "naming": ms_names.detect_naming(names), "tensors on rank 0": len(names),
-                     "files": {str(f.relative_to(path)): f.stat().st_size for files in per_rank.values() for f in files}}
+                     "files": {str(f.relative_to(path)): f.stat().st_size
+                               for files in per_rank.values() for f in files}}
             if any(len(files) > 1 for files in per_rank.values()):  # a training run's steps: --file-suffix picks
                 found["steps (--file-suffix)"] = sorted({f.stem.rsplit("-", 1)[-1] for f in per_rank[min(ranks)]})
             return found

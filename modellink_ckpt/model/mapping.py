@@ -232,7 +232,8 @@ def _moe_rules(family: ModelFamily, dims: ModelDims, layer: int) -> list[TensorR
     if dims.router_expert_bias and family.settings.get("router_bias_as_row"):  # HF: [1, E] (ERNIE 4.5)
         rules.append(TensorRule("mlp.router.expert_bias", (hf("layers_mlp_router_bias", None, layer),), "replicated",
                                 (dims.num_experts,), merge=lambda p, out=None: T.from_one_row(p[0], out=out),
-                                split=lambda full: [T.to_one_row(full)], targets=lambda out: [[(0, 1, T.to_one_row(out))]]))
+                                split=lambda full: [T.to_one_row(full)],
+                                targets=lambda out: [[(0, 1, T.to_one_row(out))]]))
     elif dims.router_expert_bias:
         rules.append(_rename("mlp.router.expert_bias", hf("layers_mlp_router_bias", None, layer), "replicated",
                              (dims.num_experts,)))

@@ -69,8 +69,9 @@ FAMILIES = {
                                     topk_group=1, routed_scaling_factor=2.5, use_qk_norm=True), True),
     # dots.llm1: Qwen3's attention (per-head q/k norms, no qkv bias) on DeepSeek-V3's MoE (sigmoid
     # router with a score bias, shared experts, dense first layers)
-    "dots1": ("Dots1Config", dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
-                                  first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True), True),
+    "dots1": ("Dots1Config", dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                  n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=2.5,
+                                  norm_topk_prob=True), True),
     # Hunyuan-A13B: q/k norms per head applied after the rotary embedding, a shared MLP beside the
     # experts, NTK-alpha rope
     "hunyuan-moe": ("HunYuanMoEV1Config", dict(head_dim=8, num_experts=4, moe_topk=2,
@@ -80,9 +81,11 @@ FAMILIES = {
     # ERNIE 4.5 MoE: MoE layers from moe_layer_start_index to moe_layer_end_index every
     # moe_layer_interval, a softmax router whose choice adds a score bias stored as a [1, E] table,
     # shared experts, heads rotated in interleaved pairs, tied embeddings
-    "ernie4.5-moe": ("Ernie4_5_MoeConfig", dict(num_hidden_layers=6, moe_num_experts=4, moe_k=2, moe_intermediate_size=32,
-                                                moe_num_shared_experts=1, moe_layer_start_index=1, moe_layer_end_index=4,
-                                                moe_layer_interval=2), False),  # Megatron-Core: expert bias needs sigmoid
+    # (Megatron-Core takes a router expert bias with sigmoid scores only)
+    "ernie4.5-moe": ("Ernie4_5_MoeConfig", dict(num_hidden_layers=6, moe_num_experts=4, moe_k=2,
+                                                moe_intermediate_size=32, moe_num_shared_experts=1,
+                                                moe_layer_start_index=1, moe_layer_end_index=4, moe_layer_interval=2),
+                     False),
     # gpt-oss: experts fused on disk ([E, in, 2F] with gate/up columns alternating, [E, F, in]) with
     # biases, a router bias, a learnt sink logit per head, clamped SwiGLU with (up + 1), yarn rope,
     # sliding window on every other layer
@@ -179,9 +182,9 @@ def test_kimi_k2_is_found_from_its_own_config_and_travels_with_its_code(tmp_path
     for name, text in {**code, "tiktoken.model": "token 0\n", "unrelated.py": "# not named by auto_map\n"}.items():
         (hf / name).write_text(text)
 
-    result = run_cli("--load-model-type", "hf", "--save-model-type", "mg", "--load-dir", hf, "--save-dir", tmp_path / "mg",
-                     "--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2",
-                     "--target-expert-parallel-size", "2")
+    result = run_cli("--load-model-type", "hf", "--save-model-type", "mg", "--load-dir", hf,
+                     "--save-dir", tmp_path / "mg", "--target-tensor-parallel-size", "2",
+                     "--target-pipeline-parallel-size", "2", "--target-expert-parallel-size", "2")
     assert result.returncode == 0, result.stderr
     manifest = json.loads((tmp_path / "mg" / "iter_0000001" / "convert_manifest.json").read_text())
     assert manifest["model_type_hf"] == "kimi-k2"
@@ -200,8 +203,9 @@ def test_kimi_k2_is_found_from_its_own_config_and_travels_with_its_code(tmp_path
 
 def _deepseek_logits(folder, tokens):
     """Kimi-K2's remote code is DeepSeek-V3's model: transformers' own class stands in for it."""
-    config = transformers.DeepseekV3Config.from_dict(
-        {k: v for k, v in json.loads((folder / "config.json").read_text()).items() if k not in ("model_type", "auto_map")})
+    config = json.loads((folder / "config.json").read_text())
+    config = transformers.DeepseekV3Config.from_dict({k: v for k, v in config.items()
+                                                      if k not in ("model_type", "auto_map")})
     model = transformers.DeepseekV3ForCausalLM.from_pretrained(folder, config=config, dtype=torch.float32).eval()
     with torch.no_grad():
         return model(input_ids=tokens[None] if tokens.ndim == 1 else tokens, use_cache=False).logits.float()

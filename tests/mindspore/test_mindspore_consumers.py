@@ -223,7 +223,8 @@ def test_mindformers_checkpoint2_in_and_out(tmp_path, hf_models):
     back = ms_to("ms", tmp_path / "mf", tmp_path / "c2", "qwen3", "--hf-cfg-dir", config.parent,
                  "--ms-format", "checkpoint2")
     assert (back / "latest_checkpointed_iteration.txt").read_text() == "3"
-    run_ms("mf-load-checkpoint2", config, back, tmp_path / "ids.npy", tmp_path / "back_logits.npy", cwd=tmp_path / "run")
+    run_ms("mf-load-checkpoint2", config, back, tmp_path / "ids.npy", tmp_path / "back_logits.npy",
+           cwd=tmp_path / "run")
     assert torch.equal(torch.from_numpy(np.load(tmp_path / "back_logits.npy")).reshape(2, 8, -1), theirs)
 
     # the same iteration as four ranks (dp 2 x mp 2) save it, metadata.json by MindFormers' own writer:

@@ -554,7 +554,8 @@ def test_transform_ckpt_lora_command_line(tmp_path, models):
             assert torch.equal(got[name], expected), (rank, name)
     bare = Path(shutil.copytree(tmp_path / "split", tmp_path / "bare"))
     shutil.rmtree(bare / "strategy")  # ours keep a strategy/ copy, which is read when no strategy is given
-    result = _script("transform_ckpt_lora.py", "--src_ckpt_path_or_dir", bare, "--dst_ckpt_dir", tmp_path / "no-strategy")
+    result = _script("transform_ckpt_lora.py", "--src_ckpt_path_or_dir", bare,
+                     "--dst_ckpt_dir", tmp_path / "no-strategy")
     assert "--src_ckpt_strategy" in assert_one_line_error(result.returncode, result.stderr, "no strategy")
 
 

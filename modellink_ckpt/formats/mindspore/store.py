@@ -213,8 +213,9 @@ class MsStore:
             for ranges, holders in self.strategy.holders(name, full).items():
                 present = [rank for rank in holders if name in self._ranks[rank]]
                 if not present:
+                    ranks = ", ".join(map(str, holders))
                     raise ConvertError(f"{self.path}: no rank file holds '{name}' {[list(r) for r in ranges]} (the "
-                                       f"strategy {self.strategy.source} puts it on rank {', '.join(map(str, holders))})")
+                                       f"strategy {self.strategy.source} puts it on rank {ranks})")
                 want = tuple(b - a for a, b in ranges)
                 for rank in present:
                     got, got_dtype = self._ranks[rank].shape_dtype(name)
