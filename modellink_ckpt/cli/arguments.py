@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  convert_ckpt.py inspect PATH    what a checkpoint of any format holds (see inspect --help)\n"
                "  convert_ckpt.py verify PATH     re-check a checkpoint against its manifest and its own args or\n"
                "                                  config.json (also --verify PATH; see verify --help)\n"
-               "MindFormers' command lines: convert_weight.py, transform_checkpoint.py (each with --help).",
+               "MindFormers' command lines: convert_weight.py, transform_checkpoint.py, transform_ckpt_lora.py, "
+               "unified_safetensors.py (each with --help).",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"%(prog)s (modellink-ckpt) {__version__}")
     p.add_argument("--model-type", default="GPT", choices=["GPT"], help="only decoder-only GPT models")

@@ -38,7 +38,8 @@ def test_help_and_version_answer_without_loading_torch(argv):
 def test_help_names_every_command_and_explains_every_flag():
     result = run_cli("--help")
     assert result.returncode == 0
-    for needle in ("inspect PATH", "verify PATH", "MindSpore", "convert_weight.py", "transform_checkpoint.py"):
+    for needle in ("inspect PATH", "verify PATH", "MindSpore", "convert_weight.py", "transform_checkpoint.py",
+                   "transform_ckpt_lora.py", "unified_safetensors.py"):
         assert needle in result.stdout, needle
     undocumented = [action.option_strings[0] for action in arguments.build_parser()._actions
                     if action.option_strings and not action.help]
@@ -52,7 +53,8 @@ def test_the_parsers_choices_are_the_names_the_code_acts_on():
     assert set(arguments.HASH_NAMES) == set(file_io.HASHES)
 
 
-@pytest.mark.parametrize("script", ["convert_ckpt.py", "convert_weight.py", "transform_checkpoint.py"])
+@pytest.mark.parametrize("script", ["convert_ckpt.py", "convert_weight.py", "transform_checkpoint.py",
+                                    "transform_ckpt_lora.py", "unified_safetensors.py"])
 def test_a_python_without_the_packages_gets_one_line_pointing_at_make_setup(tmp_path, script):
     """As with a system Python in a fresh shell: torch cannot be imported."""
     blocker = tmp_path / "sitecustomize.py"
