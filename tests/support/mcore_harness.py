@@ -84,7 +84,9 @@ import shutil
 import socket
 import tempfile
 import time
+import traceback
 from functools import partial
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
@@ -380,6 +382,12 @@ def _child_entry(rank: int, fn: Callable, world: int, port: int, timeout: float,
     try:
         _patch_megatron_for_cpu()
         fn(rank, world, out_dir, payload)
+    except BaseException:
+        # every failing rank leaves its traceback: the first to be joined may only be the one
+        # whose peer died (a gloo "connection closed"), not the cause
+        with open(os.path.join(out_dir, f"rank{rank}.error"), "w") as error:
+            error.write(traceback.format_exc())
+        raise
     finally:
         from megatron.core import parallel_state
 
@@ -413,6 +421,10 @@ def spawn_ranks(fn: Callable, world: int, payload: Any, timeout: float = 300) ->
             while not ctx.join(timeout=0.5):
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"megatron-core ranks did not finish within {timeout} s")
+        except mp.ProcessRaisedException as exc:
+            causes = [path.read_text() for path in sorted(Path(out_dir).glob("rank*.error"))]
+            details = "".join(f"\n-- a failed rank's traceback --\n{cause}" for cause in causes)
+            raise RuntimeError(f"{exc}{details}") from None
         finally:
             for proc in ctx.processes:
                 if proc.is_alive():
