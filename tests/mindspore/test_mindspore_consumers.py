@@ -261,3 +261,24 @@ def test_our_unified_safetensors_equals_mindspore(tmp_path, hf_models):
             assert_same_tensors(read_store(ours / name), read_store(theirs / name), f"{name} ({redundancy})")
         assert json.loads((ours / "param_name_map.json").read_text()) == \
             json.loads((theirs / "param_name_map.json").read_text())
+
+
+def test_unified_safetensors_of_a_pipeline_run_takes_its_strategy_folder(tmp_path, hf_models):
+    """A pipeline run (pp2 x mp2) leaves one strategy file per stage: `--src_strategy_dirs` takes
+    that folder, our `merge_strategy.ckpt` lays out what `mindspore.merge_pipeline_strategys`
+    does, and the parts equal `mindspore.unified_safetensors` given MindSpore's merged file."""
+    hf = hf_models("qwen3")
+    folder, _ = strategy_for(tmp_path, hf, "qwen3", pp=2, mp=2, per_stage_files=True)
+    dist = F.as_training_rank_files(hf_to_ms(hf, tmp_path / "dist", "qwen3", "--dst-strategy", folder), "1_1")
+    run_ms("merge-strategies", folder, tmp_path / "merged_by_ms.ckpt", cwd=tmp_path / "run")
+    run_ms("unify", dist, tmp_path / "merged_by_ms.ckpt", tmp_path / "theirs", cwd=tmp_path / "run")
+    result = run_script(ROOT / "unified_safetensors.py", ["--mindspore_ckpt_dir", dist, "--src_strategy_dirs", folder,
+                                                          "--output_dir", tmp_path / "out"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    ours = tmp_path / "out" / "1_1_ckpt_convert"
+    assert load_strategy(ours / "merge_strategy" / "merge_strategy.ckpt").layouts == \
+        load_strategy(tmp_path / "merged_by_ms.ckpt").layouts
+    theirs = tmp_path / "theirs"
+    assert sorted(p.name for p in (ours / "unified_safe").iterdir()) == sorted(p.name for p in theirs.iterdir())
+    for name in sorted(p.name for p in theirs.glob("*.safetensors")):
+        assert_same_tensors(read_store(ours / "unified_safe" / name), read_store(theirs / name), name)
