@@ -21,6 +21,7 @@ import torch
 from cli_process import run_script
 from hf_builders import build_repacked
 from ms_fixtures import LAYOUTS, hf_to_ms, ms_to, read_store, run_ms, strategy_for
+from safetensors.torch import save_file
 from util import ROOT, assert_same_tensors, load_hf_state
 
 from modellink_ckpt.demo.models import build_hf_checkpoint, hf_logits, sample_tokens
@@ -282,3 +283,30 @@ def test_unified_safetensors_of_a_pipeline_run_takes_its_strategy_folder(tmp_pat
     assert sorted(p.name for p in (ours / "unified_safe").iterdir()) == sorted(p.name for p in theirs.iterdir())
     for name in sorted(p.name for p in theirs.glob("*.safetensors")):
         assert_same_tensors(read_store(ours / "unified_safe" / name), read_store(theirs / name), name)
+
+
+def test_unified_safetensors_leaves_out_what_the_prefix_names_as_mindspore_does(tmp_path, hf_models):
+    """Optimizer moments laid out like their weights (`adam_m.*` in the strategy and in every rank
+    file): `--filter_out_param_prefix adam_` gives the parts and weight map MindSpore's merge gives
+    with MindFormers' prefix filter. (MindSpore also copies rank 0's filtered slices into
+    hyper_param.safetensors; ours keeps them out, as the filter asks.)"""
+    hf = hf_models("qwen3")
+    plain, entries = strategy_for(tmp_path, hf, "qwen3", dp=2, mp=2)
+    strategy = F.write_model_strategy(tmp_path / "with_moments.ckpt",
+                                      entries + [(f"adam_m.{name}", shape) for name, shape in entries], 2, dp=2, mp=2)
+    dist = F.as_training_rank_files(hf_to_ms(hf, tmp_path / "dist", "qwen3", "--dst-strategy", plain), "1_1")
+    for folder in sorted(dist.glob("rank_*")):
+        (path,) = folder.glob("*.safetensors")
+        state = read_store(path)
+        save_file({**state, **{f"adam_m.{k}": v * 0.5 for k, v in state.items()}}, path, metadata={"format": "ms"})
+    run_ms("unify", dist, strategy, tmp_path / "theirs", "True", "adam_", cwd=tmp_path / "run")
+    result = run_script(ROOT / "unified_safetensors.py", ["--mindspore_ckpt_dir", dist, "--src_strategy_dirs", strategy,
+                                                          "--filter_out_param_prefix", "adam_",
+                                                          "--output_dir", tmp_path / "out"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    ours, theirs = tmp_path / "out" / "1_1_ckpt_convert" / "unified_safe", tmp_path / "theirs"
+    for name in sorted(p.name for p in theirs.glob("part*.safetensors")):
+        assert_same_tensors(read_store(ours / name), read_store(theirs / name), name)
+    assert json.loads((ours / "param_name_map.json").read_text()) == \
+        json.loads((theirs / "param_name_map.json").read_text())
+    assert not any(name.startswith("adam_") for name in read_store(ours / "part0.safetensors"))

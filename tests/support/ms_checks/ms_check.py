@@ -6,9 +6,9 @@
                                             mindspore.transform_checkpoints (strategy 'none': complete)
     ms_check.py by-rank SRC_FILE DST_STRATEGY RANK OUT
                                             mindspore.transform_checkpoint_by_rank of a complete checkpoint
-    ms_check.py unify SRC STRATEGY DST [True|False]
+    ms_check.py unify SRC STRATEGY DST [True|False] [PREFIX]
                                             mindspore.unified_safetensors (merge distributed safetensors;
-                                            False: a redundancy-free source)
+                                            False: a redundancy-free source; PREFIX: names left out)
     ms_check.py merge-strategies SRC_DIR DST_FILE
                                             mindspore.merge_pipeline_strategys
     ms_check.py mf-qwen3 HF_CONFIG CKPT IDS OUT [interleaved|contiguous]
@@ -60,10 +60,11 @@ def by_rank(src_file, dst_strategy, rank, out):
     ms.transform_checkpoint_by_rank(int(rank), {0: src_file}, out, None, dst_strategy)
 
 
-def unify(src, strategy, dst, with_redundancy="True"):
+def unify(src, strategy, dst, with_redundancy="True", drop_prefix=""):
     import mindspore as ms
 
-    ms.unified_safetensors(src, strategy, dst, merge_with_redundancy=with_redundancy == "True")
+    choice = (lambda name: not name.startswith(drop_prefix)) if drop_prefix else None  # as MindFormers' script
+    ms.unified_safetensors(src, strategy, dst, merge_with_redundancy=with_redundancy == "True", choice_func=choice)
 
 
 def merge_strategies(src_dir, dst_file):
