@@ -23,7 +23,7 @@ from modellink_ckpt.engine.staging import StagedDir
 from modellink_ckpt.errors import UsageError
 from modellink_ckpt.formats.mindspore.files import NAME_MAP, STRATEGY_DIR, MsFiles, copy_strategy
 from modellink_ckpt.formats.mindspore.lora import MsLora
-from modellink_ckpt.formats.mindspore.store import LoraMergedStore, MsStore, source_strategy
+from modellink_ckpt.formats.mindspore.store import LoraMergedStore, MsStore, open_file, source_strategy
 from modellink_ckpt.formats.ms_strategy import load_strategy, write_strategy
 
 
@@ -111,7 +111,7 @@ def unify(src: Path, dst: Path, *, strategy: Path, file_suffix: str | None, drop
     laid_out = set(source.strategy.layouts)
     names = [n for n in source.names() if n in laid_out and not n.startswith("accu_grads")
              and not (drop_prefix and n.startswith(drop_prefix))]
-    hyper = [n for n in MsStore.names_in(source.files[0])  # (MindSpore's keeps even filtered ones here)
+    hyper = [n for n in open_file(source.files[0]).keys()  # (MindSpore's keeps even filtered ones here)
              if n not in laid_out and not (drop_prefix and n.startswith(drop_prefix))]
     sizes = {n: torch.Size(source.shape_dtype(n)[0]).numel() * source.shape_dtype(n)[1].itemsize for n in names}
     parts = unified_parts(sizes)

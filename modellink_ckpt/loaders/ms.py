@@ -178,7 +178,7 @@ def _left_out(store) -> tuple[str, ...]:
     kinds = sorted({name.split(".")[0] + (".*" if "." in name else "") for name in state})
     found = [f"{len(state)} training-state tensors ({', '.join(kinds[:6])}{', ...' if len(kinds) > 6 else ''})"] \
         if state else []
-    files = getattr(store, "left_out", None) or getattr(getattr(store, "base", None), "left_out", [])
+    files = store.left_out
     if files:
         found.append(f"{', '.join(files)} ({checkpoint2.LEFT_OUT})")
     return tuple(found)
@@ -222,7 +222,7 @@ class MsSourceFormat(registry.SourceFormat):
         return registry.SourceInfo(dims=dims, dtype=dtype, options=options, config_path=config_path,
                                    recorded_family=(recorded, f"{folder / MANIFEST}")
                                    if isinstance(recorded, str) else None, left_out=_left_out(store),
-                                   iteration=getattr(store, "iteration", None))
+                                   iteration=store.iteration)
 
     def family_hint(self, path: Path, cfg_path=None) -> tuple[str, str] | None:
         folder = path if path.is_dir() else path.parent
